@@ -1,0 +1,22 @@
+# The two commands a new user types (as root, on Debian 12):
+#   make demo   installs what is missing, builds, runs loopback TCP vs the bypass
+#   make test   installs what is missing, builds, runs the whole test suite
+VENV := .venv
+PY := $(VENV)/bin/python
+
+demo: setup
+	$(PY) -m shmbypass bench --quick
+
+test: setup
+	$(PY) -m pytest tests
+
+setup:
+	@bash scripts/setup.sh
+
+bench: setup
+	$(PY) -m shmbypass bench --out bench/results
+
+clean:
+	rm -rf build shmbypass/_bpf shmbypass/_bin shmbypass/_native*.so shmbypass/_native.c *.egg-info
+
+.PHONY: demo test setup bench clean

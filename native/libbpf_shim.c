@@ -1,0 +1,71 @@
+// SPDX-License-Identifier: GPL-2.0
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+#include <errno.h>
+
+#include "libbpf.h"
+
+static char log_buf[1 << 16];
+static size_t log_len;
+
+static int capture(enum libbpf_print_level level, const char *fmt, va_list ap)
+{
+	if (level == LIBBPF_DEBUG)
+		return 0;
+	if (log_len < sizeof(log_buf) - 1) {
+		int n = vsnprintf(log_buf + log_len, sizeof(log_buf) - log_len, fmt, ap);
+		if (n > 0)
+			log_len += (size_t)n;
+		if (log_len > sizeof(log_buf) - 1)
+			log_len = sizeof(log_buf) - 1;
+	}
+	return 0;
+}
+
+void sbp_libbpf_capture(void)
+{
+	libbpf_set_print(capture);
+}
+
+const char *sbp_libbpf_log(void)
+{
+	log_buf[log_len] = '\0';
+	return log_buf;
+}
+
+void sbp_libbpf_log_clear(void)
+{
+	log_len = 0;
+	log_buf[0] = '\0';
+}
+
+int sbp_link_create(int prog_fd, int target_fd, int attach_type)
+{
+	int fd = bpf_link_create(prog_fd, target_fd, (enum bpf_attach_type)attach_type, NULL);
+	return fd < 0 ? -errno : fd;
+}
+
+int sbp_iter_sockmap(struct bpf_program *prog, int map_fd, struct bpf_link **link_out)
+{
+	DECLARE_LIBBPF_OPTS(bpf_iter_attach_opts, opts);
+	union bpf_iter_link_info info;
+	struct bpf_link *link;
+	int fd;
+
+	memset(&info, 0, sizeof(info));
+	info.map.map_fd = (__u32)map_fd;
+	opts.link_info = &info;
+	opts.link_info_len = sizeof(info);
+	link = bpf_program__attach_iter(prog, &opts);
+	if (!link)
+		return -errno;
+	fd = bpf_iter_create(bpf_link__fd(link));
+	if (fd < 0) {
+		fd = -errno;
+		bpf_link__destroy(link);
+		return fd;
+	}
+	*link_out = link;
+	return fd;
+}

@@ -1,0 +1,3 @@
+from shmbypass.cli import main
+
+raise SystemExit(main())
