@@ -1,0 +1,137 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * The shared-memory ring: one direction of one connection, held in one slot
+ * of a region (see region.h). Single producer, single consumer, a byte
+ * stream. Only offsets live in shared memory, never pointers: every process
+ * (and every VM) maps the slot at its own address.
+ *
+ * Slot layout (SBP_RING_HDR_SIZE bytes of header, then the data area):
+ *   cache line 0  magic, version, generation, capacity, flags, reset reason
+ *                 (written at format/close/reset only: read-mostly)
+ *   cache line 1  head: bytes ever written (writer stores, reader loads)
+ *                 writer_waiting: the writer's futex word
+ *   cache line 2  tail: bytes ever read (reader stores, writer loads)
+ *                 reader_waiting: the reader's futex word
+ *   +4096         data, capacity bytes (a power of two); index = pos & (cap-1)
+ *
+ * Everything read from shared memory is untrusted. The capacity is taken
+ * from the local view (the slot size the caller knows), never re-read; a
+ * header whose magic/generation changed, or whose head/tail make no sense
+ * (tail > head, head - tail > capacity, either moving backwards) is corrupt:
+ * the call returns -EPROTO and never touches memory outside the slot.
+ *
+ * Return values are negative errnos, as in the kernel.
+ */
+#ifndef SHMBYPASS_RING_H
+#define SHMBYPASS_RING_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+#include <sys/uio.h>
+
+#define SBP_RING_MAGIC      0x474e495259424d53ULL  /* "SMBYRING" little-endian */
+#define SBP_RING_VERSION    1u
+#define SBP_RING_HDR_SIZE   4096u                  /* header area at the start of a slot */
+#define SBP_RING_MIN_CAP    4096u
+#define SBP_RING_MAX_CAP    (1u << 30)
+
+/* flags (cache line 0) */
+#define SBP_RING_WRITER_CLOSED  0x1u   /* FIN: reader drains, then read() returns 0 */
+#define SBP_RING_READER_CLOSED  0x2u   /* writer gets -EPIPE */
+#define SBP_RING_RESET          0x4u   /* both sides get -ECONNRESET */
+
+/* bits of the waiting words: how the sleeping side wants to be woken */
+#define SBP_WAIT_FUTEX      0x1u       /* FUTEX_WAKE on the word */
+#define SBP_WAIT_DOORBELL   0x2u       /* the other side's caller rings a doorbell */
+
+/* read flags */
+#define SBP_PEEK            0x2        /* same value as MSG_PEEK */
+
+/* reset reasons (free for callers to extend above 0x100) */
+#define SBP_RESET_NONE      0u
+#define SBP_RESET_APP       1u         /* application abort (SO_LINGER 0, RST) */
+#define SBP_RESET_PEER_DIED 2u
+#define SBP_RESET_CORRUPT   3u         /* a call returned -EPROTO */
+
+#define SBP_RING_SPIN_DEFAULT_NS 30000u /* upper bound of the adaptive spin */
+
+/* Process-local view of a ring. Plain struct so callers can embed it; treat
+ * the fields as private. */
+struct sbp_ring {
+	void *hdr;              /* start of the slot (struct sbp_ring_hdr) */
+	unsigned char *data;    /* hdr + SBP_RING_HDR_SIZE */
+	uint64_t cap;           /* trusted: derived from the local slot size */
+	uint64_t generation;    /* trusted: what we formatted or attached with */
+	uint64_t seen_head;     /* highest head seen: head never goes back */
+	uint64_t seen_tail;     /* highest tail seen */
+	uint32_t spin_max_ns;   /* 0 = never spin */
+	uint32_t spin_ns;       /* current adaptive spin budget */
+	int doorbell;           /* cross-VM: never futex-wake, never futex-wait */
+	int peer_waiting;       /* the last write/read found the peer armed */
+};
+
+/* Capacity a slot of slot_size bytes gives: the largest power of two that
+ * fits after the header; 0 if the slot is too small. */
+uint64_t sbp_ring_capacity_for(size_t slot_size);
+
+/* Writer side: initialise the header for a new connection. The magic is
+ * stored last (release), so attach never sees a half-made header. */
+int  sbp_ring_format(void *slot, size_t slot_size, uint64_t generation);
+/* 0, -EAGAIN (not (yet) formatted with that generation), -EPROTO (bad header),
+ * -EINVAL (slot too small) */
+int  sbp_ring_attach(struct sbp_ring *r, void *slot, size_t slot_size, uint64_t generation);
+
+/* Never blocks. Bytes copied (may be short), -EAGAIN full, -EPIPE reader
+ * closed (or writer already closed), -ECONNRESET reset, -EPROTO corrupt. */
+ssize_t sbp_ring_write(struct sbp_ring *r, const void *buf, size_t len);
+ssize_t sbp_ring_writev(struct sbp_ring *r, const struct iovec *iov, int iovcnt);
+/* Never blocks. Bytes, 0 = EOF (writer closed and empty), -EAGAIN empty,
+ * -ECONNRESET (after what was written before the reset is drained), -EPROTO.
+ * flags: SBP_PEEK (copy without consuming). */
+ssize_t sbp_ring_read(struct sbp_ring *r, void *buf, size_t len, int flags);
+ssize_t sbp_ring_readv(struct sbp_ring *r, const struct iovec *iov, int iovcnt, int flags);
+
+size_t sbp_ring_readable(const struct sbp_ring *r);  /* bytes available (0 if corrupt) */
+size_t sbp_ring_writable(const struct sbp_ring *r);  /* free space (0 if corrupt/closed) */
+/* SBP_RING_* flags as seen now (untrusted bits, for readiness reporting). */
+uint32_t sbp_ring_flags(const struct sbp_ring *r);
+uint32_t sbp_ring_reset_reason(const struct sbp_ring *r);
+/* 1 if a call would return -EPROTO now. */
+int  sbp_ring_corrupt(const struct sbp_ring *r);
+
+/* Block until the ring is readable (data, EOF, reset or corrupt: the next
+ * read will not return -EAGAIN). Adaptive bounded spin first, then arm
+ * reader_waiting, full fence, re-check, futex sleep.
+ * 0 ready, -ETIMEDOUT, -EINTR (signal). timeout_ns < 0 = forever, 0 = poll.
+ * In doorbell mode there is no futex sleep: after the spin the flag is armed
+ * (SBP_WAIT_DOORBELL) and -EAGAIN is returned: wait for the doorbell. */
+int  sbp_ring_wait_readable(struct sbp_ring *r, int64_t timeout_ns);
+/* Same for room to write (or reader closed/reset/corrupt). */
+int  sbp_ring_wait_writable(struct sbp_ring *r, int64_t timeout_ns);
+
+/* For callers that sleep elsewhere (epoll/poll on the TCP socket): arm the
+ * waiting word with SBP_WAIT_DOORBELL, full fence, re-check. Returns 1 if
+ * already ready (flag disarmed again: do not sleep), 0 if armed: the other
+ * side's write/read will report sbp_ring_peer_waiting() and its caller sends
+ * a doorbell. sbp_ring_disarm_* clears the word after waking. */
+int  sbp_ring_arm_readable(struct sbp_ring *r);
+int  sbp_ring_arm_writable(struct sbp_ring *r);
+void sbp_ring_disarm_readable(struct sbp_ring *r);
+void sbp_ring_disarm_writable(struct sbp_ring *r);
+
+void sbp_ring_close_writer(struct sbp_ring *r);  /* FIN: reader drains then gets 0 */
+void sbp_ring_close_reader(struct sbp_ring *r);  /* writer then gets -EPIPE */
+void sbp_ring_reset(struct sbp_ring *r, uint32_t reason);  /* both sides: -ECONNRESET */
+
+void sbp_ring_set_spin(struct sbp_ring *r, uint32_t spin_ns);  /* 0 = never spin */
+/* Cross-VM: futex wakes cannot cross a VM boundary. With on, wait_* never
+ * sleeps on a futex and write/read never FUTEX_WAKE; callers ring a doorbell
+ * (a byte on the TCP socket) when sbp_ring_peer_waiting() says so. */
+int  sbp_ring_doorbell_mode(struct sbp_ring *r, int on);
+/* 1 if the last write (writer) or read (reader) or close found the other side
+ * armed with SBP_WAIT_DOORBELL and disarmed it: send one doorbell byte now.
+ * (Futex waiters are woken by the ring itself outside doorbell mode.) */
+int  sbp_ring_peer_waiting(const struct sbp_ring *r);
+
+#endif
