@@ -10,7 +10,8 @@ import os
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PARTS = ["libbpf", "ring"]  # each: <part>.cdef, optional <part>.c / <part>.h
+PARTS = ["libbpf", "bypass", "ring"]  # each: <part>.cdef, optional <part>.c / <part>.h
+BPF_DIR = os.path.join(HERE, "..", "bpf")  # bypass.h lives with the BPF programs
 
 CFLAGS = ["-O2", "-g", "-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter",
           "-Wno-missing-field-initializers", "-Wno-unused-function"]
@@ -23,7 +24,7 @@ for part in PARTS:
         continue
     with open(cdef) as f:
         ffibuilder.cdef(f.read())
-    if os.path.exists(os.path.join(HERE, part + ".h")):
+    if any(os.path.exists(os.path.join(d, part + ".h")) for d in (HERE, BPF_DIR)):
         includes.append(f'#include "{part}.h"')
     for c in (part + ".c", part + "_shim.c"):
         if os.path.exists(os.path.join(HERE, c)):
@@ -33,7 +34,7 @@ ffibuilder.set_source(
     "shmbypass._native",
     "\n".join(["#include <bpf/libbpf.h>", "#include <bpf/bpf.h>"] + includes),
     sources=sources,
-    include_dirs=[HERE],
+    include_dirs=[HERE, BPF_DIR],
     libraries=["bpf"],
     extra_compile_args=CFLAGS,
 )

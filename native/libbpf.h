@@ -16,7 +16,7 @@ void sbp_libbpf_log_clear(void);
  * an opts struct; this keeps the Python side simple). */
 int sbp_link_create(int prog_fd, int target_fd, int attach_type);
 /* Attach an iterator program to a sock map/hash and return an iterator fd
- * whose read() runs the program over every socket. */
-int sbp_iter_sockmap(struct bpf_program *prog, int map_fd, struct bpf_link **link_out);
+ * whose read() runs the program over every socket (and the link fd). */
+int sbp_iter_sockmap(int prog_fd, int map_fd, int *link_fd_out);
 
 #endif

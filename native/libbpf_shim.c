@@ -3,6 +3,7 @@
 #include <stdio.h>
 #include <string.h>
 #include <errno.h>
+#include <unistd.h>
 
 #include "libbpf.h"
 
@@ -46,26 +47,25 @@ int sbp_link_create(int prog_fd, int target_fd, int attach_type)
 	return fd < 0 ? -errno : fd;
 }
 
-int sbp_iter_sockmap(struct bpf_program *prog, int map_fd, struct bpf_link **link_out)
+int sbp_iter_sockmap(int prog_fd, int map_fd, int *link_fd_out)
 {
-	DECLARE_LIBBPF_OPTS(bpf_iter_attach_opts, opts);
+	DECLARE_LIBBPF_OPTS(bpf_link_create_opts, opts);
 	union bpf_iter_link_info info;
-	struct bpf_link *link;
-	int fd;
+	int link_fd, fd;
 
 	memset(&info, 0, sizeof(info));
 	info.map.map_fd = (__u32)map_fd;
-	opts.link_info = &info;
-	opts.link_info_len = sizeof(info);
-	link = bpf_program__attach_iter(prog, &opts);
-	if (!link)
+	opts.iter_info = &info;
+	opts.iter_info_len = sizeof(info);
+	link_fd = bpf_link_create(prog_fd, 0, BPF_TRACE_ITER, &opts);
+	if (link_fd < 0)
 		return -errno;
-	fd = bpf_iter_create(bpf_link__fd(link));
+	fd = bpf_iter_create(link_fd);
 	if (fd < 0) {
 		fd = -errno;
-		bpf_link__destroy(link);
+		close(link_fd);
 		return fd;
 	}
-	*link_out = link;
+	*link_fd_out = link_fd;
 	return fd;
 }

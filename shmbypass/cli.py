@@ -1,0 +1,106 @@
+"""The shmbypass command line: up, down, run, status, doctor, bench, vm."""
+import argparse
+import sys
+
+from shmbypass import __version__, paths
+from shmbypass.errors import ShmbypassError
+
+
+def cmd_up(args) -> int:
+    from shmbypass import manager
+    inst = paths.Instance.current()
+    if manager.up(inst, cgroup=args.cgroup):
+        print(f"shmbypass: up (instance {inst.name}, cgroup {inst.cgroup}, pins {inst.pin_dir})")
+    else:
+        print(f"shmbypass: already up (instance {inst.name})")
+    return 0
+
+
+def cmd_down(args) -> int:
+    from shmbypass import manager
+    inst = paths.Instance.current()
+    if manager.down(inst, drain_timeout=args.drain_timeout, force=args.force):
+        print(f"shmbypass: down (instance {inst.name}); live connections continue over TCP")
+    else:
+        print(f"shmbypass: nothing to take down (instance {inst.name})")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from shmbypass import manager
+    argv = args.command
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    return manager.run(paths.Instance.current(), argv, tier=args.tier)
+
+
+def cmd_status(args) -> int:
+    from shmbypass import status
+    st = status.status(paths.Instance.current())
+    print(status.to_json(st) if args.json else status.render(st))
+    return 0
+
+
+def cmd_doctor(args) -> int:
+    from shmbypass import features
+    ok = True
+    for p in features.all_probes():
+        print(f"{'ok  ' if p.ok else 'MISSING'}  {p.name:<10} {p.detail}")
+        ok &= p.ok or p.name == "arena"
+    return 0 if ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="shmbypass", description=(
+        "Transparent shared-memory / kernel bypass for local TCP connections. "
+        "The instance is chosen with SHMBYPASS_INSTANCE (default: shmbypass)."))
+    ap.add_argument("--version", action="version", version=__version__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("up", help="load, pin and attach the bypass")
+    p.add_argument("--cgroup", help="cgroup v2 directory to attach to (default: <cgroup2>/<instance>)")
+    p.add_argument("--backend", choices=["arena", "shm"], help="shared-memory region backend")
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("down", help="detach and unpin everything; live connections go on over TCP")
+    p.add_argument("--drain-timeout", type=float, default=10.0,
+                   help="seconds to wait for redirected data to be read (default 10)")
+    p.add_argument("--force", action="store_true", help="drop unread redirected data after the timeout")
+    p.set_defaults(func=cmd_down)
+
+    p = sub.add_parser("run", help="run a command inside the bypass group")
+    p.add_argument("--tier", choices=["kernel", "shm"], default="kernel")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("status", help="what is attached, and the tier of each connection")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("doctor", help="check what this kernel and system support")
+    p.set_defaults(func=cmd_doctor)
+
+    # Subcommands that live in their own modules.
+    for mod in ("bench", "vm"):
+        try:
+            module = __import__(f"shmbypass.{mod}", fromlist=["add_parser"])
+        except ImportError:
+            continue
+        if hasattr(module, "add_parser"):
+            module.add_parser(sub)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ShmbypassError as e:
+        print(f"shmbypass: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

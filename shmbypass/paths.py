@@ -1,0 +1,84 @@
+"""Where things live: the package's built assets and one bypass instance's
+pins, cgroup and run directory.
+
+An *instance* is one independent bypass set-up. The default is named
+"shmbypass"; tests and the bench use their own names (SHMBYPASS_INSTANCE) so
+they never disturb a user's set-up.
+"""
+import json
+import os
+from dataclasses import dataclass
+
+PKG_DIR = os.path.dirname(os.path.abspath(__file__))
+BPF_DIR = os.path.join(PKG_DIR, "_bpf")
+BIN_DIR = os.path.join(PKG_DIR, "_bin")
+BPFFS = "/sys/fs/bpf"
+
+
+def bpf_object(name: str) -> str:
+    return os.path.join(BPF_DIR, f"{name}.bpf.o")
+
+
+def tool(name: str) -> str:
+    return os.path.join(BIN_DIR, name)
+
+
+def cgroup2_root() -> str | None:
+    """Mount point of the cgroup v2 hierarchy, or None."""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            if fields[sep + 1] == "cgroup2":
+                return fields[4]
+    return None
+
+
+def default_instance() -> str:
+    return os.environ.get("SHMBYPASS_INSTANCE", "shmbypass")
+
+
+@dataclass
+class Instance:
+    name: str
+
+    @classmethod
+    def current(cls) -> "Instance":
+        return cls(default_instance())
+
+    @property
+    def pin_dir(self) -> str:
+        return os.path.join(BPFFS, self.name)
+
+    @property
+    def run_dir(self) -> str:
+        return os.path.join("/run", self.name)
+
+    def pin(self, obj: str) -> str:
+        return os.path.join(self.pin_dir, obj)
+
+    @property
+    def state_file(self) -> str:
+        return os.path.join(self.run_dir, "state.json")
+
+    def default_cgroup(self) -> str | None:
+        root = cgroup2_root()
+        return os.path.join(root, self.name) if root else None
+
+    def load_state(self) -> dict:
+        try:
+            with open(self.state_file) as f:
+                return json.load(f)
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+
+    def save_state(self, state: dict) -> None:
+        os.makedirs(self.run_dir, exist_ok=True)
+        tmp = self.state_file + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(state, f)
+        os.replace(tmp, self.state_file)
+
+    @property
+    def cgroup(self) -> str | None:
+        return self.load_state().get("cgroup") or self.default_cgroup()

@@ -1,0 +1,134 @@
+"""What is attached, and one row per TCP connection of the bypass group."""
+import ipaddress
+import json
+import os
+import socket
+
+from shmbypass import bpf, manager, paths
+from shmbypass._native import lib
+
+TIERS = {lib.SBP_TIER_TCP: "tcp", lib.SBP_TIER_KERNEL: "kernel", lib.SBP_TIER_SHM: "shm"}
+REASONS = {
+    lib.SBP_REASON_NONE: "",
+    lib.SBP_REASON_AWAITING_PEER: "peer-not-capable",
+    lib.SBP_REASON_PEER_NOT_CAPABLE: "peer-not-capable",
+    lib.SBP_REASON_HANDSHAKE_RACE: "handshake-race",
+    lib.SBP_REASON_TABLE_FULL: "table-full",
+    lib.SBP_REASON_DRAINING: "shutting-down",
+    lib.SBP_REASON_PEER_CLOSED: "peer-closed",
+    lib.SBP_REASON_POLICY_EXCLUDED: "policy-excluded",
+}
+COUNTERS = {
+    lib.SBP_CNT_ESTABLISHED: "established",
+    lib.SBP_CNT_PAIRED: "paired",
+    lib.SBP_CNT_UNPAIRED_PASSIVE: "unpaired_passive",
+    lib.SBP_CNT_CLOSED: "closed",
+    lib.SBP_CNT_MSG_REDIRECT: "msg_redirect",
+    lib.SBP_CNT_MSG_PASS: "msg_pass",
+    lib.SBP_CNT_BYTES_REDIRECT: "bytes_redirect",
+    lib.SBP_CNT_REDIRECT_FAILED: "redirect_failed",
+    lib.SBP_CNT_HANDSHAKE_RACE: "handshake_race",
+    lib.SBP_CNT_TABLE_FULL: "table_full",
+}
+
+
+def _addr(ip_words, port: int, family: int) -> str:
+    raw = b"".join(int(w).to_bytes(4, "little") for w in ip_words)
+    ip = ipaddress.IPv6Address(raw)
+    if family == socket.AF_INET and ip.ipv4_mapped:
+        return f"{ip.ipv4_mapped}:{port}"
+    return f"[{ip}]:{port}"
+
+
+def _local_addresses() -> set[str]:
+    """Addresses of this network namespace (to tell a remote peer apart)."""
+    from pyroute2 import IPRoute
+    with IPRoute() as ipr:
+        return {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr()}
+
+
+def connections(inst: paths.Instance) -> list[dict]:
+    rows = []
+    if not os.path.exists(inst.pin("conns")):
+        return rows
+    local = None
+    with bpf.Map.pinned(inst.pin("conns"), "uint64_t", "struct sbp_conn") as m:
+        for cookie, c in m.items():
+            k = c.key
+            a = _addr(k.a_ip, k.a_port, c.family)
+            b = _addr(k.b_ip, k.b_port, c.family)
+            tier = TIERS.get(c.tier, "tcp")
+            reason = REASONS.get(c.reason, f"reason-{c.reason}")
+            if tier == "tcp" and reason == "peer-not-capable":
+                local = local if local is not None else _local_addresses()
+                remote_ip = (b if c.active else a).rsplit(":", 1)[0].strip("[]")
+                mapped = ipaddress.ip_address(remote_ip)
+                if getattr(mapped, "ipv4_mapped", None):
+                    remote_ip = str(mapped.ipv4_mapped)
+                if not ipaddress.ip_address(remote_ip).is_loopback and remote_ip not in local:
+                    reason = "remote-host"
+            rows.append({
+                "cookie": cookie,
+                "local": a if c.active else b,
+                "remote": b if c.active else a,
+                "tier": tier,
+                "reason": reason,
+                "bytes_tx": c.bytes_tx,
+                "bytes_rx": c.bytes_rx,
+                "netns": c.netns,
+                "peer": c.peer,
+            })
+    rows.sort(key=lambda r: (r["local"], r["remote"]))
+    return rows
+
+
+def counters(inst: paths.Instance) -> dict[str, int]:
+    if not os.path.exists(inst.pin("counters")):
+        return {}
+    with bpf.Map.pinned(inst.pin("counters"), "uint32_t", "uint64_t", percpu=True) as m:
+        return {name: sum(m.lookup(idx) or [0]) for idx, name in COUNTERS.items()}
+
+
+def errors(inst: paths.Instance) -> dict[int, dict]:
+    """BPF-side errors by source line of bpf/bypass.bpf.c."""
+    if not os.path.exists(inst.pin("errors")):
+        return {}
+    with bpf.Map.pinned(inst.pin("errors"), "uint32_t", "struct sbp_error") as m:
+        return {line: {"err": e.err, "count": e.count} for line, e in m.items()}
+
+
+def status(inst: paths.Instance) -> dict:
+    state = inst.load_state()
+    return {
+        "instance": inst.name,
+        "attached": manager.is_up(inst),
+        "cgroup": state.get("cgroup"),
+        "connections": connections(inst),
+        "counters": counters(inst),
+        "errors": {str(k): v for k, v in errors(inst).items()},
+    }
+
+
+def render(st: dict) -> str:
+    lines = [f"instance {st['instance']}: " + (
+        f"attached to cgroup {st['cgroup']}" if st["attached"] else "not attached")]
+    conns = st["connections"]
+    if conns:
+        w = max(len(c["local"]) for c in conns)
+        v = max(len(c["remote"]) for c in conns)
+        lines.append(f"{'LOCAL':<{w}}  {'REMOTE':<{v}}  TIER    {'TX':>12} {'RX':>12}  REASON")
+        for c in conns:
+            lines.append(f"{c['local']:<{w}}  {c['remote']:<{v}}  {c['tier']:<6}  "
+                         f"{c['bytes_tx']:>12} {c['bytes_rx']:>12}  {c['reason']}")
+    elif st["attached"]:
+        lines.append("no connections")
+    if st["counters"]:
+        lines.append("counters: " + " ".join(f"{k}={v}" for k, v in st["counters"].items()))
+    if st["errors"]:
+        lines.append("BPF errors (line: errno x count): " + " ".join(
+            f"{k}: {e['err']} x{e['count']}" for k, e in st["errors"].items()))
+    return "\n".join(lines)
+
+
+def to_json(st: dict) -> str:
+    return json.dumps(st, indent=2)
