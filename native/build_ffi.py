@@ -10,7 +10,7 @@ import os
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PARTS = ["libbpf", "bypass", "ring"]  # each: <part>.cdef, optional <part>.c / <part>.h
+PARTS = ["libbpf", "bypass", "ring", "region"]  # each: <part>.cdef, optional <part>.c / <part>.h
 BPF_DIR = os.path.join(HERE, "..", "bpf")  # bypass.h lives with the BPF programs
 
 CFLAGS = ["-O2", "-g", "-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter",

@@ -21,6 +21,12 @@
  * the call returns -EPROTO and never touches memory outside the slot.
  *
  * Return values are negative errnos, as in the kernel.
+ *
+ * Threads: one writer and one reader at a time per ring (callers serialise),
+ * and at most one futex waiter plus one doorbell waiter per direction.
+ * close/reset check magic+generation first so a stale view never flags a
+ * slot that was re-formatted for another connection; slots are reused only
+ * after both ends have closed.
  */
 #ifndef SHMBYPASS_RING_H
 #define SHMBYPASS_RING_H
@@ -67,8 +73,31 @@ struct sbp_ring {
 	uint64_t seen_tail;     /* highest tail seen */
 	uint32_t spin_max_ns;   /* 0 = never spin */
 	uint32_t spin_ns;       /* current adaptive spin budget */
+	uint32_t *reader_waiting; /* futex words: in the header unless moved */
+	uint32_t *writer_waiting; /*   (sbp_ring_set_wait_words) */
 	int doorbell;           /* cross-VM: never futex-wake, never futex-wait */
 	int peer_waiting;       /* the last write/read found the peer armed */
+	int futex_broken;       /* FUTEX_WAIT said EFAULT: fall back to polling sleeps */
+};
+
+/* The shared header, for reference (only ring.c touches it). */
+struct sbp_ring_hdr {
+	/* cache line 0: read-mostly */
+	uint64_t magic;
+	uint64_t generation;
+	uint64_t capacity;      /* informational: checked against the local view */
+	uint32_t version;
+	uint32_t flags;         /* SBP_RING_* */
+	uint32_t reset_reason;
+	uint32_t pad0[7];
+	/* cache line 1: written by the writer */
+	uint64_t head;
+	uint32_t writer_waiting;
+	uint32_t pad1[13];
+	/* cache line 2: written by the reader */
+	uint64_t tail;
+	uint32_t reader_waiting;
+	uint32_t pad2[13];
 };
 
 /* Capacity a slot of slot_size bytes gives: the largest power of two that
@@ -133,5 +162,12 @@ int  sbp_ring_doorbell_mode(struct sbp_ring *r, int on);
  * armed with SBP_WAIT_DOORBELL and disarmed it: send one doorbell byte now.
  * (Futex waiters are woken by the ring itself outside doorbell mode.) */
 int  sbp_ring_peer_waiting(const struct sbp_ring *r);
+
+/* Use futex words outside the slot. Needed where the slot memory cannot
+ * hold a futex shared between processes: FUTEX_WAIT on BPF arena memory
+ * returns EFAULT (the pages belong to no file and no anon mm), so the arena
+ * backend keeps the words in a companion shm page (region.h). Both sides
+ * must use the same words. NULL, NULL = the words in the ring header. */
+void sbp_ring_set_wait_words(struct sbp_ring *r, uint32_t *reader_waiting, uint32_t *writer_waiting);
 
 #endif

@@ -1,0 +1,633 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * SPSC byte ring in shared memory. See ring.h for the layout and the rules.
+ *
+ * Ordering in one picture:
+ *   writer: copy bytes; store-release head;  full fence; load reader_waiting
+ *   reader: load-acquire head; copy bytes; store-release tail; full fence;
+ *           load writer_waiting
+ *   sleeper: spin; arm own waiting word; full fence; re-check; FUTEX_WAIT
+ * The two fences make the "publish, then look for a sleeper" / "arm, then
+ * look for data" pair a Dekker handshake: one of the two sides always sees
+ * the other, so a wake-up is never lost.
+ */
+#include <errno.h>
+#include <limits.h>
+#include <linux/futex.h>
+#include <sched.h>
+#include <stdbool.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "ring.h"
+
+_Static_assert(sizeof(struct sbp_ring_hdr) == 192, "ring header: three cache lines");
+_Static_assert(offsetof(struct sbp_ring_hdr, head) == 64, "head on cache line 1");
+_Static_assert(offsetof(struct sbp_ring_hdr, tail) == 128, "tail on cache line 2");
+_Static_assert(sizeof(struct sbp_ring_hdr) <= SBP_RING_HDR_SIZE, "header fits");
+
+#define LOAD(p)          __atomic_load_n((p), __ATOMIC_RELAXED)
+#define LOAD_ACQ(p)      __atomic_load_n((p), __ATOMIC_ACQUIRE)
+#define STORE(p, v)      __atomic_store_n((p), (v), __ATOMIC_RELAXED)
+#define STORE_REL(p, v)  __atomic_store_n((p), (v), __ATOMIC_RELEASE)
+#define FULL_FENCE()     __atomic_thread_fence(__ATOMIC_SEQ_CST)
+
+static inline struct sbp_ring_hdr *H(const struct sbp_ring *r)
+{
+	return (struct sbp_ring_hdr *)r->hdr;
+}
+
+static inline void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+	__builtin_ia32_pause();
+#elif defined(__aarch64__)
+	__asm__ __volatile__("yield");
+#endif
+}
+
+static int64_t now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* Non-private futex calls: the memory is MAP_SHARED between processes. */
+static int futex_wait(uint32_t *word, uint32_t val, int64_t timeout_ns)
+{
+	struct timespec ts, *tp = NULL;
+
+	if (timeout_ns >= 0) {
+		ts.tv_sec = timeout_ns / 1000000000;
+		ts.tv_nsec = timeout_ns % 1000000000;
+		tp = &ts;
+	}
+	if (syscall(SYS_futex, word, FUTEX_WAIT, val, tp, NULL, 0) == 0)
+		return 0;
+	return -errno;
+}
+
+static void futex_wake(uint32_t *word)
+{
+	syscall(SYS_futex, word, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+}
+
+uint64_t sbp_ring_capacity_for(size_t slot_size)
+{
+	uint64_t room, cap;
+
+	if (slot_size < SBP_RING_HDR_SIZE + SBP_RING_MIN_CAP)
+		return 0;
+	room = slot_size - SBP_RING_HDR_SIZE;
+	cap = SBP_RING_MAX_CAP;
+	while (cap > room)
+		cap >>= 1;
+	return cap;
+}
+
+/* Cache line 0 still describes our connection. Every call starts here, so a
+ * slot re-formatted under a stale view (or scribbled on) stops it at once. */
+static inline bool line0_ok(const struct sbp_ring *r)
+{
+	const struct sbp_ring_hdr *h = H(r);
+
+	return r->hdr && LOAD(&h->magic) == SBP_RING_MAGIC &&
+	       LOAD(&h->generation) == r->generation &&
+	       LOAD(&h->capacity) == r->cap;
+}
+
+/* A consistent head/tail pair or false. Positions are monotonic u64 byte
+ * counts; tail <= head <= tail + cap, and neither may go back. Also records
+ * the positions seen so the next call can check monotonicity. */
+static inline bool positions_ok(struct sbp_ring *r, uint64_t head, uint64_t tail)
+{
+	if (tail > head || head - tail > r->cap)
+		return false;
+	if (head < r->seen_head || tail < r->seen_tail)
+		return false;
+	r->seen_head = head;
+	r->seen_tail = tail;
+	return true;
+}
+
+/* Same check without recording (for the const query functions). */
+static inline bool positions_sane(const struct sbp_ring *r, uint64_t head, uint64_t tail)
+{
+	return tail <= head && head - tail <= r->cap &&
+	       head >= r->seen_head && tail >= r->seen_tail;
+}
+
+int sbp_ring_format(void *slot, size_t slot_size, uint64_t generation)
+{
+	struct sbp_ring_hdr *h = slot;
+	uint64_t cap = sbp_ring_capacity_for(slot_size);
+
+	if (!slot || !cap)
+		return -EINVAL;
+	/* Invalidate first: an attach racing with us sees magic 0 (-EAGAIN). */
+	STORE(&h->magic, 0);
+	FULL_FENCE();
+	STORE(&h->generation, generation);
+	STORE(&h->capacity, cap);
+	STORE(&h->version, SBP_RING_VERSION);
+	STORE(&h->flags, 0);
+	STORE(&h->reset_reason, 0);
+	STORE(&h->head, 0);
+	STORE(&h->tail, 0);
+	STORE(&h->writer_waiting, 0);
+	STORE(&h->reader_waiting, 0);
+	/* SYNC POINT: format: whoever load-acquires the magic sees the rest. */
+	STORE_REL(&h->magic, SBP_RING_MAGIC);
+	return 0;
+}
+
+int sbp_ring_attach(struct sbp_ring *r, void *slot, size_t slot_size, uint64_t generation)
+{
+	struct sbp_ring_hdr *h = slot;
+	uint64_t cap = sbp_ring_capacity_for(slot_size);
+	uint64_t magic, head, tail;
+
+	if (!r || !slot || !cap)
+		return -EINVAL;
+	memset(r, 0, sizeof(*r));
+	/* SYNC POINT: attach: pairs with the release of the magic in format. */
+	magic = LOAD_ACQ(&h->magic);
+	if (magic == 0)
+		return -EAGAIN;
+	if (magic != SBP_RING_MAGIC || LOAD(&h->version) != SBP_RING_VERSION)
+		return -EPROTO;
+	if (LOAD(&h->generation) != generation)
+		return -EAGAIN;     /* another connection's ring (older or newer) */
+	if (LOAD(&h->capacity) != cap)
+		return -EPROTO;
+	head = LOAD_ACQ(&h->head);
+	tail = LOAD_ACQ(&h->tail);
+	r->hdr = slot;
+	r->data = (unsigned char *)slot + SBP_RING_HDR_SIZE;
+	r->cap = cap;
+	r->generation = generation;
+	r->reader_waiting = &h->reader_waiting;
+	r->writer_waiting = &h->writer_waiting;
+	r->spin_max_ns = SBP_RING_SPIN_DEFAULT_NS;
+	r->spin_ns = SBP_RING_SPIN_DEFAULT_NS;
+	if (!positions_ok(r, head, tail)) {
+		memset(r, 0, sizeof(*r));
+		return -EPROTO;
+	}
+	return 0;
+}
+
+void sbp_ring_set_wait_words(struct sbp_ring *r, uint32_t *reader_waiting, uint32_t *writer_waiting)
+{
+	if (!r->hdr)
+		return;
+	r->reader_waiting = reader_waiting ? reader_waiting : &H(r)->reader_waiting;
+	r->writer_waiting = writer_waiting ? writer_waiting : &H(r)->writer_waiting;
+}
+
+/* After publishing (head, tail or a flag): wake the other side if it armed
+ * its word. The fast path is one load of a line nobody writes while the
+ * other side is busy. */
+static void wake_peer(struct sbp_ring *r, uint32_t *word)
+{
+	uint32_t armed;
+
+	/* SYNC POINT: publish -> look for a sleeper (pairs with arm -> re-check). */
+	FULL_FENCE();
+	if (LOAD(word) == 0)
+		return;
+	armed = __atomic_exchange_n(word, 0, __ATOMIC_SEQ_CST);
+	if (r->doorbell) {
+		if (armed)
+			r->peer_waiting = 1;
+		return;
+	}
+	if (armed & SBP_WAIT_FUTEX)
+		futex_wake(word);
+	if (armed & SBP_WAIT_DOORBELL)
+		r->peer_waiting = 1;
+}
+
+/* Copy n bytes at ring position pos (wraps); n <= cap is the caller's job. */
+static inline void copy_in(struct sbp_ring *r, uint64_t pos, const void *src, size_t n)
+{
+	size_t off = pos & (r->cap - 1), first = r->cap - off;
+
+	if (first >= n) {
+		memcpy(r->data + off, src, n);
+	} else {
+		memcpy(r->data + off, src, first);
+		memcpy(r->data, (const char *)src + first, n - first);
+	}
+}
+
+static inline void copy_out(const struct sbp_ring *r, uint64_t pos, void *dst, size_t n)
+{
+	size_t off = pos & (r->cap - 1), first = r->cap - off;
+
+	if (first >= n) {
+		memcpy(dst, r->data + off, n);
+	} else {
+		memcpy(dst, r->data + off, first);
+		memcpy((char *)dst + first, r->data, n - first);
+	}
+}
+
+ssize_t sbp_ring_writev(struct sbp_ring *r, const struct iovec *iov, int iovcnt)
+{
+	struct sbp_ring_hdr *h;
+	uint64_t head, tail, room, done = 0;
+	uint32_t flags;
+	int i;
+
+	r->peer_waiting = 0;
+	if (iovcnt < 0 || (!iov && iovcnt))
+		return -EINVAL;
+	if (!line0_ok(r))
+		return -EPROTO;
+	h = H(r);
+	flags = LOAD_ACQ(&h->flags);
+	if (flags & SBP_RING_RESET)
+		return -ECONNRESET;
+	if (flags & (SBP_RING_READER_CLOSED | SBP_RING_WRITER_CLOSED))
+		return -EPIPE;
+	head = LOAD(&h->head);          /* ours, but checked like the rest */
+	/* SYNC POINT: writer acquires tail: the reader is done with the bytes below it. */
+	tail = LOAD_ACQ(&h->tail);
+	if (!positions_ok(r, head, tail))
+		return -EPROTO;
+	room = r->cap - (head - tail);
+	for (i = 0; i < iovcnt && done < room; i++) {
+		size_t n = iov[i].iov_len;
+
+		if (n > room - done)
+			n = room - done;
+		copy_in(r, head + done, iov[i].iov_base, n);
+		done += n;
+	}
+	if (done == 0) {
+		for (; i < iovcnt; i++)
+			if (iov[i].iov_len)
+				return -EAGAIN;  /* full */
+		return 0;                /* nothing asked */
+	}
+	/* SYNC POINT: producer: the bytes are visible before the new head. */
+	STORE_REL(&h->head, head + done);
+	r->seen_head = head + done;
+	wake_peer(r, r->reader_waiting);
+	return (ssize_t)done;
+}
+
+ssize_t sbp_ring_write(struct sbp_ring *r, const void *buf, size_t len)
+{
+	struct iovec iov = { .iov_base = (void *)buf, .iov_len = len };
+
+	return sbp_ring_writev(r, &iov, 1);
+}
+
+ssize_t sbp_ring_readv(struct sbp_ring *r, const struct iovec *iov, int iovcnt, int flags)
+{
+	struct sbp_ring_hdr *h;
+	uint64_t head, tail, avail, done = 0;
+	uint32_t rflags;
+	int i;
+
+	r->peer_waiting = 0;
+	if (iovcnt < 0 || (!iov && iovcnt))
+		return -EINVAL;
+	if (!line0_ok(r))
+		return -EPROTO;
+	h = H(r);
+	/* Flags before head: if WRITER_CLOSED is seen, so is the final head. */
+	rflags = LOAD_ACQ(&h->flags);
+	/* SYNC POINT: consumer acquires head: the bytes below it are written. */
+	head = LOAD_ACQ(&h->head);
+	tail = LOAD(&h->tail);          /* ours, but checked like the rest */
+	if (!positions_ok(r, head, tail))
+		return -EPROTO;
+	avail = head - tail;
+	if (avail == 0) {
+		if (rflags & SBP_RING_RESET)
+			return -ECONNRESET;
+		if (rflags & SBP_RING_WRITER_CLOSED)
+			return 0;
+		for (i = 0; i < iovcnt; i++)
+			if (iov[i].iov_len)
+				return -EAGAIN;
+		return 0;
+	}
+	for (i = 0; i < iovcnt && done < avail; i++) {
+		size_t n = iov[i].iov_len;
+
+		if (n > avail - done)
+			n = avail - done;
+		copy_out(r, tail + done, iov[i].iov_base, n);
+		done += n;
+	}
+	if (done == 0 || (flags & SBP_PEEK))
+		return (ssize_t)done;
+	/* SYNC POINT: consumer: done reading the bytes before giving them back. */
+	STORE_REL(&h->tail, tail + done);
+	r->seen_tail = tail + done;
+	wake_peer(r, r->writer_waiting);
+	return (ssize_t)done;
+}
+
+ssize_t sbp_ring_read(struct sbp_ring *r, void *buf, size_t len, int flags)
+{
+	struct iovec iov = { .iov_base = buf, .iov_len = len };
+
+	return sbp_ring_readv(r, &iov, 1, flags);
+}
+
+size_t sbp_ring_readable(const struct sbp_ring *r)
+{
+	uint64_t head, tail;
+
+	if (!line0_ok(r))
+		return 0;
+	head = LOAD_ACQ(&H(r)->head);
+	tail = LOAD(&H(r)->tail);
+	return positions_sane(r, head, tail) ? (size_t)(head - tail) : 0;
+}
+
+size_t sbp_ring_writable(const struct sbp_ring *r)
+{
+	uint64_t head, tail;
+
+	if (!line0_ok(r) || (LOAD(&H(r)->flags) & (SBP_RING_RESET | SBP_RING_READER_CLOSED |
+						    SBP_RING_WRITER_CLOSED)))
+		return 0;
+	head = LOAD(&H(r)->head);
+	tail = LOAD_ACQ(&H(r)->tail);
+	return positions_sane(r, head, tail) ? (size_t)(r->cap - (head - tail)) : 0;
+}
+
+uint32_t sbp_ring_flags(const struct sbp_ring *r)
+{
+	return line0_ok(r) ? LOAD_ACQ(&H(r)->flags) : 0;
+}
+
+uint32_t sbp_ring_reset_reason(const struct sbp_ring *r)
+{
+	return line0_ok(r) ? LOAD(&H(r)->reset_reason) : 0;
+}
+
+int sbp_ring_corrupt(const struct sbp_ring *r)
+{
+	if (!line0_ok(r))
+		return 1;
+	return !positions_sane(r, LOAD(&H(r)->head), LOAD(&H(r)->tail));
+}
+
+/* Would read() return something other than -EAGAIN? */
+static bool read_ready(const struct sbp_ring *r)
+{
+	uint64_t head, tail;
+
+	if (!line0_ok(r))
+		return true;
+	if (LOAD_ACQ(&H(r)->flags) & (SBP_RING_WRITER_CLOSED | SBP_RING_RESET))
+		return true;
+	head = LOAD_ACQ(&H(r)->head);
+	tail = LOAD(&H(r)->tail);
+	return !positions_sane(r, head, tail) || head != tail;
+}
+
+/* Would write() return something other than -EAGAIN? */
+static bool write_ready(const struct sbp_ring *r)
+{
+	uint64_t head, tail;
+
+	if (!line0_ok(r))
+		return true;
+	if (LOAD_ACQ(&H(r)->flags) & (SBP_RING_READER_CLOSED | SBP_RING_WRITER_CLOSED | SBP_RING_RESET))
+		return true;
+	head = LOAD(&H(r)->head);
+	tail = LOAD_ACQ(&H(r)->tail);
+	return !positions_sane(r, head, tail) || head - tail < r->cap;
+}
+
+/* Adaptive spin: a wait satisfied while spinning keeps (doubles back to) the
+ * full budget; one that had to sleep halves it, down to 1/32 of the maximum.
+ * Ping-pong traffic keeps spinning, an idle or slow peer costs almost nothing. */
+static void spin_hit(struct sbp_ring *r)
+{
+	uint32_t s = r->spin_ns * 2;
+
+	r->spin_ns = (s > r->spin_max_ns || s < r->spin_ns) ? r->spin_max_ns : s;
+}
+
+static void spin_miss(struct sbp_ring *r)
+{
+	uint32_t floor = r->spin_max_ns / 32;
+
+	r->spin_ns = r->spin_ns / 2 > floor ? r->spin_ns / 2 : floor;
+}
+
+static int wait_for(struct sbp_ring *r, bool (*ready)(const struct sbp_ring *),
+		    uint32_t *word, int64_t timeout_ns)
+{
+	int64_t start, deadline, spin_end;
+	int64_t poll_ns = 20000;   /* futex-less fallback: sleep, doubling to 1 ms */
+
+	if (ready(r))
+		return 0;
+	if (timeout_ns == 0)
+		return -ETIMEDOUT;
+	start = now_ns();
+	deadline = timeout_ns < 0 ? INT64_MAX : start + timeout_ns;
+
+	/* Bounded spin: the peer is probably running right now. */
+	spin_end = start + r->spin_ns;
+	if (spin_end > deadline)
+		spin_end = deadline;
+	if (r->spin_ns) {
+		for (;;) {
+			for (int i = 0; i < 64; i++) {
+				if (ready(r)) {
+					spin_hit(r);
+					return 0;
+				}
+				cpu_relax();
+			}
+			if (now_ns() >= spin_end)
+				break;
+		}
+		spin_miss(r);
+	}
+
+	if (r->doorbell) {
+		/* The caller sleeps on its TCP socket; the peer rings. */
+		__atomic_fetch_or(word, SBP_WAIT_DOORBELL, __ATOMIC_SEQ_CST);
+		/* SYNC POINT: arm -> re-check (pairs with wake_peer's fence). */
+		FULL_FENCE();
+		if (ready(r)) {
+			__atomic_fetch_and(word, ~SBP_WAIT_DOORBELL, __ATOMIC_RELAXED);
+			return 0;
+		}
+		return now_ns() >= deadline ? -ETIMEDOUT : -EAGAIN;
+	}
+
+	for (;;) {
+		uint32_t val;
+		int64_t left;
+		int rc;
+
+		__atomic_fetch_or(word, SBP_WAIT_FUTEX, __ATOMIC_SEQ_CST);
+		/* SYNC POINT: arm -> re-check (pairs with wake_peer's fence). */
+		FULL_FENCE();
+		if (ready(r)) {
+			__atomic_fetch_and(word, ~SBP_WAIT_FUTEX, __ATOMIC_RELAXED);
+			return 0;
+		}
+		left = deadline == INT64_MAX ? -1 : deadline - now_ns();
+		if (deadline != INT64_MAX && left <= 0) {
+			__atomic_fetch_and(word, ~SBP_WAIT_FUTEX, __ATOMIC_RELAXED);
+			return -ETIMEDOUT;
+		}
+		val = LOAD(word);
+		if (!(val & SBP_WAIT_FUTEX))
+			continue;       /* already woken (cleared) */
+		if (r->futex_broken) {
+			rc = -EFAULT;
+		} else {
+			rc = futex_wait(word, val, left);
+			if (rc == -EFAULT || rc == -ENOSYS)
+				r->futex_broken = 1;
+		}
+		if (rc == -EFAULT || rc == -ENOSYS) {
+			/* No shared futex on this memory (e.g. BPF arena without
+			 * moved wait words): sleep in short steps instead. */
+			struct timespec ts = { 0, poll_ns };
+
+			if (left >= 0 && left < poll_ns)
+				ts.tv_nsec = left;
+			if (nanosleep(&ts, NULL) < 0 && errno == EINTR)
+				rc = -EINTR;
+			if (poll_ns < 1000000)
+				poll_ns *= 2;
+		}
+		if (rc == -EINTR) {
+			__atomic_fetch_and(word, ~SBP_WAIT_FUTEX, __ATOMIC_RELAXED);
+			return ready(r) ? 0 : -EINTR;
+		}
+		/* 0 (woken), -EAGAIN (word changed), -ETIMEDOUT: re-check at the top */
+	}
+}
+
+int sbp_ring_wait_readable(struct sbp_ring *r, int64_t timeout_ns)
+{
+	if (!r->hdr)
+		return -EINVAL;
+	return wait_for(r, read_ready, r->reader_waiting, timeout_ns);
+}
+
+int sbp_ring_wait_writable(struct sbp_ring *r, int64_t timeout_ns)
+{
+	if (!r->hdr)
+		return -EINVAL;
+	return wait_for(r, write_ready, r->writer_waiting, timeout_ns);
+}
+
+static int arm(struct sbp_ring *r, bool (*ready)(const struct sbp_ring *), uint32_t *word)
+{
+	if (!r->hdr)
+		return 1;
+	__atomic_fetch_or(word, SBP_WAIT_DOORBELL, __ATOMIC_SEQ_CST);
+	/* SYNC POINT: arm -> re-check (pairs with wake_peer's fence). */
+	FULL_FENCE();
+	if (ready(r)) {
+		__atomic_fetch_and(word, ~SBP_WAIT_DOORBELL, __ATOMIC_RELAXED);
+		return 1;
+	}
+	return 0;
+}
+
+int sbp_ring_arm_readable(struct sbp_ring *r)
+{
+	return arm(r, read_ready, r->reader_waiting);
+}
+
+int sbp_ring_arm_writable(struct sbp_ring *r)
+{
+	return arm(r, write_ready, r->writer_waiting);
+}
+
+void sbp_ring_disarm_readable(struct sbp_ring *r)
+{
+	if (r->hdr)
+		__atomic_fetch_and(r->reader_waiting, ~SBP_WAIT_DOORBELL, __ATOMIC_RELAXED);
+}
+
+void sbp_ring_disarm_writable(struct sbp_ring *r)
+{
+	if (r->hdr)
+		__atomic_fetch_and(r->writer_waiting, ~SBP_WAIT_DOORBELL, __ATOMIC_RELAXED);
+}
+
+/* Set a flag bit, then wake whoever may be waiting for it. A view whose
+ * line 0 no longer matches touches nothing: the slot may belong to a newer
+ * connection now. */
+static void set_flag(struct sbp_ring *r, uint32_t bit, uint32_t reason)
+{
+	struct sbp_ring_hdr *h;
+	int peer = 0;
+
+	if (!line0_ok(r))
+		return;
+	h = H(r);
+	if (reason)
+		STORE(&h->reset_reason, reason);
+	/* SYNC POINT: flags: everything written before (head, reason) is
+	 * visible to whoever acquires the flag. */
+	__atomic_fetch_or(&h->flags, bit, __ATOMIC_RELEASE);
+	r->peer_waiting = 0;
+	if (bit & (SBP_RING_WRITER_CLOSED | SBP_RING_RESET)) {
+		wake_peer(r, r->reader_waiting);
+		peer |= r->peer_waiting;
+	}
+	if (bit & (SBP_RING_READER_CLOSED | SBP_RING_RESET)) {
+		wake_peer(r, r->writer_waiting);
+		peer |= r->peer_waiting;
+	}
+	r->peer_waiting = peer;
+}
+
+void sbp_ring_close_writer(struct sbp_ring *r)
+{
+	set_flag(r, SBP_RING_WRITER_CLOSED, 0);
+}
+
+void sbp_ring_close_reader(struct sbp_ring *r)
+{
+	set_flag(r, SBP_RING_READER_CLOSED, 0);
+}
+
+void sbp_ring_reset(struct sbp_ring *r, uint32_t reason)
+{
+	set_flag(r, SBP_RING_RESET, reason ? reason : SBP_RESET_APP);
+}
+
+void sbp_ring_set_spin(struct sbp_ring *r, uint32_t spin_ns)
+{
+	r->spin_max_ns = spin_ns;
+	r->spin_ns = spin_ns;
+}
+
+int sbp_ring_doorbell_mode(struct sbp_ring *r, int on)
+{
+	int old = r->doorbell;
+
+	r->doorbell = !!on;
+	return old;
+}
+
+int sbp_ring_peer_waiting(const struct sbp_ring *r)
+{
+	return r->peer_waiting;
+}
