@@ -621,17 +621,38 @@ static uint64_t rtt_op(int fd, char *buf, uint32_t size, uint64_t count, uint64_
 	return wall;
 }
 
+/* Pace of earlier runs on this connection, per message size, so each
+ * repetition lasts about the requested time even when a short warm-up ran
+ * faster or slower than the steady state. */
+struct pace { uint32_t op, size; double per_unit_ns; };
+static struct pace paces[16];
+
+static struct pace *pace_for(uint32_t op, uint32_t size)
+{
+	for (size_t i = 0; i < sizeof(paces) / sizeof(paces[0]); i++) {
+		if (paces[i].size == 0) {
+			paces[i].op = op;
+			paces[i].size = size;
+			return &paces[i];
+		}
+		if (paces[i].op == op && paces[i].size == size)
+			return &paces[i];
+	}
+	return &paces[0]; /* table full: share a slot, only the sizing suffers */
+}
+
 static void cmd_rtt(int fd, uint32_t size, uint64_t iters, double duration, uint64_t warmup)
 {
 	struct stats st;
+	struct pace *pace = pace_for(OP_RTT, size);
 	char *buf = calloc(1, size);
 	if (!buf)
 		fail("out of memory");
-	if (warmup == 0 && iters == 0)
+	if (warmup == 0 && iters == 0 && pace->per_unit_ns == 0)
 		warmup = 100; /* need a pace to size the run from */
 	uint64_t wall = warmup ? rtt_op(fd, buf, size, warmup, NULL, &st) : 0;
 	if (iters == 0) {
-		double per = (double)wall / (double)warmup;
+		double per = pace->per_unit_ns > 0 ? pace->per_unit_ns : (double)wall / (double)warmup;
 		iters = (uint64_t)(duration * 1e9 / (per > 1 ? per : 1));
 		if (iters < 200)
 			iters = 200;
@@ -647,8 +668,9 @@ static void cmd_rtt(int fd, uint32_t size, uint64_t iters, double duration, uint
 	char common[512];
 	window_start(&w);
 	/* The per-sample timing starts at the first send, after the hello. */
-	rtt_op(fd, buf, size, iters, samples, &st);
+	wall = rtt_op(fd, buf, size, iters, samples, &st);
 	window_end(&w, &st, &wall_s, common, sizeof(common));
+	pace->per_unit_ns = (double)wall / (double)iters;
 
 	double sum = 0;
 	for (uint64_t i = 0; i < iters; i++)
@@ -683,18 +705,24 @@ static uint64_t stream_op(int fd, char *buf, uint32_t size, uint64_t count, stru
 static void cmd_stream(int fd, uint32_t size, uint64_t bytes, double duration, uint64_t warmup)
 {
 	struct stats st;
+	struct pace *pace = pace_for(OP_STREAM, size);
 	char *buf = malloc(size);
 	if (!buf)
 		fail("out of memory");
 	memset(buf, 0x5a, size);
-	if (warmup == 0 && bytes == 0)
+	if (warmup == 0 && bytes == 0) {
+		/* A quarter of the run, at least 16 MiB: enough to get past what the
+		 * socket buffers absorb at once. */
 		warmup = 16u << 20;
+		if (pace->per_unit_ns > 0 && duration * 0.25e9 / pace->per_unit_ns > (double)warmup)
+			warmup = (uint64_t)(duration * 0.25e9 / pace->per_unit_ns);
+	}
 	if (warmup && warmup < size)
 		warmup = size;
 	uint64_t wall = warmup ? stream_op(fd, buf, size, warmup, &st) : 0;
 	if (bytes == 0) {
-		double rate = (double)warmup / ((double)wall / 1e9); /* bytes per second */
-		bytes = (uint64_t)(rate * duration);
+		double per = pace->per_unit_ns > 0 ? pace->per_unit_ns : (double)wall / (double)warmup;
+		bytes = (uint64_t)(duration * 1e9 / (per > 0 ? per : 1));
 		if (bytes < 4ull * size)
 			bytes = 4ull * size;
 	}
@@ -702,8 +730,9 @@ static void cmd_stream(int fd, uint32_t size, uint64_t bytes, double duration, u
 	double wall_s;
 	char common[512];
 	window_start(&w);
-	stream_op(fd, buf, size, bytes, &st);
+	wall = stream_op(fd, buf, size, bytes, &st);
 	window_end(&w, &st, &wall_s, common, sizeof(common));
+	pace->per_unit_ns = (double)wall / (double)bytes;
 	if (st.bytes != bytes)
 		fail("server counted a different number of bytes");
 	printf("{\"op\": \"stream\", \"size\": %u, \"bytes\": %" PRIu64 ", \"gbps\": %.4f, %s}\n",

@@ -1,0 +1,1086 @@
+"""`shmbypass bench`: loopback TCP against the bypass, as a table, JSON,
+a Markdown report and a plot.
+
+The embedded matrix needs nothing beyond the project: sbp-pingpong (native/
+tools/sbp-pingpong.c) runs as an unmodified TCP program, once per transport:
+
+  tcp     loopback TCP, no bypass
+  unix    a Unix stream socket (what a program could use if it were changed)
+  kernel  both ends under `shmbypass run --tier kernel` (sockops + sk_msg)
+  shm     both ends under `shmbypass run --tier shm` (LD_PRELOAD rings)
+  ring    sbp-ringbench: the raw ring with no sockets, the physical limit
+
+x tests (64 B, 1 KiB, 16 KiB ping-pong RTT; 64 KiB and 1 MiB streams;
+connections per second, unpinned only) x placements (both processes on one
+core, on different cores, unpinned).
+
+Method: one server and one client process per (transport, placement); the
+client keeps one connection and runs each test on command (stdin), so the
+figures of one cell share a connection whose tier is checked with
+`shmbypass status --json` while it is open. Each repetition has its own
+warm-up; a repetition during which other processes used the CPU (machine busy
+time from /proc/stat minus our two processes' CPU time) is run again. Medians
+over repetitions, min-max spread beside them, ratios against TCP in the same
+placement. A bypass that did not engage gets no ratio, and says so.
+
+The bypass runs as its own instance (SHMBYPASS_INSTANCE=sbp-bench-<pid>), so a
+user's set-up is never touched; it is taken down at the end and on Ctrl-C.
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import select
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+from shmbypass import __version__, paths
+
+# ----------------------------------------------------------------- the matrix
+
+
+@dataclass(frozen=True)
+class Test:
+    name: str     # short name used in tables and --only
+    kind: str     # rtt | stream | connrate
+    size: int
+    label: str
+
+
+TESTS = [
+    Test("rtt64", "rtt", 64, "RTT 64 B"),
+    Test("rtt1k", "rtt", 1024, "RTT 1 KiB"),
+    Test("rtt16k", "rtt", 16384, "RTT 16 KiB"),
+    Test("stream64k", "stream", 65536, "stream 64 KiB"),
+    Test("stream1m", "stream", 1 << 20, "stream 1 MiB"),
+    Test("connrate", "connrate", 64, "connect+64 B+close"),
+]
+CONNRATE_PLACEMENTS = ("unpinned",)  # connection setup is not a placement question
+
+# placement -> (server cpu, client cpu); None = not pinned
+PLACEMENTS = {"same-core": (0, 0), "cross-core": (0, 1), "unpinned": (None, None)}
+
+TRANSPORTS = ["tcp", "unix", "kernel", "shm", "ring"]
+TRANSPORT_LABELS = {
+    "tcp": "loopback TCP", "unix": "Unix socket", "kernel": "kernel tier",
+    "shm": "shm tier", "ring": "raw ring",
+}
+BYPASS_TIERS = {"kernel": "kernel", "shm": "shm"}
+
+# Issue targets, as ratios against TCP in the same placement (>1 = better).
+TARGETS = [
+    ("kernel", "rtt64", None, 1.5, "kernel tier 64 B RTT at least 1.5x lower than TCP"),
+    ("kernel", "stream1m", None, 1.5, "kernel tier 1 MiB throughput at least 1.5x TCP"),
+    ("shm", "rtt64", "cross-core", 20.0, "shm tier 64 B RTT on different cores at least 20x lower than TCP"),
+    ("shm", "rtt64", "same-core", 2.0, "shm tier 64 B RTT on one core at least 2x lower than TCP"),
+    ("shm", "stream64k", None, 5.0, "shm tier 64 KiB throughput at least 5x TCP"),
+    ("shm", "connrate", None, 0.9, "shm tier connections per second at least 90% of TCP"),
+]
+
+QUICK = dict(reps=3, rtt_seconds=0.1, stream_seconds=0.1, connrate_seconds=0.15, rtt_warmup=300)
+FULL = dict(reps=5, rtt_seconds=1.0, stream_seconds=1.0, connrate_seconds=1.0, rtt_warmup=2000)
+
+NOISE_CORES = 0.25       # other processes may use a quarter of a core...
+NOISE_FLOOR_S = 0.03     # ...or 3 ticks of the 100 Hz accounting, whichever is more
+STEAL_FRACTION = 0.10    # hypervisor steal above 10% of the window is noise too
+NOISE_RETRIES = 2
+
+
+class BenchError(Exception):
+    pass
+
+
+class NotAvailable(Exception):
+    """A transport or app that cannot run here; str() says why."""
+
+
+# ----------------------------------------------------------------- processes
+
+
+class Child:
+    """A child process in its own session (Ctrl-C reaches only us; we stop
+    children ourselves), with stdout read line by line with timeouts."""
+
+    def __init__(self, runner, argv, what, stdin=False, preexec=None, log=True):
+        self.what = what
+        self.argv = argv
+        self.errfile = tempfile.TemporaryFile(dir=runner.tmp)
+        if log:
+            runner.note_command(what, argv)
+        try:
+            self.p = subprocess.Popen(
+                argv, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=self.errfile, env=runner.env,
+                start_new_session=True, preexec_fn=preexec, cwd=runner.tmp)
+        except FileNotFoundError:
+            raise NotAvailable(f"{argv[0]} not found") from None
+        runner.children.append(self)
+        self.buf = b""
+
+    def read_line(self, timeout):
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BenchError(f"{self.what}: no answer within {timeout:.0f} s{self.stderr_tail()}")
+            r, _, _ = select.select([self.p.stdout], [], [], left)
+            if r:
+                chunk = os.read(self.p.stdout.fileno(), 65536)
+                if not chunk:
+                    self.p.wait()
+                    raise BenchError(f"{self.what}: exited with status {self.p.returncode}"
+                                     f"{self.stderr_tail()}")
+                self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return line.decode(errors="replace")
+
+    def read_json(self, timeout):
+        while True:
+            line = self.read_line(timeout).strip()
+            if line.startswith("{"):
+                return json.loads(line)
+
+    def send(self, text):
+        self.p.stdin.write(text.encode())
+        self.p.stdin.flush()
+
+    def stderr_tail(self):
+        try:
+            self.errfile.seek(0)
+            text = self.errfile.read().decode(errors="replace").strip()
+        except ValueError:
+            return ""
+        return (": " + text.splitlines()[-1]) if text else ""
+
+    def finish(self, timeout=10.0):
+        """Close stdin and wait for a clean exit; stop it if it hangs."""
+        if self.p.stdin:
+            try:
+                self.p.stdin.close()
+            except OSError:
+                pass
+        try:
+            self.p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+        return self.p.returncode
+
+    def stop(self):
+        """SIGTERM to its process group, then SIGKILL."""
+        if self.p.poll() is None:
+            for sig, wait in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 3.0)):
+                try:
+                    os.killpg(self.p.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    self.p.wait(wait)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        for f in (self.p.stdin, self.p.stdout):
+            try:
+                if f:
+                    f.close()
+            except OSError:
+                pass
+        self.errfile.close()
+
+
+# ----------------------------------------------------------------- progress
+
+
+class Progress:
+    """A progress bar on stderr; plain lines when stderr is not a terminal."""
+
+    def __init__(self, total, enabled=True):
+        self.total = max(total, 1)
+        self.done = 0
+        self.label = ""
+        self.tty = sys.stderr.isatty()
+        self.enabled = enabled
+        self.t0 = time.monotonic()
+        self.last_plain = 0.0
+
+    def set(self, label):
+        self.label = label
+        self.draw()
+
+    def step(self, n=1):
+        self.done = min(self.total, self.done + n)
+        self.draw()
+
+    def draw(self):
+        if not self.enabled:
+            return
+        frac = self.done / self.total
+        elapsed = time.monotonic() - self.t0
+        if self.tty:
+            width = 30
+            bar = "#" * int(frac * width) + "-" * (width - int(frac * width))
+            text = f"\r[{bar}] {frac * 100:3.0f}% {elapsed:5.1f}s  {self.label}"
+            sys.stderr.write(text[:110].ljust(110))
+            sys.stderr.flush()
+        elif time.monotonic() - self.last_plain > 5 or self.done == self.total:
+            self.last_plain = time.monotonic()
+            sys.stderr.write(f"bench: {frac * 100:3.0f}% {elapsed:5.1f}s {self.label}\n")
+
+    def say(self, text):
+        """Print a message without tearing the bar."""
+        if self.tty and self.enabled:
+            sys.stderr.write("\r" + " " * 110 + "\r")
+        sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+        self.draw()
+
+    def close(self):
+        if self.tty and self.enabled:
+            sys.stderr.write("\r" + " " * 110 + "\r")
+            sys.stderr.flush()
+
+
+# ----------------------------------------------------------------- statistics
+
+
+def median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def summarize(test, reps):
+    """Median over repetitions, with min and max of the headline figure."""
+    if not reps:
+        return {}
+    s = {"reps": len(reps)}
+    if test.kind == "rtt":
+        for k in ("p50_ns", "p99_ns", "p999_ns", "mean_ns"):
+            s[k] = median(r[k] for r in reps)
+        s["p50_ns_min"] = min(r["p50_ns"] for r in reps)
+        s["p50_ns_max"] = max(r["p50_ns"] for r in reps)
+        s["p99_ns_min"] = min(r["p99_ns"] for r in reps)
+        s["p99_ns_max"] = max(r["p99_ns"] for r in reps)
+        s["cpu_us_per_op"] = median(_cpu(r) / r["iters"] * 1e6 for r in reps)
+        s["iters"] = median(r["iters"] for r in reps)
+    elif test.kind == "stream":
+        s["gbps"] = median(r["gbps"] for r in reps)
+        s["gbps_min"] = min(r["gbps"] for r in reps)
+        s["gbps_max"] = max(r["gbps"] for r in reps)
+        s["cpu_s_per_gb"] = median(_cpu(r) / (r["bytes"] / 1e9) for r in reps)
+    else:
+        s["conns_per_s"] = median(r["conns_per_s"] for r in reps)
+        s["conns_per_s_min"] = min(r["conns_per_s"] for r in reps)
+        s["conns_per_s_max"] = max(r["conns_per_s"] for r in reps)
+        s["p50_ns"] = median(r["p50_ns"] for r in reps)
+        s["p99_ns"] = median(r["p99_ns"] for r in reps)
+        s["client_cpu_us_per_conn"] = median(r["client_cpu_s"] / r["count"] * 1e6 for r in reps)
+    return s
+
+
+def _cpu(r):
+    return r["client_cpu_s"] + max(r.get("server_cpu_s", 0.0), 0.0)
+
+
+def noise_of(rep):
+    """Why this repetition is suspect, or None. Other processes' CPU is the
+    machine's busy time minus what our client and server used."""
+    busy, wall = rep.get("machine_busy_s", -1), rep.get("wall_s", 0)
+    if busy is None or busy < 0 or rep.get("server_cpu_s", -1) < 0:
+        return None
+    other = busy - _cpu(rep)
+    if other > max(NOISE_CORES * wall, NOISE_FLOOR_S):
+        return f"other processes used {other:.2f} CPU-s during a {wall:.2f} s repetition"
+    steal = rep.get("machine_steal_s", 0)
+    if steal > max(STEAL_FRACTION * wall, NOISE_FLOOR_S):
+        return f"the hypervisor stole {steal:.2f} CPU-s during a {wall:.2f} s repetition"
+    return None
+
+
+def headline(test, s):
+    """(value, better-is-higher) of a summary: what ratios compare."""
+    if not s:
+        return None, True
+    if test.kind == "rtt":
+        return s.get("p50_ns"), False
+    if test.kind == "stream":
+        return s.get("gbps"), True
+    return s.get("conns_per_s"), True
+
+
+def ratio(test, s, base):
+    """x better than TCP: TCP latency / latency, or throughput / TCP's."""
+    if not s or not base:
+        return {}
+    out = {}
+    if test.kind == "rtt":
+        for k in ("p50_ns", "p99_ns", "p999_ns"):
+            if s.get(k) and base.get(k):
+                out[k.replace("_ns", "")] = base[k] / s[k]
+    elif test.kind == "stream":
+        if s.get("gbps") and base.get("gbps"):
+            out["gbps"] = s["gbps"] / base["gbps"]
+    else:
+        if s.get("conns_per_s") and base.get("conns_per_s"):
+            out["conns_per_s"] = s["conns_per_s"] / base["conns_per_s"]
+    return out
+
+
+def fmt_ns(ns):
+    if ns is None:
+        return "-"
+    if ns >= 1e6:
+        return f"{ns / 1e6:.2f} ms"
+    return f"{ns / 1e3:.1f} us" if ns < 1e5 else f"{ns / 1e3:.0f} us"
+
+
+def fmt_ratio(x):
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def fmt_size(n):
+    return f"{n >> 20} MiB" if n >= 1 << 20 else f"{n >> 10} KiB" if n >= 1024 else f"{n} B"
+
+
+# ----------------------------------------------------------------- the runner
+
+
+@dataclass
+class Cell:
+    transport: str
+    placement: str
+    test: Test
+    reps: list = field(default_factory=list)
+    noisy_repeats: int = 0
+    still_noisy: int = 0
+    engaged: bool | None = None     # None: not a bypass transport
+    tiers_seen: list = field(default_factory=list)
+    error: str | None = None
+
+    def to_json(self, base):
+        s = summarize(self.test, self.reps)
+        return {
+            "transport": self.transport, "placement": self.placement, "test": self.test.name,
+            "kind": self.test.kind, "size": self.test.size, "engaged": self.engaged,
+            "tiers_seen": self.tiers_seen, "error": self.error,
+            "noisy_repeats": self.noisy_repeats, "still_noisy": self.still_noisy,
+            "summary": s,
+            "ratio_vs_tcp": ratio(self.test, s, base) if self.engaged is not False and base else {},
+            "samples": self.reps,
+        }
+
+
+class Runner:
+    def __init__(self, args):
+        self.args = args
+        self.cfg = dict(QUICK if args.quick else FULL)
+        if args.reps:
+            self.cfg["reps"] = args.reps
+        if args.seconds:
+            for k in ("rtt_seconds", "stream_seconds", "connrate_seconds"):
+                self.cfg[k] = args.seconds
+        self.only = {t.strip() for t in (args.only or "").split(",") if t.strip()}
+        self.instance = f"sbp-bench-{os.getpid()}"
+        self.env = dict(os.environ, SHMBYPASS_INSTANCE=self.instance, PYTHONUNBUFFERED="1")
+        self.tmp = tempfile.mkdtemp(prefix="sbp-bench-")
+        self.children: list[Child] = []
+        self.commands: list[dict] = []
+        self.cells: list[Cell] = []
+        self.skipped: list[dict] = []
+        self.warnings: list[str] = []
+        self.apps: list[dict] = []
+        self.sidecar: list[dict] = []
+        self.bypass_up = False
+        self.netns: list[str] = []
+        self.pingpong = paths.tool("sbp-pingpong")
+        self.ringbench = paths.tool("sbp-ringbench")
+        self.progress = Progress(1, enabled=not args.no_progress)
+
+    # -- helpers
+
+    def shmbypass(self, *args):
+        return [sys.executable, "-m", "shmbypass", *args]
+
+    def note_command(self, what, argv):
+        entry = {"what": what, "argv": [str(a) for a in argv]}
+        if entry not in self.commands:
+            self.commands.append(entry)
+
+    def loud(self, text):
+        """A warning the user must not miss: stderr now, and in the reports."""
+        self.warnings.append(text)
+        self.progress.say("bench: WARNING: " + text)
+
+    def selected(self, *names):
+        """--only: each of transport / placement / test must match if the
+        filter names any of its kind."""
+        if not self.only:
+            return True
+        groups = [set(TRANSPORTS) | {"apps", "sidecar"}, set(PLACEMENTS), {t.name for t in TESTS}]
+        for name, group in zip(names, groups):
+            if name is None:
+                continue
+            wanted = self.only & group
+            if wanted and name not in wanted:
+                return False
+        return True
+
+    def wrap(self, transport, argv):
+        tier = BYPASS_TIERS.get(transport)
+        return self.shmbypass("run", "--tier", tier, "--", *argv) if tier else argv
+
+    def status(self):
+        out = subprocess.run(self.shmbypass("status", "--json"), env=self.env, capture_output=True,
+                             text=True, timeout=30)
+        if out.returncode != 0:
+            raise BenchError("shmbypass status failed: " + (out.stderr.strip().splitlines() or ["?"])[-1])
+        return json.loads(out.stdout)
+
+    def tiers_for_port(self, port):
+        """Tiers of the bypass group's live connections that touch port."""
+        st = self.status()
+        tiers = []
+        for c in st.get("connections", []):
+            ports = {c.get("local", "").rsplit(":", 1)[-1], c.get("remote", "").rsplit(":", 1)[-1]}
+            if str(port) in ports:
+                tiers.append(c.get("tier"))
+        return tiers
+
+    # -- bypass lifecycle
+
+    def ensure_up(self):
+        if self.bypass_up:
+            return
+        self.note_command("bring the bench's own bypass instance up",
+                          ["SHMBYPASS_INSTANCE=" + self.instance] + self.shmbypass("up"))
+        out = subprocess.run(self.shmbypass("up"), env=self.env, capture_output=True, text=True,
+                             timeout=60)
+        if out.returncode != 0:
+            raise NotAvailable((out.stderr.strip().splitlines() or ["shmbypass up failed"])[-1])
+        self.bypass_up = True
+
+    def teardown(self):
+        for c in reversed(self.children):
+            try:
+                c.stop()
+            except Exception:  # noqa: BLE001 - tear down everything we can
+                pass
+        self.children.clear()
+        for name in self.netns:
+            try:
+                from pyroute2 import netns
+                netns.remove(name)
+            except Exception:  # noqa: BLE001
+                pass
+        self.netns.clear()
+        if self.bypass_up:
+            out = subprocess.run(self.shmbypass("down", "--force", "--drain-timeout", "2"),
+                                 env=self.env, capture_output=True, text=True, timeout=60)
+            if out.returncode != 0:
+                sys.stderr.write(f"bench: WARNING: `shmbypass down` of instance {self.instance} "
+                                 f"failed: {out.stderr.strip()}\n")
+            self.bypass_up = False
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    # -- availability of each transport
+
+    def check_transport(self, transport):
+        """Raise NotAvailable with a concrete reason."""
+        if transport in ("tcp", "unix"):
+            if not os.access(self.pingpong, os.X_OK):
+                raise NotAvailable(f"{self.pingpong} is not built (run `make -C native`)")
+        elif transport == "kernel":
+            self.check_transport("tcp")
+            self.ensure_up()
+        elif transport == "shm":
+            self.check_transport("tcp")
+            self.ensure_up()
+            out = subprocess.run(self.shmbypass("run", "--tier", "shm", "--", "true"), env=self.env,
+                                 capture_output=True, text=True, timeout=60)
+            if out.returncode != 0:
+                why = (out.stderr.strip().splitlines() or ["`shmbypass run --tier shm` failed"])[-1]
+                raise NotAvailable(f"`shmbypass run --tier shm -- true` failed: {why}")
+        elif transport == "ring":
+            if not os.access(self.ringbench, os.X_OK):
+                raise NotAvailable(f"{self.ringbench} is not built (the raw ring benchmark, "
+                                   f"native/tools/sbp-ringbench.c)")
+
+    # -- the matrix
+
+    def plan(self):
+        plan = []
+        for transport in TRANSPORTS:
+            if not self.selected(transport, None, None):
+                continue
+            for placement in PLACEMENTS:
+                if not self.selected(transport, placement, None):
+                    continue
+                tests = [t for t in TESTS if self.selected(transport, placement, t.name)
+                         and (t.kind != "connrate" or placement in CONNRATE_PLACEMENTS)
+                         and not (transport == "ring" and t.kind == "connrate")]
+                if tests:
+                    plan.append((transport, placement, tests))
+        return plan
+
+    def seconds(self, test):
+        return self.cfg[f"{test.kind}_seconds"]
+
+    def command_for(self, test):
+        if test.kind == "rtt":
+            return f"rtt {test.size} {self.cfg['rtt_seconds']} {self.cfg['rtt_warmup']}\n"
+        if test.kind == "stream":
+            return f"stream {test.size} {self.cfg['stream_seconds']}\n"
+        return f"connrate {self.cfg['connrate_seconds']}\n"
+
+    def pp_common(self, cpu):
+        argv = []
+        if cpu is not None:
+            argv += ["--cpu", str(cpu)]
+        if self.args.poll:
+            argv += ["--poll"]
+        return argv
+
+    def run_cell_pingpong(self, transport, placement, tests):
+        scpu, ccpu = PLACEMENTS[placement]
+        listen = f"unix:{self.tmp}/pp.sock" if transport == "unix" else "127.0.0.1:0"
+        label = f"{transport}/{placement}"
+        server = Child(self, self.wrap(transport, [self.pingpong, "server", listen] + self.pp_common(scpu)),
+                       f"{label} server")
+        cells = [Cell(transport, placement, t) for t in tests]
+        try:
+            addr = server.read_json(timeout=30)["listening"]
+            client = Child(self, self.wrap(transport, [self.pingpong, "client", addr, "--stdin"]
+                                           + self.pp_common(ccpu)), f"{label} client", stdin=True)
+            port = addr.rsplit(":", 1)[-1]
+            expected = BYPASS_TIERS.get(transport)
+            checked = False
+            # Tests that keep the connection first; connrate closes it.
+            for cell in sorted(cells, key=lambda c: c.test.kind == "connrate"):
+                if expected and not checked and cell.test.kind == "connrate":
+                    # Short connections are gone before status can see them:
+                    # look at one long-lived connection instead.
+                    self.engagement_probe(transport, addr, cells)
+                    checked = True
+                self.run_reps(client, cell, f"{label} {cell.test.name}")
+                if expected and not checked:
+                    tiers = self.tiers_for_port(port)
+                    checked = True
+                    self.record_engagement(transport, placement, cells, tiers)
+            client.finish()
+        except BenchError as e:
+            for c in cells:
+                if not c.reps:
+                    c.error = str(e)
+            self.loud(f"{label}: {e}")
+        finally:
+            server.stop()
+        self.cells.extend(cells)
+
+    def engagement_probe(self, transport, addr, cells):
+        """For a cell with only connection-rate tests: hold one connection open
+        and look at its tier."""
+        probe = Child(self, self.wrap(transport, [self.pingpong, "client", addr, "--mode", "rtt",
+                                                  "--iters", "10", "--warmup", "0", "--hold"]),
+                      f"{transport} engagement probe", stdin=True, log=False)
+        try:
+            probe.read_json(timeout=30)
+            tiers = self.tiers_for_port(addr.rsplit(":", 1)[-1])
+        finally:
+            probe.finish()
+        self.record_engagement(transport, cells[0].placement, cells, tiers)
+
+    def record_engagement(self, transport, placement, cells, tiers):
+        expected = BYPASS_TIERS[transport]
+        engaged = bool(tiers) and all(t == expected for t in tiers)
+        for c in cells:
+            c.engaged = engaged
+            c.tiers_seen = tiers
+        if not engaged:
+            seen = ", ".join(tiers) if tiers else "no connection of the bypass group"
+            self.loud(f"THE BYPASS DID NOT ENGAGE for {TRANSPORT_LABELS[transport]} ({placement}): "
+                      f"`shmbypass status` shows {seen} instead of tier {expected}; "
+                      f"its figures are plain TCP and get no ratio")
+
+    def run_reps(self, client, cell, label):
+        test = cell.test
+        timeout = 60 + 20 * self.seconds(test)
+        for rep in range(self.cfg["reps"]):
+            self.progress.set(f"{label} rep {rep + 1}/{self.cfg['reps']}")
+            for attempt in range(NOISE_RETRIES + 1):
+                client.send(self.command_for(test))
+                r = client.read_json(timeout)
+                why = noise_of(r) if test.kind != "connrate" else None
+                r["noisy"] = why
+                r["attempt"] = attempt
+                if not why:
+                    break
+                if attempt < NOISE_RETRIES:
+                    cell.noisy_repeats += 1
+                    self.progress.say(f"bench: machine busy, repeating {label} rep {rep + 1}: {why}")
+                else:
+                    cell.still_noisy += 1
+            cell.reps.append(r)
+            self.progress.step()
+
+    def run_cell_ring(self, placement, tests):
+        """The raw ring (no sockets): sbp-ringbench prints the same JSON as
+        sbp-pingpong's client, one line per test."""
+        acpu, bcpu = PLACEMENTS[placement]
+        cells = [Cell("ring", placement, t) for t in tests]
+        for cell in cells:
+            t = cell.test
+            argv = [self.ringbench, "--mode", t.kind, "--size", str(t.size),
+                    "--duration", str(self.seconds(t))]
+            if t.kind == "rtt":
+                argv += ["--warmup", str(self.cfg["rtt_warmup"])]
+            if acpu is not None:
+                argv += ["--cpu", f"{acpu},{bcpu}"]
+            if self.args.poll:
+                argv += ["--poll"]
+            for rep in range(self.cfg["reps"]):
+                self.progress.set(f"ring/{placement} {t.name} rep {rep + 1}/{self.cfg['reps']}")
+                for attempt in range(NOISE_RETRIES + 1):
+                    child = Child(self, argv, f"raw ring {t.name}", log=(rep == 0 and attempt == 0))
+                    try:
+                        r = child.read_json(timeout=60 + 20 * self.seconds(t))
+                        child.finish()
+                    except BenchError as e:
+                        cell.error = str(e)
+                        child.stop()
+                        self.loud(f"raw ring {placement} {t.name}: {e}")
+                        break
+                    why = noise_of(r)
+                    r["noisy"], r["attempt"] = why, attempt
+                    if not why:
+                        break
+                    if attempt < NOISE_RETRIES:
+                        cell.noisy_repeats += 1
+                    else:
+                        cell.still_noisy += 1
+                if cell.error:
+                    break
+                cell.reps.append(r)
+                self.progress.step()
+        self.cells.extend(cells)
+
+    # -- the whole run
+
+    def run(self):
+        t0 = time.monotonic()
+        started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        plan = self.plan()
+        available = {}
+        for transport in dict.fromkeys(t for t, _, _ in plan):
+            try:
+                self.check_transport(transport)
+                available[transport] = True
+            except NotAvailable as e:
+                available[transport] = False
+                self.skipped.append({"transport": transport, "reason": str(e)})
+                level = "WARNING: " if transport in ("kernel", "shm") else ""
+                self.progress.say(f"bench: {level}{TRANSPORT_LABELS[transport]}: NOT AVAILABLE, "
+                                  f"skipped: {e}")
+        plan = [p for p in plan if available[p[0]]]
+        self.progress.total = max(1, sum(len(tests) for _, _, tests in plan) * self.cfg["reps"])
+        for transport, placement, tests in plan:
+            if transport == "ring":
+                self.run_cell_ring(placement, tests)
+            else:
+                self.run_cell_pingpong(transport, placement, tests)
+        if self.args.apps:
+            from shmbypass import bench_apps
+            bench_apps.run_apps(self, available)
+        if self.args.sidecar or self.args.apps:
+            from shmbypass import bench_apps
+            bench_apps.run_sidecar(self, available)
+        self.progress.close()
+        return self.report(started, time.monotonic() - t0)
+
+    # -- results
+
+    def base(self, placement, test):
+        for c in self.cells:
+            if c.transport == "tcp" and c.placement == placement and c.test == test and c.reps:
+                return summarize(test, c.reps)
+        return None
+
+    def report(self, started, duration):
+        results = [c.to_json(self.base(c.placement, c.test)) for c in self.cells]
+        return {
+            "tool": "shmbypass bench", "version": __version__, "started": started,
+            "duration_s": round(duration, 1), "quick": bool(self.args.quick),
+            "poll": bool(self.args.poll), "instance": self.instance,
+            "machine": machine_info(), "config": self.cfg,
+            "method": {
+                "repetitions": self.cfg["reps"], "noise_cores": NOISE_CORES,
+                "noise_floor_s": NOISE_FLOOR_S, "steal_fraction": STEAL_FRACTION,
+                "noise_retries": NOISE_RETRIES,
+                "ratio": "against loopback TCP in the same placement; >1 means better than TCP "
+                         "(TCP latency / latency, or throughput / TCP throughput)",
+            },
+            "commands": self.commands, "results": results, "skipped": self.skipped,
+            "warnings": self.warnings, "apps": self.apps, "sidecar": self.sidecar,
+            "targets": targets(results),
+        }
+
+
+def targets(results):
+    out = []
+    by = {(r["transport"], r["placement"], r["test"]): r for r in results}
+    for transport, test, placement, want, text in TARGETS:
+        for pl in ([placement] if placement else list(PLACEMENTS)):
+            r = by.get((transport, pl, test))
+            if not r:
+                continue
+            rt = r["ratio_vs_tcp"]
+            got = rt.get("p50") or rt.get("gbps") or rt.get("conns_per_s")
+            out.append({"target": text, "transport": transport, "placement": pl, "test": test,
+                        "want": want, "got": got, "engaged": r["engaged"],
+                        "met": None if got is None else got >= want})
+    return out
+
+
+def machine_info():
+    model = "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info = {"cpu_model": model, "cores": os.cpu_count(), "kernel": platform.release(),
+            "python": platform.python_version(), "hostname": socket.gethostname()}
+    try:
+        info["loadavg"] = open("/proc/loadavg").read().split()[:3]
+    except OSError:
+        pass
+    try:
+        info["clocksource"] = open(
+            "/sys/devices/system/clocksource/clocksource0/current_clocksource").read().strip()
+    except OSError:
+        pass
+    return info
+
+
+# ----------------------------------------------------------------- rendering
+
+
+def table_rows(report):
+    """Rows for the text table and the Markdown report."""
+    rows = []
+    for r in report["results"]:
+        s, rt = r["summary"], r["ratio_vs_tcp"]
+        note = ""
+        if r["engaged"] is False:
+            note = "BYPASS NOT ENGAGED (tier: " + (",".join(r["tiers_seen"]) or "none") + ")"
+        elif r["error"] and not s:
+            note = "FAILED: " + r["error"]
+        elif r["still_noisy"]:
+            note = f"noisy ({r['still_noisy']} rep)"
+        if r["kind"] == "rtt" and s:
+            fig = f"p50 {fmt_ns(s['p50_ns'])}  p99 {fmt_ns(s['p99_ns'])}  p999 {fmt_ns(s['p999_ns'])}"
+            spread = f"{fmt_ns(s['p50_ns_min'])}-{fmt_ns(s['p50_ns_max'])}"
+            cpu = f"{s['cpu_us_per_op']:.1f} us/op"
+            vs = "" if note.startswith("BYPASS") else (
+                f"{fmt_ratio(rt.get('p50'))} (p99 {fmt_ratio(rt.get('p99'))})" if rt else "")
+        elif r["kind"] == "stream" and s:
+            fig = f"{s['gbps']:.2f} GB/s"
+            spread = f"{s['gbps_min']:.2f}-{s['gbps_max']:.2f}"
+            cpu = f"{s['cpu_s_per_gb']:.2f} s/GB"
+            vs = "" if note.startswith("BYPASS") else fmt_ratio(rt.get("gbps")) if rt else ""
+        elif r["kind"] == "connrate" and s:
+            fig = f"{s['conns_per_s']:.0f} conn/s  p50 {fmt_ns(s['p50_ns'])}"
+            spread = f"{s['conns_per_s_min']:.0f}-{s['conns_per_s_max']:.0f}"
+            cpu = f"{s['client_cpu_us_per_conn']:.1f} us/conn (client)"
+            vs = "" if note.startswith("BYPASS") else fmt_ratio(rt.get("conns_per_s")) if rt else ""
+        else:
+            fig = spread = cpu = vs = "-"
+        if r["transport"] == "tcp" and s:
+            vs = "1.00x (base)"
+        rows.append([r["placement"], TRANSPORT_LABELS[r["transport"]], _test_label(r["test"]),
+                     fig, spread, cpu, vs or "-", note])
+    return rows
+
+
+HEADER = ["placement", "transport", "test", "median", "spread (min-max)", "CPU", "vs TCP", "note"]
+
+
+def _test_label(name):
+    return next(t.label for t in TESTS if t.name == name)
+
+
+def render_text(report):
+    rows = table_rows(report)
+    order = {p: i for i, p in enumerate(PLACEMENTS)}
+    rows.sort(key=lambda r: (order.get(r[0], 9), [t.label for t in TESTS].index(r[2]),
+                             list(TRANSPORT_LABELS.values()).index(r[1])))
+    widths = [max(len(str(x)) for x in col) for col in zip(HEADER, *rows)]
+    lines = []
+    prev = None
+    for row in [HEADER] + rows:
+        if prev is not None and row[0] != prev and row is not rows[0] and prev != "placement":
+            lines.append("")
+        lines.append("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip())
+        prev = row[0]
+    out = [f"shmbypass bench ({'quick' if report['quick'] else 'full'}): "
+           f"{report['machine']['cpu_model']}, {report['machine']['cores']} cores, "
+           f"kernel {report['machine']['kernel']}; medians of {report['config']['reps']} repetitions; "
+           f"'vs TCP' = how many times better than loopback TCP in the same placement", ""]
+    out += lines
+    for s in report["skipped"]:
+        out.append(f"skipped {TRANSPORT_LABELS.get(s['transport'], s['transport'])}: {s['reason']}")
+    out += _apps_text(report)
+    mets = [t for t in report["targets"] if t["met"] is not None]
+    if mets:
+        out.append("")
+        out.append("targets:")
+        for t in mets:
+            out.append(f"  {'met    ' if t['met'] else 'NOT MET'} {t['target']} ({t['placement']}): "
+                       f"{t['got']:.2f}x")
+    for w in report["warnings"]:
+        out.append("WARNING: " + w)
+    return "\n".join(out)
+
+
+def _apps_text(report):
+    out = []
+    for title, items in (("applications", report["apps"]), ("sidecar (client -> haproxy -> server)",
+                                                              report["sidecar"])):
+        if not items:
+            continue
+        out.append("")
+        out.append(title + ":")
+        for a in items:
+            out.append("  " + app_line(a))
+    return out
+
+
+def app_line(a):
+    if a.get("skipped"):
+        return f"{a['name']}: skipped: {a['skipped']}"
+    parts = [f"{a['name']} [{TRANSPORT_LABELS.get(a['transport'], a['transport'])}]"]
+    for k, v in a.get("figures", {}).items():
+        parts.append(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}")
+    if a.get("engaged") is False:
+        parts.append("BYPASS NOT ENGAGED (tier: " + (",".join(a.get("tiers_seen") or []) or "none") + ")")
+    elif a.get("ratio") is not None:
+        parts.append(f"vs TCP {a['ratio']:.2f}x")
+    if a.get("error"):
+        parts.append("FAILED: " + a["error"])
+    return "  ".join(parts)
+
+
+def render_markdown(report, plot_name):
+    m = report["machine"]
+    lines = [
+        "# shmbypass bench",
+        "",
+        f"{'Quick' if report['quick'] else 'Full'} run of {report['started']} "
+        f"({report['duration_s']} s): {m['cpu_model']}, {m['cores']} cores, kernel {m['kernel']}, "
+        f"load average at start {' '.join(m.get('loadavg', []))}.",
+        "",
+        f"Medians of {report['config']['reps']} repetitions (spread = min-max of the per-repetition "
+        f"figure). \"vs TCP\" = how many times better than loopback TCP in the same placement "
+        f"(TCP latency / latency; throughput / TCP throughput). CPU = client + server CPU time per "
+        f"operation (per GB for streams). Placements: same-core = both processes on CPU 0; "
+        f"cross-core = server on CPU 0, client on CPU 1; unpinned = the scheduler decides.",
+        "",
+    ]
+    if plot_name:
+        lines += [f"![latency and throughput]({plot_name})", ""]
+    rows = table_rows(report)
+    order = {p: i for i, p in enumerate(PLACEMENTS)}
+    rows.sort(key=lambda r: (order.get(r[0], 9), [t.label for t in TESTS].index(r[2]),
+                             list(TRANSPORT_LABELS.values()).index(r[1])))
+    lines.append("| " + " | ".join(HEADER) + " |")
+    lines.append("|" + "---|" * len(HEADER))
+    for row in rows:
+        lines.append("| " + " | ".join(str(x).replace("|", "/") for x in row) + " |")
+    lines.append("")
+    if report["targets"]:
+        lines += ["## Targets", "", "| target | placement | measured | met |", "|---|---|---|---|"]
+        for t in report["targets"]:
+            got = "-" if t["got"] is None else f"{t['got']:.2f}x"
+            met = "not engaged" if t["engaged"] is False else "-" if t["met"] is None else (
+                "yes" if t["met"] else "**no**")
+            lines.append(f"| {t['target']} | {t['placement']} | {got} | {met} |")
+        lines.append("")
+    if report["skipped"]:
+        lines += ["## Skipped", ""]
+        lines += [f"- {TRANSPORT_LABELS.get(s['transport'], s['transport'])}: {s['reason']}"
+                  for s in report["skipped"]]
+        lines.append("")
+    for title, items in (("Applications", report["apps"]),
+                         ("Sidecar: client -> haproxy (TCP mode) -> server", report["sidecar"])):
+        if items:
+            lines += [f"## {title}", ""]
+            lines += ["- " + app_line(a) for a in items]
+            lines.append("")
+    if report["warnings"]:
+        lines += ["## Warnings", ""] + [f"- **{w}**" for w in report["warnings"]] + [""]
+    noisy = sum(r["noisy_repeats"] for r in report["results"])
+    still = sum(r["still_noisy"] for r in report["results"])
+    lines += ["## Method", "",
+              f"- Repetitions run again because other processes used the CPU: {noisy}; "
+              f"kept although still noisy after {NOISE_RETRIES} retries: {still}.",
+              "- Each repetition has its own warm-up; RTT repetitions size their iteration count from "
+              "the warm-up's pace; streams from the warm-up's rate.",
+              f"- Bypass instance: `{report['instance']}` (its own, brought up and taken down by the bench).",
+              "", "## Commands", ""]
+    for c in report["commands"]:
+        lines.append(f"- {c['what']}: `{' '.join(c['argv'])}`")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def render_plot(report, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    placements = [p for p in PLACEMENTS if any(r["placement"] == p for r in report["results"])]
+    if not placements:
+        return False
+    fig, axes = plt.subplots(2, len(placements), figsize=(5 * len(placements), 8), squeeze=False)
+    colors = {"tcp": "#d62728", "unix": "#9467bd", "kernel": "#1f77b4", "shm": "#2ca02c",
+              "ring": "#7f7f7f"}
+    rtt_tests = [t for t in TESTS if t.kind == "rtt"]
+    stream_tests = [t for t in TESTS if t.kind == "stream"]
+    for col, pl in enumerate(placements):
+        ax = axes[0][col]
+        for tr in TRANSPORTS:
+            xs, ys, lo, hi, p99 = [], [], [], [], []
+            for i, t in enumerate(rtt_tests):
+                r = _find(report, tr, pl, t.name)
+                if not r or not r["summary"] or r["engaged"] is False:
+                    continue
+                s = r["summary"]
+                xs.append(i)
+                ys.append(s["p50_ns"] / 1e3)
+                lo.append((s["p50_ns"] - s["p50_ns_min"]) / 1e3)
+                hi.append((s["p50_ns_max"] - s["p50_ns"]) / 1e3)
+                p99.append(s["p99_ns"] / 1e3)
+            if xs:
+                ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, color=colors[tr],
+                            label=f"{TRANSPORT_LABELS[tr]} p50")
+                ax.plot(xs, p99, linestyle=":", marker=".", color=colors[tr], alpha=0.6)
+        ax.set_xticks(range(len(rtt_tests)), [fmt_size(t.size) for t in rtt_tests])
+        ax.set_yscale("log")
+        ax.set_title(f"RTT, {pl} (p50 solid, p99 dotted)")
+        ax.set_ylabel("round trip, us")
+        ax.grid(True, which="both", alpha=0.3)
+        if col == 0:
+            ax.legend(fontsize=8)
+        ax = axes[1][col]
+        present = [tr for tr in TRANSPORTS if any(
+            _find(report, tr, pl, t.name) for t in stream_tests)]
+        width = 0.8 / max(len(present), 1)
+        for j, tr in enumerate(present):
+            xs, ys, err = [], [], [[], []]
+            for i, t in enumerate(stream_tests):
+                r = _find(report, tr, pl, t.name)
+                if not r or not r["summary"] or r["engaged"] is False:
+                    continue
+                s = r["summary"]
+                xs.append(i + (j - (len(present) - 1) / 2) * width)
+                ys.append(s["gbps"])
+                err[0].append(s["gbps"] - s["gbps_min"])
+                err[1].append(s["gbps_max"] - s["gbps"])
+            if xs:
+                ax.bar(xs, ys, width, yerr=err, capsize=3, color=colors[tr], label=TRANSPORT_LABELS[tr])
+        ax.set_xticks(range(len(stream_tests)), [f"{fmt_size(t.size)} sends" for t in stream_tests])
+        ax.set_title(f"throughput, {pl}")
+        ax.set_ylabel("GB/s")
+        ax.grid(True, axis="y", alpha=0.3)
+        if col == 0 and present:
+            ax.legend(fontsize=8)
+    fig.suptitle(f"shmbypass bench: {report['machine']['cpu_model']}, {report['machine']['cores']} cores, "
+                 f"kernel {report['machine']['kernel']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def _find(report, transport, placement, test):
+    for r in report["results"]:
+        if r["transport"] == transport and r["placement"] == placement and r["test"] == test:
+            return r
+    return None
+
+
+def write_outputs(report, out_dir):
+    os.makedirs(out_dir, exist_ok=True)
+    files = {}
+    plot = os.path.join(out_dir, "bench.png")
+    try:
+        if render_plot(report, plot):
+            files["plot"] = plot
+    except ImportError as e:
+        report["warnings"].append(f"no plot: matplotlib is not installed ({e})")
+    path = os.path.join(out_dir, "bench.json")
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
+    files["json"] = path
+    path = os.path.join(out_dir, "bench.md")
+    with open(path, "w") as f:
+        f.write(render_markdown(report, "bench.png" if "plot" in files else None))
+    files["markdown"] = path
+    return files
+
+
+# ----------------------------------------------------------------- CLI
+
+
+def add_parser(subparsers):
+    p = subparsers.add_parser(
+        "bench", help="loopback TCP vs the bypass: RTT, throughput, connection rate, apps",
+        description="Run the loopback-vs-bypass benchmark matrix and write a table, JSON, "
+                    "a Markdown report and a PNG plot.")
+    p.add_argument("--quick", action="store_true", help="short repetitions (under a minute)")
+    p.add_argument("--out", default="bench-out", help="output directory (default ./bench-out)")
+    p.add_argument("--apps", action="store_true",
+                   help="also installed real apps: redis-benchmark, wrk vs nginx, iperf3, and the sidecar")
+    p.add_argument("--sidecar", action="store_true",
+                   help="the sidecar scenario: client -> haproxy -> server, on loopback and across netns")
+    p.add_argument("--poll", action="store_true",
+                   help="the ping-pong programs busy-poll recv (MSG_DONTWAIT) 50 us before blocking")
+    p.add_argument("--reps", type=int, help="repetitions per figure (default 3 quick, 5 full)")
+    p.add_argument("--seconds", type=float, help="seconds per repetition (default 0.1 quick, 1 full)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--only", help=argparse.SUPPRESS)  # tests: comma list of transports/placements/tests
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args) -> int:
+    runner = Runner(args)
+    old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        report = runner.run()
+    except KeyboardInterrupt:
+        runner.progress.close()
+        sys.stderr.write("bench: interrupted; stopping children and taking the bypass down\n")
+        runner.teardown()
+        return 130
+    finally:
+        runner.teardown()
+        signal.signal(signal.SIGTERM, old_term)
+    files = write_outputs(report, args.out)
+    print(render_text(report))
+    print()
+    print("wrote " + ", ".join(files[k] for k in ("json", "markdown", "plot") if k in files))
+    bad = [r for r in report["results"] if r["engaged"] is False]
+    return 3 if bad else 0
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
