@@ -12,7 +12,7 @@ from dataclasses import dataclass
 PKG_DIR = os.path.dirname(os.path.abspath(__file__))
 BPF_DIR = os.path.join(PKG_DIR, "_bpf")
 BIN_DIR = os.path.join(PKG_DIR, "_bin")
-BPFFS = "/sys/fs/bpf"
+BPFFS = os.environ.get("SHMBYPASS_BPFFS", "/sys/fs/bpf")
 
 
 def bpf_object(name: str) -> str:

@@ -1,0 +1,90 @@
+"""Shared fixtures: a private bypass instance per test, and a way to put the
+test process (or a child) inside the bypass cgroup.
+
+Every instance is named sbt-<pid>-<n>; a run that was killed leaves such
+names behind, and the next run removes them first."""
+import glob
+import itertools
+import os
+import re
+
+import pytest
+
+from shmbypass import manager, paths, status
+
+_counter = itertools.count()
+
+
+def _sweep_leftovers():
+    """Take down instances left by a killed run (any sbt-* whose pid is gone)."""
+    names = set()
+    for pattern in (os.path.join(paths.BPFFS, "sbt-*"), "/run/sbt-*",
+                    os.path.join(paths.cgroup2_root() or "/nonexistent", "sbt-*")):
+        names.update(os.path.basename(p) for p in glob.glob(pattern))
+    for name in names:
+        m = re.match(r"sbt-(?:[a-z]+-)?(\d+)-", name)
+        if m and os.path.exists(f"/proc/{m.group(1)}") and int(m.group(1)) != os.getpid():
+            continue  # another live run owns it
+        manager.down(paths.Instance(name), drain_timeout=0.5, force=True)
+
+
+def pytest_sessionstart(session):
+    if os.geteuid() == 0:
+        _sweep_leftovers()
+
+
+def new_instance(tag: str = "") -> paths.Instance:
+    return paths.Instance(f"sbt-{tag + '-' if tag else ''}{os.getpid()}-{next(_counter)}")
+
+
+def assert_gone(inst: paths.Instance) -> None:
+    assert not os.path.exists(inst.pin_dir), f"pins left in {inst.pin_dir}"
+    assert not os.path.exists(inst.run_dir), f"run dir left: {inst.run_dir}"
+    cg = inst.default_cgroup()
+    assert not (cg and os.path.exists(cg)), f"cgroup left: {cg}"
+
+
+@pytest.fixture
+def inst():
+    """A private instance, up, torn down (and checked gone) afterwards."""
+    if os.geteuid() != 0:
+        pytest.fail("the test suite must run as root")
+    instance = new_instance()
+    manager.up(instance)
+    try:
+        yield instance
+    finally:
+        errors = status.errors(instance) if manager.is_up(instance) else {}
+        manager.down(instance, drain_timeout=2, force=True)
+        assert_gone(instance)
+    assert not errors, f"BPF programs reported errors (line: errno): {errors}"
+
+
+def own_cgroup() -> str:
+    with open("/proc/self/cgroup") as f:
+        for line in f:
+            if line.startswith("0::"):
+                return os.path.join(paths.cgroup2_root(), line[3:].strip().lstrip("/"))
+    raise RuntimeError("no cgroup v2 membership")
+
+
+class InGroup:
+    """Move this whole process into the instance's cgroup for a block."""
+
+    def __init__(self, instance: paths.Instance):
+        self.instance = instance
+
+    def __enter__(self):
+        self.home = own_cgroup()
+        manager.join_cgroup(self.instance, os.getpid())
+        return self
+
+    def __exit__(self, *exc):
+        with open(os.path.join(self.home, "cgroup.procs"), "w") as f:
+            f.write(str(os.getpid()))
+
+
+@pytest.fixture
+def in_group(inst):
+    with InGroup(inst):
+        yield inst
