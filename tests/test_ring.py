@@ -1,0 +1,490 @@
+"""Ring conformance suite, run over every region backend (anon, shm, arena),
+plus region header checks and the C API under ASan/UBSan.
+
+No timed assertions: the idle-CPU checks compare the sleeping process's CPU
+time with the wall time it slept (it must be a small fraction), which checks
+that the waiter really sleeps, not how fast anything is.
+"""
+import errno
+import hashlib
+import os
+import random
+import struct
+import subprocess
+import time
+
+import pytest
+
+import ring_conformance as rc
+from shmbypass import region as regmod
+from shmbypass._native import ffi, lib
+from shmbypass.region import Region, RegionCorrupt, RegionExists, RegionNotFound, \
+    RegionVersionMismatch
+from shmbypass.ring import (READER_CLOSED, RESET, WRITER_CLOSED, Ring, RingClosed, RingCorrupt,
+                            RingEmpty, RingFull, RingNotReady, RingReset, capacity_for)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BACKENDS = ["anon", "shm", "arena"]
+OFF = {f: ffi.offsetof("struct sbp_ring_hdr", f)
+       for f in ("magic", "generation", "capacity", "version", "flags", "reset_reason",
+                 "head", "tail", "writer_waiting", "reader_waiting")}
+CAP = capacity_for(rc.SMALL_SLOT)
+
+
+def setup_module():
+    if os.geteuid() != 0:
+        pytest.fail("the ring suite must run as root (arena maps, /dev/shm, bpffs)")
+    rc.sweep_leftovers()
+
+
+@pytest.fixture(params=BACKENDS)
+def be(request):
+    kind = request.param
+    if kind == "arena":
+        probe = regmod.arena_supported()
+        if not probe:
+            pytest.skip(f"arena backend: {probe.reason}")
+    b = rc.Backend(kind)
+    try:
+        yield b
+    finally:
+        b.cleanup()
+        assert not b.leftovers(), f"left behind: {b.leftovers()}"
+
+
+def pair(be, slot=0, gen=1):
+    """Writer view (formats) and reader view of one slot, one process."""
+    w = be.region.ring(slot, gen, create=True)
+    r = be.region.ring(slot, gen)
+    return w, r
+
+
+# -- single-process conformance ------------------------------------------------
+
+def test_empty(be):
+    w, r = pair(be)
+    assert r.readable == 0 and w.writable == CAP == w.capacity
+    with pytest.raises(RingEmpty):
+        r.read()
+    assert r.wait_readable(timeout=0) is False
+    assert w.wait_writable(timeout=0) is True
+    assert r.flags == 0 and not r.corrupt
+
+
+def test_one_byte(be):
+    w, r = pair(be)
+    assert w.write(b"x") == 1
+    assert r.readable == 1 and w.writable == CAP - 1
+    assert r.wait_readable(timeout=0) is True
+    assert r.read(10) == b"x"
+    with pytest.raises(RingEmpty):
+        r.read()
+
+
+def test_many(be):
+    w, r = pair(be)
+    rnd = random.Random(7)
+    sent, got = hashlib.sha256(), hashlib.sha256()
+    nsent = ngot = 0
+    for _ in range(3000):
+        if rnd.random() < 0.55:
+            data = rnd.randbytes(rnd.randint(1, 3000))
+            try:
+                n = w.write(data)
+            except RingFull:
+                continue
+            sent.update(data[:n])
+            nsent += n
+        else:
+            try:
+                data = r.read(rnd.randint(1, 5000))
+            except RingEmpty:
+                continue
+            got.update(data)
+            ngot += len(data)
+    rest = r.read(CAP) if r.readable else b""
+    got.update(rest)
+    assert ngot + len(rest) == nsent > CAP
+    assert got.digest() == sent.digest()
+
+
+def test_exactly_full(be):
+    w, r = pair(be)
+    data = os.urandom(CAP)
+    assert w.write(data) == CAP
+    assert w.writable == 0 and r.readable == CAP
+    with pytest.raises(RingFull):
+        w.write(b"y")
+    assert w.wait_writable(timeout=0) is False
+    assert r.read(CAP + 10) == data
+    assert w.writable == CAP
+
+
+def test_short_write(be):
+    w, r = pair(be)
+    w.write(b"a" * (CAP - 10))
+    assert w.write(b"b" * 100) == 10
+    assert r.read(CAP) == b"a" * (CAP - 10) + b"b" * 10
+
+
+def test_wrap_around(be):
+    w, r = pair(be)
+    for start in (1, CAP // 2, CAP - 1, CAP - 7):
+        w.write(b"\0" * start)
+        r.read(start)
+        data = os.urandom(CAP)                # spans the end of the data area
+        assert w.write(data) == CAP
+        assert r.read(CAP) == data
+
+
+def test_writev_readv(be):
+    w, r = pair(be)
+    w.write(b"\0" * (CAP - 100))
+    r.read(CAP)                               # positions near the end: iovecs wrap
+    parts = [b"abc", b"", os.urandom(500), memoryview(b"0123456789"), bytearray(b"xyz")]
+    total = sum(len(p) for p in parts)
+    assert w.writev(parts) == total
+    bufs = [bytearray(5), bytearray(0), bytearray(600)]
+    assert r.readv(bufs) == total
+    assert bytes(bufs[0] + bufs[2])[:total] == b"".join(bytes(p) for p in parts)
+    # writev stops where the ring is full
+    assert w.writev([b"q" * CAP, b"never"]) == CAP
+    with pytest.raises(RingFull):
+        w.writev([b"z"])
+    assert w.writev([]) == 0
+
+
+def test_peek(be):
+    w, r = pair(be)
+    w.write(b"hello world")
+    assert r.read(5, peek=True) == b"hello"
+    assert r.read(100, peek=True) == b"hello world"
+    assert r.readable == 11
+    assert r.read(5) == b"hello"
+    assert r.read(100, peek=True) == b" world"
+    assert r.read() == b" world"
+
+
+def test_eof_after_writer_close(be):
+    w, r = pair(be)
+    w.write(b"last words")
+    w.close_writer()
+    assert r.flags & WRITER_CLOSED
+    assert r.wait_readable(timeout=0)
+    assert r.read(4) == b"last"
+    assert r.read() == b" words"
+    assert r.read() == b""                    # EOF, and it stays EOF
+    assert r.read() == b""
+    with pytest.raises(RingClosed):
+        w.write(b"more")
+
+
+def test_epipe_after_reader_close(be):
+    w, r = pair(be)
+    w.write(b"unread")
+    r.close_reader()
+    assert w.flags & READER_CLOSED
+    assert w.wait_writable(timeout=0)         # ready: the write will fail
+    with pytest.raises(RingClosed) as ei:
+        w.write(b"x")
+    assert ei.value.errno == errno.EPIPE
+    assert w.writable == 0
+
+
+def test_reset(be):
+    w, r = pair(be)
+    w.write(b"before")
+    r.reset(reason=0x123)
+    assert w.flags & RESET and r.reset_reason == 0x123
+    with pytest.raises(RingReset):
+        w.write(b"x")
+    assert r.read() == b"before"              # what was sent before the reset
+    with pytest.raises(RingReset) as ei:
+        r.read()
+    assert ei.value.errno == errno.ECONNRESET
+    assert r.wait_readable(timeout=0) and w.wait_writable(timeout=0)
+
+
+def test_generation_mismatch_refuses_attach(be):
+    w, r = pair(be, gen=5)
+    with pytest.raises(RingNotReady):
+        be.region.ring(0, 6)
+    with pytest.raises(RingNotReady):
+        be.region.ring(0, 4)
+    w.write(b"old connection")
+    # the slot is reused for the next connection: stale views stop at once
+    w2 = be.region.ring(0, 6, create=True)
+    for call in (lambda: r.read(), lambda: w.write(b"x")):
+        with pytest.raises(RingCorrupt):
+            call()
+    w.close_writer()                          # must not touch the new ring
+    w.reset()
+    assert w2.flags == 0
+    r2 = be.region.ring(0, 6)
+    with pytest.raises(RingEmpty):
+        r2.read()
+
+
+def test_attach_unformatted_and_garbage(be):
+    view = be.region.slot(1)
+    view[:4096] = bytes(4096)
+    with pytest.raises(RingNotReady):
+        be.region.ring(1, 1)
+    view[:8] = b"NOTARING"
+    with pytest.raises(RingCorrupt):
+        be.region.ring(1, 1)
+    del view
+
+
+def test_doorbell(be):
+    w, r = pair(be)
+    assert r.arm_readable() is False          # empty: armed
+    w.write(b"a")
+    assert w.peer_waiting                     # the writer's caller rings the doorbell
+    w.write(b"b")
+    assert not w.peer_waiting                 # once
+    assert r.arm_readable() is True           # data there: not armed
+    r.read()
+    r.doorbell_mode(True)
+    r.set_spin(0)
+    assert r.wait_readable(timeout=1) is False  # armed, returns at once
+    w.write(b"c")
+    assert w.peer_waiting
+
+
+# -- two processes ----------------------------------------------------------------
+
+def test_concurrent_256mib(be):
+    total = 256 << 20
+    be.region.ring(0, 9, create=True)
+    consumer = be.spawn("consume", slot=0, generation=9)
+    producer = be.spawn("produce", slot=0, generation=9, total=total, seed=3)
+    sent = producer.result(timeout=300)
+    got = consumer.result(timeout=300)
+    assert sent["bytes"] == got["bytes"] == total
+    assert got["sha256"] == sent["sha256"]
+
+
+def _idle_cpu(peer, window=0.5):
+    """CPU seconds the peer used while we slept for window seconds."""
+    time.sleep(0.05)                          # let its bounded spin run out
+    c0 = peer.cpu_seconds()
+    time.sleep(window)
+    return peer.cpu_seconds() - c0
+
+
+def test_futex_wakes_sleeping_reader(be):
+    w = be.region.ring(1, 3, create=True)
+    peer = be.spawn("wait_read", slot=1, generation=3)
+    assert peer.line() == "ready"
+    idle = _idle_cpu(peer)
+    assert idle < 0.1, f"waiting reader used {idle:.3f} s CPU in 0.5 s: it does not sleep"
+    assert peer.state() == "S"
+    w.write(b"wake up")
+    res = peer.result(timeout=60)
+    assert res == {"woke": True, "data": b"wake up".hex(), "futex_broken": 0}
+
+
+def test_futex_wakes_sleeping_writer(be):
+    r = be.region.ring(2, 4, create=True)
+    peer = be.spawn("wait_write", slot=2, generation=4)
+    assert peer.line() == "ready"
+    idle = _idle_cpu(peer)
+    assert idle < 0.1, f"waiting writer used {idle:.3f} s CPU in 0.5 s: it does not sleep"
+    assert peer.state() == "S"
+    assert len(r.read(100)) == 100            # room: wakes the writer
+    res = peer.result(timeout=60)
+    assert res["woke"] and res["filled"] == CAP and res["wrote"] == 4
+    assert res["futex_broken"] == 0           # slept on a real futex (arena: wake segment)
+    assert r.read(CAP)[-4:] == b"MARK"
+
+
+# -- hostile header -----------------------------------------------------------------
+
+def _poke(view, field, fmt, value):
+    struct.pack_into(fmt, view, OFF[field], value)
+
+
+def test_hostile_header(be):
+    """A third mapping writes garbage into the header: every call returns a
+    named error (RingCorrupt for inconsistent positions) and nothing outside
+    the slot changes (neighbouring slots hold canaries)."""
+    other = be.open_again()
+    src = other if other is not None else be.region
+    hostile = src.slot(1)
+    for s in (0, 2):
+        be.region.slot(s)[:] = bytes([0x5A]) * be.region.info.slot_size
+    w, r = pair(be, slot=1, gen=77)
+    w.write(b"z" * 1000)
+    r.read(10)
+
+    fixed = [("magic", "<Q", 0x4141414141414141), ("generation", "<Q", 78),
+             ("capacity", "<Q", 1 << 40), ("capacity", "<Q", CAP * 2),
+             ("head", "<Q", 2 ** 64 - 1), ("tail", "<Q", 2 ** 63),
+             ("head", "<Q", 10 + CAP + 1),          # head - tail > capacity
+             ("tail", "<Q", 5000),                  # tail > head
+             ("head", "<Q", 500)]                   # head went backwards
+    for field, fmt, value in fixed:
+        saved = bytes(hostile[:256])
+        _poke(hostile, field, fmt, value)
+        assert r.corrupt and w.corrupt, field
+        assert r.readable == 0 and w.writable == 0
+        with pytest.raises(RingCorrupt):
+            r.read()
+        with pytest.raises(RingCorrupt):
+            w.write(b"x")
+        assert r.wait_readable(timeout=0) and w.wait_writable(timeout=0)  # ready: go see the error
+        hostile[:256] = saved
+        assert not r.corrupt, field
+
+    # random garbage in every header word and the data area
+    rnd = random.Random(1234)
+    big = [0, 1, CAP - 1, CAP, CAP + 1, 2 ** 31, 2 ** 32 - 1, 2 ** 63, 2 ** 64 - 1]
+    for i in range(3000):
+        field = rnd.choice(list(OFF))
+        fmt = "<Q" if field in ("magic", "generation", "capacity", "head", "tail") else "<I"
+        lim = 2 ** 64 - 1 if fmt == "<Q" else 2 ** 32 - 1
+        value = rnd.choice(big + [rnd.randint(0, lim)]) & lim
+        _poke(hostile, field, fmt, value)
+        if i % 7 == 0:
+            off = rnd.randrange(4096, len(hostile) - 8)
+            hostile[off:off + 8] = rnd.randbytes(8)
+        for op in (lambda: w.write(b"q" * rnd.randint(1, 3 * CAP)),
+                   lambda: r.read(rnd.randint(1, 3 * CAP)),
+                   lambda: r.read(100, peek=True),
+                   lambda: w.writev([b"a" * 100, b"b" * CAP]),
+                   lambda: r.readv([bytearray(50), bytearray(CAP)]),
+                   lambda: r.wait_readable(timeout=0),
+                   lambda: w.wait_writable(timeout=0)):
+            try:
+                op()
+            except (RingCorrupt, RingReset, RingClosed, RingEmpty, RingFull):
+                pass
+        if i % 100 == 0:                      # now and then, a sane header again
+            lib.sbp_ring_format(be.region.slot_ptr(1), be.region.info.slot_size, 77)
+            w, r = pair(be, slot=1, gen=77)
+    for s in (0, 2):
+        assert bytes(be.region.slot(s)) == bytes([0x5A]) * be.region.info.slot_size
+    assert bytes(be.region.slot(0)) and be.region.slot(3)  # geometry untouched
+    del hostile
+    if other is not None:
+        other.close()
+
+
+# -- regions -------------------------------------------------------------------------
+
+def test_region_geometry_and_bounds(be):
+    reg = be.region
+    n, size, cap = reg.geometry
+    assert (n, size, cap) == (4, rc.SMALL_SLOT, CAP)
+    assert reg.info.region_size == 4096 + n * size and reg.region_id != 0
+    assert len(reg.slot(n - 1)) == size
+    for bad in (-1, n, 2 ** 32, 2 ** 64):
+        with pytest.raises(IndexError):
+            reg.slot(bad)
+    with pytest.raises(IndexError):
+        reg.ring(n, 1, create=True)
+
+
+def test_region_header_checks(be):
+    hdr = be.region.slot_ptr(0)  # bounds-checked address, we want the header
+    base = ffi.cast("struct sbp_region_hdr *", ffi.cast("char *", hdr) - 4096)
+    size = be.region.size
+    info = ffi.new("struct sbp_region_info *")
+    assert lib.sbp_region_check(base, size, info) == 0 and info.slot_count == 4
+    assert lib.sbp_region_check(base, 4095, info) == -errno.EPROTO          # short mapping
+    assert lib.sbp_region_check(base, size - 1, info) == -errno.EPROTO
+    saved = ffi.buffer(base, 4096)[:]
+    try:
+        base.version = 99
+        with pytest.raises(RegionVersionMismatch):
+            be.region._check()
+        ffi.buffer(base, 4096)[:] = saved
+        for field, value in (("slot_count", 10 ** 6), ("slot_size", 12345), ("region_size", 1),
+                             ("hdr_size", 0), ("nparts", 99)):
+            setattr(base, field, value)
+            with pytest.raises(RegionCorrupt):
+                be.region._check()
+            ffi.buffer(base, 4096)[:] = saved
+        base.parts[0].slot_count = 5                                        # past the end
+        assert lib.sbp_region_check(base, size, info) == -errno.EPROTO
+        ffi.buffer(base, 4096)[:] = saved
+        base.magic = b"GARBAGE!"
+        with pytest.raises(RegionCorrupt):
+            be.region._check()
+    finally:
+        ffi.buffer(base, 4096)[:] = saved
+    be.region._check()
+    parts = ffi.new("struct sbp_region_part[2]", [(0, 2, 1), (2, 2, 2)])
+    assert lib.sbp_region_set_parts(base, size, parts, 2) == 0
+    be.region._check()
+    assert be.region.info.parts == ((0, 2, 1), (2, 2, 2))
+    overlap = ffi.new("struct sbp_region_part[2]", [(0, 3, 1), (2, 2, 2)])
+    assert lib.sbp_region_set_parts(base, size, overlap, 2) == -errno.EINVAL
+
+
+def test_region_open_by_name(be):
+    if be.kind == "anon":
+        pytest.skip("anonymous regions have no name")
+    with pytest.raises(RegionExists):
+        Region.format(be.kind, instance=be.instance, pin_dir=be.pin_dir, slot_count=4,
+                      slot_size=rc.SMALL_SLOT)
+    w = be.region.ring(3, 11, create=True)
+    w.write(b"across processes")
+    # a peer process opens it by name and reads (the arena path maps it at
+    # the recorded address in a process that never saw it)
+    peer = be.spawn("consume", slot=3, generation=11)
+    w.close_writer()
+    res = peer.result()
+    assert res["bytes"] == 16 and res["sha256"] == hashlib.sha256(b"across processes").hexdigest()
+
+
+def test_region_destroy_leaves_nothing():
+    for kind in ("shm", "arena"):
+        if kind == "arena" and not regmod.arena_supported():
+            continue
+        b = rc.Backend(kind)
+        assert b.leftovers()
+        b.cleanup()
+        assert not b.leftovers()
+        assert not os.path.exists(b.pin_dir)
+        with pytest.raises(RegionNotFound):
+            Region.open(kind, instance=b.instance, pin_dir=b.pin_dir)
+
+
+def test_arena_probe_has_a_reason():
+    probe = regmod.arena_supported()
+    ok, reason = probe
+    assert isinstance(reason, str) and reason
+    assert bool(probe) == ok
+    backend, why = regmod.default_backend()
+    assert backend == ("arena" if ok else "shm") and why
+
+
+def test_ring_on_plain_buffer():
+    """The Python API works on any writable buffer (here a bytearray)."""
+    buf = bytearray(4096 + 8192)
+    w = Ring.create(buf, 1)
+    r = Ring.attach(buf, 1)
+    assert w.write(b"x" * 20000) == 8192
+    assert r.recv_exact(8192, timeout=1) == b"x" * 8192
+    w.close(), r.close()
+    with pytest.raises(ValueError):
+        Ring.create(bytearray(4096 + 100), 1)   # too small for a ring
+
+
+# -- the C API under AddressSanitizer / UBSan ---------------------------------------
+
+def test_c_api_under_asan(tmp_path):
+    exe = tmp_path / "ring_asan"
+    src = os.path.join(ROOT, "native")
+    subprocess.run(["gcc", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
+                    "-g", "-O1", "-Wall", "-Wextra", "-Werror", "-D_GNU_SOURCE", f"-I{src}",
+                    "-o", str(exe), os.path.join(src, "tests", "ring_asan.c"),
+                    os.path.join(src, "ring.c"), os.path.join(src, "region.c"), "-lpthread"],
+                   check=True)
+    env = dict(os.environ, ASAN_OPTIONS="detect_leaks=1:abort_on_error=0",
+               UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1")
+    res = subprocess.run([str(exe)], capture_output=True, text=True, timeout=240, env=env)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
+    assert "ring_asan: ok" in res.stdout
