@@ -98,6 +98,11 @@ def main(argv=None) -> int:
     except ShmbypassError as e:
         print(f"shmbypass: error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:
+        # One line, never a traceback: say what failed and why.
+        print(f"shmbypass: error: {e.strerror or e}"
+              + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -6,6 +6,7 @@ sockhash and sockops to the cgroup (through a pinned link).
 `down`: stop redirecting, let the kernel queues drain, then unpin everything
 and remove the cgroup. Live connections carry on over plain TCP.
 """
+import errno
 import os
 import shutil
 import signal
@@ -29,10 +30,18 @@ def is_up(inst: paths.Instance) -> bool:
     return os.path.exists(inst.pin(LINK)) and all(os.path.exists(inst.pin(m)) for m in MAPS)
 
 
+ENOTSUPP = 524  # the kernel's own "not supported", not in errno
+
+# What the verifier says when the kernel lacks a program type or helper.
+_MISSING_FEATURE = ("unknown func", "cannot use helper", "invalid func", "unknown prog type",
+                    "program type", "not supported")
+
+
 def _load_error(e: bpf.LoadError) -> ShmbypassError:
     log = e.log
-    if "unknown" in log.lower() and "prog" in log.lower() or e.errno == 22 and "sockops" in log:
-        return FeatureMissing("this kernel cannot load sockops/sk_msg programs: " + _first_line(log))
+    if any(s in log.lower() for s in _MISSING_FEATURE) or e.errno in (errno.EOPNOTSUPP, ENOTSUPP):
+        return FeatureMissing("this kernel cannot run the bypass programs (sockops, sk_msg, "
+                              f"sk_storage, sockmap iterator): {_first_line(log)}")
     return ShmbypassError(f"the kernel refused the BPF programs ({e.strerror}): {_first_line(log)}")
 
 
@@ -58,6 +67,8 @@ def up(inst: paths.Instance, cgroup: str | None = None) -> bool:
     features.require_root()
     root = features.require_cgroup2()
     features.ensure_bpffs()
+    if not os.path.exists(paths.bpf_object(OBJECT)):
+        raise ShmbypassError(f"{paths.bpf_object(OBJECT)} is missing: build first (make setup)")
     if is_up(inst):
         return False
     # Leftovers of an interrupted up/down: clear them and start over.

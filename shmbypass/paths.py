@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 
 PKG_DIR = os.path.dirname(os.path.abspath(__file__))
-BPF_DIR = os.path.join(PKG_DIR, "_bpf")
+BPF_DIR = os.environ.get("SHMBYPASS_BPF_DIR", os.path.join(PKG_DIR, "_bpf"))
 BIN_DIR = os.path.join(PKG_DIR, "_bin")
 BPFFS = os.environ.get("SHMBYPASS_BPFFS", "/sys/fs/bpf")
 

@@ -1,0 +1,83 @@
+"""Bad input gets a clear one-line error and leaves nothing behind."""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from shmbypass import paths
+from conftest import assert_gone, new_instance
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def shmbypass(args, inst, env=None, prefix=()):
+    e = dict(os.environ, SHMBYPASS_INSTANCE=inst.name, **(env or {}))
+    return subprocess.run(list(prefix) + [sys.executable, "-m", "shmbypass"] + args,
+                          env=e, capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+
+def one_line_error(r, *words):
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("shmbypass: error: "), lines
+    for w in words:
+        assert w in lines[0], lines[0]
+    return lines[0]
+
+
+def test_not_root():
+    inst = new_instance()
+    # A user namespace makes us uid 65534 while the files stay readable.
+    for cmd in (["up"], ["down"], ["run", "--", "true"]):
+        r = shmbypass(cmd, inst, prefix=["unshare", "--user", "--map-user=65534", "--map-group=65534"])
+        one_line_error(r, "must run as root")
+    assert_gone(inst)
+
+
+def test_cgroup2_not_mounted():
+    inst = new_instance()
+    root = paths.cgroup2_root()
+    # In a private mount namespace, with every cgroup2 mount gone.
+    script = f"umount -l {root} && exec \"$@\""
+    r = shmbypass(["up"], inst, prefix=["unshare", "--mount", "--propagation", "private",
+                                        "sh", "-c", script, "sh"])
+    one_line_error(r, "cgroup v2 is not mounted")
+    assert_gone(inst)
+
+
+def test_bpffs_not_mountable():
+    inst = new_instance()
+    r = shmbypass(["up"], inst, env={"SHMBYPASS_BPFFS": "/proc/sys/shmbypass-no-such-dir"})
+    one_line_error(r, "cannot mount bpffs")
+    assert_gone(inst)
+    assert not os.path.exists("/proc/sys/shmbypass-no-such-dir")
+
+
+def test_kernel_without_needed_programs(tmp_path):
+    """A verifier that refuses our programs: a clear message, nothing left."""
+    clang = shutil.which("clang-19") or shutil.which("clang")
+    obj = tmp_path / "bypass.bpf.o"
+    subprocess.run([clang, "-g", "-O2", "-target", "bpf", "-I", os.path.join(ROOT, "build", "bpf"),
+                    "-c", os.path.join(ROOT, "tests", "data", "no_helper.bpf.c"), "-o", str(obj)],
+                   check=True)
+    inst = new_instance()
+    r = shmbypass(["up"], inst, env={"SHMBYPASS_BPF_DIR": str(tmp_path)})
+    one_line_error(r, "this kernel cannot run the bypass programs")
+    assert_gone(inst)
+
+
+def test_missing_build():
+    inst = new_instance()
+    r = shmbypass(["up"], inst, env={"SHMBYPASS_BPF_DIR": "/nonexistent-shmbypass"})
+    one_line_error(r, "is missing")
+    assert_gone(inst)
+
+
+def test_run_without_command():
+    inst = new_instance()
+    r = shmbypass(["run", "--"], inst)
+    one_line_error(r, "no command given")
+    assert_gone(inst)
