@@ -110,7 +110,7 @@ class Child:
     """A child process in its own session (Ctrl-C reaches only us; we stop
     children ourselves), with stdout read line by line with timeouts."""
 
-    def __init__(self, runner, argv, what, stdin=False, preexec=None, log=True):
+    def __init__(self, runner, argv, what, stdin=False, preexec=None, log=True, stdout=True):
         self.what = what
         self.argv = argv
         self.errfile = tempfile.TemporaryFile(dir=runner.tmp)
@@ -119,7 +119,8 @@ class Child:
         try:
             self.p = subprocess.Popen(
                 argv, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=self.errfile, env=runner.env,
+                stdout=subprocess.PIPE if stdout else subprocess.DEVNULL, stderr=self.errfile,
+                env=runner.env,
                 start_new_session=True, preexec_fn=preexec, cwd=runner.tmp)
         except FileNotFoundError:
             raise NotAvailable(f"{argv[0]} not found") from None
@@ -387,7 +388,8 @@ class Runner:
             for k in ("rtt_seconds", "stream_seconds", "connrate_seconds"):
                 self.cfg[k] = args.seconds
         self.only = {t.strip() for t in (args.only or "").split(",") if t.strip()}
-        self.instance = f"sbp-bench-{os.getpid()}"
+        self.pid = os.getpid()
+        self.instance = f"sbp-bench-{self.pid}"
         self.env = dict(os.environ, SHMBYPASS_INSTANCE=self.instance, PYTHONUNBUFFERED="1")
         self.tmp = tempfile.mkdtemp(prefix="sbp-bench-")
         self.children: list[Child] = []
@@ -398,6 +400,7 @@ class Runner:
         self.apps: list[dict] = []
         self.sidecar: list[dict] = []
         self.bypass_up = False
+        self.availability: dict[str, bool] = {}
         self.netns: list[str] = []
         self.pingpong = paths.tool("sbp-pingpong")
         self.ringbench = paths.tool("sbp-ringbench")
@@ -443,15 +446,36 @@ class Runner:
             raise BenchError("shmbypass status failed: " + (out.stderr.strip().splitlines() or ["?"])[-1])
         return json.loads(out.stdout)
 
-    def tiers_for_port(self, port):
-        """Tiers of the bypass group's live connections that touch port."""
-        st = self.status()
+    def tiers_for_ports(self, ports):
+        """Tiers of the bypass group's live connections that touch any of
+        ports (one entry per socket, so a bypassed pair shows two)."""
+        want = {str(p) for p in ports}
         tiers = []
-        for c in st.get("connections", []):
-            ports = {c.get("local", "").rsplit(":", 1)[-1], c.get("remote", "").rsplit(":", 1)[-1]}
-            if str(port) in ports:
+        for c in self.status().get("connections", []):
+            ends = {c.get("local", "").rsplit(":", 1)[-1], c.get("remote", "").rsplit(":", 1)[-1]}
+            if ends & want:
                 tiers.append(c.get("tier"))
         return tiers
+
+    def tiers_for_port(self, port):
+        return self.tiers_for_ports([port])
+
+    def stop_children(self):
+        for c in reversed(self.children):
+            try:
+                c.stop()
+            except Exception:  # noqa: BLE001 - stop everything we can
+                pass
+        self.children.clear()
+
+    def remove_netns(self):
+        for name in self.netns:
+            try:
+                from pyroute2 import netns
+                netns.remove(name)
+            except Exception:  # noqa: BLE001
+                pass
+        self.netns.clear()
 
     # -- bypass lifecycle
 
@@ -467,19 +491,10 @@ class Runner:
         self.bypass_up = True
 
     def teardown(self):
-        for c in reversed(self.children):
-            try:
-                c.stop()
-            except Exception:  # noqa: BLE001 - tear down everything we can
-                pass
-        self.children.clear()
-        for name in self.netns:
-            try:
-                from pyroute2 import netns
-                netns.remove(name)
-            except Exception:  # noqa: BLE001
-                pass
-        self.netns.clear()
+        if os.getpid() != self.pid:
+            return  # a forked helper (pyroute2 forks) must not tear down our state
+        self.stop_children()
+        self.remove_netns()
         if self.bypass_up:
             out = subprocess.run(self.shmbypass("down", "--force", "--drain-timeout", "2"),
                                  env=self.env, capture_output=True, text=True, timeout=60)
@@ -490,6 +505,20 @@ class Runner:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     # -- availability of each transport
+
+    def available(self, transport):
+        """Whether transport can run here; the first time it is not, say why."""
+        if transport not in self.availability:
+            try:
+                self.check_transport(transport)
+                self.availability[transport] = True
+            except NotAvailable as e:
+                self.availability[transport] = False
+                self.skipped.append({"transport": transport, "reason": str(e)})
+                level = "WARNING: " if transport in ("kernel", "shm") else ""
+                self.progress.say(f"bench: {level}{TRANSPORT_LABELS[transport]}: NOT AVAILABLE, "
+                                  f"skipped: {e}")
+        return self.availability[transport]
 
     def check_transport(self, transport):
         """Raise NotAvailable with a concrete reason."""
@@ -675,31 +704,22 @@ class Runner:
     def run(self):
         t0 = time.monotonic()
         started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        plan = self.plan()
-        available = {}
-        for transport in dict.fromkeys(t for t, _, _ in plan):
-            try:
-                self.check_transport(transport)
-                available[transport] = True
-            except NotAvailable as e:
-                available[transport] = False
-                self.skipped.append({"transport": transport, "reason": str(e)})
-                level = "WARNING: " if transport in ("kernel", "shm") else ""
-                self.progress.say(f"bench: {level}{TRANSPORT_LABELS[transport]}: NOT AVAILABLE, "
-                                  f"skipped: {e}")
-        plan = [p for p in plan if available[p[0]]]
-        self.progress.total = max(1, sum(len(tests) for _, _, tests in plan) * self.cfg["reps"])
+        plan = [p for p in self.plan() if self.available(p[0])]
+        steps = sum(len(tests) for _, _, tests in plan) * self.cfg["reps"]
+        if self.args.apps or self.args.sidecar:
+            from shmbypass import bench_apps
+            steps += bench_apps.steps(self)
+        self.progress.total = max(1, steps)
         for transport, placement, tests in plan:
             if transport == "ring":
                 self.run_cell_ring(placement, tests)
             else:
                 self.run_cell_pingpong(transport, placement, tests)
-        if self.args.apps:
+        if self.args.apps or self.args.sidecar:
             from shmbypass import bench_apps
-            bench_apps.run_apps(self, available)
-        if self.args.sidecar or self.args.apps:
-            from shmbypass import bench_apps
-            bench_apps.run_sidecar(self, available)
+            if self.args.apps:
+                bench_apps.run_apps(self)
+            bench_apps.run_sidecar(self)
         self.progress.close()
         return self.report(started, time.monotonic() - t0)
 
@@ -1061,12 +1081,19 @@ def add_parser(subparsers):
     p.set_defaults(func=cmd_bench)
 
 
+_MAIN_PID = None
+
+
 def cmd_bench(args) -> int:
+    global _MAIN_PID
     runner = Runner(args)
+    _MAIN_PID = runner.pid
     old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         report = runner.run()
     except KeyboardInterrupt:
+        if os.getpid() != runner.pid:
+            os._exit(130)  # a forked helper: never run our clean-up twice
         runner.progress.close()
         sys.stderr.write("bench: interrupted; stopping children and taking the bypass down\n")
         runner.teardown()
@@ -1083,4 +1110,6 @@ def cmd_bench(args) -> int:
 
 
 def _raise_interrupt(signum, frame):
+    if os.getpid() != _MAIN_PID:
+        os._exit(128 + signum)  # a forked helper being stopped
     raise KeyboardInterrupt

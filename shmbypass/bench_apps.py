@@ -1,0 +1,429 @@
+"""Real applications for `shmbypass bench --apps` and the sidecar scenario.
+
+Each app runs twice or three times, unmodified: over plain TCP, then with
+both ends under `shmbypass run --tier kernel` (and `--tier shm` once that
+tier exists). While it runs, `shmbypass status --json` must show its
+connections in the expected tier; if not, the entry says so loudly and gets
+no ratio.
+
+  redis    redis-server + redis-benchmark GET, -c 1 and -c 50
+  nginx    nginx (sendfile on) + wrk: a 1 KiB file at -c 10, a 1 MiB file at -c 1
+  iperf3   iperf3 -s / iperf3 -c, one stream
+  sidecar  client -> haproxy (TCP mode) -> server, first on loopback, then with
+           client, proxy and server each in its own network namespace joined by
+           veth pairs, like three pods; 64 B and 1 KiB RTT p50/p99 and
+           requests per second, one connection and 8 in parallel.
+
+Apps that are not installed are skipped with a line saying so.
+"""
+import json
+import os
+import re
+import shutil
+import socket
+import time
+
+from shmbypass.bench import BYPASS_TIERS, BenchError, Child, NotAvailable, TRANSPORT_LABELS
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_listen(child, port, timeout=15.0):
+    """Wait until the child's network namespace has a listener on port
+    (read from /proc/<pid>/net/tcp*, which shows the process's own netns)."""
+    deadline = time.monotonic() + timeout
+    want = f":{port:04X} "
+    while time.monotonic() < deadline:
+        if child.p.poll() is not None:
+            raise BenchError(f"{child.what}: exited with status {child.p.returncode}{child.stderr_tail()}")
+        for name in ("tcp", "tcp6"):
+            try:
+                with open(f"/proc/{child.p.pid}/net/{name}") as f:
+                    next(f)
+                    for line in f:
+                        fields = line.split()
+                        if want in fields[1] + " " and fields[3] == "0A":
+                            return
+            except (FileNotFoundError, ProcessLookupError, StopIteration):
+                pass
+        time.sleep(0.05)
+    raise BenchError(f"{child.what}: not listening on port {port} after {timeout:.0f} s")
+
+
+def app_transports(runner):
+    out = ["tcp"]
+    for t in ("kernel", "shm"):
+        if runner.available(t):
+            out.append(t)
+    return out
+
+
+class Watch:
+    """Look at the tiers of the connections on some ports while an app runs."""
+
+    def __init__(self, runner, ports):
+        self.runner = runner
+        self.ports = ports
+        self.tiers = None
+
+    def poll(self, child, settle=0.3, timeout=None):
+        """Poll status until connections show up (then once more, after
+        `settle` s, so a connection still pairing is not misjudged)."""
+        deadline = time.monotonic() + (timeout or 30)
+        while time.monotonic() < deadline and child.p.poll() is None:
+            tiers = self.runner.tiers_for_ports(self.ports)
+            if tiers:
+                time.sleep(settle)
+                again = self.runner.tiers_for_ports(self.ports)
+                self.tiers = again or tiers
+                return
+            time.sleep(0.1)
+
+
+def judge(runner, entry, transport, tiers):
+    expected = BYPASS_TIERS.get(transport)
+    if not expected:
+        return
+    entry["tiers_seen"] = tiers or []
+    entry["engaged"] = bool(tiers) and all(t == expected for t in tiers)
+    if not entry["engaged"]:
+        seen = ", ".join(sorted(set(tiers))) if tiers else "no connection of the bypass group"
+        runner.loud(f"THE BYPASS DID NOT ENGAGE for {entry['name']} under {TRANSPORT_LABELS[transport]}: "
+                    f"`shmbypass status` shows {seen} instead of tier {expected}; no ratio for it")
+
+
+def add_ratios(entries):
+    """ratio = how many times better than the TCP entry of the same name."""
+    base = {e["name"]: e for e in entries if e["transport"] == "tcp" and not e.get("error")}
+    for e in entries:
+        b = base.get(e["name"])
+        key = e.get("metric")
+        if e["transport"] == "tcp" or not b or not key or e.get("engaged") is False or e.get("error"):
+            continue
+        x, y = e["figures"].get(key), b["figures"].get(key)
+        if x and y:
+            e["ratio"] = (x / y) if e.get("higher_better", True) else (y / x)
+
+
+# ----------------------------------------------------------------- apps
+
+
+def steps(runner):
+    """Progress-bar steps: one per app and sidecar topology per transport."""
+    n = len(app_transports(runner))
+    return n * ((3 if runner.args.apps else 0) + 2)
+
+
+def run_apps(runner):
+    seconds = 2.0 if runner.args.quick else 5.0
+    for name, fn, binaries in (("redis", redis, ["redis-server", "redis-benchmark"]),
+                               ("nginx+wrk", nginx_wrk, ["nginx", "wrk"]),
+                               ("iperf3", iperf3, ["iperf3"])):
+        if not runner.selected("apps", None, None):
+            return
+        missing = [b for b in binaries if not shutil.which(b, path=os.environ.get("PATH", "") +
+                                                          ":/usr/sbin:/sbin")]
+        if missing:
+            line = f"{name}: not installed ({', '.join(missing)} missing), skipped"
+            runner.progress.say("bench: " + line)
+            runner.apps.append({"name": name, "skipped": f"{', '.join(missing)} not installed"})
+            continue
+        entries = []
+        for transport in app_transports(runner):
+            runner.progress.set(f"apps: {name} [{transport}]")
+            try:
+                entries += fn(runner, transport, seconds)
+            except (BenchError, NotAvailable) as e:
+                runner.loud(f"{name} under {TRANSPORT_LABELS[transport]} failed: {e}")
+                entries.append({"name": name, "transport": transport, "error": str(e), "figures": {}})
+            finally:
+                runner.stop_children()
+                runner.progress.step()
+        add_ratios(entries)
+        runner.apps.extend(entries)
+
+
+def redis(runner, transport, seconds):
+    port = free_port()
+    server = Child(runner, runner.wrap(transport, [
+        "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+        "--protected-mode", "no", "--daemonize", "no", "--dir", runner.tmp, "--logfile", ""]),
+        f"redis-server [{transport}]", stdout=False)
+    wait_listen(server, port)
+    out = []
+    for conns, n in ((1, int(15000 * seconds)), (50, int(40000 * seconds))):
+        name = f"redis-benchmark GET -c {conns}"
+        bench = Child(runner, runner.wrap(transport, [
+            "redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "-t", "get", "-n", str(n),
+            "-c", str(conns), "--csv"]), f"{name} [{transport}]")
+        watch = Watch(runner, [port])
+        if transport in BYPASS_TIERS:
+            watch.poll(bench)
+        text = _read_all(bench, 60 + 10 * seconds)
+        row = None
+        for line in text.splitlines():
+            cols = [c.strip('"') for c in line.strip().split(",")]
+            if cols and cols[0] == "GET":
+                row = cols
+        if not row:
+            raise BenchError(f"{name}: no GET line in its output: {text.strip()[-200:]}")
+        entry = {"name": name, "transport": transport, "metric": "rps", "higher_better": True,
+                 "figures": {"rps": float(row[1]), "p50_ms": float(row[4]), "p99_ms": float(row[6])}}
+        judge(runner, entry, transport, watch.tiers)
+        out.append(entry)
+    return out
+
+
+def nginx_wrk(runner, transport, seconds):
+    port = free_port()
+    root = os.path.join(runner.tmp, f"nginx-{transport}")
+    www = os.path.join(root, "www")
+    os.makedirs(www, exist_ok=True)
+    for fname, size in (("1k.bin", 1024), ("1m.bin", 1 << 20)):
+        with open(os.path.join(www, fname), "wb") as f:
+            f.write(os.urandom(size))
+    conf = os.path.join(root, "nginx.conf")
+    with open(conf, "w") as f:
+        f.write(f"""worker_processes 1;
+daemon off;
+master_process off;
+pid {root}/nginx.pid;
+error_log {root}/error.log;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  sendfile on;
+  client_body_temp_path {root}/cb;
+  proxy_temp_path {root}/px;
+  fastcgi_temp_path {root}/fc;
+  server {{ listen 127.0.0.1:{port}; root {www}; location / {{ }} }}
+}}
+""")
+    nginx = shutil.which("nginx", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+    server = Child(runner, runner.wrap(transport, [nginx, "-p", root, "-c", conf, "-e",
+                                                   os.path.join(root, "error.log")]),
+                   f"nginx [{transport}]", stdout=False)
+    wait_listen(server, port)
+    out = []
+    for fname, conns in (("1k.bin", 10), ("1m.bin", 1)):
+        name = f"wrk {fname} -c {conns}"
+        wrk = Child(runner, runner.wrap(transport, [
+            "wrk", "-t1", f"-c{conns}", f"-d{max(1, int(seconds))}s", "--latency",
+            f"http://127.0.0.1:{port}/{fname}"]), f"{name} [{transport}]")
+        watch = Watch(runner, [port])
+        if transport in BYPASS_TIERS:
+            watch.poll(wrk)
+        text = _read_all(wrk, 60 + 10 * seconds)
+        m = re.search(r"Requests/sec:\s+([\d.]+)", text)
+        if not m:
+            raise BenchError(f"{name}: no Requests/sec in its output: {text.strip()[-200:]}")
+        figs = {"rps": float(m.group(1))}
+        for pct in ("50", "99"):
+            lm = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s)\s*$", text, re.M)
+            if lm:
+                figs[f"p{pct}_ms"] = float(lm.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[lm.group(2)]
+        errors = re.search(r"Socket errors:.*|Non-2xx or 3xx responses: \d+", text)
+        entry = {"name": name, "transport": transport, "metric": "rps", "higher_better": True,
+                 "figures": figs}
+        if errors:
+            entry["error"] = errors.group(0)
+            runner.loud(f"{name} [{transport}]: {errors.group(0)}")
+        judge(runner, entry, transport, watch.tiers)
+        out.append(entry)
+    return out
+
+
+def iperf3(runner, transport, seconds):
+    port = free_port()
+    server = Child(runner, runner.wrap(transport, ["iperf3", "-s", "-1", "-B", "127.0.0.1", "-p", str(port)]),
+                   f"iperf3 -s [{transport}]", stdout=False)
+    wait_listen(server, port)
+    client = Child(runner, runner.wrap(transport, [
+        "iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(max(1, int(seconds))), "-J"]),
+        f"iperf3 -c [{transport}]")
+    watch = Watch(runner, [port])
+    if transport in BYPASS_TIERS:
+        watch.poll(client, settle=0.5)
+    text = _read_all(client, 60 + 10 * seconds)
+    try:
+        res = json.loads(text)
+        bps = res["end"]["sum_received"]["bits_per_second"]
+    except (ValueError, KeyError) as e:
+        raise BenchError(f"iperf3: unexpected output ({e}): {text.strip()[-200:]}") from None
+    entry = {"name": "iperf3 1 stream", "transport": transport, "metric": "gbit_s", "higher_better": True,
+             "figures": {"gbit_s": bps / 1e9}}
+    judge(runner, entry, transport, watch.tiers)
+    return [entry]
+
+
+def _read_all(child, timeout):
+    """All of a child's stdout until it exits."""
+    lines = []
+    try:
+        while True:
+            lines.append(child.read_line(timeout))
+    except BenchError:
+        if child.p.poll() is None:
+            raise
+    rest = child.buf.decode(errors="replace")
+    if child.p.returncode not in (0, None):
+        raise BenchError(f"{child.what}: exited with status {child.p.returncode}{child.stderr_tail()}")
+    return "\n".join(lines) + ("\n" + rest if rest else "")
+
+
+# ----------------------------------------------------------------- sidecar
+
+
+HAPROXY_CFG = """global
+    maxconn 4096
+    nbthread 1
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 2m
+    timeout server 2m
+frontend fe
+    bind {faddr}:{fport}
+    default_backend be
+backend be
+    server s1 {saddr}:{sport}
+"""
+
+PARALLEL = 8
+
+
+class Pods:
+    """Three network namespaces (client, proxy, server) joined by two veth
+    pairs, made with pyroute2. Addresses exist only inside them."""
+
+    NET = ("10.211.1.", "10.211.2.")
+
+    def __init__(self, runner):
+        from pyroute2 import IPRoute, NetNS, netns
+        tag = f"sbb{os.getpid() % 10000000}"
+        self.names = {role: f"{tag}-{role}" for role in ("client", "proxy", "server")}
+        for n in self.names.values():
+            runner.netns.append(n)  # registered first: removed even if set-up fails half way
+            netns.create(n)
+        links = [("client", "proxy", self.NET[0], f"{tag}a"), ("proxy", "server", self.NET[1], f"{tag}b")]
+        with IPRoute() as ipr:
+            for left, right, _, ifn in links:
+                ipr.link("add", ifname=ifn + "0", kind="veth",
+                         peer={"ifname": ifn + "1", "net_ns_fd": self.names[right]})
+                ipr.link("set", index=ipr.link_lookup(ifname=ifn + "0")[0], net_ns_fd=self.names[left])
+        for left, right, net, ifn in links:
+            for role, ifname, host in ((left, ifn + "0", "1"), (right, ifn + "1", "2")):
+                with NetNS(self.names[role]) as ns:
+                    idx = ns.link_lookup(ifname=ifname)[0]
+                    ns.addr("add", index=idx, address=net + host, prefixlen=24)
+                    ns.link("set", index=idx, state="up")
+                    ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
+        self.proxy_front = self.NET[0] + "2"
+        self.server_addr = self.NET[1] + "2"
+
+    def enter(self, role):
+        name = self.names[role]
+
+        def preexec():
+            from pyroute2 import netns
+            netns.setns(name, flags=0)
+        return preexec
+
+
+def run_sidecar(runner):
+    if not runner.selected("sidecar", None, None):
+        return
+    haproxy = shutil.which("haproxy", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+    if not haproxy:
+        runner.progress.say("bench: sidecar: haproxy not installed, skipped")
+        runner.sidecar.append({"name": "sidecar", "skipped": "haproxy not installed"})
+        return
+    entries = []
+    for topology in ("loopback", "netns"):
+        pods = None
+        if topology == "netns":
+            try:
+                pods = Pods(runner)
+            except Exception as e:  # noqa: BLE001 - any netns failure: say why, go on
+                runner.loud(f"sidecar across network namespaces: cannot set up the namespaces: {e}")
+                runner.sidecar.append({"name": "sidecar netns", "skipped": f"namespaces: {e}"})
+                continue
+        for transport in app_transports(runner):
+            runner.progress.set(f"sidecar {topology} [{transport}]")
+            try:
+                entries += sidecar_once(runner, haproxy, topology, transport, pods)
+            except (BenchError, NotAvailable) as e:
+                runner.loud(f"sidecar {topology} under {TRANSPORT_LABELS[transport]} failed: {e}")
+                entries.append({"name": f"sidecar {topology}", "transport": transport, "error": str(e),
+                                "figures": {}})
+            finally:
+                runner.stop_children()
+                runner.progress.step()
+        if pods:
+            runner.remove_netns()
+    add_ratios(entries)
+    runner.sidecar.extend(entries)
+
+
+def sidecar_once(runner, haproxy, topology, transport, pods):
+    def pre(role):
+        return pods.enter(role) if pods else None
+
+    seconds = runner.cfg["rtt_seconds"]
+    reps = runner.cfg["reps"]
+    saddr = pods.server_addr if pods else "127.0.0.1"
+    sport = 5101 if pods else free_port()
+    server = Child(runner, runner.wrap(transport, [runner.pingpong, "server", f"{saddr}:{sport}", "--threads"]),
+                   f"sidecar {topology} server [{transport}]", preexec=pre("server"))
+    server.read_json(timeout=30)
+    faddr = pods.proxy_front if pods else "127.0.0.1"
+    fport = 5100 if pods else free_port()
+    cfg = os.path.join(runner.tmp, f"haproxy-{topology}-{transport}.cfg")
+    with open(cfg, "w") as f:
+        f.write(HAPROXY_CFG.format(faddr=faddr, fport=fport, saddr=saddr, sport=sport))
+    proxy = Child(runner, runner.wrap(transport, [haproxy, "-q", "-db", "-f", cfg]),
+                  f"sidecar {topology} haproxy [{transport}]", preexec=pre("proxy"), stdout=False)
+    wait_listen(proxy, fport)
+
+    target = f"{faddr}:{fport}"
+    client = Child(runner, runner.wrap(transport, [runner.pingpong, "client", target, "--stdin"]),
+                   f"sidecar {topology} client [{transport}]", stdin=True, preexec=pre("client"))
+    out = []
+    tiers = None
+    for size in (64, 1024):
+        samples = []
+        for _ in range(reps):
+            client.send(f"rtt {size} {seconds} {runner.cfg['rtt_warmup']}\n")
+            samples.append(client.read_json(60 + 20 * seconds))
+        if tiers is None and transport in BYPASS_TIERS:
+            tiers = runner.tiers_for_ports([fport, sport])
+        p50 = sorted(s["p50_ns"] for s in samples)[len(samples) // 2]
+        p99 = sorted(s["p99_ns"] for s in samples)[len(samples) // 2]
+        rps = sorted(s["iters"] / s["wall_s"] for s in samples)[len(samples) // 2]
+        cpu = sorted((s["client_cpu_s"] + s["server_cpu_s"]) / s["iters"] * 1e6 for s in samples)[len(samples) // 2]
+        entry = {"name": f"sidecar {topology} RTT {size} B", "transport": transport, "topology": topology,
+                 "metric": "p50_us", "higher_better": False,
+                 "figures": {"p50_us": p50 / 1e3, "p99_us": p99 / 1e3, "rps_1conn": rps,
+                             "cpu_us_per_req_ends": cpu}}
+        out.append(entry)
+    client.finish()
+
+    # Requests per second with PARALLEL connections at once.
+    clients = [Child(runner, runner.wrap(transport, [
+        runner.pingpong, "client", target, "--mode", "rtt", "--size", "64", "--duration", str(max(seconds, 0.5)),
+        "--warmup", "200"]), f"sidecar {topology} parallel client [{transport}]", preexec=pre("client"),
+        log=(i == 0)) for i in range(PARALLEL)]
+    results = [c.read_json(60 + 20 * seconds) for c in clients]
+    for c in clients:
+        c.finish()
+    rps = sum(r["iters"] / r["wall_s"] for r in results)
+    out.append({"name": f"sidecar {topology} {PARALLEL} connections 64 B", "transport": transport,
+                "topology": topology, "metric": "rps", "higher_better": True,
+                "figures": {"rps": rps, "p99_us_worst": max(r["p99_ns"] for r in results) / 1e3}})
+    for e in out:
+        judge(runner, e, transport, tiers)
+    return out
