@@ -423,9 +423,8 @@ def test_region_header_checks(be):
     assert lib.sbp_region_set_parts(base, size, overlap, 2) == -errno.EINVAL
 
 
+@pytest.mark.parametrize("be", ["shm", "arena"], indirect=True)
 def test_region_open_by_name(be):
-    if be.kind == "anon":
-        pytest.skip("anonymous regions have no name")
     with pytest.raises(RegionExists):
         Region.format(be.kind, instance=be.instance, pin_dir=be.pin_dir, slot_count=4,
                       slot_size=rc.SMALL_SLOT)
