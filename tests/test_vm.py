@@ -1,0 +1,288 @@
+"""The IVSHMEM VM pair: two TCG guests sharing one region and one private link.
+
+One pair is booted for the module (about 10 s here); the test that kills
+guest B runs last. Everything (QEMU processes, the region file, sockets) is
+checked gone afterwards, and a launcher killed with SIGKILL leaves nothing
+behind either.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from shmbypass import vm
+
+pytestmark = pytest.mark.vm
+
+PY = os.path.join(vm.ROOT, ".venv", "bin", "python")  # the project's venv, seen by the guests over 9p
+GARBAGE = b"\xa5not a region\x5a" * 4096  # 64 KiB of garbage at offset 0, written before boot
+BAR_OFFSET = 8 << 20  # where the BAR test writes: past the garbage
+
+
+def _qemu_pids():
+    out = subprocess.run(["pgrep", "-x", "qemu-system-x86"], capture_output=True, text=True).stdout
+    return {int(p) for p in out.split()}
+
+
+def _wait_gone(pids, limit=30.0):
+    """Poll (not a timed assertion: the limit only stops a hang) until none of pids is alive."""
+    end = time.monotonic() + limit
+    while time.monotonic() < end:
+        left = {p for p in pids if os.path.exists(f"/proc/{p}") and _state(p) != "Z"}
+        if not left:
+            return set()
+        time.sleep(0.1)
+    return left
+
+
+def _state(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
+
+
+@pytest.fixture(scope="module")
+def pair():
+    p = vm.VMPair(region_init=GARBAGE)
+    try:
+        p.boot()
+        yield p
+    finally:
+        pids = p.qemu_pids()
+        p.close()
+        # nothing left: processes, region file, sockets/run dir
+        assert not _wait_gone(pids), "QEMU still running after close()"
+        assert not os.path.exists(p.region_path)
+        assert not os.path.exists(p.run_dir)
+
+
+# -- host-only ----------------------------------------------------------------
+
+def test_status_of_zero_and_short_files(tmp_path):
+    zero = tmp_path / "zero"
+    zero.write_bytes(bytes(1 << 20))
+    rep = vm.region_status(str(zero))
+    assert rep["state"] == "empty"
+    short = tmp_path / "short"
+    short.write_bytes(b"SHMBYPRG")
+    assert vm.region_status(str(short))["state"] == "garbage"
+
+
+def test_status_reads_a_formatted_region(tmp_path):
+    """A header + one live ring laid out as native/region.h and ring.h say."""
+    import struct
+    slot = 4096 + (1 << 20)
+    buf = bytearray(4096 + 3 * slot)
+    struct.pack_into("<8sIIIIQQQIIII", buf, 0, b"SHMBYPRG", 1, 4096, 3, slot, len(buf),
+                     0x1234ABCD, 0, 3, 0, 0, 2)
+    struct.pack_into("<IIQ", buf, 64, 0, 2, 0xA)
+    struct.pack_into("<IIQ", buf, 80, 2, 1, 0xB)
+    off = 4096 + 2 * slot
+    struct.pack_into("<QQQIII", buf, off, vm.RING_MAGIC, 7, 1 << 20, 1, 0x1, 0)
+    struct.pack_into("<Q", buf, off + 64, 5000)
+    struct.pack_into("<Q", buf, off + 128, 1000)
+    f = tmp_path / "region"
+    f.write_bytes(bytes(buf))
+    rep = vm.region_status(str(f))
+    assert rep["state"] == "ok", rep["problem"]
+    assert rep["header"]["region_id"] == "000000001234abcd"
+    assert [c["slot"] for c in rep["channels"]] == [2]
+    c = rep["channels"][0]
+    assert (c["part"], c["generation"], c["queued"], c["state"]) == (1, 7, 4000, "fin")
+    text = vm.render_status(rep)
+    assert "1 live channel" in text and "ivshmem" in text
+
+
+def test_open_ivshmem_bar_without_device(tmp_path):
+    with pytest.raises(vm.IvshmemNotFound, match="no ivshmem PCI device"):
+        vm.open_ivshmem_bar(pci_root=str(tmp_path))
+
+
+def test_killed_launcher_leaves_nothing():
+    """SIGKILL the launcher mid-boot: its QEMUs die with it (PDEATHSIG) and
+    the next launcher's sweep removes the region file and run dir."""
+    before = _qemu_pids()
+    code = "from shmbypass import vm; import time; vm.VMPair().boot(); time.sleep(600)"
+    launcher = subprocess.Popen([sys.executable, "-c", code], cwd=vm.ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    region = f"/dev/shm/{vm.RUN_PREFIX}{launcher.pid}-1"
+    try:
+        end = time.monotonic() + 60
+        while not (_qemu_pids() - before) and time.monotonic() < end:
+            time.sleep(0.05)
+        started = _qemu_pids() - before
+        assert started, "the launcher never started QEMU"
+    finally:
+        launcher.kill()
+        launcher.wait()
+    assert not _wait_gone(started), "QEMU outlived its launcher"
+    vm.sweep_stale()
+    assert not os.path.exists(region)
+    assert not os.path.exists(f"/run/{vm.RUN_PREFIX}{launcher.pid}-1")
+
+
+# -- the pair -------------------------------------------------------------------
+
+def test_status_reports_garbage(pair):
+    """The region was filled with garbage before boot: the host says so, and
+    so does each guest looking at its BAR."""
+    res = subprocess.run([sys.executable, "-m", "shmbypass", "vm", "status", pair.region_path],
+                         capture_output=True, text=True, cwd=vm.ROOT)
+    assert res.returncode == 2, res.stderr
+    assert "garbage" in res.stdout and "bad magic" in res.stdout
+    for g in "AB":
+        r = pair.run(g, f"{PY} -m shmbypass.vm status --json ivshmem", timeout=60)
+        assert r.rc == 2, r
+        assert json.loads(r.out)["state"] == "garbage"
+
+
+def test_both_guests_see_ivshmem(pair):
+    for g in "AB":
+        r = pair.run(g, f"{PY} -c 'from shmbypass import vm; m, size, dev = vm.open_ivshmem_bar(); "
+                        f"print(size, dev)'", timeout=60, check=True)
+        size, dev = r.out.split()
+        assert int(size) == pair.region_size
+        assert dev.startswith("/sys/bus/pci/devices/")
+
+
+def test_bar_bytes_cross_guests_and_host(pair):
+    token = os.urandom(16).hex()
+    pair.run("A", f"{PY} -c 'from shmbypass import vm; m, _, _ = vm.open_ivshmem_bar(); "
+                  f"m[{BAR_OFFSET}:{BAR_OFFSET + 32}] = b\"{token}\"'", timeout=60, check=True)
+    r = pair.run("B", f"{PY} -c 'from shmbypass import vm; m, _, _ = vm.open_ivshmem_bar(); "
+                      f"print(m[{BAR_OFFSET}:{BAR_OFFSET + 32}].decode())'", timeout=60, check=True)
+    assert r.out.strip() == token
+    with open(pair.region_path, "rb") as f:
+        f.seek(BAR_OFFSET)
+        assert f.read(32).decode() == token
+
+
+ECHO_SERVER = """
+import hashlib, socket, sys
+ls = socket.create_server(("10.77.0.2", int(sys.argv[1])))
+ls.settimeout(60)
+print("listening", flush=True)
+c, _ = ls.accept()
+c.settimeout(60)
+h, n = hashlib.sha256(), 0
+while True:
+    b = c.recv(65536)
+    if not b:
+        break
+    h.update(b); n += len(b)
+    c.sendall(b)
+c.close()
+print(n, h.hexdigest())
+"""
+
+ECHO_CLIENT = """
+import hashlib, os, socket, sys, threading, time
+data = os.urandom(1 << 20)
+for i in range(300):  # the server may still be starting
+    try:
+        s = socket.create_connection(("10.77.0.2", int(sys.argv[1])), timeout=60)
+        break
+    except ConnectionRefusedError:
+        time.sleep(0.1)
+def send():
+    s.sendall(data)
+    s.shutdown(socket.SHUT_WR)
+t = threading.Thread(target=send); t.start()
+h, n = hashlib.sha256(), 0
+while True:
+    b = s.recv(65536)
+    if not b:
+        break
+    h.update(b); n += len(b)
+t.join()
+print(len(data), hashlib.sha256(data).hexdigest(), n, h.hexdigest())
+"""
+
+
+def test_tcp_between_guests_sha256(pair):
+    server = pair.start("B", f"{PY} - 7001", stdin=ECHO_SERVER, timeout=120)
+    client = pair.run("A", f"{PY} - 7001", stdin=ECHO_CLIENT, timeout=120, check=True)
+    srv = server.wait(150).check()
+    sent_n, sent_h, back_n, back_h = client.out.split()
+    got_n, got_h = srv.out.split()[-2:]
+    assert int(sent_n) == int(got_n) == int(back_n) == 1 << 20
+    assert sent_h == got_h == back_h
+
+
+def test_project_python_in_guest(pair):
+    r = pair.run("A", f"{PY} -c 'import shmbypass, sys; print(shmbypass.__file__, sys.prefix)'",
+                 timeout=60, check=True)
+    path, prefix = r.out.split()
+    assert path == os.path.join(vm.ROOT, "shmbypass", "__init__.py")
+    assert prefix == os.path.join(vm.ROOT, ".venv")
+
+
+SINK_SERVER = """
+import socket, sys
+ls = socket.create_server(("10.77.0.2", int(sys.argv[1])))
+c, _ = ls.accept()
+n = 0
+while True:
+    b = c.recv(65536)
+    if not b:
+        break
+    n += len(b)
+    if n >= 1 << 20:
+        open("/tmp/sink-started", "w").close()
+"""
+
+# Sends until the connection breaks. TCP_USER_TIMEOUT turns "the peer's
+# machine vanished" into an error after a few seconds; the socket timeout
+# only stops a hang, and is reported as such.
+STREAM_CLIENT = """
+import errno, socket, sys, time
+for i in range(300):
+    try:
+        s = socket.create_connection(("10.77.0.2", int(sys.argv[1])), timeout=60)
+        break
+    except ConnectionRefusedError:
+        time.sleep(0.1)
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 3000)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+s.settimeout(60)
+chunk, sent = b"x" * 65536, 0
+try:
+    while True:
+        sent += s.send(chunk)
+except OSError as e:  # socket.timeout is TimeoutError, as is ETIMEDOUT: tell them apart by errno
+    if e.errno is None:
+        print("HANG", "-", sent)
+    else:
+        print("ERROR", errno.errorcode.get(e.errno, e.errno), sent)
+"""
+
+
+def test_kill_guest_b_mid_transfer(pair):
+    """Runs last: guest B dies while A streams to it. A's program must see its
+    connection fail (reset/timeout/EPIPE), not hang."""
+    sink = pair.start("B", f"{PY} - 7002", stdin=SINK_SERVER)
+    client = pair.start("A", f"{PY} - 7002", stdin=STREAM_CLIENT, timeout=150)
+    for _ in range(600):  # until B has received 1 MiB
+        if pair.run("B", "test -e /tmp/sink-started", timeout=30).rc == 0:
+            break
+        assert not client.done(), client.wait(0)
+        time.sleep(0.2)
+    else:
+        pytest.fail("the transfer never started")
+    pair.kill("B")
+    assert not pair.alive("B")
+    with pytest.raises(vm.GuestDied):
+        sink.wait(30)
+    res = client.wait(200)
+    assert res.rc == 0 and not res.timed_out, res
+    verdict, what, sent = res.out.split()
+    assert verdict == "ERROR", f"A's program hung: {res.out}"
+    assert what in ("ETIMEDOUT", "ECONNRESET", "EPIPE"), res.out
+    assert int(sent) >= 1 << 20
+    # A is still fine
+    assert pair.run("A", "true", timeout=30).ok
