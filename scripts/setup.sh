@@ -20,6 +20,7 @@ APT_PKGS=(
     iproute2              # network namespaces in tests (driven through pyroute2)
     redis-server redis-tools   # real application tests
     nginx-light curl wrk haproxy iperf3   # real applications and the sidecar bench
+    qemu-system-x86 busybox-static   # the IVSHMEM VM pair (vm/, tests/test_vm.py); guest kernel via apt-get download
 )
 missing=()
 for p in "${APT_PKGS[@]}"; do
