@@ -212,6 +212,10 @@ static void wake_peer(struct sbp_ring *r, uint32_t *word)
 		r->peer_waiting = 1;
 }
 
+/* Big copies are published in pieces of this size so the other side can
+ * work on the first piece while we copy the next. */
+#define SBP_RING_CHUNK (64u * 1024)
+
 /* Copy n bytes at ring position pos (wraps); n <= cap is the caller's job. */
 static inline void copy_in(struct sbp_ring *r, uint64_t pos, const void *src, size_t n)
 {
@@ -240,7 +244,7 @@ static inline void copy_out(const struct sbp_ring *r, uint64_t pos, void *dst, s
 ssize_t sbp_ring_writev(struct sbp_ring *r, const struct iovec *iov, int iovcnt)
 {
 	struct sbp_ring_hdr *h;
-	uint64_t head, tail, room, done = 0;
+	uint64_t head, tail, room, done = 0, published = 0;
 	uint32_t flags;
 	int i;
 
@@ -262,12 +266,27 @@ ssize_t sbp_ring_writev(struct sbp_ring *r, const struct iovec *iov, int iovcnt)
 		return -EPROTO;
 	room = r->cap - (head - tail);
 	for (i = 0; i < iovcnt && done < room; i++) {
-		size_t n = iov[i].iov_len;
+		const char *src = iov[i].iov_base;
+		size_t left = iov[i].iov_len;
 
-		if (n > room - done)
-			n = room - done;
-		copy_in(r, head + done, iov[i].iov_base, n);
-		done += n;
+		while (left && done < room) {
+			size_t n = left < SBP_RING_CHUNK ? left : SBP_RING_CHUNK;
+
+			if (n > room - done)
+				n = room - done;
+			copy_in(r, head + done, src, n);
+			src += n;
+			left -= n;
+			done += n;
+			if (done >= published + SBP_RING_CHUNK) {
+				/* a big write: let the reader start on what is there */
+				STORE_REL(&h->head, head + done);
+				published = done;
+				wake_peer(r, r->reader_waiting);
+			}
+		}
+		if (left)
+			break;
 	}
 	if (done == 0) {
 		for (; i < iovcnt; i++)
@@ -275,9 +294,11 @@ ssize_t sbp_ring_writev(struct sbp_ring *r, const struct iovec *iov, int iovcnt)
 				return -EAGAIN;  /* full */
 		return 0;                /* nothing asked */
 	}
+	r->seen_head = head + done;
+	if (published == done)
+		return (ssize_t)done;
 	/* SYNC POINT: producer: the bytes are visible before the new head. */
 	STORE_REL(&h->head, head + done);
-	r->seen_head = head + done;
 	wake_peer(r, r->reader_waiting);
 	return (ssize_t)done;
 }
@@ -292,7 +313,7 @@ ssize_t sbp_ring_write(struct sbp_ring *r, const void *buf, size_t len)
 ssize_t sbp_ring_readv(struct sbp_ring *r, const struct iovec *iov, int iovcnt, int flags)
 {
 	struct sbp_ring_hdr *h;
-	uint64_t head, tail, avail, done = 0;
+	uint64_t head, tail, avail, done = 0, released = 0;
 	uint32_t rflags;
 	int i;
 
@@ -321,18 +342,35 @@ ssize_t sbp_ring_readv(struct sbp_ring *r, const struct iovec *iov, int iovcnt, 
 		return 0;
 	}
 	for (i = 0; i < iovcnt && done < avail; i++) {
-		size_t n = iov[i].iov_len;
+		char *dst = iov[i].iov_base;
+		size_t left = iov[i].iov_len;
 
-		if (n > avail - done)
-			n = avail - done;
-		copy_out(r, tail + done, iov[i].iov_base, n);
-		done += n;
+		while (left && done < avail) {
+			size_t n = left < SBP_RING_CHUNK ? left : SBP_RING_CHUNK;
+
+			if (n > avail - done)
+				n = avail - done;
+			copy_out(r, tail + done, dst, n);
+			dst += n;
+			left -= n;
+			done += n;
+			if (!(flags & SBP_PEEK) && done >= released + SBP_RING_CHUNK) {
+				/* a big read: give room back to the writer early */
+				STORE_REL(&h->tail, tail + done);
+				released = done;
+				wake_peer(r, r->writer_waiting);
+			}
+		}
+		if (left)
+			break;
 	}
 	if (done == 0 || (flags & SBP_PEEK))
 		return (ssize_t)done;
+	r->seen_tail = tail + done;
+	if (released == done)
+		return (ssize_t)done;
 	/* SYNC POINT: consumer: done reading the bytes before giving them back. */
 	STORE_REL(&h->tail, tail + done);
-	r->seen_tail = tail + done;
 	wake_peer(r, r->writer_waiting);
 	return (ssize_t)done;
 }
@@ -429,6 +467,11 @@ static void spin_miss(struct sbp_ring *r)
 	r->spin_ns = r->spin_ns / 2 > floor ? r->spin_ns / 2 : floor;
 }
 
+/* How long to spin before mixing in sched_yield(). */
+#define SBP_RING_PURE_SPIN_NS 2000
+/* A sched_yield() that took longer than this ran someone else. */
+#define SBP_RING_SWITCHED_NS 1000
+
 static int wait_for(struct sbp_ring *r, bool (*ready)(const struct sbp_ring *),
 		    uint32_t *word, int64_t timeout_ns)
 {
@@ -442,22 +485,41 @@ static int wait_for(struct sbp_ring *r, bool (*ready)(const struct sbp_ring *),
 	start = now_ns();
 	deadline = timeout_ns < 0 ? INT64_MAX : start + timeout_ns;
 
-	/* Bounded spin: the peer is probably running right now. */
+	/* Bounded spin: the peer is probably running right now. First a short
+	 * pure spin (a peer on another CPU answers within it), then spin with
+	 * sched_yield(): a peer on our own CPU can only answer if we let it
+	 * run, and with nothing else runnable the yield returns at once. When
+	 * the answer came right after a yield that gave the CPU away, the
+	 * peer shares our CPU: the next wait yields at once. */
 	spin_end = start + r->spin_ns;
 	if (spin_end > deadline)
 		spin_end = deadline;
 	if (r->spin_ns) {
+		int64_t yield_at = r->yield_first ? start : start + SBP_RING_PURE_SPIN_NS;
+		bool switched = false;
+
 		for (;;) {
+			int64_t t;
+
 			for (int i = 0; i < 64; i++) {
 				if (ready(r)) {
+					r->yield_first = switched;
 					spin_hit(r);
 					return 0;
 				}
+				if (yield_at == start)
+					break;  /* yield-first: no pure spin at all */
 				cpu_relax();
 			}
-			if (now_ns() >= spin_end)
+			t = now_ns();
+			if (t >= spin_end)
 				break;
+			if (t >= yield_at) {
+				sched_yield();
+				switched = now_ns() - t > SBP_RING_SWITCHED_NS;
+			}
 		}
+		r->yield_first = false;
 		spin_miss(r);
 	}
 

@@ -78,6 +78,7 @@ struct sbp_ring {
 	int doorbell;           /* cross-VM: never futex-wake, never futex-wait */
 	int peer_waiting;       /* the last write/read found the peer armed */
 	int futex_broken;       /* FUTEX_WAIT said EFAULT: fall back to polling sleeps */
+	int yield_first;        /* the peer seems to share our CPU: yield, don't spin */
 };
 
 /* The shared header, for reference (only ring.c touches it). */
