@@ -28,6 +28,7 @@ user's set-up is never touched; it is taken down at the end and on Ctrl-C.
 """
 import argparse
 import datetime
+import glob
 import json
 import os
 import platform
@@ -479,9 +480,24 @@ class Runner:
 
     # -- bypass lifecycle
 
+    def sweep_leftovers(self):
+        """Take down instances of bench runs that were killed (their pid is gone)."""
+        names = set()
+        for pattern in (os.path.join(paths.BPFFS, "sbp-bench-*"), "/run/sbp-bench-*",
+                        os.path.join(paths.cgroup2_root() or "/nonexistent", "sbp-bench-*")):
+            names.update(os.path.basename(p) for p in glob.glob(pattern))
+        for name in sorted(names):
+            m = re.fullmatch(r"sbp-bench-(\d+)", name)
+            if not m or os.path.exists(f"/proc/{m.group(1)}"):
+                continue
+            self.progress.say(f"bench: taking down {name}, left by a bench run that was killed")
+            subprocess.run(self.shmbypass("down", "--force", "--drain-timeout", "1"),
+                           env=dict(self.env, SHMBYPASS_INSTANCE=name), capture_output=True, timeout=60)
+
     def ensure_up(self):
         if self.bypass_up:
             return
+        self.sweep_leftovers()
         self.note_command("bring the bench's own bypass instance up",
                           ["SHMBYPASS_INSTANCE=" + self.instance] + self.shmbypass("up"))
         out = subprocess.run(self.shmbypass("up"), env=self.env, capture_output=True, text=True,
