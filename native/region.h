@@ -111,7 +111,11 @@ int sbp_arena_create(uint32_t pages, uint64_t map_addr);
 int sbp_map_query(int fd, uint32_t *map_type, uint32_t *max_entries, uint64_t *map_extra,
 		  uint32_t *map_flags);
 /* mmap(fd) MAP_SHARED at exactly addr (MAP_FIXED_NOREPLACE) or anywhere if
- * addr is 0. NULL and *err = errno on failure (EEXIST: address taken). */
+ * addr is 0. NULL and *err = errno on failure (EEXIST: address taken).
+ * NOTE fork: an arena mapping is NOT inherited by a forked child (the VMA is
+ * not copied; touching it there is SIGSEGV). The child must map it again at
+ * the same address with the inherited map fd: sbp_map_shared(fd, addr, size)
+ * (measured on 6.18). shm and anonymous MAP_SHARED mappings are inherited. */
 void *sbp_map_shared(int fd, uint64_t addr, size_t size, int *err);
 int sbp_unmap(void *addr, size_t size);
 /* Touch every page (read) so the arena allocates them now: BPF programs

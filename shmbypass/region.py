@@ -14,6 +14,9 @@ slot holds one ring (shmbypass.ring). The header layout and checks are C
            fault arena pages in. FUTEX_WAIT fails with EFAULT on arena memory,
            so the rings' futex words live in a companion shm segment
            ``/<instance>-wake`` (same mode); :meth:`Region.ring` wires them.
+           A forked child does not inherit an arena mapping (the kernel does
+           not copy the VMA): Region maps it again at the same address in the
+           child (os.register_at_fork).
 ``anon``   an anonymous MAP_SHARED mapping, shared with children by fork
            (tests and the raw benchmark).
 
@@ -326,6 +329,7 @@ class Region:
             else:
                 raise RegionMapError(errno.EEXIST, "no free address range for the arena")
             self._fd, self._ptr = fd, p
+            self._remap_at_fork()
             lib.sbp_prefault(p, size)   # BPF programs cannot fault arena pages in
             self._format_header(slot_size, region_id, map_addr=addr)
             self._wake_name = wake_name
@@ -390,6 +394,7 @@ class Region:
                        else os.strerror(err[0]))
                 raise RegionMapError(err[0], f"map arena {self.name} at {extra[0]:#x}: {why}")
             self._ptr = p
+            self._remap_at_fork()
             lib.sbp_prefault(p, self.size)
             self._wake_name = wake_name
             self._wake_mm = _shm_open(wake_name)
@@ -397,6 +402,19 @@ class Region:
         except BaseException:
             self.close()
             raise
+
+    def _remap_at_fork(self):
+        ref = weakref.ref(self)
+
+        def remap():
+            reg = ref()
+            if reg is None or reg._fd < 0 or reg._ptr == ffi.NULL:
+                return
+            err = ffi.new("int *")
+            addr = int(ffi.cast("uintptr_t", reg._ptr))
+            if lib.sbp_map_shared(reg._fd, addr, reg.size, err) == ffi.NULL:
+                reg._ptr = ffi.NULL    # unusable here; calls raise "closed"
+        os.register_at_fork(after_in_child=remap)
 
     # -- slots and rings ------------------------------------------------------
     @property

@@ -66,8 +66,10 @@ class Backend:
             return None
         return Region.open("shm", instance=self.instance, pin_dir=self.pin_dir)
 
-    def spawn(self, role, **kw):
-        p = Peer(self, role, kw)
+    def spawn(self, role, fork=False, **kw):
+        """A peer running role; fork=True forks even for named backends
+        (the child uses the inherited Region object)."""
+        p = Peer(self, role, kw, fork or self.kind == "anon")
         self.peers.append(p)
         return p
 
@@ -88,9 +90,9 @@ class Backend:
 
 
 class Peer:
-    def __init__(self, backend, role, kw):
+    def __init__(self, backend, role, kw, fork):
         self._buf = b""
-        if backend.kind == "anon":
+        if fork:
             rfd, wfd = os.pipe()
             pid = os.fork()
             if pid == 0:  # child: never returns into pytest

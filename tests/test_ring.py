@@ -273,6 +273,17 @@ def _idle_cpu(peer, window=0.5):
     return peer.cpu_seconds() - c0
 
 
+def test_forked_child_uses_region(be):
+    """A forked child keeps using the parent's Region (an arena mapping is
+    not inherited by fork: the region maps it again in the child)."""
+    w = be.region.ring(3, 21, create=True)
+    peer = be.spawn("consume", fork=True, slot=3, generation=21)
+    w.send_all(b"from the parent" * 1000)
+    w.close_writer()
+    res = peer.result()
+    assert res["sha256"] == hashlib.sha256(b"from the parent" * 1000).hexdigest()
+
+
 def test_futex_wakes_sleeping_reader(be):
     w = be.region.ring(1, 3, create=True)
     peer = be.spawn("wait_read", slot=1, generation=3)
