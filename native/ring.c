@@ -140,6 +140,8 @@ int sbp_ring_format(void *slot, size_t slot_size, uint64_t generation)
 	STORE(&h->tail, 0);
 	STORE(&h->writer_waiting, 0);
 	STORE(&h->reader_waiting, 0);
+	STORE(&h->writer_cpu, 0);
+	STORE(&h->reader_cpu, 0);
 	/* SYNC POINT: format: whoever load-acquires the magic sees the rest. */
 	STORE_REL(&h->magic, SBP_RING_MAGIC);
 	return 0;
@@ -295,6 +297,7 @@ ssize_t sbp_ring_writev(struct sbp_ring *r, const struct iovec *iov, int iovcnt)
 		return 0;                /* nothing asked */
 	}
 	r->seen_head = head + done;
+	STORE(&h->writer_cpu, (uint32_t)(sched_getcpu() + 1));  /* a hint for waiters */
 	if (published == done)
 		return (ssize_t)done;
 	/* SYNC POINT: producer: the bytes are visible before the new head. */
@@ -367,6 +370,7 @@ ssize_t sbp_ring_readv(struct sbp_ring *r, const struct iovec *iov, int iovcnt, 
 	if (done == 0 || (flags & SBP_PEEK))
 		return (ssize_t)done;
 	r->seen_tail = tail + done;
+	STORE(&h->reader_cpu, (uint32_t)(sched_getcpu() + 1));  /* a hint for waiters */
 	if (released == done)
 		return (ssize_t)done;
 	/* SYNC POINT: consumer: done reading the bytes before giving them back. */
@@ -467,13 +471,11 @@ static void spin_miss(struct sbp_ring *r)
 	r->spin_ns = r->spin_ns / 2 > floor ? r->spin_ns / 2 : floor;
 }
 
-/* How long to spin before mixing in sched_yield(). */
+/* Peer's CPU unknown: how long to spin before mixing in sched_yield(). */
 #define SBP_RING_PURE_SPIN_NS 2000
-/* A sched_yield() that took longer than this ran someone else. */
-#define SBP_RING_SWITCHED_NS 1000
 
 static int wait_for(struct sbp_ring *r, bool (*ready)(const struct sbp_ring *),
-		    uint32_t *word, int64_t timeout_ns)
+		    uint32_t *word, const uint32_t *peer_cpu, int64_t timeout_ns)
 {
 	int64_t start, deadline, spin_end;
 	int64_t poll_ns = 20000;   /* futex-less fallback: sleep, doubling to 1 ms */
@@ -485,41 +487,35 @@ static int wait_for(struct sbp_ring *r, bool (*ready)(const struct sbp_ring *),
 	start = now_ns();
 	deadline = timeout_ns < 0 ? INT64_MAX : start + timeout_ns;
 
-	/* Bounded spin: the peer is probably running right now. First a short
-	 * pure spin (a peer on another CPU answers within it), then spin with
-	 * sched_yield(): a peer on our own CPU can only answer if we let it
-	 * run, and with nothing else runnable the yield returns at once. When
-	 * the answer came right after a yield that gave the CPU away, the
-	 * peer shares our CPU: the next wait yields at once. */
+	/* Bounded spin: the peer is probably running right now. Where it runs
+	 * decides how: on another CPU, spin (it answers within microseconds);
+	 * on our CPU, spinning only delays it, so sched_yield() at once and let
+	 * it run. Each side records its CPU (+1) beside its position on every
+	 * call; unknown (0 or stale): spin briefly, then mix in yields (with
+	 * nothing else runnable a yield returns at once). */
 	spin_end = start + r->spin_ns;
 	if (spin_end > deadline)
 		spin_end = deadline;
 	if (r->spin_ns) {
-		int64_t yield_at = r->yield_first ? start : start + SBP_RING_PURE_SPIN_NS;
-		bool switched = false;
-
 		for (;;) {
+			uint32_t peer = LOAD(peer_cpu);
+			int me = sched_getcpu();
+			bool same = peer && me >= 0 && peer == (uint32_t)me + 1;
 			int64_t t;
 
-			for (int i = 0; i < 64; i++) {
+			for (int i = 0; i < (same ? 1 : 64); i++) {
 				if (ready(r)) {
-					r->yield_first = switched;
 					spin_hit(r);
 					return 0;
 				}
-				if (yield_at == start)
-					break;  /* yield-first: no pure spin at all */
 				cpu_relax();
 			}
 			t = now_ns();
 			if (t >= spin_end)
 				break;
-			if (t >= yield_at) {
+			if (same || (!peer && t >= start + SBP_RING_PURE_SPIN_NS))
 				sched_yield();
-				switched = now_ns() - t > SBP_RING_SWITCHED_NS;
-			}
 		}
-		r->yield_first = false;
 		spin_miss(r);
 	}
 
@@ -586,14 +582,14 @@ int sbp_ring_wait_readable(struct sbp_ring *r, int64_t timeout_ns)
 {
 	if (!r->hdr)
 		return -EINVAL;
-	return wait_for(r, read_ready, r->reader_waiting, timeout_ns);
+	return wait_for(r, read_ready, r->reader_waiting, &H(r)->writer_cpu, timeout_ns);
 }
 
 int sbp_ring_wait_writable(struct sbp_ring *r, int64_t timeout_ns)
 {
 	if (!r->hdr)
 		return -EINVAL;
-	return wait_for(r, write_ready, r->writer_waiting, timeout_ns);
+	return wait_for(r, write_ready, r->writer_waiting, &H(r)->reader_cpu, timeout_ns);
 }
 
 static int arm(struct sbp_ring *r, bool (*ready)(const struct sbp_ring *), uint32_t *word)

@@ -9,9 +9,11 @@
  *   cache line 0  magic, version, generation, capacity, flags, reset reason
  *                 (written at format/close/reset only: read-mostly)
  *   cache line 1  head: bytes ever written (writer stores, reader loads)
- *                 writer_waiting: the writer's futex word
+ *                 writer_waiting: the writer's futex word; writer_cpu
  *   cache line 2  tail: bytes ever read (reader stores, writer loads)
- *                 reader_waiting: the reader's futex word
+ *                 reader_waiting: the reader's futex word; reader_cpu
+ *                 (the *_cpu words are spin hints: a waiter whose peer runs
+ *                 on its own CPU yields instead of spinning)
  *   +4096         data, capacity bytes (a power of two); index = pos & (cap-1)
  *
  * Everything read from shared memory is untrusted. The capacity is taken
@@ -78,7 +80,6 @@ struct sbp_ring {
 	int doorbell;           /* cross-VM: never futex-wake, never futex-wait */
 	int peer_waiting;       /* the last write/read found the peer armed */
 	int futex_broken;       /* FUTEX_WAIT said EFAULT: fall back to polling sleeps */
-	int yield_first;        /* the peer seems to share our CPU: yield, don't spin */
 };
 
 /* The shared header, for reference (only ring.c touches it). */
@@ -94,11 +95,13 @@ struct sbp_ring_hdr {
 	/* cache line 1: written by the writer */
 	uint64_t head;
 	uint32_t writer_waiting;
-	uint32_t pad1[13];
+	uint32_t writer_cpu;    /* hint: CPU + 1 of the last write (0 = unknown) */
+	uint32_t pad1[12];
 	/* cache line 2: written by the reader */
 	uint64_t tail;
 	uint32_t reader_waiting;
-	uint32_t pad2[13];
+	uint32_t reader_cpu;    /* hint: CPU + 1 of the last read (0 = unknown) */
+	uint32_t pad2[12];
 };
 
 /* Capacity a slot of slot_size bytes gives: the largest power of two that
