@@ -11,6 +11,9 @@
  * look for data" pair a Dekker handshake: one of the two sides always sees
  * the other, so a wake-up is never lost.
  */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE             /* sched_getcpu (the cffi build does not set it) */
+#endif
 #include <errno.h>
 #include <limits.h>
 #include <linux/futex.h>
