@@ -1,0 +1,50 @@
+"""The LD_PRELOAD interposer's per-call overhead on sockets it does not
+bypass: the same ping-pong (sbp-pingpong) with and without the library, over
+a Unix socket (never TCP: pure pass-through) and over loopback TCP with an
+unshimmed server (the connection falls back to plain TCP). extra_info holds
+the mean round trip and the overhead per socket call (4 calls per round trip
+on the critical path)."""
+import json
+import os
+import signal
+import subprocess
+
+import pytest
+
+from shmbypass import paths
+
+PRELOAD = paths.tool("libshmbypass-preload.so")
+PINGPONG = paths.tool("sbp-pingpong")
+ITERS = 20000
+
+pytestmark = pytest.mark.skipif(not os.path.exists(PRELOAD),
+                                reason=f"{PRELOAD} is not built (native/interpose.c, the shm tier's interposer)")
+
+
+def _server(addr):
+    p = subprocess.Popen([PINGPONG, "server", addr], stdout=subprocess.PIPE, text=True)
+    return p, json.loads(p.stdout.readline())["listening"]
+
+
+def _rtt(addr, preload):
+    env = dict(os.environ)
+    if preload:
+        env["LD_PRELOAD"] = PRELOAD
+    out = subprocess.run([PINGPONG, "client", addr, "--mode", "rtt", "--iters", str(ITERS), "--warmup", "2000",
+                          "--cpu", "0"], capture_output=True, text=True, env=env, timeout=120, check=True)
+    return json.loads(out.stdout)["mean_ns"]
+
+
+@pytest.mark.parametrize("transport", ["unix", "tcp-unshimmed-peer"])
+def test_interposer_overhead(benchmark, tmp_path, transport):
+    srv, addr = _server(f"unix:{tmp_path}/s.sock" if transport == "unix" else "127.0.0.1:0")
+    try:
+        plain = min(_rtt(addr, False) for _ in range(3))
+        means = []
+        benchmark.pedantic(lambda: means.append(_rtt(addr, True)), rounds=3, iterations=1)
+        shimmed = min(means)
+        benchmark.extra_info.update(rtt_plain_ns=plain, rtt_preload_ns=shimmed,
+                                    overhead_ns_per_call=(shimmed - plain) / 4)
+    finally:
+        srv.send_signal(signal.SIGTERM)
+        srv.wait(10)
