@@ -258,3 +258,16 @@ def test_pingpong_bad_input():
                  ["client", "127.0.0.1:1", "--size", "x"], ["bogus", "127.0.0.1:1"]):
         out = subprocess.run([PINGPONG, *argv], capture_output=True, text=True, timeout=10)
         assert out.returncode != 0 and out.stderr, argv
+
+
+def test_results_md_keeps_the_reading(quick_run, tmp_path):
+    out, _, report = quick_run
+    path = tmp_path / "RESULTS.md"
+    path.write_text("# Results\n\nThe reading, written by hand.\n")
+    files = {"plot": str(out / "bench.png")}
+    for _ in range(2):  # regenerating replaces the generated part only
+        bench.update_results_md(str(path), report, files)
+    text = path.read_text()
+    assert text.startswith("# Results\n\nThe reading, written by hand.\n")
+    assert text.count(bench.RESULTS_MARKER) == 1
+    assert "## The latest run" in text and "bench.png" in text and "kernel tier" in text
