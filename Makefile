@@ -7,8 +7,10 @@ PY := $(VENV)/bin/python
 demo: setup
 	$(PY) -m shmbypass bench --quick
 
+# The test process joins the bypass group itself, so it is given the same
+# guard `shmbypass run` gives every program (native/guard.c).
 test: setup
-	$(PY) -m pytest tests
+	LD_PRELOAD=$(CURDIR)/shmbypass/_bin/libshmbypass-guard.so $(PY) -m pytest tests
 
 setup:
 	@bash scripts/setup.sh

@@ -8,9 +8,26 @@ import itertools
 import os
 import re
 
+import sys
+
 import pytest
 
 from shmbypass import manager, paths, status
+
+# Tests move this very process into the bypass group (InGroup), as if it ran
+# under `shmbypass run`, so it needs what `run` gives every program: the guard
+# against tcp_bpf's spurious EAGAIN (native/guard.c). LD_PRELOAD is read at
+# exec time: `make test` sets it; here children get it too.
+GUARD = paths.tool("libshmbypass-guard.so")
+GUARDED = GUARD in os.environ.get("LD_PRELOAD", "")
+
+
+def pytest_report_header(config):
+    if not GUARDED:
+        return (f"WARNING: {GUARD} is not preloaded (use `make test`): in-process kernel-tier "
+                "tests may see the kernel's spurious EAGAIN")
+    return f"guard preloaded: {GUARD}"
+
 
 _counter = itertools.count()
 

@@ -5,9 +5,12 @@
  * thread reads with blocking recv() until it returns 0. Any recv() error
  * (EAGAIN above all) or a byte count mismatch is a failure.
  *
- *   sbp-halfclose [-n TRIALS] [-6] [-s BYTES] [-d USEC] [-r]
+ *   sbp-halfclose [-n TRIALS] [-6] [-s BYTES] [-d USEC] [-r] [-w]
  * -r: the server answers the first bytes before it waits for EOF (request,
  * response, half-close), the client reads the answer before shutting down.
+ * -w: after its shutdown(SHUT_WR) the client waits in a blocking recv() for
+ *     the server to close (the server closes after reading EOF); an EAGAIN
+ *     there is the classic form of the bug (our FIN's ACK wakes the reader).
  * -d sleeps between the send and the shutdown, so the reader is usually
  * blocked in recv() when the FIN arrives.
  * Prints one JSON line: {"trials": N, "failures": F, "eagain": E, ...}
@@ -22,7 +25,8 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-static int lfd, trials = 10000, v6, nbytes = 16, delay_us, reply;
+static int lfd, trials = 10000, v6, nbytes = 16, delay_us, reply, wait_eof;
+static long client_failures, client_eagain;
 static long failures, eagain, short_reads;
 static int ready[2];  /* server -> client: trial done */
 
@@ -77,15 +81,16 @@ int main(int argc, char **argv)
 	char *msg;
 	int opt;
 
-	while ((opt = getopt(argc, argv, "n:6s:d:r")) != -1) {
+	while ((opt = getopt(argc, argv, "n:6s:d:rw")) != -1) {
 		switch (opt) {
 		case 'n': trials = atoi(optarg); break;
 		case '6': v6 = 1; break;
 		case 's': nbytes = atoi(optarg); break;
 		case 'd': delay_us = atoi(optarg); break;
 		case 'r': reply = 1; break;
+		case 'w': wait_eof = 1; break;
 		default:
-			fprintf(stderr, "usage: %s [-n TRIALS] [-6] [-s BYTES] [-d USEC] [-r]\n", argv[0]);
+			fprintf(stderr, "usage: %s [-n TRIALS] [-6] [-s BYTES] [-d USEC] [-r] [-w]\n", argv[0]);
 			return 2;
 		}
 	}
@@ -129,11 +134,27 @@ int main(int argc, char **argv)
 		if (delay_us)
 			usleep((useconds_t)delay_us);
 		shutdown(fd, SHUT_WR);
+		while (wait_eof) {
+			ssize_t n = recv(fd, &c, 1, 0);
+
+			if (n == 0)
+				break;
+			if (n < 0 && errno == EINTR)
+				continue;
+			if (n < 0) {
+				client_failures++;
+				if (errno == EAGAIN)
+					client_eagain++;
+				break;
+			}
+		}
 		if (read(ready[0], &c, 1) != 1)
 			return 2;
 		close(fd);
 	}
 	pthread_join(th, NULL);
+	failures += client_failures;
+	eagain += client_eagain;
 	printf("{\"trials\": %d, \"failures\": %ld, \"eagain\": %ld, \"short_reads\": %ld}\n",
 	       trials, failures, eagain, short_reads);
 	return failures ? 1 : 0;
