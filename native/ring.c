@@ -577,7 +577,11 @@ static int wait_for(struct sbp_ring *r, bool (*ready)(const struct sbp_ring *),
 			__atomic_fetch_and(word, ~SBP_WAIT_FUTEX, __ATOMIC_RELAXED);
 			return ready(r) ? 0 : -EINTR;
 		}
-		/* 0 (woken), -EAGAIN (word changed), -ETIMEDOUT: re-check at the top */
+		if (ready(r)) {         /* the usual wake-up: the waker disarmed us */
+			__atomic_fetch_and(word, ~SBP_WAIT_FUTEX, __ATOMIC_RELAXED);
+			return 0;
+		}
+		/* spurious, -EAGAIN (word changed), -ETIMEDOUT: re-arm and re-check */
 	}
 }
 
