@@ -660,6 +660,35 @@ class Runner:
                       f"`shmbypass status` shows {seen} instead of tier {expected}; "
                       f"its figures are plain TCP and get no ratio")
 
+    def our_cpu(self):
+        """CPU seconds used so far by everything this run started: the
+        processes of our children's sessions (each Child leads one), what
+        they reaped, and this process with what it reaped."""
+        import resource
+        sids = {str(c.p.pid) for c in self.children}
+        hz = os.sysconf("SC_CLK_TCK")
+        ticks = 0
+        for d in os.listdir("/proc"):
+            if not d.isdigit():
+                continue
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[3] in sids:
+                ticks += sum(int(x) for x in fields[11:15])
+        own = 0.0
+        for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+            ru = resource.getrusage(who)
+            own += ru.ru_utime + ru.ru_stime
+        return ticks / hz + own
+
+    def window(self):
+        """Start a noise window for programs that do not report their own
+        CPU (apps, the sidecar's proxy); .noise() at its end."""
+        return NoiseWindow(self)
+
     def retry(self):
         """Whether the run's budget allows one more noise retry."""
         if self.retries_left > 0:
@@ -841,6 +870,23 @@ def targets(results):
     return out
 
 
+class NoiseWindow:
+    def __init__(self, runner):
+        self.runner = runner
+        self.t0 = time.monotonic()
+        self.m0 = machine_cpu()
+        self.c0 = runner.our_cpu()
+
+    def noise(self):
+        """(why or None, other processes' CPU in cores) since the start."""
+        m1, c1 = machine_cpu(), self.runner.our_cpu()
+        wall = time.monotonic() - self.t0
+        rep = {"wall_s": wall, "client_cpu_s": c1 - self.c0, "server_cpu_s": 0.0,
+               "machine_busy_s": m1[0] - self.m0[0], "machine_steal_s": m1[1] - self.m0[1]}
+        other = max(0.0, rep["machine_busy_s"] - rep["client_cpu_s"])
+        return noise_of(rep), round(other / wall, 2) if wall > 0 else 0.0
+
+
 def machine_cpu():
     """(busy, steal) CPU seconds of the whole machine so far, as sbp-pingpong
     counts them: busy = user + nice + system."""
@@ -977,6 +1023,10 @@ def app_line(a):
         parts.append("BYPASS NOT ENGAGED (tier: " + (",".join(a.get("tiers_seen") or []) or "none") + ")")
     elif a.get("ratio") is not None:
         parts.append(f"vs TCP {a['ratio']:.2f}x")
+    if a.get("noisy"):
+        parts.append(f"noisy: {a['noisy']}")
+    elif a.get("noisy_reps"):
+        parts.append(f"noisy ({a['noisy_reps']} rep)")
     if a.get("error"):
         parts.append("FAILED: " + a["error"])
     return "  ".join(parts)
