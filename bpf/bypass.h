@@ -40,6 +40,9 @@ enum sbp_reason {
 	SBP_REASON_DRAINING,		/* `shmbypass down` in progress */
 	SBP_REASON_PEER_CLOSED,
 	SBP_REASON_POLICY_EXCLUDED,
+	SBP_REASON_DIFFERENT_REGION,	/* shm: the ends map different regions */
+	SBP_REASON_POOL_EXHAUSTED,	/* shm: no free slot (or SYN-cookie mode) */
+	SBP_REASON_NO_OPTION_SPACE,	/* shm: the SYN had no room for our option */
 	SBP_REASON__MAX,
 };
 
@@ -62,26 +65,108 @@ struct sbp_conn {
 	__u32 tx_dir;		/* enum sbp_dir */
 	__u32 active;		/* 1: this socket connected (it is "a" in the key) */
 	__u32 family;		/* AF_INET or AF_INET6 of the socket */
-	__u32 pad;
+	__u32 shm_reason;	/* why a socket that asked for shm is not in it */
 };
 
 /* Per-socket state in a SK_STORAGE map (sk_state). User space (the
- * interposer) may set `flags` on its own socket fd before connect()/listen();
- * an accepted socket starts with a copy of its listener's value (BPF_F_CLONE).
- * The BPF programs fill in the rest. */
+ * interposer) sets `flags` on its own socket fd before connect()/listen()
+ * and never writes the value again (an update replaces the whole value, and
+ * `held` is how BPF knows which slots to give back); an accepted socket
+ * starts with a copy of its listener's value (BPF_F_CLONE). The BPF
+ * programs fill in the rest. `tier` is SBP_TIER_SHM once the handshake put
+ * the connection in the shm tier, else SBP_TIER_TCP (whether the kernel
+ * tier then redirects it is in the `conns` row). */
 #define SBP_SK_WANT_SHM 1u
+
+/* sbp_sk.held: which slot references this socket owns (BPF only). */
+#define SBP_HELD_TX 1u
+#define SBP_HELD_RX 2u
 
 struct sbp_sk {
 	__u32 flags;		/* SBP_SK_*, written by user space */
 	__u32 tier;		/* enum sbp_tier, written by BPF */
-	__u32 reason;		/* enum sbp_reason */
+	__u32 reason;		/* enum sbp_reason: why not shm (if flags asked) */
 	__u32 tx_slot;		/* shm tier: ring this socket writes */
 	__u32 rx_slot;		/* shm tier: ring this socket reads */
-	__u32 pad;
+	__u32 held;		/* SBP_HELD_*: slot references to drop at close */
 	__u64 tx_gen;		/* ring generations */
 	__u64 rx_gen;
 	__u64 region_id;
 	__u64 cookie;		/* own socket cookie: sk_msg cannot ask for it */
+};
+
+/* ---- shm-tier negotiation (docs/NEGOTIATION.md) ---- */
+
+#define SBP_MAX_SLOTS 65536	/* slot ids travel as 16 bits on the wire */
+
+/* The TCP experimental option (RFC 6994) on the SYN and the SYN-ACK.
+ * All multi-byte fields in network byte order. 20 bytes: what a Linux SYN
+ * (MSS, SACK-permitted, timestamps, window scale) leaves of the 40. */
+#define SBP_OPT_KIND 254
+#define SBP_OPT_EXID 0x5342	/* "SB"; unregistered experimental id */
+#define SBP_OPT_LEN 20
+#define SBP_OPT_VERSION 1
+#define SBP_CAP_SHM_HOST 0x1	/* same-host rings in a shared region */
+
+struct sbp_opt {
+	__u8 kind;		/* SBP_OPT_KIND */
+	__u8 len;		/* SBP_OPT_LEN */
+	__u16 exid;		/* SBP_OPT_EXID */
+	__u8 ver_caps;		/* version << 4 | capabilities */
+	__u8 status;		/* 0: slot/gen valid; else the sbp_reason why not */
+	__u16 slot;		/* the slot the sender will write */
+	__u32 gen;		/* that slot's generation */
+	__u64 region_id;	/* 0 unless status is 0 */
+} __attribute__((packed));
+
+/* The region the slots belong to (ARRAY `region`, one entry; the manager
+ * fills it at `up`). */
+struct sbp_region_cfg {
+	__u64 region_id;	/* 0: no region, shm never offered */
+	__u64 resv_ttl_ns;	/* life of an unclaimed SYN-ACK reservation */
+	__u32 slot_count;
+	__u32 pad;
+};
+
+/* Per-slot word in ARRAY `slot_state`: generation in the high 32 bits,
+ * reference count in the low 32, changed only by compare-and-swap. */
+#define SBP_SLOT_GEN(w) ((__u32)((w) >> 32))
+#define SBP_SLOT_REFS(w) ((__u32)(w))
+
+/* Marked listeners (HASH `listeners`): at the SYN-ACK the socket is a
+ * request sock with no sk_storage, so the mark is looked up here. */
+struct sbp_listen_key {
+	__u64 netns;
+	__u16 port;		/* host byte order */
+	__u16 pad[3];
+};
+
+/* A slot the passive side put in a SYN-ACK (HASH `reservations`), keyed
+ * by the connection as the child socket will see it: conn.a_* = peer,
+ * conn.b_* = local, conn.a_isn = peer ISN + 1 (rcv_nxt), conn.b_isn = 0. */
+struct sbp_resv_key {
+	struct sbp_conn_key conn;
+	__u64 netns;
+};
+
+enum sbp_resv_state {
+	SBP_RESV_RESERVED = 1,	/* holds one reference on `slot` */
+	SBP_RESV_CLAIMED,	/* the child socket took the reference */
+	SBP_RESV_EXPIRED,	/* the timer gave the reference back */
+	SBP_RESV_DECLINED,	/* no slot; `reason` says why */
+};
+
+struct sbp_resv {
+	__u64 expires;		/* bpf_ktime_get_ns() deadline; pushed back by
+				 * every SYN-ACK retransmission */
+	__u64 state;		/* enum sbp_resv_state; 64-bit for cmpxchg */
+	__u32 reason;		/* DECLINED: enum sbp_reason */
+	__u32 slot;		/* ours */
+	__u32 gen;
+	__u32 peer_slot;	/* from the SYN's option */
+	__u32 peer_gen;
+	__u32 pad;
+	__u64 region_id;
 };
 
 struct sbp_config {
@@ -100,6 +185,9 @@ enum sbp_counter {
 	SBP_CNT_REDIRECT_FAILED,
 	SBP_CNT_HANDSHAKE_RACE,
 	SBP_CNT_TABLE_FULL,
+	SBP_CNT_SHM,		/* sockets that entered the shm tier */
+	SBP_CNT_SHM_FALLBACK,	/* marked sockets that did not */
+	SBP_CNT_RESV_EXPIRED,	/* SYN-ACK reservations the timer returned */
 	SBP_CNT__MAX,
 };
 

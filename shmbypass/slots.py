@@ -1,0 +1,124 @@
+"""The shm tier's slot pool as the BPF programs see it (docs/NEGOTIATION.md).
+
+At `up` the manager calls setup(): the free list (a BPF queue) gets the slot
+ids 0..N-1 and the `region` map gets the region id, the slot count and the
+life of an unclaimed SYN-ACK reservation. From then on only BPF moves slots:
+sockops pops one per marked connecting socket and per answered SYN, and
+pushes it back when both ends have reached TCP_CLOSE.
+
+Until regions are wired in, the region id is random per `up`; once they are,
+pass the region header's id (and its slot count) to setup().
+"""
+import os
+
+from shmbypass import bpf, paths
+from shmbypass._native import ffi, lib
+
+DEFAULT_SLOTS = 256
+# Longer than any request socket can live after its last SYN-ACK
+# (TCP_RTO_MAX is 120 s): a reservation must not expire while the peer may
+# still complete the handshake with it.
+DEFAULT_RESV_TTL = 180.0
+
+# `sweeper` holds a bpf_timer: a map with timers must be pinned (a user
+# reference), or bpf_timer_init() fails with EPERM.
+MAPS = ("free_slots", "slot_state", "region", "listeners", "reservations", "sweeper")
+
+
+def _region_map(inst: paths.Instance) -> bpf.Map:
+    return bpf.Map.pinned(inst.pin("region"), "uint32_t", "struct sbp_region_cfg")
+
+
+def setup(inst: paths.Instance, slot_count: int | None = None, region_id: int | None = None,
+          resv_ttl: float | None = None) -> dict:
+    """Fill the free list and the region config of a freshly loaded instance."""
+    n = DEFAULT_SLOTS if slot_count is None else slot_count
+    if not 0 <= n <= lib.SBP_MAX_SLOTS:
+        raise ValueError(f"slot count {n} out of range (0..{lib.SBP_MAX_SLOTS})")
+    if region_id is None:
+        region_id = int.from_bytes(os.urandom(8), "little") | 1  # never 0: 0 means "no region"
+    ttl = DEFAULT_RESV_TTL if resv_ttl is None else resv_ttl
+    fd = bpf.get_pinned(inst.pin("free_slots"))
+    try:
+        val = ffi.new("uint32_t *")
+        for slot in range(n):
+            val[0] = slot
+            if lib.bpf_map_update_elem(fd, ffi.NULL, val, 0) < 0:
+                raise OSError(ffi.errno, f"push slot {slot} on the free list: {os.strerror(ffi.errno)}")
+    finally:
+        os.close(fd)
+    cfg = {"region_id": region_id, "resv_ttl_ns": int(ttl * 1e9), "slot_count": n}
+    with _region_map(inst) as m:
+        m.update(0, cfg)
+    return cfg
+
+
+def config(inst: paths.Instance) -> dict:
+    with _region_map(inst) as m:
+        c = m.lookup(0)
+        return {"region_id": c.region_id, "resv_ttl_ns": c.resv_ttl_ns, "slot_count": c.slot_count}
+
+
+def set_config(inst: paths.Instance, **changes) -> None:
+    """Change region_id or resv_ttl_ns of a live instance (tests; wiring regions)."""
+    cfg = config(inst)
+    cfg.update(changes)
+    with _region_map(inst) as m:
+        m.update(0, cfg)
+
+
+def free_slots(inst: paths.Instance) -> list[int]:
+    """The ids on the free list, in pop order. It drains the queue and pushes
+    everything back, so call it only while no connection is being set up."""
+    fd = bpf.get_pinned(inst.pin("free_slots"))
+    out = []
+    try:
+        val = ffi.new("uint32_t *")
+        while lib.bpf_map_lookup_and_delete_elem(fd, ffi.NULL, val) == 0:
+            out.append(val[0])
+        for slot in out:
+            val[0] = slot
+            if lib.bpf_map_update_elem(fd, ffi.NULL, val, 0) < 0:
+                raise OSError(ffi.errno, f"push slot {slot} back: {os.strerror(ffi.errno)}")
+    finally:
+        os.close(fd)
+    return out
+
+
+def slot_states(inst: paths.Instance, count: int | None = None) -> dict[int, tuple[int, int]]:
+    """Slot -> (generation, references) for the first `count` slots."""
+    n = config(inst)["slot_count"] if count is None else count
+    with bpf.Map.pinned(inst.pin("slot_state"), "uint32_t", "uint64_t") as m:
+        return {s: ((w >> 32), w & 0xFFFFFFFF) for s in range(n) for w in [m.lookup(s)]}
+
+
+def reservations(inst: paths.Instance) -> list[dict]:
+    """SYN-ACK answers not claimed (or expired) yet."""
+    rows = []
+    with bpf.Map.pinned(inst.pin("reservations"), "struct sbp_resv_key", "struct sbp_resv") as m:
+        for _, r in m.items():
+            rows.append({"state": r.state, "reason": r.reason, "slot": r.slot, "gen": r.gen,
+                         "peer_slot": r.peer_slot, "peer_gen": r.peer_gen})
+    return rows
+
+
+def listeners(inst: paths.Instance) -> dict[tuple[int, int], int]:
+    """(netns cookie, port) -> number of marked listening sockets."""
+    with bpf.Map.pinned(inst.pin("listeners"), "struct sbp_listen_key", "uint64_t") as m:
+        return {(k.netns, k.port): v for k, v in m.items()}
+
+
+def mark(inst: paths.Instance, sock, flags: int = lib.SBP_SK_WANT_SHM) -> None:
+    """Ask for the shm tier on a socket (before connect()/listen()): what the
+    interposer does for every socket it owns."""
+    with bpf.Map.pinned(inst.pin("sk_state"), "int", "struct sbp_sk") as m:
+        m.update(sock.fileno(), {"flags": flags})
+
+
+def sk_state(inst: paths.Instance, sock) -> dict | None:
+    with bpf.Map.pinned(inst.pin("sk_state"), "int", "struct sbp_sk") as m:
+        v = m.lookup(sock.fileno())
+        if v is None:
+            return None
+        return {f: getattr(v, f) for f in ("flags", "tier", "reason", "tx_slot", "rx_slot", "held",
+                                           "tx_gen", "rx_gen", "region_id", "cookie")}

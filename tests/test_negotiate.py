@@ -1,0 +1,615 @@
+"""The shm-tier negotiation on the TCP handshake (bpf/bypass.bpf.c, docs/NEGOTIATION.md),
+without the interposer: sockets are marked through the pinned sk_state map, the
+tier each end lands in is read back from sk_state and `status`, and the
+option itself is checked on the wire with an AF_PACKET capture.
+
+Slot accounting is checked after every scenario: the free list is full again
+and no slot holds a reference once every socket has reached TCP_CLOSE."""
+import ctypes
+import os
+import random
+import socket
+import struct
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+from pyroute2 import NetNS, netns
+
+from shmbypass import bpf, manager, paths, slots, status
+from shmbypass._native import lib
+from conftest import InGroup, assert_gone, new_instance
+
+SHM, TCP = lib.SBP_TIER_SHM, lib.SBP_TIER_TCP
+EXID = lib.SBP_OPT_EXID
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# -- fixtures and helpers -----------------------------------------------------
+
+def bring_up(slot_count=256):
+    inst = new_instance("neg")
+    manager.up(inst, slot_count=slot_count)
+    return inst
+
+
+def take_down(inst):
+    errors = status.errors(inst) if manager.is_up(inst) else {}
+    manager.down(inst, drain_timeout=1, force=True)
+    assert_gone(inst)
+    return errors
+
+
+@pytest.fixture
+def neg(request):
+    """A private instance with this process in its cgroup; errors map checked
+    empty at the end. Slot count: indirect parameter (default 256)."""
+    if os.geteuid() != 0:
+        pytest.fail("the test suite must run as root")
+    inst = bring_up(getattr(request, "param", 256))
+    try:
+        with InGroup(inst):
+            yield inst
+    finally:
+        errors = take_down(inst)
+    assert not errors, f"BPF programs reported errors (line: errno): {errors}"
+
+
+class Marker:
+    """Marks sockets the way the interposer will: sk_state.flags before connect/listen."""
+
+    def __init__(self, inst):
+        self.map = bpf.Map.pinned(inst.pin("sk_state"), "int", "struct sbp_sk")
+
+    def __call__(self, sock):
+        self.map.update(sock.fileno(), {"flags": lib.SBP_SK_WANT_SHM})
+        return sock
+
+    def state(self, sock):
+        v = self.map.lookup(sock.fileno())
+        return None if v is None else {f: getattr(v, f) for f in (
+            "flags", "tier", "reason", "tx_slot", "rx_slot", "held", "tx_gen", "rx_gen",
+            "region_id")}
+
+    def close(self):
+        self.map.close()
+
+
+@pytest.fixture
+def marker(neg):
+    m = Marker(neg)
+    yield m
+    m.close()
+
+
+def loopback(family):
+    return "::1" if family == socket.AF_INET6 else "127.0.0.1"
+
+
+def listen(family=socket.AF_INET, mark=None, host=None):
+    ls = socket.socket(family, socket.SOCK_STREAM)
+    ls.bind((host or loopback(family), 0))
+    if mark:
+        mark(ls)
+    ls.listen(128)
+    return ls
+
+
+def connect(ls, mark=None):
+    c = socket.socket(ls.family, socket.SOCK_STREAM)
+    if mark:
+        mark(c)
+    c.connect(ls.getsockname()[:2])
+    s, _ = ls.accept()
+    return c, s
+
+
+def echo(c, s):
+    """Data still flows (over TCP: no interposer here)."""
+    c.sendall(b"ping")
+    assert s.recv(4, socket.MSG_WAITALL) == b"ping"
+    s.sendall(b"pong")
+    assert c.recv(4, socket.MSG_WAITALL) == b"pong"
+
+
+def row(inst, sock):
+    port = sock.getsockname()[1]
+    rows = [r for r in status.connections(inst) if r["local"].endswith(f":{port}")
+            and r["remote"].endswith(f":{sock.getpeername()[1]}")]
+    assert len(rows) == 1, rows
+    return rows[0]["tier"], rows[0]["reason"]
+
+
+def wait_for(cond, what, timeout=30.0):
+    """Poll until cond() is true (a deadline against hangs, not a speed check)."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still not true after {timeout:.0f} s: {what}")
+        time.sleep(0.05)
+
+
+def pool_full(inst):
+    n = slots.config(inst)["slot_count"]
+    free = slots.free_slots(inst)
+    refs = {s: r for s, (g, r) in slots.slot_states(inst).items() if r}
+    return sorted(free) == list(range(n)) and not refs
+
+
+def assert_pool_full(inst, timeout=30.0):
+    wait_for(lambda: pool_full(inst), "every slot back on the free list with no reference", timeout)
+
+
+def conns_empty(inst):
+    return not status.connections(inst)
+
+
+# -- capture ----------------------------------------------------------------------
+
+class Capture:
+    """TCP segments seen on one interface (of the current netns) from now on:
+    bind an AF_PACKET socket first, read what queued up afterwards."""
+
+    def __init__(self, ifname="lo"):
+        self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+        self.sock.bind((ifname, 0))
+        self.sock.setblocking(False)
+        self.lo = ifname == "lo"
+
+    def segments(self, ports):
+        """[(sport, dport, flags, seq, ack, options)] touching any of ports."""
+        out = []
+        while True:
+            try:
+                frame, addr = self.sock.recvfrom(70000)
+            except BlockingIOError:
+                break
+            if self.lo and addr[2] == socket.PACKET_OUTGOING:
+                continue  # each loopback frame shows up twice
+            seg = parse_tcp(frame)
+            if seg and (seg[0] in ports or seg[1] in ports):
+                out.append(seg)
+        return out
+
+    def close(self):
+        self.sock.close()
+
+
+def parse_tcp(frame):
+    eth_type = struct.unpack("!H", frame[12:14])[0]
+    if eth_type == 0x0800:
+        if frame[23] != 6:
+            return None
+        tcp = frame[14 + (frame[14] & 0xF) * 4:]
+    elif eth_type == 0x86DD:
+        if frame[20] != 6:
+            return None
+        tcp = frame[54:]
+    else:
+        return None
+    sport, dport, seq, ack = struct.unpack("!HHII", tcp[:12])
+    doff = (tcp[12] >> 4) * 4
+    return sport, dport, tcp[13], seq, ack, parse_options(tcp[20:doff])
+
+
+def parse_options(raw):
+    opts, i = [], 0
+    while i < len(raw):
+        kind = raw[i]
+        if kind == 0:
+            break
+        if kind == 1:
+            i += 1
+            continue
+        if i + 1 >= len(raw) or raw[i + 1] < 2:
+            break
+        opts.append((kind, bytes(raw[i + 2:i + raw[i + 1]])))
+        i += raw[i + 1]
+    return opts
+
+
+def our_option(opts):
+    """Our option decoded, None if absent; any kind 254 with our ExID counts."""
+    for kind, body in opts:
+        if kind == lib.SBP_OPT_KIND and len(body) >= 2 and struct.unpack("!H", body[:2])[0] == EXID:
+            assert len(body) == lib.SBP_OPT_LEN - 2, body
+            ver_caps, st, slot, gen, region = struct.unpack("!BBHIQ", body[2:])
+            return {"version": ver_caps >> 4, "caps": ver_caps & 0xF, "status": st,
+                    "slot": slot, "gen": gen, "region_id": region}
+    return None
+
+
+SYN, ACK = 0x02, 0x10
+
+
+def handshake(segs, client_port):
+    """(SYN options, SYN-ACK options) of the connection from client_port."""
+    syn = [o for sp, dp, f, *_, o in segs if sp == client_port and f & (SYN | ACK) == SYN]
+    synack = [o for sp, dp, f, *_, o in segs if dp == client_port and f & (SYN | ACK) == SYN | ACK]
+    assert syn and synack, segs
+    return syn[0], synack[0]
+
+
+# -- both ends marked ------------------------------------------------------------
+
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6])
+def test_both_marked_shm_with_crossed_slots(neg, marker, family):
+    cap = Capture()
+    try:
+        ls = listen(family, marker)
+        assert slots.listeners(neg), "a marked listener is recorded"
+        c, s = connect(ls, marker)
+        # A control connection of unmarked sockets, captured at the same time.
+        ls2 = listen(family)
+        c2, s2 = connect(ls2)
+        before = status.counters(neg)["msg_redirect"]
+        echo(c, s)
+        # Not in the kernel tier's redirect path: its data goes on TCP here
+        # (the ring, once the interposer is there).
+        assert status.counters(neg)["msg_redirect"] == before
+        echo(c2, s2)
+        time.sleep(0.1)
+        segs = cap.segments({ls.getsockname()[1], ls2.getsockname()[1]})
+    finally:
+        cap.close()
+
+    a, b = marker.state(c), marker.state(s)
+    region = slots.config(neg)["region_id"]
+    assert a["tier"] == b["tier"] == SHM, (a, b)
+    assert a["reason"] == b["reason"] == 0
+    assert a["tx_slot"] == b["rx_slot"] and a["rx_slot"] == b["tx_slot"], (a, b)
+    assert a["tx_slot"] != a["rx_slot"]
+    assert a["tx_gen"] == b["rx_gen"] and a["rx_gen"] == b["tx_gen"], (a, b)
+    assert a["tx_gen"] >= 1 and a["rx_gen"] >= 1
+    assert a["region_id"] == b["region_id"] == region
+    assert a["held"] == b["held"] == lib.SBP_HELD_TX | lib.SBP_HELD_RX
+    # Two references on each of the two slots, nothing else taken.
+    st = slots.slot_states(neg)
+    assert st[a["tx_slot"]] == (a["tx_gen"], 2) and st[a["rx_slot"]] == (a["rx_gen"], 2)
+    assert row(neg, c) == ("shm", "") and row(neg, s) == ("shm", "")
+    assert row(neg, c2) == ("kernel", "")
+
+    syn, synack = handshake(segs, c.getsockname()[1])
+    o_syn, o_synack = our_option(syn), our_option(synack)
+    assert o_syn == {"version": 1, "caps": lib.SBP_CAP_SHM_HOST, "status": 0,
+                     "slot": a["tx_slot"], "gen": a["tx_gen"], "region_id": region}
+    assert o_synack == {"version": 1, "caps": lib.SBP_CAP_SHM_HOST, "status": 0,
+                        "slot": b["tx_slot"], "gen": b["tx_gen"], "region_id": region}
+    # Unmarked sockets: no option on any of their segments.
+    ctl = [seg for seg in segs if c2.getsockname()[1] in seg[:2]]
+    assert ctl and not any(our_option(seg[5]) for seg in ctl)
+
+    for x in (c, s, c2, s2, ls, ls2):
+        x.close()
+    assert_pool_full(neg)
+    wait_for(lambda: conns_empty(neg), "conns map empty")
+    assert not slots.listeners(neg), "closing the listener forgets it"
+    assert not slots.reservations(neg)
+
+
+# -- one end unmarked ------------------------------------------------------------
+
+def test_listener_unmarked_no_answer_kernel_tier(neg, marker):
+    cap = Capture()
+    try:
+        ls = listen(mark=None)
+        c, s = connect(ls, marker)
+        echo(c, s)
+        segs = cap.segments({ls.getsockname()[1]})
+    finally:
+        cap.close()
+    syn, synack = handshake(segs, c.getsockname()[1])
+    assert our_option(syn)["status"] == 0, "the marked client offers"
+    assert our_option(synack) is None, "an unmarked listener never answers"
+    a = marker.state(c)
+    assert a["tier"] == TCP and a["reason"] == lib.SBP_REASON_PEER_NOT_CAPABLE and a["held"] == 0
+    assert row(neg, c) == ("kernel", "peer-not-capable")
+    assert row(neg, s)[0] == "kernel"
+    assert status.counters(neg)["msg_redirect"] > 0, "the kernel tier carries it"
+    for x in (c, s, ls):
+        x.close()
+    assert_pool_full(neg)
+    assert not slots.reservations(neg)
+
+
+def test_client_unmarked_sees_no_option(neg, marker):
+    cap = Capture()
+    try:
+        ls = listen(mark=marker)
+        c, s = connect(ls, mark=None)
+        echo(c, s)
+        segs = cap.segments({ls.getsockname()[1]})
+    finally:
+        cap.close()
+    syn, synack = handshake(segs, c.getsockname()[1])
+    assert our_option(syn) is None and our_option(synack) is None
+    b = marker.state(s)  # the accepted socket inherited the listener's mark
+    assert b["flags"] == lib.SBP_SK_WANT_SHM
+    assert b["tier"] == TCP and b["reason"] == lib.SBP_REASON_PEER_NOT_CAPABLE
+    assert row(neg, s) == ("kernel", "peer-not-capable")
+    assert row(neg, c) == ("kernel", "")
+    for x in (c, s, ls):
+        x.close()
+    assert_pool_full(neg)
+    assert not slots.reservations(neg)
+
+
+# -- pool exhaustion -------------------------------------------------------------
+
+@pytest.mark.parametrize("neg", [4], indirect=True)
+def test_pool_exhausted_falls_back_to_kernel_tier(neg, marker):
+    """4 slots = 2 connections; the third gets pool-exhausted and still works."""
+    ls = listen(mark=marker)
+    pairs = [connect(ls, marker) for _ in range(3)]
+    for c, s in pairs[:2]:
+        assert marker.state(c)["tier"] == marker.state(s)["tier"] == SHM
+    c, s = pairs[2]
+    a, b = marker.state(c), marker.state(s)
+    assert a["tier"] == b["tier"] == TCP
+    assert a["reason"] == b["reason"] == lib.SBP_REASON_POOL_EXHAUSTED, (a, b)
+    assert row(neg, c) == ("kernel", "pool-exhausted")
+    assert row(neg, s) == ("kernel", "pool-exhausted")
+    for cc, ss in pairs:
+        echo(cc, ss)
+    assert slots.free_slots(neg) == []
+    # One closes: its two slots come back and the next connection gets them.
+    for x in pairs[0]:
+        x.close()
+    wait_for(lambda: len(slots.free_slots(neg)) == 2, "two slots back")
+    c4, s4 = connect(ls, marker)
+    assert marker.state(c4)["tier"] == SHM
+    for x in [c4, s4, ls] + [x for p in pairs[1:] for x in p]:
+        x.close()
+    assert_pool_full(neg)
+
+
+@pytest.mark.parametrize("neg", [3], indirect=True)
+def test_pool_exhausted_on_the_passive_side(neg, marker):
+    """The client takes the last slot, the listener has none: the SYN-ACK
+    declines, the client gives its slot back, both record pool-exhausted."""
+    cap = Capture()
+    try:
+        ls = listen(mark=marker)
+        first = connect(ls, marker)
+        c, s = connect(ls, marker)
+        segs = cap.segments({ls.getsockname()[1]})
+    finally:
+        cap.close()
+    _, synack = handshake(segs, c.getsockname()[1])
+    assert our_option(synack)["status"] == lib.SBP_REASON_POOL_EXHAUSTED
+    a, b = marker.state(c), marker.state(s)
+    assert a["reason"] == b["reason"] == lib.SBP_REASON_POOL_EXHAUSTED
+    assert a["held"] == b["held"] == 0
+    assert len(slots.free_slots(neg)) == 1
+    echo(c, s)
+    for x in (c, s, ls) + first:
+        x.close()
+    assert_pool_full(neg)
+    assert not slots.reservations(neg)
+
+
+# -- different regions -----------------------------------------------------------
+
+def test_different_region_declined_both_ends_agree():
+    """Two instances = two regions: the client's group and the listener's group
+    differ, the SYN-ACK declines with different-region, nobody holds a slot."""
+    a_inst, b_inst = bring_up(), bring_up()
+    ma = mb = None
+    try:
+        ma, mb = Marker(a_inst), Marker(b_inst)
+        with InGroup(b_inst):
+            ls = listen(mark=mb)
+        with InGroup(a_inst):
+            cap = Capture()
+            try:
+                c, s = connect(ls, ma)
+                segs = cap.segments({ls.getsockname()[1]})
+            finally:
+                cap.close()
+        echo(c, s)
+        _, synack = handshake(segs, c.getsockname()[1])
+        assert our_option(synack) == {"version": 1, "caps": lib.SBP_CAP_SHM_HOST,
+                                      "status": lib.SBP_REASON_DIFFERENT_REGION,
+                                      "slot": 0, "gen": 0, "region_id": 0}
+        assert ma.state(c)["reason"] == lib.SBP_REASON_DIFFERENT_REGION
+        assert mb.state(s)["reason"] == lib.SBP_REASON_DIFFERENT_REGION
+        assert ma.state(c)["tier"] == mb.state(s)["tier"] == TCP
+        # Different groups: no kernel tier either.
+        assert row(a_inst, c)[0] == "tcp" and row(b_inst, s)[0] == "tcp"
+        for x in (c, s, ls):
+            x.close()
+        assert_pool_full(a_inst)
+        assert_pool_full(b_inst)
+    finally:
+        for m in (ma, mb):
+            if m:
+                m.close()
+        errors = [take_down(i) for i in (a_inst, b_inst)]
+    assert not any(errors), errors
+
+
+# -- crashes and churn -----------------------------------------------------------
+
+CHILD = r"""
+import socket, sys, time
+from shmbypass import paths, slots
+inst = paths.Instance(sys.argv[1])
+port = int(sys.argv[2])
+keep = []
+for _ in range(3):
+    c = socket.socket(); slots.mark(inst, c); c.connect(("127.0.0.1", port)); keep.append(c)
+ls = socket.socket(); ls.bind(("127.0.0.1", 0)); slots.mark(inst, ls); ls.listen()
+for _ in range(2):
+    c = socket.socket(); slots.mark(inst, c); c.connect(ls.getsockname())
+    s, _ = ls.accept(); keep += [c, s]
+    c.sendall(b"unread")  # makes the kill send an RST on one end
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def test_kill9_child_leaks_no_slot(neg, marker):
+    ls = listen(mark=marker)
+    child = subprocess.Popen([sys.executable, "-c", CHILD, neg.name, str(ls.getsockname()[1])],
+                             stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                             env=dict(os.environ, PYTHONPATH=ROOT))
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        accepted = [ls.accept()[0] for _ in range(3)]
+        for s in accepted:
+            assert marker.state(s)["tier"] == SHM
+        n = slots.config(neg)["slot_count"]
+        assert len(slots.free_slots(neg)) == n - 2 * 5
+        child.kill()
+        child.wait()
+        accepted[0].sendall(b"x" * 1000)  # one peer writes into the dead socket
+        for s in accepted:
+            s.close()
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        child.stdout.close()
+    ls.close()
+    assert_pool_full(neg, timeout=60)
+    wait_for(lambda: conns_empty(neg), "conns map empty")
+
+
+def test_1000_connections_return_every_slot(neg, marker):
+    ls = listen(mark=marker)
+    gens_before = slots.slot_states(neg)
+    for i in range(1000):
+        c, s = connect(ls, marker)
+        if i % 100 == 0:
+            assert marker.state(c)["tier"] == SHM
+            echo(c, s)
+        # alternate who closes first
+        for x in ((c, s) if i % 2 else (s, c)):
+            x.close()
+    ls.close()
+    assert_pool_full(neg)
+    wait_for(lambda: conns_empty(neg), "conns map empty")
+    assert not slots.reservations(neg)
+    assert not slots.listeners(neg)
+    gens = slots.slot_states(neg)
+    # 2000 pops spread over the pool, each one a new generation.
+    assert sum(g for g, _ in gens.values()) - sum(g for g, _ in gens_before.values()) == 2000
+
+
+# -- a SYN-ACK that never completes ----------------------------------------------
+
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class InNetns:
+    """This thread inside a network namespace for a block (sockets made
+    there stay there); the mount namespace, and so /sys/fs/bpf, is unchanged."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __enter__(self):
+        self.home = os.open("/proc/self/ns/net", os.O_RDONLY)
+        fd = os.open(f"/var/run/netns/{self.name}", os.O_RDONLY)
+        try:
+            if _libc.setns(fd, CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns")
+        finally:
+            os.close(fd)
+        return self
+
+    def __exit__(self, *exc):
+        if _libc.setns(self.home, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), "setns back")
+        os.close(self.home)
+
+
+@pytest.fixture
+def dead_end_ns():
+    """A namespace whose sbtv0 (10.214.0.1/24) leads nowhere: 10.214.0.5 has a
+    static neighbour entry, so packets to it leave through sbtv0 and are
+    dropped by its veth peer (not addressed to it): no ARP, no RST."""
+    name = f"sbt-neg-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    netns.create(name)
+    try:
+        with NetNS(name) as ns:
+            ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
+            ns.link("add", ifname="sbtv0", kind="veth", peer="sbtv1")
+            idx = ns.link_lookup(ifname="sbtv0")[0]
+            ns.addr("add", index=idx, address="10.214.0.1", prefixlen=24)
+            ns.link("set", index=idx, state="up")
+            ns.link("set", index=ns.link_lookup(ifname="sbtv1")[0], state="up")
+            ns.neigh("add", dst="10.214.0.5", lladdr="02:00:00:00:00:05", ifindex=idx,
+                     state=0x80)  # NUD_PERMANENT
+        with InNetns(name):
+            # One SYN-ACK retransmission, then the request sock gives up.
+            with open("/proc/sys/net/ipv4/tcp_synack_retries", "w") as f:
+                f.write("1")
+        yield name
+    finally:
+        netns.remove(name)
+
+
+def checksum(data):
+    if len(data) % 2:
+        data += b"\0"
+    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+
+
+def raw_syn(src, dst, sport, dport, isn, option):
+    tcp = struct.pack("!HHIIBBHHH", sport, dport, isn, 0, (20 + len(option)) // 4 << 4,
+                      SYN, 65535, 0, 0) + option
+    pseudo = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!BBH", 0, 6, len(tcp))
+    tcp = tcp[:16] + struct.pack("!H", checksum(pseudo + tcp)) + tcp[18:]
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0, 64, 6, 0,
+                     socket.inet_aton(src), socket.inet_aton(dst))
+    return ip + tcp
+
+
+def test_abandoned_synack_returns_its_slot(neg, marker, dead_end_ns):
+    """A SYN carrying our option whose sender never ACKs (a crashed client, a
+    SYN flood): the SYN-ACK reserves a slot, every (re)transmitted SYN-ACK
+    carries the same one, and the reservation's timer returns it."""
+    # Longer than the 1 s between the SYN-ACK and its retransmission, so one
+    # reservation lives through both (as the 180 s default outlives any
+    # request sock).
+    slots.set_config(neg, resv_ttl_ns=int(2.5e9))
+    n = slots.config(neg)["slot_count"]
+    region = slots.config(neg)["region_id"]
+    opt = struct.pack("!BBHBBHIQ", lib.SBP_OPT_KIND, lib.SBP_OPT_LEN, EXID,
+                      lib.SBP_OPT_VERSION << 4 | lib.SBP_CAP_SHM_HOST, 0, 4242 % n, 7, region)
+    with InNetns(dead_end_ns):
+        ls = listen(mark=marker, host="10.214.0.1")
+        port = ls.getsockname()[1]
+        cap = Capture("sbtv0")
+        raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    try:
+        isn, sport = random.getrandbits(32), 40000 + random.randrange(1000)
+        pkt = raw_syn("10.214.0.5", "10.214.0.1", sport, port, isn, opt)
+        raw.sendto(pkt, ("10.214.0.1", 0))
+        wait_for(lambda: len(slots.reservations(neg)) == 1, "a reservation for the SYN-ACK")
+        (r,) = slots.reservations(neg)
+        assert r["state"] == lib.SBP_RESV_RESERVED and r["peer_slot"] == 4242 % n and r["peer_gen"] == 7
+        assert len(slots.free_slots(neg)) == n - 1
+        raw.sendto(pkt, ("10.214.0.1", 0))  # the same SYN again: same answer
+        # The slot comes back once the timer runs out after the last SYN-ACK.
+        assert_pool_full(neg, timeout=60)
+        assert not slots.reservations(neg)
+        synacks = [our_option(o) for sp, dp, f, *_, o in cap.segments({port})
+                   if sp == port and f & (SYN | ACK) == SYN | ACK]
+    finally:
+        cap.close()
+        raw.close()
+        ls.close()
+    # the first, the answer to the repeated SYN, and the timer's retransmission
+    assert len(synacks) >= 2, synacks
+    assert all(o == {"version": 1, "caps": lib.SBP_CAP_SHM_HOST, "status": 0, "slot": r["slot"],
+                     "gen": r["gen"], "region_id": region} for o in synacks), synacks
+    assert status.counters(neg)["resv_expired"] >= 1
