@@ -15,13 +15,14 @@ import subprocess
 import sys
 import time
 
-from shmbypass import bpf, features, paths
+from shmbypass import bpf, features, paths, slots
 from shmbypass._native import ffi, lib
 from shmbypass.errors import FeatureMissing, ShmbypassError
 from shmbypass.features import Probe
 
 OBJECT = "bypass"
-MAPS = ("sock_hash", "conns", "pending", "counters", "settings", "errors", "sk_state")
+MAPS = ("sock_hash", "conns", "pending", "counters", "settings", "errors", "sk_state",
+        *slots.MAPS)
 PROGS = {"prog_msg": "sbp_msg", "prog_drain": "sbp_drain"}
 LINK = "link_sockops"
 
@@ -62,7 +63,7 @@ def probe_programs() -> Probe:
         return Probe("programs", False, str(_load_error(e)))
 
 
-def up(inst: paths.Instance, cgroup: str | None = None) -> bool:
+def up(inst: paths.Instance, cgroup: str | None = None, slot_count: int | None = None) -> bool:
     """Bring the bypass up; False if it already was."""
     features.require_root()
     root = features.require_cgroup2()
@@ -91,6 +92,8 @@ def up(inst: paths.Instance, cgroup: str | None = None) -> bool:
                 bpf.pin(obj.map_fd(m), inst.pin(m))
             for pin_name, prog in PROGS.items():
                 bpf.pin(obj.prog_fd(prog), inst.pin(pin_name))
+            # The shm tier's slot free list and region (before sockops runs).
+            slots.setup(inst, slot_count)
             # The pinned sockhash keeps the sk_msg attachment alive.
             bpf.prog_attach(obj.prog_fd("sbp_msg"), obj.map_fd("sock_hash"), lib.BPF_SK_MSG_VERDICT)
             cg_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
@@ -219,6 +222,10 @@ def run(inst: paths.Instance, argv: list[str], tier: str = "kernel") -> int:
     if tier == "shm":
         from shmbypass import shmtier
         env.update(shmtier.preload_env(inst))
+    # Every tier gets the guard against tcp_bpf's spurious EAGAIN
+    # (native/guard.c); statically linked programs go without it.
+    preload = [p for p in (env.get("LD_PRELOAD", ""), paths.tool("libshmbypass-guard.so")) if p]
+    env["LD_PRELOAD"] = " ".join(preload)
     procs = os.path.join(inst.cgroup, "cgroup.procs")
 
     def enter_group():

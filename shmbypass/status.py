@@ -17,6 +17,10 @@ REASONS = {
     lib.SBP_REASON_DRAINING: "shutting-down",
     lib.SBP_REASON_PEER_CLOSED: "peer-closed",
     lib.SBP_REASON_POLICY_EXCLUDED: "policy-excluded",
+    # shm-tier negotiation (docs/NEGOTIATION.md)
+    lib.SBP_REASON_DIFFERENT_REGION: "different-region",
+    lib.SBP_REASON_POOL_EXHAUSTED: "pool-exhausted",
+    lib.SBP_REASON_NO_OPTION_SPACE: "no-option-space",
 }
 COUNTERS = {
     lib.SBP_CNT_ESTABLISHED: "established",
@@ -29,6 +33,9 @@ COUNTERS = {
     lib.SBP_CNT_REDIRECT_FAILED: "redirect_failed",
     lib.SBP_CNT_HANDSHAKE_RACE: "handshake_race",
     lib.SBP_CNT_TABLE_FULL: "table_full",
+    lib.SBP_CNT_SHM: "shm",
+    lib.SBP_CNT_SHM_FALLBACK: "shm_fallback",
+    lib.SBP_CNT_RESV_EXPIRED: "resv_expired",
 }
 
 
