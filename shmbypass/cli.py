@@ -9,7 +9,7 @@ from shmbypass.errors import ShmbypassError
 def cmd_up(args) -> int:
     from shmbypass import manager
     inst = paths.Instance.current()
-    if manager.up(inst, cgroup=args.cgroup):
+    if manager.up(inst, cgroup=args.cgroup, slot_count=args.slots):
         print(f"shmbypass: up (instance {inst.name}, cgroup {inst.cgroup}, pins {inst.pin_dir})")
     else:
         print(f"shmbypass: already up (instance {inst.name})")
@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("up", help="load, pin and attach the bypass")
     p.add_argument("--cgroup", help="cgroup v2 directory to attach to (default: <cgroup2>/<instance>)")
     p.add_argument("--backend", choices=["arena", "shm"], help="shared-memory region backend")
+    p.add_argument("--slots", type=int, metavar="N",
+                   help="shm-tier ring slots in the pool, two per connection (default 256)")
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("down", help="detach and unpin everything; live connections go on over TCP")
