@@ -13,6 +13,7 @@ import os
 
 from shmbypass import bpf, paths
 from shmbypass._native import ffi, lib
+from shmbypass.errors import ShmbypassError
 
 DEFAULT_SLOTS = 256
 # Longer than any request socket can live after its last SYN-ACK
@@ -34,7 +35,7 @@ def setup(inst: paths.Instance, slot_count: int | None = None, region_id: int | 
     """Fill the free list and the region config of a freshly loaded instance."""
     n = DEFAULT_SLOTS if slot_count is None else slot_count
     if not 0 <= n <= lib.SBP_MAX_SLOTS:
-        raise ValueError(f"slot count {n} out of range (0..{lib.SBP_MAX_SLOTS})")
+        raise ShmbypassError(f"slot count {n} out of range (0..{lib.SBP_MAX_SLOTS})")
     if region_id is None:
         region_id = int.from_bytes(os.urandom(8), "little") | 1  # never 0: 0 means "no region"
     ttl = DEFAULT_RESV_TTL if resv_ttl is None else resv_ttl
