@@ -97,11 +97,11 @@ def listen(family=socket.AF_INET, mark=None, host=None):
     return ls
 
 
-def connect(ls, mark=None):
+def connect(ls, mark=None, host=None):
     c = socket.socket(ls.family, socket.SOCK_STREAM)
     if mark:
         mark(c)
-    c.connect(ls.getsockname()[:2])
+    c.connect((host or ls.getsockname()[0], ls.getsockname()[1]))
     s, _ = ls.accept()
     return c, s
 
@@ -235,13 +235,17 @@ def handshake(segs, client_port):
 
 # -- both ends marked ------------------------------------------------------------
 
-@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6])
-def test_both_marked_shm_with_crossed_slots(neg, marker, family):
+@pytest.mark.parametrize("family,host,connect_host", [
+    (socket.AF_INET, None, None),
+    (socket.AF_INET6, None, None),
+    (socket.AF_INET6, "::", "::ffff:127.0.0.1"),  # v4-mapped on a dual-stack listener
+])
+def test_both_marked_shm_with_crossed_slots(neg, marker, family, host, connect_host):
     cap = Capture()
     try:
-        ls = listen(family, marker)
+        ls = listen(family, marker, host)
         assert slots.listeners(neg), "a marked listener is recorded"
-        c, s = connect(ls, marker)
+        c, s = connect(ls, marker, connect_host)
         # A control connection of unmarked sockets, captured at the same time.
         ls2 = listen(family)
         c2, s2 = connect(ls2)
@@ -335,6 +339,19 @@ def test_client_unmarked_sees_no_option(neg, marker):
         x.close()
     assert_pool_full(neg)
     assert not slots.reservations(neg)
+
+
+def test_refused_connect_gives_its_slot_back(neg, marker):
+    """The SYN took a slot; the RST (nobody listening) brings it back."""
+    ls = listen()
+    port = ls.getsockname()[1]
+    ls.close()
+    for _ in range(3):
+        c = marker(socket.socket())
+        with pytest.raises(ConnectionRefusedError):
+            c.connect(("127.0.0.1", port))
+        c.close()
+    assert_pool_full(neg)
 
 
 # -- pool exhaustion -------------------------------------------------------------
