@@ -98,6 +98,33 @@ def test_status_reads_a_formatted_region(tmp_path):
     assert "1 live channel" in text and "ivshmem" in text
 
 
+def test_status_agrees_with_the_native_ring(tmp_path):
+    """A region and a ring made by the real C code (region.py/ring.py), read
+    back by the host view."""
+    region = pytest.importorskip("shmbypass.region", reason="native ring/region part not built")
+    reg = region.Region.anonymous(slot_count=3, region_id=0xFEED)
+    try:
+        r = reg.ring(1, generation=42, create=True)
+        r.write(b"x" * 5000)
+        reader = reg.ring(1, generation=42)
+        assert len(reader.read(1000)) == 1000
+        r.close_writer()
+        f = tmp_path / "region"
+        f.write_bytes(bytes(reg._mm))
+    finally:
+        reg.close()
+    rep = vm.region_status(str(f))
+    assert rep["state"] == "ok", rep["problem"]
+    assert rep["header"]["region_id"] == f"{0xFEED:016x}"
+    (c,) = rep["channels"]
+    assert (c["slot"], c["generation"], c["head"], c["tail"], c["state"]) == (1, 42, 5000, 1000, "fin")
+    # one byte of garbage in the geometry: both checkers refuse it
+    raw = bytearray(f.read_bytes())
+    raw[20] ^= 0x10  # slot_size
+    f.write_bytes(bytes(raw))
+    assert vm.region_status(str(f))["state"] == "garbage"
+
+
 def test_open_ivshmem_bar_without_device(tmp_path):
     with pytest.raises(vm.IvshmemNotFound, match="no ivshmem PCI device"):
         vm.open_ivshmem_bar(pci_root=str(tmp_path))
@@ -220,6 +247,17 @@ def test_project_python_in_guest(pair):
     path, prefix = r.out.split()
     assert path == os.path.join(vm.ROOT, "shmbypass", "__init__.py")
     assert prefix == os.path.join(vm.ROOT, ".venv")
+
+
+def test_region_absent_from_one_guest():
+    """A pair where only A gets the ivshmem device: B says so clearly, and
+    the link between them still works."""
+    with vm.VMPair(ivshmem=("A",), region_size=16 << 20) as p:
+        a = p.run("A", f"{PY} -m shmbypass.vm status ivshmem", timeout=60)
+        assert a.rc == 0 and "not formatted" in a.out, a  # a zero-filled region: empty
+        b = p.run("B", f"{PY} -m shmbypass.vm status ivshmem", timeout=60)
+        assert b.rc == 1 and "no ivshmem PCI device" in b.err, b
+        assert p.run("B", "busybox ping -c 1 -W 10 10.77.0.1", timeout=60).ok
 
 
 SINK_SERVER = """
