@@ -6,8 +6,10 @@ option itself is checked on the wire with an AF_PACKET capture.
 Slot accounting is checked after every scenario: the free list is full again
 and no slot holds a reference once every socket has reached TCP_CLOSE."""
 import ctypes
+import errno
 import os
 import random
+import select
 import socket
 import struct
 import subprocess
@@ -339,6 +341,50 @@ def test_client_unmarked_sees_no_option(neg, marker):
         x.close()
     assert_pool_full(neg)
     assert not slots.reservations(neg)
+
+
+def test_retransmitted_syn_carries_the_same_slot(neg, marker):
+    """A full accept queue drops the SYN; its retransmissions offer the same
+    slot and generation, and the connection lands in shm once accepted."""
+    cap = Capture()
+    try:
+        ls = socket.socket()
+        ls.bind(("127.0.0.1", 0))
+        marker(ls)
+        ls.listen(0)  # room for one connection in the accept queue
+        port = ls.getsockname()[1]
+        first = marker(socket.socket())
+        first.connect(("127.0.0.1", port))
+        c = marker(socket.socket())
+        c.setblocking(False)
+        assert c.connect_ex(("127.0.0.1", port)) == errno.EINPROGRESS
+
+        def syns():
+            return [our_option(o) for sp, dp, f, *_, o in seen
+                    if sp == c.getsockname()[1] and f & (SYN | ACK) == SYN]
+        seen = []
+
+        def retransmitted():
+            seen.extend(cap.segments({port}))
+            return len(syns()) >= 2
+        wait_for(retransmitted, "the SYN retransmitted (accept queue full)")
+        s_first, _ = ls.accept()
+        _, w, _ = select.select([], [c], [], 60)
+        assert w and c.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+        s, _ = ls.accept()
+        seen.extend(cap.segments({port}))
+    finally:
+        cap.close()
+    a = marker.state(c)
+    assert a["tier"] == marker.state(s)["tier"] == SHM
+    offers = syns()
+    assert len(offers) >= 2 and all(o == offers[0] for o in offers), offers
+    assert (offers[0]["slot"], offers[0]["gen"]) == (a["tx_slot"], a["tx_gen"])
+    c.setblocking(True)
+    echo(c, s)
+    for x in (c, s, first, s_first, ls):
+        x.close()
+    assert_pool_full(neg)
 
 
 def test_refused_connect_gives_its_slot_back(neg, marker):
