@@ -148,13 +148,28 @@ struct {
 
 /* SYN-ACK answers waiting for their child socket. Bounded: a flood of
  * SYNs carrying our option fills it (then answers say pool-exhausted)
- * and the timers empty it again. */
+ * and the sweeper empties it again. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 8192);
 	__type(key, struct sbp_resv_key);
 	__type(value, struct sbp_resv);
 } reservations SEC(".maps");
+
+/* The one timer that expires reservations (see sweep()). A map holding a
+ * timer must be pinned: bpf_timer_init() wants a user reference. */
+struct sbp_sweeper {
+	struct bpf_timer timer;
+	__u64 armed;		/* 1 while the timer is (about to be) pending */
+	__u64 ready;		/* 1 once init + set_callback succeeded */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct sbp_sweeper);
+} sweeper SEC(".maps");
 
 /* Errors the programs hit, keyed by source line; tests assert it is empty. */
 struct {
@@ -411,19 +426,6 @@ static __always_inline int opt_missing(long err)
  * allocated once (at the first marked listen) and armed while reservations
  * may be waiting; each pass frees the expired ones and re-arms for the
  * next deadline. */
-struct sbp_sweeper {
-	struct bpf_timer timer;
-	__u64 armed;		/* 1 while the timer is (about to be) pending */
-	__u64 ready;		/* 1 once init + set_callback succeeded */
-};
-
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct sbp_sweeper);
-} sweeper SEC(".maps");
-
 struct sweep_ctx {
 	__u64 now;
 	__u64 next;		/* earliest deadline still ahead */
