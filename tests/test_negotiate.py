@@ -284,6 +284,9 @@ def test_both_marked_shm_with_crossed_slots(neg, marker, family, host, connect_h
                      "slot": a["tx_slot"], "gen": a["tx_gen"], "region_id": region}
     assert o_synack == {"version": 1, "caps": lib.SBP_CAP_SHM_HOST, "status": 0,
                         "slot": b["tx_slot"], "gen": b["tx_gen"], "region_id": region}
+    # Only the handshake carries it (header callbacks are off once established).
+    later = [seg for seg in segs if c.getsockname()[1] in seg[:2] and not seg[2] & SYN]
+    assert later and not any(our_option(seg[5]) for seg in later)
     # Unmarked sockets: no option on any of their segments.
     ctl = [seg for seg in segs if c2.getsockname()[1] in seg[:2]]
     assert ctl and not any(our_option(seg[5]) for seg in ctl)
