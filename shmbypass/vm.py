@@ -54,8 +54,9 @@ KERNEL_META_PKG = "linux-image-amd64"
 BUSYBOX = "/bin/busybox"  # from Debian's busybox-static
 # What the guest needs from the kernel deb (dependencies are added from each
 # module's .modinfo, in load order): the virtio PCI transport, the NIC, the
-# agent's serial port, and 9p for the root filesystem.
-GUEST_MODULES = ["virtio_pci", "virtio_net", "virtio_console", "9pnet_virtio", "9p"]
+# agent's serial port, 9p for the root filesystem, and TCP socket diagnostics
+# (`ss`, pyroute2's inet_diag, which `shmbypass status` uses).
+GUEST_MODULES = ["virtio_pci", "virtio_net", "virtio_console", "9pnet_virtio", "9p", "tcp_diag"]
 IMAGE_FORMAT = 2  # bump when the initramfs recipe changes in a way the hash can't see
 
 GUESTS = {  # name -> (guest-internal address on the pair's private link, MAC)
