@@ -9,8 +9,12 @@ from shmbypass.errors import ShmbypassError
 def cmd_up(args) -> int:
     from shmbypass import manager
     inst = paths.Instance.current()
-    if manager.up(inst, cgroup=args.cgroup, slot_count=args.slots):
-        print(f"shmbypass: up (instance {inst.name}, cgroup {inst.cgroup}, pins {inst.pin_dir})")
+    if manager.up(inst, cgroup=args.cgroup, slot_count=args.slots, backend=args.backend):
+        region = inst.load_state().get("region", {})
+        if region.get("note"):
+            print(f"shmbypass: {region['note']}", file=sys.stderr)
+        print(f"shmbypass: up (instance {inst.name}, cgroup {inst.cgroup}, pins {inst.pin_dir}, "
+              f"region {region.get('backend')}:{region.get('path')} x{region.get('slot_count')})")
     else:
         print(f"shmbypass: already up (instance {inst.name})")
     return 0

@@ -63,7 +63,37 @@ def probe_programs() -> Probe:
         return Probe("programs", False, str(_load_error(e)))
 
 
-def up(inst: paths.Instance, cgroup: str | None = None, slot_count: int | None = None) -> bool:
+# The shm tier's region, per instance: 128 rings of 256 KiB (33 MiB).
+DEFAULT_SLOTS = 128
+DEFAULT_SLOT_SIZE = 4096 + (256 << 10)
+
+
+def _make_region(inst: paths.Instance, backend: str | None, slot_count: int) -> dict:
+    """Create the instance's region; an arena that this kernel cannot make
+    falls back to POSIX shm, with the reason recorded."""
+    from shmbypass import region
+    note = ""
+    if backend in (None, "arena"):
+        probe = region.arena_supported()
+        if not probe:
+            note = f"arena backend unavailable ({probe.reason}); using POSIX shm"
+            backend = "shm"
+        else:
+            backend = "arena"
+    region.remove(inst.name, inst.pin_dir)  # a killed run's leftovers
+    r = region.Region.format(backend, instance=inst.name, slot_count=slot_count,
+                             slot_size=DEFAULT_SLOT_SIZE, pin_dir=inst.pin_dir)
+    try:
+        path = r.name
+        rid = r.region_id
+    finally:
+        r.close()
+    return {"backend": backend, "path": path, "region_id": rid, "slot_count": slot_count,
+            "note": note}
+
+
+def up(inst: paths.Instance, cgroup: str | None = None, slot_count: int | None = None,
+       backend: str | None = None) -> bool:
     """Bring the bypass up; False if it already was."""
     features.require_root()
     root = features.require_cgroup2()
@@ -92,8 +122,11 @@ def up(inst: paths.Instance, cgroup: str | None = None, slot_count: int | None =
                 bpf.pin(obj.map_fd(m), inst.pin(m))
             for pin_name, prog in PROGS.items():
                 bpf.pin(obj.prog_fd(prog), inst.pin(pin_name))
-            # The shm tier's slot free list and region (before sockops runs).
-            slots.setup(inst, slot_count)
+            # The shm tier's region and slot free list (before sockops runs).
+            n = DEFAULT_SLOTS if slot_count is None else slot_count
+            state["region"] = _make_region(inst, backend, max(n, 1))
+            inst.save_state(state)
+            slots.setup(inst, n, state["region"]["region_id"])
             # The pinned sockhash keeps the sk_msg attachment alive.
             bpf.prog_attach(obj.prog_fd("sbp_msg"), obj.map_fd("sock_hash"), lib.BPF_SK_MSG_VERDICT)
             cg_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
@@ -107,10 +140,16 @@ def up(inst: paths.Instance, cgroup: str | None = None, slot_count: int | None =
                 os.close(link)
     except BaseException:
         _remove_pins(inst)
+        _remove_region(inst)
         _remove_cgroup(state)
         shutil.rmtree(inst.run_dir, ignore_errors=True)
         raise
     return True
+
+
+def _remove_region(inst: paths.Instance) -> None:
+    from shmbypass import region
+    region.remove(inst.name, inst.pin_dir)
 
 
 def _remove_pins(inst: paths.Instance) -> None:
@@ -202,6 +241,7 @@ def down(inst: paths.Instance, drain_timeout: float = 10.0, force: bool = False)
                     f"Run `shmbypass down` again once they read it, or `down --force` to drop it")
             time.sleep(0.02)
     _remove_pins(inst)
+    _remove_region(inst)
     _remove_cgroup(state)
     shutil.rmtree(inst.run_dir, ignore_errors=True)
     return True

@@ -38,11 +38,15 @@ def _sweep_leftovers():
     for pattern in (os.path.join(paths.BPFFS, "sbt-*"), "/run/sbt-*",
                     os.path.join(paths.cgroup2_root() or "/nonexistent", "sbt-*")):
         names.update(os.path.basename(p) for p in glob.glob(pattern))
+    shm = {os.path.basename(p) for p in glob.glob("/dev/shm/sbt-*")}
+    names.update(re.sub(r"-(region|wake)$", "", n) for n in shm)
     for name in names:
         m = re.match(r"sbt-(?:[a-z]+-)?(\d+)-", name)
         if m and os.path.exists(f"/proc/{m.group(1)}") and int(m.group(1)) != os.getpid():
             continue  # another live run owns it
         manager.down(paths.Instance(name), drain_timeout=0.5, force=True)
+        from shmbypass import region
+        region.remove(name, paths.Instance(name).pin_dir)
 
 
 def pytest_sessionstart(session):
@@ -59,6 +63,8 @@ def assert_gone(inst: paths.Instance) -> None:
     assert not os.path.exists(inst.run_dir), f"run dir left: {inst.run_dir}"
     cg = inst.default_cgroup()
     assert not (cg and os.path.exists(cg)), f"cgroup left: {cg}"
+    left = glob.glob(f"/dev/shm/{inst.name}-*")
+    assert not left, f"shared memory left: {left}"
 
 
 @pytest.fixture
