@@ -787,7 +787,8 @@ class VMPair:
         argv = self._qemu_argv(name, image, accel)
         log = os.path.join(self.log_dir, f"{self.name}-{name}.log")
         errlog = open(os.path.join(self.run_dir, f"{name}.qemu-stderr"), "wb")
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=errlog, stderr=errlog,
+        env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}  # e.g. `make test`'s guard
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=errlog, stderr=errlog, env=env,
                                 start_new_session=True, preexec_fn=_set_pdeathsig)
         errlog.close()
         agent = _AgentClient(name, os.path.join(self.run_dir, name + ".agent"))

@@ -22,9 +22,21 @@ GARBAGE = b"\xa5not a region\x5a" * 4096  # 64 KiB of garbage at offset 0, writt
 BAR_OFFSET = 8 << 20  # where the BAR test writes: past the garbage
 
 
-def _qemu_pids():
-    out = subprocess.run(["pgrep", "-x", "qemu-system-x86"], capture_output=True, text=True).stdout
-    return {int(p) for p in out.split()}
+def _qemu_pids(pair_name):
+    """QEMU processes of one pair (named sbvm-<launcher pid>-<n>-A/B): other
+    people's VMs on this machine are none of our business."""
+    pids = set()
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                with open(f"/proc/{p}/cmdline", "rb") as f:
+                    args = f.read().split(b"\0")
+            except OSError:
+                continue
+            if args and args[0].endswith(b"qemu-system-x86_64") and any(
+                    a.startswith(pair_name.encode() + b"-") for a in args):
+                pids.add(int(p))
+    return pids
 
 
 def _wait_gone(pids, limit=30.0):
@@ -133,16 +145,16 @@ def test_open_ivshmem_bar_without_device(tmp_path):
 def test_killed_launcher_leaves_nothing():
     """SIGKILL the launcher mid-boot: its QEMUs die with it (PDEATHSIG) and
     the next launcher's sweep removes the region file and run dir."""
-    before = _qemu_pids()
     code = "from shmbypass import vm; import time; vm.VMPair().boot(); time.sleep(600)"
     launcher = subprocess.Popen([sys.executable, "-c", code], cwd=vm.ROOT,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    region = f"/dev/shm/{vm.RUN_PREFIX}{launcher.pid}-1"
+    name = f"{vm.RUN_PREFIX}{launcher.pid}-1"
+    region = f"/dev/shm/{name}"
     try:
         end = time.monotonic() + 60
-        while not (_qemu_pids() - before) and time.monotonic() < end:
+        while not _qemu_pids(name) and time.monotonic() < end:
             time.sleep(0.05)
-        started = _qemu_pids() - before
+        started = _qemu_pids(name)
         assert started, "the launcher never started QEMU"
     finally:
         launcher.kill()
@@ -150,7 +162,7 @@ def test_killed_launcher_leaves_nothing():
     assert not _wait_gone(started), "QEMU outlived its launcher"
     vm.sweep_stale()
     assert not os.path.exists(region)
-    assert not os.path.exists(f"/run/{vm.RUN_PREFIX}{launcher.pid}-1")
+    assert not os.path.exists(f"/run/{name}")
 
 
 # -- the pair -------------------------------------------------------------------
