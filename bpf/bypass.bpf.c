@@ -1228,8 +1228,15 @@ int sbp_drain(struct bpf_iter__sockmap *ctx)
 	rec.cookie = *key;
 	ud = BPF_CORE_READ(sk, sk_user_data);
 	psock = (struct sk_psock *)((unsigned long)ud & SK_USER_DATA_PTRMASK);
-	if (psock)
+	if (psock && bpf_core_field_exists(psock->msg_tot_len)) {
 		rec.queued = BPF_CORE_READ(psock, msg_tot_len);
+	} else if (psock) {
+		/* Older kernels (the 6.1 of the VM guests) keep no byte count:
+		 * report 1 while the queue is not empty. */
+		struct list_head *head = &psock->ingress_msg;
+
+		rec.queued = BPF_CORE_READ(psock, ingress_msg.next) != head;
+	}
 	bpf_seq_write(ctx->meta->seq, &rec, sizeof(rec));
 	return 0;
 }
