@@ -93,7 +93,7 @@ TARGETS = [
 QUICK = dict(reps=3, rtt_seconds=0.1, stream_seconds=0.1, connrate_seconds=0.15, rtt_warmup=300,
              retry_budget=15)
 FULL = dict(reps=5, rtt_seconds=1.0, stream_seconds=1.0, connrate_seconds=1.0, rtt_warmup=2000,
-            retry_budget=200)
+            retry_budget=60)
 
 NOISE_CORES = 0.25       # other processes may use a quarter of a core...
 NOISE_FLOOR_S = 0.03     # ...or 3 ticks of the 100 Hz accounting, whichever is more
