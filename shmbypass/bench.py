@@ -1008,7 +1008,7 @@ def _apps_text(report):
             continue
         out.append("")
         out.append(title + ":")
-        for a in items:
+        for a in sort_entries(items):
             out.append("  " + app_line(a))
     return out
 
@@ -1018,7 +1018,7 @@ def app_line(a):
         return f"{a['name']}: skipped: {a['skipped']}"
     parts = [f"{a['name']} [{TRANSPORT_LABELS.get(a['transport'], a['transport'])}]"]
     for k, v in a.get("figures", {}).items():
-        parts.append(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}")
+        parts.append(f"{FIGURE_LABELS.get(k, k)} {fmt_fig(v)}")
     if a.get("engaged") is False:
         parts.append("BYPASS NOT ENGAGED (tier: " + (",".join(a.get("tiers_seen") or []) or "none") + ")")
     elif a.get("ratio") is not None:
@@ -1030,6 +1030,56 @@ def app_line(a):
     if a.get("error"):
         parts.append("FAILED: " + a["error"])
     return "  ".join(parts)
+
+
+FIGURE_LABELS = {
+    "rps": "requests/s", "rps_1conn": "requests/s (1 conn)", "p50_ms": "p50 ms", "p99_ms": "p99 ms",
+    "p50_us": "p50 us", "p99_us": "p99 us", "p99_us_worst": "worst p99 us", "gbit_s": "Gbit/s",
+    "cpu_us_per_req_ends": "CPU us/req (client+server)", "other_cpu_cores": "others' CPU (cores)",
+}
+
+
+def fmt_fig(v):
+    if not isinstance(v, float):
+        return str(v)
+    if abs(v) >= 1000:
+        return f"{v:,.0f}"
+    return f"{v:.1f}" if abs(v) >= 10 else f"{v:.3g}"
+
+
+def sort_entries(items):
+    """Each benchmark's transports side by side, in first-seen order."""
+    first = {}
+    for i, a in enumerate(items):
+        first.setdefault(a["name"], i)
+    order = {t: i for i, t in enumerate(TRANSPORTS)}
+    return sorted(items, key=lambda a: (first[a["name"]], order.get(a.get("transport"), -1)))
+
+
+def app_table(items):
+    """Markdown table of app or sidecar entries, one row per (name, transport)."""
+    lines = ["| benchmark | transport | figures | vs TCP | note |", "|---|---|---|---|---|"]
+    for a in sort_entries(items):
+        if a.get("skipped"):
+            lines.append(f"| {a['name']} | - | - | - | skipped: {a['skipped']} |")
+            continue
+        figs = ", ".join(f"{FIGURE_LABELS.get(k, k)} {fmt_fig(v)}" for k, v in a.get("figures", {}).items())
+        if a.get("engaged") is False:
+            vs = "-"
+            note = "**BYPASS NOT ENGAGED** (tier: " + (",".join(a.get("tiers_seen") or []) or "none") + ")"
+        else:
+            vs = "1.00x (base)" if a["transport"] == "tcp" and not a.get("error") else (
+                f"{a['ratio']:.2f}x" if a.get("ratio") is not None else "-")
+            note = ""
+        if a.get("noisy"):
+            note += f" noisy: {a['noisy']}"
+        elif a.get("noisy_reps"):
+            note += f" noisy ({a['noisy_reps']} rep)"
+        if a.get("error"):
+            note += " FAILED: " + a["error"]
+        lines.append(f"| {a['name']} | {TRANSPORT_LABELS.get(a['transport'], a['transport'])} | {figs} | "
+                     f"{vs} | {note.strip()} |".replace("\n", " "))
+    return lines
 
 
 def render_markdown(report, plot_name):
@@ -1075,9 +1125,7 @@ def render_markdown(report, plot_name):
     for title, items in (("Applications", report["apps"]),
                          ("Sidecar: client -> haproxy (TCP mode) -> server", report["sidecar"])):
         if items:
-            lines += [f"## {title}", ""]
-            lines += ["- " + app_line(a) for a in items]
-            lines.append("")
+            lines += [f"## {title}", ""] + app_table(items) + [""]
     if report["warnings"]:
         lines += ["## Warnings", ""] + [f"- **{w}**" for w in report["warnings"]] + [""]
     noisy = sum(r["noisy_repeats"] for r in report["results"])
@@ -1230,6 +1278,8 @@ def add_parser(subparsers):
     p.add_argument("--results-md", metavar="FILE",
                    help="also replace what follows the marker line in FILE with the report "
                         "(bench/RESULTS.md: the hand-written reading above the marker stays)")
+    p.add_argument("--from-json", metavar="FILE",
+                   help="do not measure: render the table, report and plot again from a saved bench.json")
     p.add_argument("--only", help=argparse.SUPPRESS)  # tests: comma list of transports/placements/tests
     p.set_defaults(func=cmd_bench)
 
@@ -1239,6 +1289,15 @@ _MAIN_PID = None
 
 def cmd_bench(args) -> int:
     global _MAIN_PID
+    if args.from_json:
+        with open(args.from_json) as f:
+            report = json.load(f)
+        files = write_outputs(report, args.out)
+        if args.results_md:
+            files["results"] = update_results_md(args.results_md, report, files)
+        print(render_text(report))
+        print("wrote " + ", ".join(files[k] for k in ("json", "markdown", "plot", "results") if k in files))
+        return 0
     runner = Runner(args)
     _MAIN_PID = runner.pid
     old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
