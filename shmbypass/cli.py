@@ -9,7 +9,8 @@ from shmbypass.errors import ShmbypassError
 def cmd_up(args) -> int:
     from shmbypass import manager
     inst = paths.Instance.current()
-    if manager.up(inst, cgroup=args.cgroup, slot_count=args.slots, backend=args.backend):
+    if manager.up(inst, cgroup=args.cgroup, slot_count=args.slots, backend=args.backend,
+                  part=args.part):
         region = inst.load_state().get("region", {})
         if region.get("note"):
             print(f"shmbypass: {region['note']}", file=sys.stderr)
@@ -63,7 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("up", help="load, pin and attach the bypass")
     p.add_argument("--cgroup", help="cgroup v2 directory to attach to (default: <cgroup2>/<instance>)")
-    p.add_argument("--backend", choices=["arena", "shm"], help="shared-memory region backend")
+    p.add_argument("--backend", choices=["arena", "shm", "ivshmem"],
+                   help="shared-memory region backend (ivshmem: in a VM of a pair, the region "
+                        "the host formatted)")
+    p.add_argument("--part", type=int, metavar="N",
+                   help="ivshmem: allocate from part N of the region (default: the part of "
+                        "$SHMBYPASS_GUEST)")
     p.add_argument("--slots", type=int, metavar="N",
                    help="shm-tier ring slots in the pool, two per connection (default 256)")
     p.set_defaults(func=cmd_up)

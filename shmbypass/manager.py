@@ -68,10 +68,13 @@ DEFAULT_SLOTS = 128
 DEFAULT_SLOT_SIZE = 4096 + (256 << 10)
 
 
-def _make_region(inst: paths.Instance, backend: str | None, slot_count: int) -> dict:
+def _make_region(inst: paths.Instance, backend: str | None, slot_count: int | None,
+                 part: int | None = None) -> dict:
     """Create the instance's region; an arena that this kernel cannot make
     falls back to POSIX shm, with the reason recorded."""
     from shmbypass import region
+    if backend == "ivshmem":  # VM pairs: join the host's region, use our part
+        return region.ivshmem_state(slot_count, part)
     note = ""
     if backend in (None, "arena"):
         probe = region.arena_supported()
@@ -93,7 +96,7 @@ def _make_region(inst: paths.Instance, backend: str | None, slot_count: int) -> 
 
 
 def up(inst: paths.Instance, cgroup: str | None = None, slot_count: int | None = None,
-       backend: str | None = None) -> bool:
+       backend: str | None = None, part: int | None = None) -> bool:
     """Bring the bypass up; False if it already was."""
     features.require_root()
     root = features.require_cgroup2()
@@ -124,9 +127,14 @@ def up(inst: paths.Instance, cgroup: str | None = None, slot_count: int | None =
                 bpf.pin(obj.prog_fd(prog), inst.pin(pin_name))
             # The shm tier's region and slot free list (before sockops runs).
             n = DEFAULT_SLOTS if slot_count is None else slot_count
-            state["region"] = _make_region(inst, backend, max(n, 1))
+            if backend == "ivshmem":  # the host set the geometry: our whole part unless --slots
+                state["region"] = _make_region(inst, backend, slot_count, part)
+                n = state["region"]["slot_count"]
+            else:
+                state["region"] = _make_region(inst, backend, max(n, 1))
             inst.save_state(state)
-            slots.setup(inst, n, state["region"]["region_id"])
+            slots.setup(inst, n, state["region"]["region_id"],
+                        first_slot=state["region"].get("first_slot", 0))
             # The pinned sockhash keeps the sk_msg attachment alive.
             bpf.prog_attach(obj.prog_fd("sbp_msg"), obj.map_fd("sock_hash"), lib.BPF_SK_MSG_VERDICT)
             cg_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)

@@ -6,8 +6,10 @@ life of an unclaimed SYN-ACK reservation. From then on only BPF moves slots:
 sockops pops one per marked connecting socket and per answered SYN, and
 pushes it back when both ends have reached TCP_CLOSE.
 
-Until regions are wired in, the region id is random per `up`; once they are,
-pass the region header's id (and its slot count) to setup().
+The manager passes the region header's id and slot count. A VM pair's
+region is split into *parts* (one per guest kernel): each instance's free
+list holds only its own part's slot ids, [first_slot, first_slot + N), so the
+two kernels never hand out the same slot (docs/NEGOTIATION.md, "VM pairs").
 """
 import os
 
@@ -31,41 +33,73 @@ def _region_map(inst: paths.Instance) -> bpf.Map:
 
 
 def setup(inst: paths.Instance, slot_count: int | None = None, region_id: int | None = None,
-          resv_ttl: float | None = None) -> dict:
-    """Fill the free list and the region config of a freshly loaded instance."""
+          resv_ttl: float | None = None, first_slot: int = 0) -> dict:
+    """Fill the free list (slots first_slot .. first_slot + slot_count - 1) and
+    the region config of a freshly loaded instance. region_id 0 = no region:
+    BPF never offers shm."""
     n = DEFAULT_SLOTS if slot_count is None else slot_count
     if not 0 <= n <= lib.SBP_MAX_SLOTS:
         raise ShmbypassError(f"slot count {n} out of range (0..{lib.SBP_MAX_SLOTS})")
+    if first_slot < 0 or first_slot + n > lib.SBP_MAX_SLOTS:
+        raise ShmbypassError(f"slots {first_slot}..{first_slot + n - 1} out of range "
+                             f"(slot ids travel as 16 bits: 0..{lib.SBP_MAX_SLOTS - 1})")
     if region_id is None:
         region_id = int.from_bytes(os.urandom(8), "little") | 1  # never 0: 0 means "no region"
     ttl = DEFAULT_RESV_TTL if resv_ttl is None else resv_ttl
     fd = bpf.get_pinned(inst.pin("free_slots"))
     try:
         val = ffi.new("uint32_t *")
-        for slot in range(n):
+        for slot in range(first_slot, first_slot + n):
             val[0] = slot
             if lib.bpf_map_update_elem(fd, ffi.NULL, val, 0) < 0:
                 raise OSError(ffi.errno, f"push slot {slot} on the free list: {os.strerror(ffi.errno)}")
     finally:
         os.close(fd)
-    cfg = {"region_id": region_id, "resv_ttl_ns": int(ttl * 1e9), "slot_count": n}
-    with _region_map(inst) as m:
-        m.update(0, cfg)
+    cfg = {"region_id": region_id, "resv_ttl_ns": int(ttl * 1e9), "slot_count": n,
+           "first_slot": first_slot}
+    _write_config(inst, cfg)
     return cfg
+
+
+# The part's first slot sits in sbp_region_cfg right after slot_count: the
+# u32 that bpf/bypass.h calls `pad` until the BPF programs learn parts (then
+# `first_slot`). Written by offset so this works with either header.
+_FIRST_SLOT_OFF = ffi.offsetof("struct sbp_region_cfg", "slot_count") + 4
+
+
+def _has_first_slot_field() -> bool:
+    return "first_slot" in dict(ffi.typeof("struct sbp_region_cfg").fields)
+
+
+def _write_config(inst: paths.Instance, cfg: dict) -> None:
+    val = ffi.new("struct sbp_region_cfg *", {k: cfg[k] for k in ("region_id", "resv_ttl_ns",
+                                                                   "slot_count")})
+    first = cfg.get("first_slot", 0)
+    if _has_first_slot_field():
+        val.first_slot = first
+    elif ffi.sizeof("struct sbp_region_cfg") >= _FIRST_SLOT_OFF + 4:
+        ffi.cast("uint32_t *", ffi.cast("char *", val) + _FIRST_SLOT_OFF)[0] = first
+    elif first:
+        raise ShmbypassError("this build's sbp_region_cfg has no room for a part's first slot")
+    with _region_map(inst) as m:
+        m.update(0, val)
 
 
 def config(inst: paths.Instance) -> dict:
     with _region_map(inst) as m:
         c = m.lookup(0)
-        return {"region_id": c.region_id, "resv_ttl_ns": c.resv_ttl_ns, "slot_count": c.slot_count}
+        first = (c.first_slot if _has_first_slot_field()
+                 else ffi.cast("uint32_t *", ffi.cast("char *", c) + _FIRST_SLOT_OFF)[0]
+                 if ffi.sizeof("struct sbp_region_cfg") >= _FIRST_SLOT_OFF + 4 else 0)
+        return {"region_id": c.region_id, "resv_ttl_ns": c.resv_ttl_ns, "slot_count": c.slot_count,
+                "first_slot": first}
 
 
 def set_config(inst: paths.Instance, **changes) -> None:
     """Change region_id or resv_ttl_ns of a live instance (tests; wiring regions)."""
     cfg = config(inst)
     cfg.update(changes)
-    with _region_map(inst) as m:
-        m.update(0, cfg)
+    _write_config(inst, cfg)
 
 
 def free_slots(inst: paths.Instance) -> list[int]:
@@ -87,10 +121,13 @@ def free_slots(inst: paths.Instance) -> list[int]:
 
 
 def slot_states(inst: paths.Instance, count: int | None = None) -> dict[int, tuple[int, int]]:
-    """Slot -> (generation, references) for the first `count` slots."""
-    n = config(inst)["slot_count"] if count is None else count
+    """Slot -> (generation, references) for the instance's slots (its part:
+    first_slot onwards), the first `count` of them if given."""
+    cfg = config(inst)
+    n = cfg["slot_count"] if count is None else count
+    first = cfg["first_slot"]
     with bpf.Map.pinned(inst.pin("slot_state"), "uint32_t", "uint64_t") as m:
-        return {s: ((w >> 32), w & 0xFFFFFFFF) for s in range(n) for w in [m.lookup(s)]}
+        return {s: ((w >> 32), w & 0xFFFFFFFF) for s in range(first, first + n) for w in [m.lookup(s)]}
 
 
 def reservations(inst: paths.Instance) -> list[dict]:
