@@ -1,0 +1,836 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * The data path of shm-tier sockets: every call that moves bytes goes
+ * through the rings; everything else passes straight to libc.
+ *
+ * One writer and one reader at a time per ring (SPSC): each direction has a
+ * process-shared lock. A blocking call keeps its lock while it waits (other
+ * blocking callers queue behind it, as they would on the socket); a
+ * non-blocking caller that finds the holder asleep gets EAGAIN at once.
+ *
+ * TCP semantics kept: blocking send() moves everything (or stops at a signal
+ * or SO_SNDTIMEO with a partial count); recv() returns what is there;
+ * MSG_WAITALL/PEEK/DONTWAIT/TRUNC/NOSIGNAL; EPIPE raises SIGPIPE unless
+ * MSG_NOSIGNAL; after the peer is gone, what it wrote is still delivered.
+ */
+#include <fcntl.h>
+#include <limits.h>
+#include <string.h>
+#include <sys/sendfile.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include "interpose.h"
+
+#ifndef UIO_MAXIOV
+#define UIO_MAXIOV 1024
+#endif
+#define BOUNCE 65536    /* sendfile/splice copy size */
+
+static int dir_lock(pthread_mutex_t *m, _Atomic uint32_t *sleeping, int nonblock)
+{
+	int rc;
+
+	if (!nonblock) {
+		rc = pthread_mutex_lock(m);
+	} else {
+		for (;;) {
+			rc = pthread_mutex_trylock(m);
+			if (rc != EBUSY)
+				break;
+			/* The holder sleeps for the ring: nothing for us either. */
+			if (atomic_load(sleeping))
+				return -EAGAIN;
+			sched_yield();
+		}
+	}
+	if (rc == EOWNERDEAD) {
+		/* A holder died mid-call; the ring itself is consistent (every
+		 * ring call publishes with one store). */
+		pthread_mutex_consistent(m);
+		rc = 0;
+	}
+	return -rc;
+}
+
+static inline int64_t deadline_for(int fd, int opt)
+{
+	int64_t t = sock_timeout_ns(fd, opt);
+
+	return t < 0 ? DL_NONE : now_ns() + t;
+}
+
+/* Skip n bytes of an iovec array (in place). */
+static void iov_advance(struct iovec *v, int *first, int cnt, size_t n)
+{
+	while (n && *first < cnt) {
+		if (v[*first].iov_len <= n) {
+			n -= v[*first].iov_len;
+			v[*first].iov_len = 0;
+			(*first)++;
+		} else {
+			v[*first].iov_base = (char *)v[*first].iov_base + n;
+			v[*first].iov_len -= n;
+			n = 0;
+		}
+	}
+	while (*first < cnt && v[*first].iov_len == 0)
+		(*first)++;
+}
+
+static int iov_total(const struct iovec *iov, int cnt, size_t *total)
+{
+	size_t t = 0;
+
+	if (cnt < 0 || cnt > UIO_MAXIOV || (cnt && !iov))
+		return -EINVAL;
+	for (int i = 0; i < cnt; i++) {
+		if (iov[i].iov_len > (size_t)SSIZE_MAX - t)
+			return -EINVAL;
+		t += iov[i].iov_len;
+	}
+	*total = t;
+	return 0;
+}
+
+static ssize_t fail(int err, int flags)
+{
+	if (err == EPIPE && !(flags & MSG_NOSIGNAL))
+		raise(SIGPIPE);     /* like the kernel: to this thread */
+	errno = err;
+	return -1;
+}
+
+/* A ring call said something other than data/full/empty/EOF: map it. */
+static int ring_error(int fd, struct chan *ch, ssize_t n, int dir)
+{
+	if (n == -EPIPE)
+		return EPIPE;
+	if (n == -ECONNRESET)
+		return ECONNRESET;
+	chan_break(fd, ch, SBP_RESET_CORRUPT,
+		   dir ? "the ring we write is corrupt" : "the ring we read is corrupt");
+	return ECONNRESET;
+}
+
+ssize_t shm_send(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, int flags)
+{
+	struct chan_sh *sh = ch->sh;
+	struct iovec v[UIO_MAXIOV];
+	int64_t deadline = 0;
+	size_t total, done = 0;
+	int nonblock, err = 0, first = 0, rc;
+
+	rc = iov_total(iov, iovcnt, &total);
+	if (rc < 0)
+		return fail(-rc, MSG_NOSIGNAL);
+	if (flags & MSG_OOB)
+		return fail(EOPNOTSUPP, MSG_NOSIGNAL);  /* urgent data has no ring equivalent */
+	nonblock = (flags & MSG_DONTWAIT) || (atomic_load(&sh->flags) & CH_NONBLOCK);
+	if (dir_lock(&sh->tx_lock, &sh->tx_sleeping, nonblock))
+		return fail(EAGAIN, flags);
+	memcpy(v, iov, (size_t)iovcnt * sizeof(*v));
+	iov_advance(v, &first, iovcnt, 0);
+	for (;;) {
+		uint32_t f = atomic_load_explicit(&sh->flags, memory_order_acquire);
+		ssize_t n;
+
+		if (f & CH_BROKEN) {
+			err = ECONNRESET;
+			break;
+		}
+		if (f & CH_SHUT_WR) {
+			sbp_ring_close_writer(&sh->tx);     /* shutdown() may not have had the lock */
+			err = EPIPE;
+			break;
+		}
+		if (f & CH_PEER_GONE) {
+			err = EPIPE;
+			break;
+		}
+		if (done == total)
+			break;
+		n = sbp_ring_writev(&sh->tx, v + first, iovcnt - first);
+		if (n > 0) {
+			done += n;
+			sh->tx_written += n;
+			if (sbp_ring_peer_waiting(&sh->tx))
+				ctl_doorbell(fd);
+			if (!(f & CH_DATA))
+				atomic_fetch_or(&sh->flags, CH_DATA);
+			iov_advance(v, &first, iovcnt, n);
+			continue;
+		}
+		if (n == -EAGAIN) {
+			if (nonblock) {
+				if (!done)
+					err = EAGAIN;
+				break;
+			}
+			if (!deadline)
+				deadline = deadline_for(fd, SO_SNDTIMEO);
+			rc = chan_wait(fd, ch, 1, deadline);
+			if (rc == -ETIMEDOUT || rc == -EINTR) {
+				if (!done)
+					err = rc == -EINTR ? EINTR : EAGAIN;
+				break;
+			}
+			continue;
+		}
+		err = ring_error(fd, ch, n, 1);
+		break;
+	}
+	pthread_mutex_unlock(&sh->tx_lock);
+	if (done || !err)
+		return (ssize_t)done;
+	return fail(err, flags);
+}
+
+/* MSG_TRUNC on TCP: drop up to len bytes without copying them out. */
+static ssize_t ring_discard(struct sbp_ring *r, size_t len)
+{
+	char scratch[4096];
+	ssize_t got = 0;
+
+	while ((size_t)got < len) {
+		size_t n = len - got < sizeof(scratch) ? len - got : sizeof(scratch);
+		ssize_t k = sbp_ring_read(r, scratch, n, 0);
+
+		if (k <= 0)
+			return got ? got : k;
+		got += k;
+	}
+	return got;
+}
+
+ssize_t shm_recv(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, int flags)
+{
+	struct chan_sh *sh = ch->sh;
+	struct iovec v[UIO_MAXIOV];
+	int64_t deadline = 0;
+	size_t total, done = 0;
+	int nonblock, peek, waitall, err = 0, first = 0, rc, drained = 0;
+
+	rc = iov_total(iov, iovcnt, &total);
+	if (rc < 0)
+		return fail(-rc, 0);
+	if (flags & MSG_OOB)
+		return fail(EINVAL, 0);         /* no urgent data, ever */
+	if (flags & MSG_ERRQUEUE)
+		return fail(EAGAIN, 0);
+	peek = !!(flags & MSG_PEEK);
+	nonblock = (flags & MSG_DONTWAIT) || (atomic_load(&sh->flags) & CH_NONBLOCK);
+	waitall = (flags & MSG_WAITALL) && !nonblock && !peek;
+	if (atomic_load(&sh->flags) & CH_BROKEN)
+		return fail(ECONNRESET, 0);
+	if (total == 0)
+		return 0;
+	if (dir_lock(&sh->rx_lock, &sh->rx_sleeping, nonblock))
+		return fail(EAGAIN, 0);
+	memcpy(v, iov, (size_t)iovcnt * sizeof(*v));
+	iov_advance(v, &first, iovcnt, 0);
+	for (;;) {
+		uint32_t f = atomic_load_explicit(&sh->flags, memory_order_acquire);
+		ssize_t n;
+
+		if (f & CH_BROKEN) {
+			if (!done)
+				err = ECONNRESET;
+			break;
+		}
+		if (!(f & CH_RX_ATTACHED) && !rx_try_attach(ch))
+			n = -EAGAIN;
+		else if (flags & MSG_TRUNC)
+			n = ring_discard(&sh->rx, total - done);
+		else
+			n = sbp_ring_readv(&sh->rx, v + first, iovcnt - first, peek ? SBP_PEEK : 0);
+		if (n > 0) {
+			done += n;
+			if (!peek) {
+				sh->rx_consumed += n;
+				if (sbp_ring_peer_waiting(&sh->rx))
+					ctl_doorbell(fd);
+			}
+			if (!(f & CH_DATA))
+				atomic_fetch_or(&sh->flags, CH_DATA);
+			if (!waitall || done == total)
+				break;
+			iov_advance(v, &first, iovcnt, n);
+			continue;
+		}
+		if (n == 0)
+			break;                          /* EOF: the peer's FIN, drained */
+		if (n == -EAGAIN) {
+			if (f & CH_SHUT_RD)
+				break;                  /* our SHUT_RD: EOF once empty */
+			if (f & CH_PEER_GONE) {
+				/* what the peer wrote is delivered; then EOF or reset */
+				if ((f & CH_GONE_RESET) && !done)
+					err = ECONNRESET;
+				break;
+			}
+			if (!drained) {
+				/* Empty: did the TCP side end (the peer died)? Also
+				 * eats doorbells. One look per call. */
+				drained = 1;
+				ctl_drain(fd, ch);
+				continue;
+			}
+			if (nonblock) {
+				if (!done)
+					err = EAGAIN;
+				break;
+			}
+			if (!deadline)
+				deadline = deadline_for(fd, SO_RCVTIMEO);
+			rc = chan_wait(fd, ch, 0, deadline);
+			if (rc == -ETIMEDOUT || rc == -EINTR) {
+				if (!done)
+					err = rc == -EINTR ? EINTR : EAGAIN;
+				break;
+			}
+			drained = 1;                    /* chan_wait looked at TCP */
+			continue;
+		}
+		if (n == -ECONNRESET) {
+			if (!done)
+				err = ECONNRESET;
+			break;
+		}
+		if (!done)
+			err = ring_error(fd, ch, n, 0);
+		else
+			ring_error(fd, ch, n, 0);
+		break;
+	}
+	pthread_mutex_unlock(&sh->rx_lock);
+	if (done || !err)
+		return (ssize_t)done;
+	return fail(err, 0);
+}
+
+static inline ssize_t put_ret(struct chan *ch, ssize_t r)
+{
+	int e = errno;
+
+	chan_put(ch);
+	errno = e;
+	return r;
+}
+
+/* ---- read/write family ------------------------------------------------------ */
+
+EXPORT ssize_t read(int fd, void *buf, size_t n)
+{
+	struct iovec iov = { buf, n };
+	struct chan *ch;
+
+	if (likely(fd_class(fd, &ch) != K_SHM))
+		return REAL(read)(fd, buf, n);
+	return put_ret(ch, shm_recv(fd, ch, &iov, 1, 0));
+}
+
+EXPORT ssize_t __read_chk(int fd, void *buf, size_t n, size_t buflen)
+{
+	if (n > buflen)
+		return REAL(__read_chk)(fd, buf, n, buflen);    /* aborts, as it should */
+	return read(fd, buf, n);
+}
+
+EXPORT ssize_t write(int fd, const void *buf, size_t n)
+{
+	struct iovec iov = { (void *)buf, n };
+	struct chan *ch;
+
+	if (likely(fd_class(fd, &ch) != K_SHM))
+		return REAL(write)(fd, buf, n);
+	return put_ret(ch, shm_send(fd, ch, &iov, 1, 0));
+}
+
+EXPORT ssize_t readv(int fd, const struct iovec *iov, int cnt)
+{
+	struct chan *ch;
+
+	if (likely(fd_class(fd, &ch) != K_SHM))
+		return REAL(readv)(fd, iov, cnt);
+	return put_ret(ch, shm_recv(fd, ch, iov, cnt, 0));
+}
+
+EXPORT ssize_t writev(int fd, const struct iovec *iov, int cnt)
+{
+	struct chan *ch;
+
+	if (likely(fd_class(fd, &ch) != K_SHM))
+		return REAL(writev)(fd, iov, cnt);
+	return put_ret(ch, shm_send(fd, ch, iov, cnt, 0));
+}
+
+EXPORT ssize_t recv(int fd, void *buf, size_t n, int flags)
+{
+	struct iovec iov = { buf, n };
+	struct chan *ch;
+
+	if (likely(fd_class(fd, &ch) != K_SHM))
+		return REAL(recv)(fd, buf, n, flags);
+	return put_ret(ch, shm_recv(fd, ch, &iov, 1, flags));
+}
+
+EXPORT ssize_t __recv_chk(int fd, void *buf, size_t n, size_t buflen, int flags)
+{
+	if (n > buflen)
+		return REAL(__recv_chk)(fd, buf, n, buflen, flags);
+	return recv(fd, buf, n, flags);
+}
+
+EXPORT ssize_t send(int fd, const void *buf, size_t n, int flags)
+{
+	struct iovec iov = { (void *)buf, n };
+	struct chan *ch;
+
+	if (likely(fd_class(fd, &ch) != K_SHM))
+		return REAL(send)(fd, buf, n, flags);
+	return put_ret(ch, shm_send(fd, ch, &iov, 1, flags));
+}
+
+EXPORT ssize_t recvfrom(int fd, void *buf, size_t n, int flags, struct sockaddr *addr,
+			socklen_t *alen)
+{
+	struct iovec iov = { buf, n };
+	struct chan *ch;
+	ssize_t r;
+
+	if (likely(fd_class(fd, &ch) != K_SHM))
+		return REAL(recvfrom)(fd, buf, n, flags, addr, alen);
+	r = shm_recv(fd, ch, &iov, 1, flags);
+	if (r >= 0 && addr && alen)
+		*alen = 0;              /* TCP reports no address */
+	return put_ret(ch, r);
+}
+
+EXPORT ssize_t __recvfrom_chk(int fd, void *buf, size_t n, size_t buflen, int flags,
+			      struct sockaddr *addr, socklen_t *alen)
+{
+	if (n > buflen)
+		return REAL(__recvfrom_chk)(fd, buf, n, buflen, flags, addr, alen);
+	return recvfrom(fd, buf, n, flags, addr, alen);
+}
+
+EXPORT ssize_t sendto(int fd, const void *buf, size_t n, int flags, const struct sockaddr *addr,
+		      socklen_t alen)
+{
+	struct iovec iov = { (void *)buf, n };
+	struct chan *ch;
+
+	if (likely(fd_class(fd, &ch) != K_SHM))
+		return REAL(sendto)(fd, buf, n, flags, addr, alen);
+	return put_ret(ch, shm_send(fd, ch, &iov, 1, flags));   /* connected: address ignored */
+}
+
+/* fds that arrive in SCM_RIGHTS are new to us whatever the table says. */
+static void note_received_fds(const struct msghdr *m)
+{
+	struct cmsghdr *c;
+
+	if (!g.enabled || !m->msg_control || m->msg_controllen < sizeof(struct cmsghdr))
+		return;
+	for (c = CMSG_FIRSTHDR((struct msghdr *)m); c; c = CMSG_NXTHDR((struct msghdr *)m, c)) {
+		if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+			continue;
+		for (size_t i = 0; (i + 1) * sizeof(int) <= c->cmsg_len - CMSG_LEN(0); i++) {
+			int fd;
+
+			memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
+			fdt_store(fd, K_UNKNOWN);
+		}
+	}
+}
+
+/* A shm socket handed to another process: it now has two holders. */
+static void note_sent_fds(const struct msghdr *m)
+{
+	struct cmsghdr *c;
+
+	if (!g.enabled || !m->msg_control || m->msg_controllen < sizeof(struct cmsghdr))
+		return;
+	for (c = CMSG_FIRSTHDR((struct msghdr *)m); c; c = CMSG_NXTHDR((struct msghdr *)m, c)) {
+		if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+			continue;
+		for (size_t i = 0; (i + 1) * sizeof(int) <= c->cmsg_len - CMSG_LEN(0); i++) {
+			uint64_t v;
+			int fd;
+
+			memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
+			v = fdt_load(fd);
+			if (FD_KIND(v) == K_SHM)
+				atomic_store(&((struct chan *)FD_PTR(v))->shared, 1);
+		}
+	}
+}
+
+EXPORT ssize_t recvmsg(int fd, struct msghdr *m, int flags)
+{
+	struct chan *ch;
+	ssize_t r;
+
+	if (likely(fd_class(fd, &ch) != K_SHM)) {
+		r = REAL(recvmsg)(fd, m, flags);
+		if (r >= 0) {
+			int e = errno;
+
+			note_received_fds(m);
+			errno = e;
+		}
+		return r;
+	}
+	r = shm_recv(fd, ch, m->msg_iov, (int)m->msg_iovlen, flags);
+	if (r >= 0) {
+		if (m->msg_name)
+			m->msg_namelen = 0;
+		m->msg_controllen = 0;
+		m->msg_flags = 0;
+	}
+	return put_ret(ch, r);
+}
+
+EXPORT ssize_t sendmsg(int fd, const struct msghdr *m, int flags)
+{
+	struct chan *ch;
+
+	if (likely(fd_class(fd, &ch) != K_SHM)) {
+		note_sent_fds(m);
+		return REAL(sendmsg)(fd, m, flags);
+	}
+	return put_ret(ch, shm_send(fd, ch, m->msg_iov, (int)m->msg_iovlen, flags));
+}
+
+EXPORT int recvmmsg(int fd, struct mmsghdr *vec, unsigned int vlen, int flags,
+		    struct timespec *timeout)
+{
+	struct chan *ch;
+	unsigned int i;
+	ssize_t r;
+
+	if (likely(fd_class(fd, &ch) != K_SHM))
+		return REAL(recvmmsg)(fd, vec, vlen, flags, timeout);
+	for (i = 0; i < vlen; i++) {
+		int fl = flags & ~MSG_WAITFORONE;
+
+		if (i && (flags & MSG_WAITFORONE))
+			fl |= MSG_DONTWAIT;
+		r = shm_recv(fd, ch, vec[i].msg_hdr.msg_iov, (int)vec[i].msg_hdr.msg_iovlen, fl);
+		if (r < 0) {
+			if (i == 0)
+				return (int)put_ret(ch, -1);
+			break;
+		}
+		vec[i].msg_len = (unsigned int)r;
+		vec[i].msg_hdr.msg_controllen = 0;
+		vec[i].msg_hdr.msg_flags = 0;
+		if (r == 0) {
+			i++;
+			break;
+		}
+	}
+	return (int)put_ret(ch, i);
+}
+
+EXPORT int sendmmsg(int fd, struct mmsghdr *vec, unsigned int vlen, int flags)
+{
+	struct chan *ch;
+	unsigned int i;
+	ssize_t r;
+
+	if (likely(fd_class(fd, &ch) != K_SHM))
+		return REAL(sendmmsg)(fd, vec, vlen, flags);
+	for (i = 0; i < vlen; i++) {
+		r = shm_send(fd, ch, vec[i].msg_hdr.msg_iov, (int)vec[i].msg_hdr.msg_iovlen,
+			     flags | (i ? MSG_NOSIGNAL : 0));
+		if (r < 0) {
+			if (i == 0)
+				return (int)put_ret(ch, -1);
+			break;
+		}
+		vec[i].msg_len = (unsigned int)r;
+	}
+	return (int)put_ret(ch, i);
+}
+
+/* ---- sendfile / splice --------------------------------------------------------- *
+ * Copied through a bounce buffer, never more than the ring has room for, so
+ * nothing read from the source is lost when the ring fills. */
+
+/* Why the ring we write takes nothing: full (0) or an errno. */
+static int tx_blocked_err(int fd, struct chan *ch)
+{
+	struct chan_sh *sh = ch->sh;
+	uint32_t f = atomic_load(&sh->flags), rf;
+
+	if (f & CH_BROKEN)
+		return ECONNRESET;
+	if (f & (CH_SHUT_WR | CH_PEER_GONE))
+		return EPIPE;
+	if (sbp_ring_corrupt(&sh->tx))
+		return ring_error(fd, ch, -EPROTO, 1);
+	rf = sbp_ring_flags(&sh->tx);
+	if (rf & SBP_RING_RESET)
+		return ECONNRESET;
+	if (rf & (SBP_RING_READER_CLOSED | SBP_RING_WRITER_CLOSED))
+		return EPIPE;
+	return 0;
+}
+
+/* Move up to count bytes from in (a file at *pos, or a pipe/stream when pos
+ * is NULL) into the ring. one: return after the first chunk (splice). */
+static ssize_t into_ring(int out, struct chan *ch, int in, off_t *pos, size_t count,
+			 int nonblock, int one, int in_nonblock)
+{
+	struct chan_sh *sh = ch->sh;
+	char buf[BOUNCE];
+	int64_t deadline = 0;
+	size_t done = 0;
+	int err = 0, rc;
+
+	if (dir_lock(&sh->tx_lock, &sh->tx_sleeping, nonblock))
+		return fail(EAGAIN, 0);
+	while (done < count) {
+		size_t room, n;
+		ssize_t r, w;
+
+		err = tx_blocked_err(out, ch);
+		if (err)
+			break;
+		room = sbp_ring_writable(&sh->tx);
+		if (room == 0) {
+			if (nonblock || (one && done)) {
+				if (!done)
+					err = EAGAIN;
+				break;
+			}
+			if (!deadline)
+				deadline = deadline_for(out, SO_SNDTIMEO);
+			rc = chan_wait(out, ch, 1, deadline);
+			if (rc == -ETIMEDOUT || rc == -EINTR) {
+				if (!done)
+					err = rc == -EINTR ? EINTR : EAGAIN;
+				break;
+			}
+			continue;
+		}
+		n = count - done;
+		if (n > room)
+			n = room;
+		if (n > sizeof(buf))
+			n = sizeof(buf);
+		if (in_nonblock) {
+			struct pollfd p = { in, POLLIN, 0 };
+
+			if (syscall(SYS_ppoll, &p, 1, &(struct timespec){ 0, 0 }, NULL, 8) == 0) {
+				if (!done)
+					err = EAGAIN;
+				break;
+			}
+		}
+		r = pos ? syscall(SYS_pread64, in, buf, n, *pos) : syscall(SYS_read, in, buf, n);
+		if (r < 0) {
+			if (errno == EINTR && !done)
+				continue;
+			if (!done)
+				err = errno;
+			break;
+		}
+		if (r == 0)
+			break;                  /* end of the source */
+		w = sbp_ring_write(&sh->tx, buf, (size_t)r);
+		if (w != r) {
+			/* room only grows while we hold the lock: the ring broke */
+			err = w < 0 ? ring_error(out, ch, w, 1) : ECONNRESET;
+			if (w > 0)
+				done += w;
+			break;
+		}
+		if (sbp_ring_peer_waiting(&sh->tx))
+			ctl_doorbell(out);
+		sh->tx_written += r;
+		done += r;
+		if (pos)
+			*pos += r;
+		atomic_fetch_or(&sh->flags, CH_DATA);
+		if (one)
+			break;
+	}
+	pthread_mutex_unlock(&sh->tx_lock);
+	if (done || !err)
+		return (ssize_t)done;
+	return fail(err, 0);
+}
+
+static ssize_t shm_sendfile(int out, struct chan *ch, int in, off_t *offset, size_t count)
+{
+	int nonblock = !!(atomic_load(&ch->sh->flags) & CH_NONBLOCK);
+	off_t pos;
+	ssize_t r;
+	int e;
+
+	if (offset) {
+		if (*offset < 0)
+			return fail(EINVAL, MSG_NOSIGNAL);
+		pos = *offset;
+		r = into_ring(out, ch, in, &pos, count, nonblock, 0, 0);
+		if (r > 0)
+			*offset = pos;
+		return r;
+	}
+	/* No offset: read from the file position and advance it by what was
+	 * sent (pread + lseek, so a short send does not eat file data). */
+	pos = lseek(in, 0, SEEK_CUR);
+	if (pos < 0)
+		return into_ring(out, ch, in, NULL, count, nonblock, 0, 0);
+	r = into_ring(out, ch, in, &pos, count, nonblock, 0, 0);
+	e = errno;
+	if (r > 0)
+		lseek(in, pos, SEEK_SET);
+	errno = e;
+	return r;
+}
+
+EXPORT ssize_t sendfile(int out, int in, off_t *offset, size_t count)
+{
+	struct chan *ch;
+
+	if (likely(fd_class(out, &ch) != K_SHM))
+		return REAL(sendfile)(out, in, offset, count);
+	return put_ret(ch, shm_sendfile(out, ch, in, offset, count));
+}
+
+EXPORT ssize_t sendfile64(int out, int in, off_t *offset, size_t count)
+{
+	struct chan *ch;
+
+	if (likely(fd_class(out, &ch) != K_SHM))
+		return REAL(sendfile64) ? REAL(sendfile64)(out, in, offset, count)
+					: REAL(sendfile)(out, in, offset, count);
+	return put_ret(ch, shm_sendfile(out, ch, in, offset, count));
+}
+
+/* splice from a shm socket into a pipe: peek, write what the pipe takes,
+ * consume exactly that. */
+static ssize_t out_of_ring(int in, struct chan *ch, int out, size_t len, int nonblock,
+			   int out_nonblock)
+{
+	struct chan_sh *sh = ch->sh;
+	char buf[BOUNCE];
+	int64_t deadline = 0;
+	ssize_t r = 0, w;
+	int err = 0, rc, drained = 0;
+
+	if (len > sizeof(buf))
+		len = sizeof(buf);
+	if (dir_lock(&sh->rx_lock, &sh->rx_sleeping, nonblock))
+		return fail(EAGAIN, 0);
+	for (;;) {
+		uint32_t f = atomic_load(&sh->flags);
+
+		if (f & CH_BROKEN) {
+			err = ECONNRESET;
+			break;
+		}
+		r = (f & CH_RX_ATTACHED) || rx_try_attach(ch) ?
+		    sbp_ring_read(&sh->rx, buf, len, SBP_PEEK) : -EAGAIN;
+		if (r >= 0)
+			break;
+		if (r != -EAGAIN) {
+			err = ring_error(in, ch, r, 0);
+			break;
+		}
+		if (f & CH_SHUT_RD) {
+			r = 0;
+			break;
+		}
+		if (f & CH_PEER_GONE) {
+			if (f & CH_GONE_RESET)
+				err = ECONNRESET;
+			r = 0;
+			break;
+		}
+		if (!drained) {
+			drained = 1;
+			ctl_drain(in, ch);
+			continue;
+		}
+		if (nonblock) {
+			err = EAGAIN;
+			break;
+		}
+		if (!deadline)
+			deadline = deadline_for(in, SO_RCVTIMEO);
+		rc = chan_wait(in, ch, 0, deadline);
+		if (rc == -ETIMEDOUT || rc == -EINTR) {
+			err = rc == -EINTR ? EINTR : EAGAIN;
+			break;
+		}
+	}
+	if (!err && r > 0) {
+		if (out_nonblock) {
+			struct pollfd p = { out, POLLOUT, 0 };
+
+			if (syscall(SYS_ppoll, &p, 1, &(struct timespec){ 0, 0 }, NULL, 8) == 0)
+				err = EAGAIN;
+		}
+		if (!err) {
+			w = syscall(SYS_write, out, buf, (size_t)r);
+			if (w < 0) {
+				err = errno;
+			} else {
+				/* consume exactly what the pipe took */
+				r = sbp_ring_read(&sh->rx, buf, (size_t)w, 0);
+				if (r > 0) {
+					sh->rx_consumed += r;
+					if (sbp_ring_peer_waiting(&sh->rx))
+						ctl_doorbell(in);
+				} else if (r < 0) {
+					err = ring_error(in, ch, r, 0);
+				}
+			}
+		}
+	}
+	pthread_mutex_unlock(&sh->rx_lock);
+	if (err)
+		return fail(err, 0);
+	return r;
+}
+
+EXPORT ssize_t splice(int in, off_t *off_in, int out, off_t *off_out, size_t len,
+		      unsigned int flags)
+{
+	struct chan *cin, *cout;
+	int kin = fd_class(in, &cin), kout = fd_class(out, &cout);
+	int nb = !!(flags & SPLICE_F_NONBLOCK);
+	ssize_t r;
+
+	if (likely(kin != K_SHM && kout != K_SHM))
+		return REAL(splice)(in, off_in, out, off_out, len, flags);
+	if (kin == K_SHM && kout == K_SHM) {
+		/* two sockets: the kernel wants a pipe on one side */
+		chan_put(cin);
+		chan_put(cout);
+		errno = EINVAL;
+		return -1;
+	}
+	if (kout == K_SHM) {
+		if (off_out) {
+			chan_put(cout);
+			errno = ESPIPE;
+			return -1;
+		}
+		r = into_ring(out, cout, in, off_in, len,
+			      nb || (atomic_load(&cout->sh->flags) & CH_NONBLOCK), 1, nb);
+		return put_ret(cout, r);
+	}
+	if (off_in) {
+		chan_put(cin);
+		errno = ESPIPE;
+		return -1;
+	}
+	r = out_of_ring(in, cin, out, len, nb || (atomic_load(&cin->sh->flags) & CH_NONBLOCK), nb);
+	return put_ret(cin, r);
+}

@@ -1,0 +1,68 @@
+"""The shm tier for unmodified programs: the environment that loads the
+interposer (native/interpose*.c, built as _bin/libshmbypass-preload.so).
+
+`shmbypass run --tier shm -- CMD` runs CMD with :func:`preload_env`. The
+library then marks the program's TCP sockets so the BPF handshake can offer
+the shm tier, and moves the payload of connections that land there through
+rings in the instance's region. Without a region (SHMBYPASS_REGION unset) it
+stays out of the way: every call goes straight to libc.
+
+Environment the library reads:
+
+``SHMBYPASS_INSTANCE``  the instance (pin dir /sys/fs/bpf/<instance>)
+``SHMBYPASS_REGION``    ``<backend>:<path>``: ``shm:/<name>`` (POSIX shm) or
+                        ``arena:/sys/fs/bpf/<instance>/arena`` (pinned arena)
+``SHMBYPASS_DEBUG=1``   one line on stderr per decision (tier, fallback reason)
+``SHMBYPASS_SPIN_NS``   spin budget of a blocking call before it sleeps
+``SHMBYPASS_EPOLL_SPIN_NS``  same for poll/select/epoll (default 20000)
+``SHMBYPASS_DISABLE=1`` pure pass-through
+``SHMBYPASS_FAKE_NEGOTIATION=1``  tests only: negotiate in band instead of
+                        through BPF (both ends must run the library)
+``SHMBYPASS_PRELOAD``   (here) use another build of the library, e.g. a
+                        sanitizer build
+"""
+import os
+
+from shmbypass import paths
+
+LIBRARY = "libshmbypass-preload.so"
+
+
+def library_path() -> str:
+    return os.environ.get("SHMBYPASS_PRELOAD") or paths.tool(LIBRARY)
+
+
+def region_spec(inst: paths.Instance) -> str | None:
+    """``<backend>:<path>`` of the instance's region, or None.
+
+    An explicit SHMBYPASS_REGION in our environment wins (tests, experts);
+    else the region `shmbypass up --backend` recorded in the state file."""
+    explicit = os.environ.get("SHMBYPASS_REGION")
+    if explicit:
+        return explicit
+    region = inst.load_state().get("region")
+    if not isinstance(region, dict):
+        return None
+    backend, path = region.get("backend"), region.get("path")
+    if not backend or not path:
+        return None
+    if backend == "shm" and not path.startswith("/"):
+        path = "/" + path
+    return f"{backend}:{path}"
+
+
+def preload_env(inst: paths.Instance) -> dict:
+    """Environment for `shmbypass run --tier shm`: LD_PRELOAD (after any
+    preload already set, so a sanitizer runtime stays first), the instance,
+    and the region."""
+    lib = library_path()
+    if not os.path.exists(lib):
+        raise FileNotFoundError(f"{lib} is not built (run setup.py build_ext or make -C native)")
+    preload = [p for p in os.environ.get("LD_PRELOAD", "").replace(":", " ").split() if p]
+    if lib not in preload:
+        preload.append(lib)
+    env = {"LD_PRELOAD": " ".join(preload), "SHMBYPASS_INSTANCE": inst.name}
+    spec = region_spec(inst)
+    if spec:
+        env["SHMBYPASS_REGION"] = spec
+    return env

@@ -1,0 +1,382 @@
+"""The LD_PRELOAD interposer (native/interpose*.c) with real processes.
+
+Every peer runs under `python -m shmbypass run --tier shm -- ...` in a private
+instance ("sbt-ipc-<pid>-<n>") whose region the test creates and hands to
+the BPF side. Three set-ups:
+
+``tcp``   the library is fully active (region mapped, sockets marked, sk_state
+          read back) but the BPF side has no slots to give (pool of 0), so
+          every connection stays on TCP: the app must see exactly TCP.
+``shm``   the BPF handshake puts connections in the shm tier.
+``fake``  the shm tier negotiated in band by the library itself
+          (SHMBYPASS_FAKE_NEGOTIATION=1): the data path without BPF.
+
+Then real applications (redis, nginx, iperf3, asyncio) where installed.
+"""
+import hashlib
+import json
+import os
+import re
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from shmbypass import manager, shmtier
+from shmbypass.region import Region
+from conftest import new_instance
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+PEER = os.path.join(HERE, "ipc_peer.py")
+PY = sys.executable
+RUN = [PY, "-m", "shmbypass", "run", "--tier", "shm", "--"]
+SLOTS = 64
+
+
+# -- set-ups ------------------------------------------------------------------
+
+class Setup:
+    """An instance up with its region (and for `fake` a region of ours)."""
+
+    def __init__(self, mode):
+        self.mode = mode
+        self.inst = new_instance("ipc")
+        self.region = None
+        if mode == "arena":
+            from shmbypass.region import arena_supported
+            probe = arena_supported()
+            if not probe:
+                pytest.skip(f"arena backend: {probe.reason}")
+        slot_count = SLOTS if mode in ("arena", "posix") else 0
+        backend = {"arena": "arena", "posix": "shm"}.get(mode, "shm")
+        manager.up(self.inst, slot_count=slot_count, backend=backend)
+        try:
+            if mode in ("tcp", "fake"):
+                # Keep these connections off the kernel tier too, so the
+                # app sees the interposer over plain TCP (the kernel tier
+                # has its own tests and its own quirks).
+                manager.set_draining(self.inst, True)
+            if mode == "fake":
+                # Slots for the in-band negotiation: a region the BPF side
+                # knows nothing about.
+                self.region = Region.format("shm", instance=self.inst.name + "-fake",
+                                            slot_count=SLOTS)
+                self.spec = f"shm:{self.region.name}"
+            else:
+                self.spec = shmtier.region_spec(self.inst)
+                assert self.spec, f"`up` recorded no region: {self.inst.load_state()}"
+        except BaseException:
+            self.close()
+            raise
+
+    def env(self, **extra):
+        env = dict(os.environ, SHMBYPASS_INSTANCE=self.inst.name, SHMBYPASS_REGION=self.spec)
+        env.pop("SHMBYPASS_FAKE_NEGOTIATION", None)
+        if self.mode == "fake":
+            env["SHMBYPASS_FAKE_NEGOTIATION"] = "1"
+        env.update({k: str(v) for k, v in extra.items()})
+        return env
+
+    @property
+    def expect_tier(self):
+        return 0 if self.mode == "tcp" else 2
+
+    def close(self):
+        manager.down(self.inst, drain_timeout=1, force=True)
+        if self.region is not None:
+            self.region.destroy()
+
+
+_setups = {}
+
+
+@pytest.fixture(scope="module")
+def setups():
+    if os.geteuid() != 0:
+        pytest.fail("the test suite must run as root")
+    try:
+        yield _setups
+    finally:
+        for s in _setups.values():
+            s.close()
+        _setups.clear()
+
+
+def get_setup(setups, mode):
+    if mode not in setups:
+        setups[mode] = Setup(mode)
+    return setups[mode]
+
+
+@pytest.fixture(params=["tcp", "fake", "arena", "posix"])
+def su(request, setups):
+    return get_setup(setups, request.param)
+
+
+# -- running peers ------------------------------------------------------------
+
+class Proc:
+    """A peer process; its stdout lines are collected by a thread-free reader."""
+
+    def __init__(self, argv, env, wrap=True):
+        self.p = subprocess.Popen((RUN if wrap else []) + argv, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, start_new_session=True)
+        self.lines = []
+
+    def readline(self, timeout=30):
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            r, _, _ = select.select([self.p.stdout], [], [], max(0, end - time.monotonic()))
+            if r:
+                line = self.p.stdout.readline()
+                if not line:
+                    return None
+                self.lines.append(line.rstrip("\n"))
+                return self.lines[-1]
+        raise TimeoutError(f"no output from {self.p.args} in {timeout}s")
+
+    def wait_for(self, prefix, timeout=30):
+        while True:
+            line = self.readline(timeout)
+            if line is None:
+                raise AssertionError(f"{self.p.args} ended before {prefix!r}: {self.stderr()}")
+            if line.startswith(prefix):
+                return line[len(prefix):].strip()
+
+    def finish(self, timeout=60):
+        try:
+            out, err = self.p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            out, err = self.p.communicate()
+            raise AssertionError(f"{self.p.args} hung; stderr: {err[-3000:]}")
+        self.lines += out.splitlines()
+        self._err = err
+        return self.result()
+
+    def result(self):
+        for line in reversed(self.lines):
+            if line.startswith("RESULT "):
+                return json.loads(line[7:])
+        return {}
+
+    def stderr(self):
+        if getattr(self, "_err", None) is None:
+            try:
+                self._err = self.p.stderr.read() if self.p.poll() is not None else ""
+            except ValueError:
+                self._err = ""
+        return self._err
+
+    def kill(self, sig=signal.SIGKILL):
+        try:
+            os.killpg(self.p.pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def peer(su, role, scenario, *args, wrap=True, **env):
+    return Proc([PY, PEER, role, scenario] + [str(a) for a in args], su.env(**env), wrap)
+
+
+def run_pair(su, scenario, sargs=(), cargs=(), timeout=45, swrap=True, cwrap=True, env=None):
+    srv = peer(su, "server", scenario, *sargs, wrap=swrap, **(env or {}))
+    cli = None
+    try:
+        port = srv.wait_for("PORT ")
+        cli = peer(su, "client", scenario, port, *cargs, wrap=cwrap, **(env or {}))
+        cres = cli.finish(timeout)
+        sres = srv.finish(timeout)
+        assert cli.p.returncode == 0 and srv.p.returncode == 0, (
+            f"client rc {cli.p.returncode} {cres} {cli.stderr()[-2000:]}\n"
+            f"server rc {srv.p.returncode} {sres} {srv.stderr()[-2000:]}")
+        return sres, cres
+    finally:
+        for p in (srv, cli):
+            if p:
+                p.kill()
+
+
+def check_tier(su, *results):
+    for r in results:
+        assert r.get("tier") == su.expect_tier, r
+
+
+# -- while the negotiation declines: exactly TCP ------------------------------
+
+def test_non_tcp_program_is_untouched(su):
+    """UDP, pipes, a Unix socketpair and files, with select/poll/epoll."""
+    p = peer(su, "local", "nontcp")
+    r = p.finish(60)
+    assert p.p.returncode == 0, p.stderr()
+    assert r == {"udp_select": True, "udp": "datagram", "pipe_poll": True, "pipe": "piped",
+                 "unix_epoll": True, "unix": "unix", "file": "file data", "tier": 0}
+
+
+def test_shell_pipeline_under_preload(su):
+    """A program that never touches TCP (sh, cat, sort through pipes)."""
+    p = subprocess.run(RUN + ["sh", "-c", "seq 1 20000 | sort -n | tail -1 | cat"],
+                       env=su.env(), capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and p.stdout.strip() == "20000", p.stderr
+
+
+SIZES = [1, 2, 63, 64, 1000, 4095, 4096, 65535, 65536, 1 << 20, (1 << 20) + 1, 3 << 20, 4 << 20]
+
+
+def test_integrity_both_ways(su):
+    sres, cres = run_pair(su, "integrity", SIZES, SIZES)
+    assert cres["echo_ok"] == [True] * len(SIZES)
+    assert sres["digests"] == cres["digests"]
+    assert sres["eof"] and cres["eof"]
+    check_tier(su, cres)
+
+
+def test_flags_and_options(su):
+    sres, cres = run_pair(su, "flags")
+    assert sres["peek"] == "hello" and sres["fionread"] == 11 and sres["after_peek"] == "hello world"
+    assert sres["waitall"] == 100
+    assert sres["dontwait"] == sres["rcvtimeo"] == sres["nonblock"] == "EAGAIN"
+    assert sres["rcvtimeo_waited"]
+    assert sres["outq"] == 1000 and sres["outq_after"] == 0
+    assert sres["sndtimeo"] == "EAGAIN" and sres["sndtimeo_sent"] > 0
+    assert cres["got_ok"] and cres["fill_ok"]
+    assert sres["halfclose_data"] == "last words" and cres["after"] == "after-eof"
+    assert sres["epipe_nosignal"] in ("BrokenPipeError", "ConnectionResetError")
+    assert sres["sigpipe_with_nosignal"] == 0
+    assert sres["epipe_signal"] in ("BrokenPipeError", "ConnectionResetError")
+    assert sres["sigpipe_without"] >= 1
+    check_tier(su, sres, cres)
+
+
+def test_poll_select_epoll(su):
+    sres, cres = run_pair(su, "poll", [150], [150])
+    assert sres["missed"] == {"poll": 0, "select": 0, "epoll_lt": 0, "epoll_et": 0}
+    assert sres["rest_pollout"] and not sres["rest_pollin"]
+    assert sres["lt_first"] and sres["lt_again"] and not sres["lt_after_read"]
+    assert sres["et_first"] and not sres["et_again_unread"] and sres["et_new_data"]
+    assert sres["out_rest"] and not sres["out_full"] and sres["out_after_drain"]
+    assert cres["drained"] == sres["filled"]
+    assert sres["rdhup"] and sres["rdhup_in"] and sres["eof"]
+    check_tier(su, sres, cres)
+
+
+def test_fork_both_hold(su):
+    sres, cres = run_pair(su, "fork", ["both"], ["both"])
+    assert cres["data"] == "childparent" and cres["eof"]
+    check_tier(su, cres)
+
+
+def test_fork_parent_closes_first(su):
+    """The pre-fork server pattern: the parent's close is not the end."""
+    sres, cres = run_pair(su, "fork", ["parent-closes"], ["parent-closes"])
+    assert cres["data"] == "late" and cres["waited"]
+
+
+def test_dup(su):
+    sres, cres = run_pair(su, "dup")
+    assert sres["got"] == "pingpong" and cres["data"] == "via-dupvia-dup2" and cres["eof"]
+    check_tier(su, sres, cres)
+
+
+def test_threads_share_a_socket(su):
+    sres, cres = run_pair(su, "threads", [4, 3000], [4, 3000])
+    assert sres["bad"] == 0 and sres["complete"] and cres["done"]
+    check_tier(su, sres, cres)
+
+
+def test_close_with_unread_data(su):
+    n = 700_000
+    sres, cres = run_pair(su, "closeunread", [n], [n])
+    assert sres["n"] == n and sres["ok"]
+    check_tier(su, sres, cres)
+
+
+def test_exec_finds_the_connection(su):
+    if su.mode == "fake":
+        pytest.skip("in-band negotiation leaves nothing in sk_state for a new image to find")
+    sres, cres = run_pair(su, "exec")
+    assert sres["data"] == "hello" and cres["data"] == "HELLO" and cres["eof"]
+    check_tier(su, sres, cres)
+
+
+def test_sendfile_and_splice(su):
+    n = 3_000_000
+    sres, cres = run_pair(su, "sendfile", [n], [n])
+    assert cres["n"] == n + 1000 and sres["sha"] == cres["sha"]
+    assert sres["pos"] == 1000
+    check_tier(su, sres, cres)
+
+
+def test_server_writes_first(su):
+    sres, cres = run_pair(su, "serverfirst")
+    assert cres["greet"] == "220 hello from the server\r\n" and cres["reply"] == "250 ok HELO x"
+    check_tier(su, sres, cres)
+
+
+def test_ipv6(su):
+    sres, cres = run_pair(su, "integrity", [100_000], [100_000], env={"IPC_HOST": "::1"})
+    assert cres["echo_ok"] == [True]
+    check_tier(su, cres)
+
+
+# -- faults ---------------------------------------------------------------------
+
+def test_kill_sender(su):
+    """The receiver gets every byte send() accepted, then EOF."""
+    srv = peer(su, "server", "killsender")
+    cli = None
+    try:
+        port = srv.wait_for("PORT ")
+        cli = peer(su, "client", "killsender", port)
+        assert int(cli.wait_for("TIER ")) == su.expect_tier
+        accepted = 0
+        while accepted < 5_000_000:
+            accepted = int(cli.wait_for("SENT "))
+        cli.kill()
+        cli.p.wait(10)
+        sres = srv.finish(60)
+        assert sres["end"] == "EOF" and sres["pattern_ok"], sres
+        assert sres["total"] >= accepted, (sres, accepted)
+    finally:
+        for p in (srv, cli):
+            if p:
+                p.kill()
+
+
+def test_kill_receiver(su):
+    """The sender gets EPIPE/ECONNRESET, no hang."""
+    srv = peer(su, "server", "killreceiver")
+    cli = None
+    try:
+        port = srv.wait_for("PORT ")
+        cli = peer(su, "client", "killreceiver", port)
+        assert int(cli.wait_for("TIER ")) == su.expect_tier
+        srv.wait_for("READ")
+        if su.mode in ("arena", "posix"):
+            from shmbypass import status
+            rows = [r for r in status.connections(su.inst) if r["tier"] == "shm"]
+            assert len(rows) >= 2, status.connections(su.inst)
+        srv.kill()
+        cres = cli.finish(60)
+        assert cres["error"] in ("BrokenPipeError", "ConnectionResetError"), cres
+    finally:
+        for p in (srv, cli):
+            if p:
+                p.kill()
+
+
+# -- mixed peers -----------------------------------------------------------------
+
+@pytest.mark.parametrize("shimmed", ["client", "server"])
+def test_one_side_unshimmed(setups, shimmed):
+    su = get_setup(setups, "posix")
+    sres, cres = run_pair(su, "integrity", [200_000], [200_000],
+                          swrap=shimmed == "server", cwrap=shimmed == "client")
+    assert cres["echo_ok"] == [True]
+    assert cres["tier"] == 0 and sres.get("tier", 0) == 0
