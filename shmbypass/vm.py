@@ -103,7 +103,7 @@ for m in $(cat /etc/modules.order); do
 done
 say "modules loaded"
 
-NAME=guest; IP=; PY=; AGENT=; CWD=/
+NAME=guest; IP=; PY=; AGENT=; CWD=/; REPO=
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         sbvm.name=*) NAME=${arg#*=} ;;
@@ -111,6 +111,7 @@ for arg in $(cat /proc/cmdline); do
         sbvm.python=*) PY=${arg#*=} ;;
         sbvm.agent=*) AGENT=${arg#*=} ;;
         sbvm.cwd=*) CWD=${arg#*=} ;;
+        sbvm.repo=*) REPO=${arg#*=} ;;
     esac
 done
 hostname "sbvm-$NAME"
@@ -127,6 +128,13 @@ mount -t tmpfs -o mode=1777 tmpfs $R/dev/shm
 for d in /tmp /var/tmp; do mount -t tmpfs -o mode=1777 tmpfs $R$d; done
 for d in /run /mnt; do mount -t tmpfs -o mode=755 tmpfs $R$d; done
 mount -t tmpfs -o mode=755 cgroup $R/sys/fs/cgroup
+# The project has a share of its own: a checkout under /tmp or /run (CI's
+# clone, say) would be hidden by the tmpfs above.
+if [ -n "$REPO" ]; then
+    mkdir -p $R$REPO 2>/dev/null
+    mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose,msize=512000 repo $R$REPO \
+        || fail "cannot mount the project at $REPO over 9p"
+fi
 mkdir $R/sys/fs/cgroup/unified
 mount -t cgroup2 cgroup2 $R/sys/fs/cgroup/unified
 mount -t bpf -o mode=0700 bpf $R/sys/fs/bpf
@@ -754,7 +762,8 @@ class VMPair:
         append = " ".join([
             "console=ttyS0", "quiet", "loglevel=3", "panic=-1", "random.trust_cpu=on",
             "mitigations=off", "tsc=reliable", f"sbvm.name={name}", f"sbvm.ip={ip}",
-            f"sbvm.python={self.python}", f"sbvm.agent={AGENT_PY}", f"sbvm.cwd={self.cwd}"])
+            f"sbvm.python={self.python}", f"sbvm.agent={AGENT_PY}", f"sbvm.cwd={self.cwd}",
+            f"sbvm.repo={ROOT}"])
         rd = self.run_dir
         # qboot (from qemu-system-data) skips most of SeaBIOS's work: ~2 s less per boot under TCG
         bios = ["-bios", QBOOT] if os.path.exists(QBOOT) else []
@@ -769,6 +778,8 @@ class VMPair:
             # the host's root, read-only: the guest runs the host's Python and the built tree
             "-fsdev", "local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap",
             "-device", "virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot",
+            "-fsdev", f"local,id=repo,path={ROOT},security_model=none,readonly=on,multidevs=remap",
+            "-device", "virtio-9p-pci,fsdev=repo,mount_tag=repo",
             # the private link: A listens, B connects; nothing else is on it
             "-netdev", (f"stream,id=net0,server={'on' if name == 'A' else 'off'},"
                         f"addr.type=unix,addr.path={os.path.join(rd, 'net.sock')}"),

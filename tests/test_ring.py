@@ -493,7 +493,8 @@ def test_c_api_under_asan(tmp_path):
                     "-o", str(exe), os.path.join(src, "tests", "ring_asan.c"),
                     os.path.join(src, "ring.c"), os.path.join(src, "region.c"), "-lpthread"],
                    check=True)
-    env = dict(os.environ, ASAN_OPTIONS="detect_leaks=1:abort_on_error=0",
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}  # ASan's runtime must come first
+    env.update(ASAN_OPTIONS="detect_leaks=1:abort_on_error=0",
                UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1")
     res = subprocess.run([str(exe)], capture_output=True, text=True, timeout=240, env=env)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
