@@ -866,6 +866,17 @@ static struct chan *chan_setup(int fd, const struct sbp_sk *st, int rediscovered
 	fl = (int)syscall(SYS_fcntl, fd, F_GETFL, 0);
 	if (fl >= 0 && (fl & O_NONBLOCK))
 		atomic_fetch_or(&sh->flags, CH_NONBLOCK);
+	{
+		/* Doorbells are single bytes: Nagle would hold one back until the
+		 * peer's delayed ACK (40 ms). The app's own setting is kept for
+		 * getsockopt() (its data no longer uses TCP). */
+		int one = 1, was = 0;
+		socklen_t len = sizeof(was);
+
+		if (syscall(SYS_getsockopt, fd, IPPROTO_TCP, TCP_NODELAY, &was, &len) == 0 && was)
+			atomic_fetch_or(&sh->flags, CH_APP_NODELAY);
+		syscall(SYS_setsockopt, fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+	}
 
 	tx = sbp_region_slot(&g.info, g.region, st->tx_slot);
 	rx = sbp_region_slot(&g.info, g.region, st->rx_slot);
@@ -1604,12 +1615,42 @@ EXPORT int ioctl(int fd, unsigned long req, ...)
 	return r;
 }
 
+EXPORT int setsockopt(int fd, int level, int name, const void *val, socklen_t len)
+{
+	struct chan *ch;
+	int r, on;
+
+	if (level != IPPROTO_TCP || name != TCP_NODELAY || !val || len < sizeof(int) ||
+	    fd_class(fd, &ch) != K_SHM)
+		return REAL(setsockopt)(fd, level, name, val, len);
+	/* remembered for getsockopt; the control connection keeps NODELAY */
+	on = *(const int *)val;
+	r = REAL(setsockopt)(fd, level, name, &(int){ 1 }, sizeof(int));
+	if (r == 0) {
+		if (on)
+			atomic_fetch_or(&ch->sh->flags, CH_APP_NODELAY);
+		else
+			atomic_fetch_and(&ch->sh->flags, ~CH_APP_NODELAY);
+	}
+	chan_put(ch);
+	return r;
+}
+
 EXPORT int getsockopt(int fd, int level, int name, void *val, socklen_t *len)
 {
 	struct chan *ch;
 	int r, saved;
 
 	r = REAL(getsockopt)(fd, level, name, val, len);
+	if (r == 0 && g.enabled && level == IPPROTO_TCP && name == TCP_NODELAY && val && len &&
+	    *len >= sizeof(int) && FD_KIND(fdt_load(fd)) == K_SHM) {
+		saved = errno;
+		if (fd_class(fd, &ch) == K_SHM) {
+			*(int *)val = !!(atomic_load(&ch->sh->flags) & CH_APP_NODELAY);
+			chan_put(ch);
+		}
+		errno = saved;
+	}
 	/* SO_ERROR is how a non-blocking connect learns it is done: settle the
 	 * fd's tier now (fd_class does it on the way). */
 	if (r == 0 && g.enabled && level == SOL_SOCKET && name == SO_ERROR &&

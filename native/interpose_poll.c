@@ -463,6 +463,7 @@ struct epreg {
 	uint8_t fresh;          /* ET: report the current state once (after ADD/MOD) */
 	uint8_t disabled;       /* EPOLLONESHOT fired */
 	uint8_t in_shadow;      /* its TCP socket is in the shadow set */
+	uint8_t dormant;        /* the app deleted it; kept in the shadow for a cheap re-ADD */
 };
 
 struct ep {
@@ -474,8 +475,13 @@ struct ep {
 	size_t regs_bytes;
 	uint32_t spin_ns;
 	unsigned cursor;
+	int64_t last_real_ns;   /* last look at the app's other fds */
 	struct ep *next;
 };
+
+/* While shm sockets keep the app busy, its other fds are looked at this often
+ * (not on every call: that would cost the syscall the rings save). */
+#define MERGE_EVERY_NS 50000
 
 static pthread_mutex_t ep_list_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct ep *ep_list;
@@ -736,24 +742,32 @@ EXPORT int epoll_ctl(int epfd, int op, int fd, struct epoll_event *ev)
 	r = ep_find(ep, fd);
 	switch (op) {
 	case EPOLL_CTL_ADD:
-		if (r) {
+		if (r && r->dormant && r->ch == ch) {
+			r->dormant = 0;         /* back: its shadow entry never left */
+		} else if (r && r->dormant) {
+			ep_remove(ep, r);       /* a different socket under that number */
+			r = NULL;
+		} else if (r) {
 			err = EEXIST;
 			break;
 		}
-		r = ep_add(ep, fd);
 		if (!r) {
-			err = ENOMEM;
-			break;
+			r = ep_add(ep, fd);
+			if (!r) {
+				err = ENOMEM;
+				break;
+			}
+			r->ch = ch;     /* the registration keeps our reference */
+			ch = NULL;
 		}
-		r->ch = ch;             /* the registration keeps our reference */
-		ch = NULL;
 		r->events = ev->events;
 		r->data = ev->data;
 		r->fresh = 1;
+		r->disabled = 0;
 		shadow_add(ep, r);
 		break;
 	case EPOLL_CTL_MOD:
-		if (!r) {
+		if (!r || r->dormant) {
 			err = ENOENT;
 			break;
 		}
@@ -767,8 +781,10 @@ EXPORT int epoll_ctl(int epfd, int op, int fd, struct epoll_event *ev)
 		r->disabled = 0;
 		break;
 	case EPOLL_CTL_DEL:
-		if (!r)
+		if (!r || r->dormant)
 			err = ENOENT;
+		else if (r->in_shadow)
+			r->dormant = 1;         /* event loops often DEL and ADD again */
 		else
 			ep_remove(ep, r);
 		break;
@@ -794,7 +810,7 @@ static int ep_collect(struct ep *ep, struct epoll_event *evs, int max)
 		struct epreg *r = &ep->regs[(ep->cursor + j) % total];
 		uint32_t m, rev;
 
-		if (!r->ch || r->disabled)
+		if (!r->ch || r->disabled || r->dormant)
 			continue;
 		m = chan_poll_mask(r->ch);
 		rev = m & ((r->events & ~(EPOLLET | EPOLLONESHOT | EPOLLEXCLUSIVE | EPOLLWAKEUP)) |
@@ -845,7 +861,7 @@ static int ep_arm(struct ep *ep, int64_t *cap)
 		struct epreg *r = &ep->regs[i];
 		int et_seen;
 
-		if (!r->ch || r->disabled)
+		if (!r->ch || r->disabled || r->dormant)
 			continue;
 		/* An ET reader that was told about data it has not read yet
 		 * wants to hear of *new* data: arming would be ready at once. */
@@ -993,8 +1009,12 @@ static int ep_wait(int epfd, struct epoll_event *evs, int max, int64_t tmo, cons
 			}
 		}
 		if (n || tmo == 0 || (deadline != DL_NONE && now_ns() >= deadline)) {
-			/* the app's other fds, without waiting */
-			if (n < max) {
+			/* the app's other fds, without waiting (rate-limited while
+			 * shm sockets have events) */
+			int64_t t = now_ns();
+
+			if (n < max && (!n || t - ep->last_real_ns >= MERGE_EVERY_NS)) {
+				ep->last_real_ns = t;
 				r = sys_epoll_wait_ns(epfd, evs + n, max - n, 0, NULL);
 				if (r > 0) {
 					r = ep_filter(ep, evs + n, r);
@@ -1020,6 +1040,7 @@ static int ep_wait(int epfd, struct epoll_event *evs, int max, int64_t tmo, cons
 				left = 0;
 		}
 		r = sys_epoll_wait_ns(epfd, evs, max, ns_min(left, cap), mask);
+		ep->last_real_ns = now_ns();
 		if (r < 0) {
 			*ret = -1;
 			return 1;
