@@ -78,13 +78,27 @@ TRANSPORT_LABELS = {
 BYPASS_TIERS = {"kernel": "kernel", "shm": "shm"}
 
 # Issue targets, as ratios against TCP in the same placement (>1 = better).
+# The issues' targets. against "tcp": the ratio column (>1 = better than TCP,
+# want at least `want`); against "ring": latency as a multiple of the raw
+# ring's (want at most `want`), throughput as a fraction of it (at least).
+# An app target names an entry of --apps by its name.
 TARGETS = [
-    ("kernel", "rtt64", None, 1.5, "kernel tier 64 B RTT at least 1.5x lower than TCP"),
-    ("kernel", "stream1m", None, 1.5, "kernel tier 1 MiB throughput at least 1.5x TCP"),
-    ("shm", "rtt64", "cross-core", 20.0, "shm tier 64 B RTT on different cores at least 20x lower than TCP"),
-    ("shm", "rtt64", "same-core", 2.0, "shm tier 64 B RTT on one core at least 2x lower than TCP"),
-    ("shm", "stream64k", None, 5.0, "shm tier 64 KiB throughput at least 5x TCP"),
-    ("shm", "connrate", None, 0.9, "shm tier connections per second at least 90% of TCP"),
+    dict(transport="kernel", test="rtt64", want=1.5, text="kernel tier 64 B RTT at least 1.5x lower than TCP"),
+    dict(transport="kernel", test="stream1m", want=1.5, text="kernel tier 1 MiB throughput at least 1.5x TCP"),
+    dict(transport="shm", test="rtt64", placement="cross-core", want=20.0,
+         text="shm tier 64 B RTT on different cores at least 20x lower than TCP"),
+    dict(transport="shm", test="rtt64", placement="cross-core", against="ring", want=1.5,
+         text="shm tier 64 B RTT on different cores within 1.5x of the raw ring"),
+    dict(transport="shm", test="rtt64", placement="same-core", want=2.0,
+         text="shm tier 64 B RTT on one core at least 2x lower than TCP"),
+    dict(transport="shm", test="stream64k", want=5.0, text="shm tier 64 KiB throughput at least 5x TCP"),
+    dict(transport="shm", test="stream64k", against="ring", want=0.8,
+         text="shm tier 64 KiB throughput at least 80% of the raw ring"),
+    dict(transport="shm", test="connrate", want=0.9, text="shm tier connections per second at least 90% of TCP"),
+    dict(transport="shm", app="redis-benchmark GET -c 1", want=5.0,
+         text="shm tier redis-benchmark -c 1 GET at least 5x TCP"),
+    dict(transport="shm", app="redis-benchmark GET -c 50", want=1.3,
+         text="shm tier redis-benchmark -c 50 GET at least 1.3x TCP"),
 ]
 
 # retry_budget: repetitions run again for noise, in the whole run; past it a
@@ -850,23 +864,45 @@ class Runner:
             },
             "commands": self.commands, "results": results, "skipped": self.skipped,
             "warnings": self.warnings, "apps": self.apps, "sidecar": self.sidecar,
-            "targets": targets(results),
+            "targets": targets(results, self.apps),
         }
 
 
-def targets(results):
+def targets(results, apps=()):
     out = []
     by = {(r["transport"], r["placement"], r["test"]): r for r in results}
-    for transport, test, placement, want, text in TARGETS:
-        for pl in ([placement] if placement else list(PLACEMENTS)):
-            r = by.get((transport, pl, test))
-            if not r:
+    for t in TARGETS:
+        base = {"target": t["text"], "transport": t["transport"], "want": t["want"]}
+        if "app" in t:
+            for a in apps:
+                if a.get("name") == t["app"] and a.get("transport") == t["transport"]:
+                    got = a.get("ratio")
+                    out.append(dict(base, placement="unpinned", test=t["app"], got=got,
+                                    got_text=None if got is None else f"{got:.2f}x TCP",
+                                    engaged=a.get("engaged"), met=None if got is None else got >= t["want"]))
+            continue
+        placements = [t["placement"]] if t.get("placement") else list(PLACEMENTS)
+        for pl in placements:
+            r = by.get((t["transport"], pl, t["test"]))
+            if not r or not r["summary"]:
                 continue
-            rt = r["ratio_vs_tcp"]
-            got = rt.get("p50") or rt.get("gbps") or rt.get("conns_per_s")
-            out.append({"target": text, "transport": transport, "placement": pl, "test": test,
-                        "want": want, "got": got, "engaged": r["engaged"],
-                        "met": None if got is None else got >= want})
+            if t.get("against") == "ring":
+                ring = by.get(("ring", pl, t["test"]))
+                got = None
+                if ring and ring["summary"] and r["engaged"] is not False:
+                    if r["kind"] == "rtt":
+                        got = r["summary"]["p50_ns"] / ring["summary"]["p50_ns"]
+                        text, met = f"{got:.2f}x the ring's p50", got <= t["want"]
+                    else:
+                        got = r["summary"]["gbps"] / ring["summary"]["gbps"]
+                        text, met = f"{got * 100:.0f}% of the ring", got >= t["want"]
+            else:
+                rt = r["ratio_vs_tcp"]
+                got = rt.get("p50") or rt.get("gbps") or rt.get("conns_per_s")
+                if got is not None:
+                    text, met = f"{got:.2f}x TCP", got >= t["want"]
+            out.append(dict(base, placement=pl, test=t["test"], got=got, engaged=r["engaged"],
+                            got_text=None if got is None else text, met=None if got is None else met))
     return out
 
 
@@ -994,7 +1030,7 @@ def render_text(report):
         out.append("targets:")
         for t in mets:
             out.append(f"  {'met    ' if t['met'] else 'NOT MET'} {t['target']} ({t['placement']}): "
-                       f"{t['got']:.2f}x")
+                       f"{t.get('got_text') or format(t['got'], '.2f')}")
     for w in report["warnings"]:
         out.append("WARNING: " + w)
     return "\n".join(out)
@@ -1112,7 +1148,7 @@ def render_markdown(report, plot_name):
     if report["targets"]:
         lines += ["## Targets", "", "| target | placement | measured | met |", "|---|---|---|---|"]
         for t in report["targets"]:
-            got = "-" if t["got"] is None else f"{t['got']:.2f}x"
+            got = "-" if t["got"] is None else (t.get("got_text") or f"{t['got']:.2f}x")
             met = "not engaged" if t["engaged"] is False else "-" if t["met"] is None else (
                 "yes" if t["met"] else "**no**")
             lines.append(f"| {t['target']} | {t['placement']} | {got} | {met} |")
@@ -1147,6 +1183,7 @@ def render_plot(report, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     placements = [p for p in PLACEMENTS if any(r["placement"] == p for r in report["results"])]
     if not placements:
@@ -1176,6 +1213,8 @@ def render_plot(report, path):
                 ax.plot(xs, p99, linestyle=":", marker=".", color=colors[tr], alpha=0.6)
         ax.set_xticks(range(len(rtt_tests)), [fmt_size(t.size) for t in rtt_tests])
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda y, _: f"{y:g}"))
+        ax.yaxis.set_minor_formatter(ticker.NullFormatter())
         ax.set_title(f"RTT, {pl} (p50 solid, p99 dotted)")
         ax.set_ylabel("round trip, us")
         ax.grid(True, which="both", alpha=0.3)
@@ -1292,6 +1331,7 @@ def cmd_bench(args) -> int:
     if args.from_json:
         with open(args.from_json) as f:
             report = json.load(f)
+        report["targets"] = targets(report["results"], report.get("apps", []))
         files = write_outputs(report, args.out)
         if args.results_md:
             files["results"] = update_results_md(args.results_md, report, files)
