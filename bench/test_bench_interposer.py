@@ -21,13 +21,19 @@ pytestmark = pytest.mark.skipif(not os.path.exists(PRELOAD),
                                 reason=f"{PRELOAD} is not built (native/interpose.c, the shm tier's interposer)")
 
 
+def _plain_env():
+    env = dict(os.environ)
+    env.pop("LD_PRELOAD", None)
+    return env
+
+
 def _server(addr):
-    p = subprocess.Popen([PINGPONG, "server", addr], stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen([PINGPONG, "server", addr], stdout=subprocess.PIPE, text=True, env=_plain_env())
     return p, json.loads(p.stdout.readline())["listening"]
 
 
 def _rtt(addr, preload):
-    env = dict(os.environ)
+    env = _plain_env()
     if preload:
         env["LD_PRELOAD"] = PRELOAD
     out = subprocess.run([PINGPONG, "client", addr, "--mode", "rtt", "--iters", str(ITERS), "--warmup", "2000",
