@@ -105,7 +105,7 @@ TARGETS = [
 # noisy repetition is kept (and marked), so a busy machine cannot stretch
 # --quick past its minute.
 QUICK = dict(reps=3, rtt_seconds=0.1, stream_seconds=0.1, connrate_seconds=0.15, rtt_warmup=300,
-             retry_budget=15)
+             retry_budget=10)
 FULL = dict(reps=5, rtt_seconds=1.0, stream_seconds=1.0, connrate_seconds=1.0, rtt_warmup=2000,
             retry_budget=60)
 
