@@ -986,6 +986,10 @@ static __always_inline void handle_established(struct bpf_sock_ops *skops, int a
 	 * socket never enters the sockhash. */
 	if (active ? shm_active(skops, st) : shm_passive(skops, st, &c.key, c.netns)) {
 		c.tier = SBP_TIER_SHM;
+		c.tx_slot = st->tx_slot;
+		c.rx_slot = st->rx_slot;
+		c.tx_gen = st->tx_gen;
+		c.rx_gen = st->rx_gen;
 		count(SBP_CNT_SHM, 1);
 		if (bpf_map_update_elem(&conns, &cookie, &c, BPF_NOEXIST))
 			count(SBP_CNT_TABLE_FULL, 1);

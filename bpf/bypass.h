@@ -66,6 +66,10 @@ struct sbp_conn {
 	__u32 active;		/* 1: this socket connected (it is "a" in the key) */
 	__u32 family;		/* AF_INET or AF_INET6 of the socket */
 	__u32 shm_reason;	/* why a socket that asked for shm is not in it */
+	__u32 tx_slot;		/* shm tier: the rings (status reads their byte counts) */
+	__u32 rx_slot;
+	__u64 tx_gen;
+	__u64 rx_gen;
 };
 
 /* Per-socket state in a SK_STORAGE map (sk_state). User space (the

@@ -85,8 +85,47 @@ def connections(inst: paths.Instance) -> list[dict]:
                 "netns": c.netns,
                 "peer": c.peer,
             })
+            if tier == "shm":
+                rows[-1]["rings"] = (c.tx_slot, c.tx_gen, c.rx_slot, c.rx_gen)
     rows.sort(key=lambda r: (r["local"], r["remote"]))
+    _ring_bytes(inst, [r for r in rows if "rings" in r])
     return rows
+
+
+# struct sbp_ring_hdr (native/ring.h): generation at 8, head at 64, tail at 128.
+_GEN, _HEAD, _TAIL = 8, 64, 128
+
+
+def _ring_bytes(inst: paths.Instance, rows: list[dict]) -> None:
+    """Byte counts of shm-tier connections, read from their rings: bytes_tx
+    is what this end wrote into its ring, bytes_rx what it read from its
+    peer's (both monotonic, kept in the ring header)."""
+    spec = inst.load_state().get("region") or {}
+    if not rows or spec.get("backend") not in ("shm", "arena"):
+        return
+    from shmbypass import region
+    try:
+        reg = region.Region.open(spec["backend"], instance=inst.name, pin_dir=inst.pin_dir)
+    except (OSError, ValueError):
+        return  # counts stay 0; the tier is still right
+    with reg:
+        for row in rows:
+            tx_slot, tx_gen, rx_slot, rx_gen = row.pop("rings")
+            row["bytes_tx"] = _ring_word(reg, tx_slot, tx_gen, _HEAD)
+            row["bytes_rx"] = _ring_word(reg, rx_slot, rx_gen, _TAIL)
+
+
+def _ring_word(reg, slot: int, gen: int, off: int) -> int:
+    try:
+        view = reg.slot(slot)
+    except (IndexError, ValueError):
+        return 0
+    try:
+        if int.from_bytes(view[_GEN:_GEN + 8], "little") != gen:
+            return 0  # the slot moved on to another connection
+        return int.from_bytes(view[off:off + 8], "little")
+    finally:
+        view.release()
 
 
 def counters(inst: paths.Instance) -> dict[str, int]:
