@@ -1,0 +1,512 @@
+"""The bypass between two VMs that share an IVSHMEM region (marked vm).
+
+The host formats the region (one part per guest), each guest's
+`shmbypass up --backend ivshmem` joins it and hands out slots of its own
+part only; a region that is garbage, or absent, leaves the shm tier off with
+a one-line message and connections on TCP. The host's `vm status` shows the
+parts and the channels, live or dead.
+
+One pair serves the module (booted with garbage in its region, which the
+host formats after the refusal test); the "region absent from one guest"
+case needs a pair of its own and runs before it. Tests that need the shm
+tier end to end skip, with the reason, until the BPF programs know region
+parts (bpf/bypass.h `sbp_region_cfg.first_slot`) and the interposer maps
+`ivshmem:` regions (see /work/briefs/ivshmem-for-interposer.md).
+SHMBYPASS_BPF_DIR, when set here, is passed on to the guests.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from shmbypass import paths, region, shmtier, vm
+
+pytestmark = pytest.mark.vm
+
+PY = os.path.join(vm.ROOT, ".venv", "bin", "python")
+INST = "sbt-vm"
+ENV = {"SHMBYPASS_INSTANCE": INST}
+if os.environ.get("SHMBYPASS_BPF_DIR"):
+    ENV["SHMBYPASS_BPF_DIR"] = os.environ["SHMBYPASS_BPF_DIR"]
+GARBAGE = b"\x5a garbage, not a region \xa5" * 2048
+B_IP = "10.77.0.2"
+RUN_SHM = f"{PY} -m shmbypass run --tier shm -- "
+RUN_KERNEL = f"{PY} -m shmbypass run -- "
+
+
+def _bpf_has_parts():
+    """Do the BPF programs know region parts? (sbp_region_cfg in the object's
+    BTF has a first_slot member)."""
+    bpftool = shutil.which("bpftool") or "/usr/sbin/bpftool"
+    try:
+        out = subprocess.run([bpftool, "btf", "dump", "file", paths.bpf_object("bypass")],
+                             capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    members = out.split("STRUCT 'sbp_region_cfg'", 1)[-1].split("\n[", 1)[0]
+    return "'first_slot'" in members
+
+
+def _interposer_has_ivshmem():
+    try:
+        with open(shmtier.library_path(), "rb") as f:
+            return b"ivshmem:" in f.read()
+    except OSError:
+        return False
+
+
+BPF_PARTS = _bpf_has_parts()
+SHM_READY = BPF_PARTS and _interposer_has_ivshmem()
+needs_parts = pytest.mark.skipif(
+    not BPF_PARTS, reason="bpf/bypass.bpf.c has no region parts (sbp_region_cfg.first_slot): across "
+    "two kernels the peer's slot is not in this kernel's slot_state, so the handshake falls back")
+needs_shm = pytest.mark.skipif(
+    not SHM_READY, reason="the shm tier across VMs needs region parts in BPF and `ivshmem:` "
+    "regions in the interposer (/work/briefs/ivshmem-for-interposer.md)")
+
+
+def _wrap():
+    """How the test programs run: under the interposer when it is built
+    (an unusable region must leave it out of the way), else in the group."""
+    return RUN_SHM if os.path.exists(shmtier.library_path()) else RUN_KERNEL
+
+
+def _both(pair, cmd, timeout=180, env=ENV):
+    """Run cmd in A and B at once (a guest's Python start-up costs seconds)."""
+    jobs = {g: pair.start(g, cmd, timeout=timeout, env=env) for g in "AB"}
+    return {g: j.wait(timeout + 60) for g, j in jobs.items()}
+
+
+def _state(pair, g):
+    r = pair.run(g, f"cat /run/{INST}/state.json", timeout=30, check=True)
+    return json.loads(r.out)
+
+
+# The rows `shmbypass status --json` prints, plus the shm reason BPF recorded
+# for each connection (status shows the kernel tier's reason on TCP rows).
+CONN_ROWS = r"""
+import json, sys
+from shmbypass import bpf, paths, status
+inst = paths.Instance.current()
+rows = status.connections(inst)
+shm = {}
+with bpf.Map.pinned(inst.pin("conns"), "uint64_t", "struct sbp_conn") as m:
+    for cookie, c in m.items():
+        shm[cookie] = status.REASONS.get(c.shm_reason, c.shm_reason)
+for r in rows:
+    r["shm_reason"] = shm.get(r["cookie"])
+print(json.dumps(rows))
+"""
+
+
+def _rows(pair, g, port):
+    """Connections of guest g's bypass group on port: the rows `shmbypass
+    status --json` prints under "connections" (status.connections(), one
+    guest Python start instead of two), with `shm_reason` added."""
+    rows = json.loads(pair.run(g, f"{PY} -", stdin=CONN_ROWS, env=ENV, timeout=120, check=True).out)
+    return [x for x in rows if x["local"].endswith(f":{port}") or x["remote"].endswith(f":{port}")]
+
+
+# A plain blocking echo server and client: the unmodified programs. The
+# client leaves /tmp/done-PORT once the data is back and closes only when
+# /tmp/go-PORT appears, so the test can look at the live connection.
+ECHO_SERVER = """
+import hashlib, socket, sys
+ls = socket.create_server(("10.77.0.2", int(sys.argv[1])))
+ls.settimeout(120)
+c, _ = ls.accept()
+c.settimeout(120)
+h, n = hashlib.sha256(), 0
+while True:
+    b = c.recv(65536)
+    if not b:
+        break
+    h.update(b); n += len(b)
+    c.sendall(b)
+c.close()
+print(n, h.hexdigest())
+"""
+
+ECHO_CLIENT = """
+import hashlib, os, socket, sys, threading, time
+port, size = int(sys.argv[1]), int(sys.argv[2])
+data = os.urandom(size)
+for i in range(300):  # the server may still be starting
+    try:
+        s = socket.create_connection(("10.77.0.2", port), timeout=120)
+        break
+    except ConnectionRefusedError:
+        time.sleep(0.2)
+def send():
+    s.sendall(data)
+t = threading.Thread(target=send); t.start()
+h, n = hashlib.sha256(), 0
+while n < len(data):
+    b = s.recv(65536)
+    if not b:
+        break
+    h.update(b); n += len(b)
+t.join()
+open("/tmp/done-%d" % port, "w").close()
+for i in range(1200):
+    if os.path.exists("/tmp/go-%d" % port):
+        break
+    time.sleep(0.1)
+s.shutdown(socket.SHUT_WR)
+assert s.recv(1) == b""
+s.close()
+print(len(data), hashlib.sha256(data).hexdigest(), n, h.hexdigest())
+"""
+
+
+def _echo(pair, port, wrap, size=1 << 20):
+    """Echo `size` random bytes from A through B and back with wrap (a
+    command prefix) on both programs; returns the status rows of both guests
+    taken while the connection is open. sha256 checked both ways."""
+    server = pair.start("B", f"{wrap}{PY} - {port}", stdin=ECHO_SERVER, env=ENV, timeout=200)
+    client = pair.start("A", f"{wrap}{PY} - {port} {size}", stdin=ECHO_CLIENT, env=ENV, timeout=200)
+    for _ in range(600):  # a poll, not a timed assertion: the jobs' timeouts stop a hang
+        if pair.run("A", f"test -e /tmp/done-{port}", timeout=30).rc == 0:
+            break
+        if client.done():
+            pytest.fail(f"client ended early: {client.wait(0)}; server: {server.wait(60)}")
+        time.sleep(0.2)
+    rows = {g: _rows(pair, g, port) for g in "AB"}
+    pair.run("A", f"touch /tmp/go-{port}", timeout=30, check=True)
+    cli = client.wait(260).check()
+    srv = server.wait(260).check()
+    sent_n, sent_h, back_n, back_h = cli.out.split()
+    got_n, got_h = srv.out.split()[-2:]
+    assert int(sent_n) == int(got_n) == int(back_n) == size
+    assert sent_h == got_h == back_h
+    return rows
+
+
+# -- host only ------------------------------------------------------------------
+
+def test_host_formats_one_part_per_guest(tmp_path):
+    f = tmp_path / "region"
+    f.write_bytes(bytes(16 << 20))
+    rep = vm.format_region_file(str(f), region_id=0x5EED)
+    assert rep["state"] == "ok" and rep["header"]["backend"] == "ivshmem"
+    assert rep["region_id"] == 0x5EED
+    (pa, pb) = rep["parts"]
+    assert (pa["guest"], pa["first_slot"]) == ("A", 0)
+    assert (pb["guest"], pb["first_slot"]) == ("B", pa["slot_count"])
+    assert pa["slot_count"] == pb["slot_count"] > 0
+    # what each guest's `up --backend ivshmem` records
+    a = region.ivshmem_state(path=str(f), part=0)
+    os.environ["SHMBYPASS_GUEST"] = "B"
+    try:
+        b = region.ivshmem_state(path=str(f))
+    finally:
+        del os.environ["SHMBYPASS_GUEST"]
+    assert (a["part"], a["first_slot"], a["region_id"], a["guest"]) == (0, 0, 0x5EED, "A")
+    assert (b["part"], b["first_slot"], b["slot_count"], b["guest"]) == (1, pb["first_slot"], pb["slot_count"], "B")
+    assert a["note"] == b["note"] == ""
+
+
+@pytest.mark.parametrize("damage, words", [
+    ("zeros", "not formatted (all zeros)"),
+    ("garbage", "holds garbage"),
+    ("version", "header version 99"),
+    ("no-guest", "no part for guest C"),
+])
+def test_refused_regions_say_why_in_one_line(tmp_path, monkeypatch, damage, words):
+    f = tmp_path / "region"
+    f.write_bytes(bytes(8 << 20))
+    if damage != "zeros":
+        vm.format_region_file(str(f))
+    raw = bytearray(f.read_bytes())
+    if damage == "garbage":
+        raw[:len(GARBAGE)] = GARBAGE
+    elif damage == "version":
+        raw[8:12] = (99).to_bytes(4, "little")
+    f.write_bytes(bytes(raw))
+    monkeypatch.setenv("SHMBYPASS_GUEST", "C")
+    st = region.ivshmem_state(path=str(f))
+    assert (st["region_id"], st["slot_count"], st["path"]) == (0, 0, None)
+    assert words in st["note"] and "\n" not in st["note"]
+    assert st["note"].endswith("the shm tier is off here (connections use TCP or the kernel tier)")
+
+
+def test_host_view_marks_channels_of_a_gone_guest_dead(tmp_path):
+    """Rings laid out by the real C code in a host-formatted region; who maps
+    the file decides live or dead."""
+    f = tmp_path / "region"
+    f.write_bytes(bytes(8 << 20))
+    rep = vm.format_region_file(str(f))
+    first_b = rep["parts"][1]["first_slot"]
+    fd = os.open(f, os.O_RDWR)
+    import mmap
+    mm = mmap.mmap(fd, 0)
+    os.close(fd)
+    reg = region.Region("ivshmem", len(mm), str(f))
+    reg._adopt_mmap(mm)
+    try:
+        reg._check()
+        reg.ring(1, generation=3, create=True).write(b"a" * 100)      # A -> B
+        w = reg.ring(first_b, generation=5, create=True)              # B -> A
+        w.write(b"b" * 300)
+        reg.ring(first_b, generation=5).read(100)
+    finally:
+        reg.close()
+    rep = vm.region_status(str(f))  # nobody maps it: liveness unknown
+    chans = {c["slot"]: c for c in rep["channels"]}
+    assert (chans[1]["writer"], chans[1]["reader"], chans[1]["state"]) == ("A", "B", "live")
+    assert (chans[first_b]["writer"], chans[first_b]["head"], chans[first_b]["tail"]) == ("B", 300, 100)
+    vm.apply_liveness(rep, {"A": 1})  # only A's QEMU still maps it
+    assert {c["state"] for c in rep["channels"]} == {"dead"}
+    assert [p["alive"] for p in rep["parts"]] == [True, False]
+    text = vm.render_status(rep)
+    assert "0 live channel(s), 2 dead" in text and "guest B, GONE" in text and "B>A" in text
+
+
+# -- a pair without the region in B ------------------------------------------------
+
+def test_region_absent_from_one_guest():
+    """B has no ivshmem device: its manager says so and comes up for TCP;
+    A joins the region. Their connection is plain TCP, data intact, and A
+    records why not shm."""
+    with vm.VMPair(ivshmem=("A",), region_format=True, region_size=16 << 20) as p:
+        ups = _both(p, f"{PY} -m shmbypass up --backend ivshmem")
+        for g in "AB":
+            assert ups[g].rc == 0, ups[g]
+        assert "no ivshmem PCI device" in ups["B"].err and "the shm tier is off here" in ups["B"].err
+        assert len(ups["B"].err.strip().splitlines()) == 1, ups["B"].err
+        assert ups["A"].err.strip() == ""
+        a, b = _state(p, "A")["region"], _state(p, "B")["region"]
+        assert a["region_id"] == p.region_id and a["part"] == 0 and a["slot_count"] > 0
+        assert (b["region_id"], b["slot_count"], b["path"]) == (0, 0, None)
+        rows = _echo(p, 7010, _wrap())
+        (ra,), (rb,) = rows["A"], rows["B"]
+        assert ra["tier"] == rb["tier"] == "tcp"
+        if SHM_READY:  # A asked for shm (B never answers): the reason is recorded
+            assert ra["shm_reason"] == "peer-not-capable", ra
+
+
+# -- the module's pair ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pair():
+    p = vm.VMPair(region_init=GARBAGE)  # garbage before boot; formatted after the refusal test
+    try:
+        p.boot()
+        yield p
+    finally:
+        p.close()
+        assert not os.path.exists(p.region_path)
+
+
+def test_garbage_region_refused_tcp_still_works(pair):
+    ups = _both(pair, f"{PY} -m shmbypass up --backend ivshmem")
+    for g in "AB":
+        r = ups[g]
+        assert r.rc == 0, r
+        (line,) = r.err.strip().splitlines()
+        assert "holds garbage" in line and "the shm tier is off here" in line, line
+        st = _state(pair, g)["region"]
+        assert (st["region_id"], st["slot_count"], st["path"]) == (0, 0, None)
+    res = subprocess.run([sys.executable, "-m", "shmbypass", "vm", "status", pair.region_path],
+                         capture_output=True, text=True, cwd=vm.ROOT)
+    assert res.returncode == 2 and "garbage" in res.stdout, res
+    try:
+        rows = _echo(pair, 7020, _wrap())
+        assert [r["tier"] for g in "AB" for r in rows[g]] == ["tcp", "tcp"], rows
+    finally:
+        downs = _both(pair, f"{PY} -m shmbypass down")
+        for g in "AB":
+            assert downs[g].rc == 0, downs[g]
+
+
+def test_host_formats_guests_join_their_parts(pair):
+    """The host formats the region (the guests run and have it mapped: the
+    same memory); each guest's pool is exactly its own part."""
+    rid = vm.format_region_file(pair.region_path)["region_id"]
+    pair.region_id = rid
+    ups = _both(pair, f"{PY} -m shmbypass up --backend ivshmem")
+    parts = {}
+    for g, part in (("A", 0), ("B", 1)):
+        assert ups[g].rc == 0 and ups[g].err.strip() == "", ups[g]
+        st = _state(pair, g)["region"]
+        assert (st["backend"], st["region_id"], st["part"], st["guest"]) == ("ivshmem", rid, part, g)
+        assert st["path"].startswith("/sys/bus/pci/devices/") and st["path"].endswith("/resource2")
+        parts[g] = st
+    assert parts["B"]["first_slot"] == parts["A"]["first_slot"] + parts["A"]["slot_count"]
+    code = ("import json; from shmbypass import paths, slots; i = paths.Instance.current(); "
+            "print(json.dumps([slots.config(i), sorted(slots.free_slots(i))]))")
+    for g in "AB":
+        cfg, free = json.loads(pair.run(g, f"{PY} -c '{code}'", env=ENV, timeout=120, check=True).out)
+        first, n = parts[g]["first_slot"], parts[g]["slot_count"]
+        assert free == list(range(first, first + n))
+        assert (cfg["region_id"], cfg["slot_count"], cfg["first_slot"]) == (rid, n, first)
+    rep = vm.region_status(pair.region_path)
+    assert rep["state"] == "ok"
+    assert [(p["guest"], p["alive"]) for p in rep["parts"]] == [("A", True), ("B", True)]
+    text = subprocess.run([sys.executable, "-m", "shmbypass", "vm", "status", pair.region_path],
+                          capture_output=True, text=True, cwd=vm.ROOT, check=True).stdout
+    assert f"id {rid:016x}" in text and "guest A, mapped" in text and "guest B, mapped" in text
+
+
+# Marked sockets (what the interposer does), in the bypass group: the
+# handshake alone decides; each side prints its sockets' sk_state.
+NEG_SERVER = r"""
+import json, socket, sys
+from shmbypass import paths, slots
+inst = paths.Instance.current()
+ls = socket.socket()
+slots.mark(inst, ls)
+ls.bind(("10.77.0.2", int(sys.argv[1]))); ls.listen(16)
+out = []
+for i in range(int(sys.argv[2])):
+    c, _ = ls.accept()
+    out.append(slots.sk_state(inst, c))
+    c.recv(1)
+    c.close()
+print(json.dumps(out))
+"""
+
+NEG_CLIENT = r"""
+import json, socket, sys, time
+from shmbypass import paths, slots
+inst = paths.Instance.current()
+out = []
+for i in range(int(sys.argv[2])):
+    for _ in range(300):
+        s = socket.socket()
+        slots.mark(inst, s)
+        try:
+            s.connect(("10.77.0.2", int(sys.argv[1])))
+            break
+        except ConnectionRefusedError:
+            s.close(); time.sleep(0.2)
+    out.append(slots.sk_state(inst, s))
+    s.send(b"x")
+    s.recv(1)
+    s.close()
+time.sleep(1)  # the last FIN/ACKs: both ends reach TCP_CLOSE
+print(json.dumps(out))
+"""
+
+
+@needs_parts
+def test_negotiation_across_guests_uses_own_parts(pair):
+    """Both ends of each connection land in the shm tier; each writes a
+    slot of its own part and reads the other's; closed connections give
+    every slot back to its owner's free list."""
+    n = 8
+    server = pair.start("B", f"{RUN_KERNEL}{PY} - 7030 {n}", stdin=NEG_SERVER, env=ENV, timeout=200)
+    cli = pair.run("A", f"{RUN_KERNEL}{PY} - 7030 {n}", stdin=NEG_CLIENT, env=ENV, timeout=200, check=True)
+    srv = server.wait(260).check()
+    a_rows, b_rows = json.loads(cli.out), json.loads(srv.out.strip().splitlines()[-1])
+    pa, pb = _state(pair, "A")["region"], _state(pair, "B")["region"]
+    in_a = range(pa["first_slot"], pa["first_slot"] + pa["slot_count"])
+    in_b = range(pb["first_slot"], pb["first_slot"] + pb["slot_count"])
+    for a, b in zip(a_rows, b_rows):
+        assert a["tier"] == b["tier"] == 2, (a, b)  # SBP_TIER_SHM
+        assert a["tx_slot"] in in_a and b["tx_slot"] in in_b
+        assert (a["rx_slot"], a["rx_gen"]) == (b["tx_slot"], b["tx_gen"])
+        assert (b["rx_slot"], b["rx_gen"]) == (a["tx_slot"], a["tx_gen"])
+        assert a["region_id"] == b["region_id"] == pair.region_id
+    code = ("import json; from shmbypass import paths, slots; i = paths.Instance.current(); "
+            "print(json.dumps([len(slots.free_slots(i)), sum(r for g, r in slots.slot_states(i).values())]))")
+    for g, p in (("A", pa), ("B", pb)):
+        free, refs = json.loads(pair.run(g, f"{PY} -c '{code}'", env=ENV, timeout=120, check=True).out)
+        assert (free, refs) == (p["slot_count"], 0), g
+
+
+@needs_shm
+def test_unmodified_programs_in_the_shm_tier(pair):
+    rows = _echo(pair, 7040, RUN_SHM, size=4 << 20)
+    (ra,), (rb,) = rows["A"], rows["B"]
+    assert ra["tier"] == rb["tier"] == "shm", rows
+    rep = vm.region_status(pair.region_path)
+    dirs = {f"{c['writer']}>{c['reader']}" for c in rep["channels"] if c["head"] >= 4 << 20}
+    assert dirs == {"A>B", "B>A"}, rep["channels"]
+
+
+# A ring of each guest's part, written from Python straight into the BAR:
+# the host view of live channels needs nothing else. Slots at the end of each
+# part (the pool's FIFO reaches them last).
+RAW_RING = r"""
+import sys
+from shmbypass import paths, region
+st = __import__("json").load(open("/run/%s/state.json" % paths.Instance.current().name))["region"]
+reg = region.open_ivshmem(st["path"])
+slot = st["first_slot"] + st["slot_count"] - 1
+reg.ring(slot, generation=0xABC, create=True).write(b"r" * int(sys.argv[1]))
+print(slot)
+"""
+
+SHM_STREAM_CLIENT = """
+import errno, socket, sys, time
+for i in range(300):
+    try:
+        s = socket.create_connection(("10.77.0.2", int(sys.argv[1])), timeout=120)
+        break
+    except ConnectionRefusedError:
+        time.sleep(0.2)
+chunk, sent = b"x" * 65536, 0
+t0 = time.monotonic()
+try:
+    while True:
+        n = s.send(chunk)
+        if n == 0:
+            break
+        sent += n
+except OSError as e:
+    print("ERROR", errno.errorcode.get(e.errno, e.errno), sent, round(time.monotonic() - t0, 1))
+"""
+
+SINK_SERVER = """
+import socket, sys
+ls = socket.create_server(("10.77.0.2", int(sys.argv[1])))
+c, _ = ls.accept()
+n = 0
+while True:
+    b = c.recv(65536)
+    if not b:
+        break
+    n += len(b)
+    if n >= 1 << 20:
+        open("/tmp/sink-started", "w").close()
+"""
+
+
+def test_kill_guest_b_host_sees_channels_dead(pair):
+    """Runs last. Channels written by A and by B show live on the host; B's
+    QEMU is killed (mid-transfer when the shm tier works end to end: A's
+    program gets an error, no hang); the host shows them dead."""
+    slots_ = {g: int(pair.run(g, f"{PY} - {size}", stdin=RAW_RING, env=ENV, timeout=120, check=True).out)
+              for g, size in (("A", 1000), ("B", 3000))}
+    rep = vm.region_status(pair.region_path)
+    chans = {c["slot"]: c for c in rep["channels"]}
+    assert (chans[slots_["A"]]["state"], chans[slots_["A"]]["writer"], chans[slots_["A"]]["head"]) == ("live", "A", 1000)
+    assert (chans[slots_["B"]]["state"], chans[slots_["B"]]["writer"], chans[slots_["B"]]["head"]) == ("live", "B", 3000)
+    client = None
+    if SHM_READY:
+        sink = pair.start("B", f"{RUN_SHM}{PY} - 7050", stdin=SINK_SERVER, env=ENV)
+        client = pair.start("A", f"{RUN_SHM}{PY} - 7050", stdin=SHM_STREAM_CLIENT, env=ENV, timeout=150)
+        for _ in range(600):
+            if pair.run("B", "test -e /tmp/sink-started", timeout=30).rc == 0:
+                break
+            assert not client.done(), client.wait(0)
+            time.sleep(0.2)
+        else:
+            pytest.fail("the transfer never started")
+    pair.kill("B")
+    rep = vm.region_status(pair.region_path)
+    chans = {c["slot"]: c for c in rep["channels"]}
+    assert chans[slots_["A"]]["state"] == chans[slots_["B"]]["state"] == "dead"
+    assert chans[slots_["B"]]["dead"] == ["B"] and rep["parts"][1]["alive"] is False
+    if client is not None:
+        res = client.wait(200)
+        assert not res.timed_out and res.out.startswith("ERROR"), res  # reset/EPIPE/timeout, no hang
+        with pytest.raises(vm.GuestDied):
+            sink.wait(30)
+        live = [c for c in vm.region_status(pair.region_path)["channels"] if c["state"] == "live"]
+        assert not live, live
