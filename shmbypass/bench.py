@@ -1340,7 +1340,10 @@ def cmd_bench(args) -> int:
         return 0
     runner = Runner(args)
     _MAIN_PID = runner.pid
-    old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
+    # Our own handlers, also for SIGINT: a shell that starts us in the
+    # background sets SIGINT to ignored, and the clean-up must still run.
+    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    old = {sig: signal.signal(sig, _raise_interrupt) for sig in handled}
     try:
         report = runner.run()
     except KeyboardInterrupt:
@@ -1352,7 +1355,8 @@ def cmd_bench(args) -> int:
         return 130
     finally:
         runner.teardown()
-        signal.signal(signal.SIGTERM, old_term)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
     files = write_outputs(report, args.out)
     if args.results_md:
         files["results"] = update_results_md(args.results_md, report, files)
