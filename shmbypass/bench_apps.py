@@ -55,9 +55,11 @@ def wait_listen(child, port, timeout=15.0):
 
 
 def app_transports(runner):
-    out = ["tcp"]
-    for t in ("kernel", "shm"):
-        if runner.available(t):
+    """tcp, and the bypass tiers that work here (--only may name some)."""
+    named = runner.only & {"tcp", "kernel", "shm"}
+    out = []
+    for t in ("tcp", "kernel", "shm"):
+        if (not named or t in named or t == "tcp") and (t == "tcp" or runner.available(t)):
             out.append(t)
     return out
 
@@ -127,7 +129,7 @@ def steps(runner):
 
 
 def run_apps(runner):
-    seconds = 2.0 if runner.args.quick else 5.0
+    seconds = runner.args.seconds or (2.0 if runner.args.quick else 5.0)
     for name, fn, binaries in (("redis", redis, ["redis-server", "redis-benchmark"]),
                                ("nginx+wrk", nginx_wrk, ["nginx", "wrk"]),
                                ("iperf3", iperf3, ["iperf3"])):

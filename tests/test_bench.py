@@ -275,3 +275,35 @@ def test_results_md_keeps_the_reading(quick_run, tmp_path):
     assert text.startswith("# Results\n\nThe reading, written by hand.\n")
     assert text.count(bench.RESULTS_MARKER) == 1
     assert "## The latest run" in text and "bench.png" in text and "kernel tier" in text
+
+
+@pytest.mark.apps
+def test_sidecar_and_apps_subset(tmp_path):
+    """The sidecar (loopback and three netns) and the apps, briefly: every entry
+    has figures, kernel-tier entries were seen in the kernel tier, and no
+    namespace or instance is left behind."""
+    import shutil
+    res = run_bench(tmp_path, "--apps", "--only", "apps,sidecar,tcp,kernel", "--reps", "1", "--seconds", "0.05")
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert res.returncode in (0, 3), res.stdout + res.stderr
+    side = [e for e in report["sidecar"] if not e.get("skipped")]
+    for topo in ("loopback", "netns"):
+        for transport in ("tcp", "kernel"):
+            mine = [e for e in side if e.get("topology") == topo and e["transport"] == transport]
+            assert len(mine) == 3, (topo, transport, report["sidecar"])
+            assert all(e["figures"] and not e.get("error") for e in mine), mine
+            if transport == "kernel":
+                assert all(e["engaged"] is True for e in mine), mine
+                assert all(e.get("ratio") for e in mine), mine
+    apps = {(e["name"], e["transport"]): e for e in report["apps"] if not e.get("skipped")}
+    if shutil.which("redis-benchmark"):
+        assert apps[("redis-benchmark GET -c 50", "tcp")]["figures"]["rps"] > 0
+        k = apps[("redis-benchmark GET -c 50", "kernel")]
+        assert k["engaged"] is not False, k
+    assert not [n for n in os.listdir("/var/run/netns") if n.startswith("sbb")] if os.path.isdir(
+        "/var/run/netns") else True
+    assert bench_leftovers(_bench_pid(report)) == []
+
+
+def _bench_pid(report):
+    return int(report["instance"].rsplit("-", 1)[1])
