@@ -876,6 +876,15 @@ static struct chan *chan_setup(int fd, const struct sbp_sk *st, int rediscovered
 		if (syscall(SYS_getsockopt, fd, IPPROTO_TCP, TCP_NODELAY, &was, &len) == 0 && was)
 			atomic_fetch_or(&sh->flags, CH_APP_NODELAY);
 		syscall(SYS_setsockopt, fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+		/* Same for TCP_CORK (nginx' tcp_nopush): a corked doorbell
+		 * waits 200 ms. */
+		was = 0;
+		len = sizeof(was);
+		if (syscall(SYS_getsockopt, fd, IPPROTO_TCP, TCP_CORK, &was, &len) == 0 && was) {
+			atomic_fetch_or(&sh->flags, CH_APP_CORK);
+			one = 0;
+			syscall(SYS_setsockopt, fd, IPPROTO_TCP, TCP_CORK, &one, sizeof(one));
+		}
 	}
 
 	tx = sbp_region_slot(&g.info, g.region, st->tx_slot);
@@ -1615,25 +1624,28 @@ EXPORT int ioctl(int fd, unsigned long req, ...)
 	return r;
 }
 
+/* TCP options that would hold doorbells back are the app's business only:
+ * remembered for getsockopt, never applied to the control connection. */
+static uint32_t virtual_tcp_opt(int level, int name)
+{
+	if (level != IPPROTO_TCP)
+		return 0;
+	return name == TCP_NODELAY ? CH_APP_NODELAY : name == TCP_CORK ? CH_APP_CORK : 0;
+}
+
 EXPORT int setsockopt(int fd, int level, int name, const void *val, socklen_t len)
 {
+	uint32_t bit = virtual_tcp_opt(level, name);
 	struct chan *ch;
-	int r, on;
 
-	if (level != IPPROTO_TCP || name != TCP_NODELAY || !val || len < sizeof(int) ||
-	    fd_class(fd, &ch) != K_SHM)
+	if (!bit || !val || len < sizeof(int) || fd_class(fd, &ch) != K_SHM)
 		return REAL(setsockopt)(fd, level, name, val, len);
-	/* remembered for getsockopt; the control connection keeps NODELAY */
-	on = *(const int *)val;
-	r = REAL(setsockopt)(fd, level, name, &(int){ 1 }, sizeof(int));
-	if (r == 0) {
-		if (on)
-			atomic_fetch_or(&ch->sh->flags, CH_APP_NODELAY);
-		else
-			atomic_fetch_and(&ch->sh->flags, ~CH_APP_NODELAY);
-	}
+	if (*(const int *)val)
+		atomic_fetch_or(&ch->sh->flags, bit);
+	else
+		atomic_fetch_and(&ch->sh->flags, ~bit);
 	chan_put(ch);
-	return r;
+	return 0;
 }
 
 EXPORT int getsockopt(int fd, int level, int name, void *val, socklen_t *len)
@@ -1642,11 +1654,11 @@ EXPORT int getsockopt(int fd, int level, int name, void *val, socklen_t *len)
 	int r, saved;
 
 	r = REAL(getsockopt)(fd, level, name, val, len);
-	if (r == 0 && g.enabled && level == IPPROTO_TCP && name == TCP_NODELAY && val && len &&
+	if (r == 0 && g.enabled && virtual_tcp_opt(level, name) && val && len &&
 	    *len >= sizeof(int) && FD_KIND(fdt_load(fd)) == K_SHM) {
 		saved = errno;
 		if (fd_class(fd, &ch) == K_SHM) {
-			*(int *)val = !!(atomic_load(&ch->sh->flags) & CH_APP_NODELAY);
+			*(int *)val = !!(atomic_load(&ch->sh->flags) & virtual_tcp_opt(level, name));
 			chan_put(ch);
 		}
 		errno = saved;

@@ -646,6 +646,8 @@ def main():
     try:
         if role == "exec-child":
             exec_child(int(sys.argv[3]))
+        elif role in ("aioserver", "aioclient"):
+            aio(role, sys.argv[2:])
         elif role == "local":
             globals()["l_" + scen](sys.argv[3:])
         elif role == "server":
@@ -666,6 +668,63 @@ def main():
         print("RESULT " + json.dumps(RESULT), flush=True)
         raise
     print("RESULT " + json.dumps(RESULT), flush=True)
+
+
+
+# ---------------------------------------------------------------------------
+# asyncio streams: `aioserver` prints PORT and serves N clients; `aioclient`
+# runs N concurrent clients, each sending and reading back messages.
+
+async def _aio_server(n):
+    import asyncio
+    done = asyncio.Event()
+    served = 0
+
+    async def handle(reader, writer):
+        nonlocal served
+        while True:
+            line = await reader.readline()
+            if not line:
+                break
+            writer.write(line[::-1][1:] + b"\n")
+            await writer.drain()
+        writer.close()
+        served += 1
+        if served == n:
+            done.set()
+    srv = await asyncio.start_server(handle, HOST, 0)
+    print(f"PORT {srv.sockets[0].getsockname()[1]}", flush=True)
+    async with srv:
+        await done.wait()
+    out(served=served)
+
+
+async def _aio_client(port, n, msgs):
+    import asyncio
+
+    async def one(i):
+        reader, writer = await asyncio.open_connection(HOST, port)
+        t = tier(writer.get_extra_info("socket").fileno())
+        ok = True
+        for j in range(msgs):
+            msg = f"{i}:{j}:".encode() + os.urandom(random.randint(1, 3000)).hex().encode()
+            writer.write(msg + b"\n")
+            await writer.drain()
+            back = await reader.readline()
+            ok &= back == msg[::-1] + b"\n"
+        writer.close()
+        await writer.wait_closed()
+        return ok, t
+    res = await asyncio.gather(*(one(i) for i in range(n)))
+    out(ok=all(r[0] for r in res), tiers=sorted({r[1] for r in res}))
+
+
+def aio(role, args):
+    import asyncio
+    if role == "aioserver":
+        asyncio.run(_aio_server(int(args[0])))
+    else:
+        asyncio.run(_aio_client(int(args[0]), int(args[1]), int(args[2])))
 
 
 if __name__ == "__main__":

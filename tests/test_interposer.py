@@ -380,3 +380,179 @@ def test_one_side_unshimmed(setups, shimmed):
                           swrap=shimmed == "server", cwrap=shimmed == "client")
     assert cres["echo_ok"] == [True]
     assert cres["tier"] == 0 and sres.get("tier", 0) == 0
+
+
+# -- real applications -----------------------------------------------------------
+
+def need(*tools):
+    for t in tools:
+        if not shutil.which(t):
+            pytest.skip(f"{t} is not installed (scripts/setup.sh installs it)")
+
+
+@pytest.fixture
+def app_su(setups):
+    """The shm tier as `up` makes it by default (arena where the kernel has it)."""
+    from shmbypass.region import arena_supported
+    return get_setup(setups, "arena" if arena_supported() else "posix")
+
+
+def free_port():
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def shm_rows(su):
+    from shmbypass import status
+    return [r for r in status.connections(su.inst) if r["tier"] == "shm"]
+
+
+class Server:
+    """A long-running program under `shmbypass run`, killed (group) at the end."""
+
+    def __init__(self, su, argv, ready, wrap=True, **env):
+        self.p = subprocess.Popen((RUN if wrap else []) + argv, env=su.env(**env),
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                  start_new_session=True)
+        end = time.monotonic() + 20
+        while not ready():
+            if self.p.poll() is not None:
+                raise AssertionError(f"{argv[0]} exited: {self.p.stderr.read().decode()[-2000:]}")
+            if time.monotonic() > end:
+                self.stop()
+                raise AssertionError(f"{argv[0]} not ready in 20 s")
+            time.sleep(0.05)
+
+    def stop(self):
+        try:
+            os.killpg(self.p.pid, signal.SIGTERM)
+            self.p.wait(10)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(self.p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.p.wait()
+
+
+def listening(port):
+    """Is something listening on port? (Read /proc: connecting would use up a
+    one-shot server such as `iperf3 -1`.)"""
+    def check():
+        for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+            with open(name) as f:
+                for line in f.readlines()[1:]:
+                    local, state = line.split()[1], line.split()[3]
+                    if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
+                        return True
+        return False
+    return check
+
+
+def run_tool(su, argv, timeout=120, wrap=True, **env):
+    p = subprocess.run((RUN if wrap else []) + argv, env=su.env(**env), capture_output=True,
+                       timeout=timeout)
+    return p
+
+
+def test_redis(app_su):
+    need("redis-server", "redis-benchmark", "redis-cli")
+    su, port = app_su, free_port()
+    srv = Server(su, ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no",
+                      "--bind", "127.0.0.1"], listening(port))
+    try:
+        for args in (["-c", "1", "-n", "20000"], ["-c", "50", "-n", "50000", "-P", "16"],
+                     ["-c", "50", "-n", "50000"], ["-c", "1", "-n", "5000", "-P", "16"]):
+            p = run_tool(su, ["redis-benchmark", "-p", str(port), "-q", "-t",
+                              "set,get,lpush,lrange"] + args)
+            text = p.stdout.decode(errors="replace").replace("\r", "\n")
+            assert p.returncode == 0, p.stderr.decode()[-2000:]
+            assert "error" not in text.lower() and "requests per second" in text, text[-2000:]
+        # a 1 MiB value, written and read back exactly by redis-cli
+        value = os.urandom(1 << 19).hex().encode()          # 1 MiB of text
+        p = subprocess.run(RUN + ["redis-cli", "-p", str(port), "-x", "set", "big"],
+                           input=value, env=su.env(), capture_output=True, timeout=60)
+        assert p.stdout.strip() == b"OK", p
+        p = run_tool(su, ["redis-cli", "-p", str(port), "--raw", "get", "big"])
+        assert p.stdout.rstrip(b"\n") == value
+        # a live connection shows up in the shm tier
+        cli = subprocess.Popen(RUN + ["redis-cli", "-p", str(port)], env=su.env(),
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        try:
+            cli.stdin.write(b"PING\n")
+            cli.stdin.flush()
+            assert cli.stdout.readline().strip() == b"PONG"
+            assert len(shm_rows(su)) >= 2, shm_rows(su)
+        finally:
+            cli.stdin.close()
+            cli.wait(10)
+    finally:
+        srv.stop()
+
+
+def test_nginx_sendfile_curl_and_wrk(app_su, tmp_path):
+    need("nginx", "curl")
+    su, port = app_su, free_port()
+    www = tmp_path / "www"
+    www.mkdir()
+    data = os.urandom(1 << 20) * 100                         # 100 MiB
+    (www / "big.bin").write_bytes(data)
+    (www / "small.txt").write_text("hello\n" * 100)
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(f"""daemon off; master_process on; worker_processes 1; user root;
+pid {tmp_path}/nginx.pid; error_log {tmp_path}/error.log;
+events {{ worker_connections 256; }}
+http {{ access_log off; sendfile on; tcp_nopush on;
+  client_body_temp_path {tmp_path}; proxy_temp_path {tmp_path}; fastcgi_temp_path {tmp_path};
+  uwsgi_temp_path {tmp_path}; scgi_temp_path {tmp_path};
+  server {{ listen 127.0.0.1:{port}; root {www}; }} }}
+""")
+    srv = Server(su, ["nginx", "-c", str(conf), "-p", str(tmp_path)], listening(port))
+    try:
+        got = tmp_path / "got.bin"
+        p = run_tool(su, ["curl", "-sSf", "-o", str(got), f"http://127.0.0.1:{port}/big.bin"])
+        assert p.returncode == 0, p.stderr
+        with open(got, "rb") as f:
+            assert hashlib.file_digest(f, "sha256").hexdigest() == hashlib.sha256(data).hexdigest()
+        got.unlink()
+        if shutil.which("wrk"):
+            p = run_tool(su, ["wrk", "-t1", "-c8", "-d2s", f"http://127.0.0.1:{port}/small.txt"])
+            text = p.stdout.decode()
+            assert p.returncode == 0 and "Requests/sec" in text, text
+            assert "Socket errors" not in text and "Non-2xx" not in text, text
+    finally:
+        srv.stop()
+
+
+def test_asyncio_streams(app_su):
+    su = app_su
+    srv = Proc([PY, PEER, "aioserver", "20"], su.env())
+    try:
+        port = srv.wait_for("PORT ")
+        cli = Proc([PY, PEER, "aioclient", port, "20", "30"], su.env())
+        cres = cli.finish(60)
+        sres = srv.finish(60)
+        assert cres.get("ok") and cres.get("tiers") == [2], (cres, cli.stderr())
+        assert sres.get("served") == 20, (sres, srv.stderr())
+    finally:
+        srv.kill()
+
+
+def test_iperf3(app_su):
+    need("iperf3")
+    su, port = app_su, free_port()
+    srv = Server(su, ["iperf3", "-s", "-1", "-p", str(port)], listening(port))
+    try:
+        secs = os.environ.get("SBP_IPERF_SECONDS", "3")
+        p = run_tool(su, ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", secs, "-J"])
+        res = json.loads(p.stdout)
+        assert "error" not in res, res.get("error")
+        bps = res["end"]["sum_received"]["bits_per_second"]
+        assert bps > 0
+        print(f"iperf3 over the shm tier: {bps / 1e9:.1f} Gbit/s")
+    finally:
+        srv.stop()
