@@ -581,6 +581,9 @@ class Runner:
     # -- the matrix
 
     def plan(self):
+        matrix_names = set(PLACEMENTS) | {t.name for t in TESTS}
+        if self.only & {"apps", "sidecar"} and not self.only & matrix_names:
+            return []  # --only apps,sidecar[,transports]: no matrix
         plan = []
         for transport in TRANSPORTS:
             if not self.selected(transport, None, None):
