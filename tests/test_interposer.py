@@ -556,3 +556,58 @@ def test_iperf3(app_su):
         print(f"iperf3 over the shm tier: {bps / 1e9:.1f} Gbit/s")
     finally:
         srv.stop()
+
+
+# -- the same data paths under AddressSanitizer + UBSan ----------------------------
+
+@pytest.fixture(scope="module")
+def san_lib(tmp_path_factory):
+    """The library built with -fsanitize=address,undefined into a temp package dir."""
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if not cc:
+        pytest.skip("no C compiler")
+    libasan = subprocess.run([cc, "-print-file-name=libasan.so"], capture_output=True,
+                             text=True).stdout.strip()
+    if not os.path.isabs(libasan) or not os.path.exists(libasan):
+        pytest.skip("libasan is not installed (gcc's sanitizer runtime)")
+    pkg = tmp_path_factory.mktemp("san")
+    lib = pkg / "_bin" / "libshmbypass-preload.so"
+    p = subprocess.run(["make", "-s", "-C", os.path.join(ROOT, "native"), f"PKG={pkg}",
+                        "SAN=-fsanitize=address,undefined -fno-omit-frame-pointer", str(lib)],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    return {"LD_PRELOAD": os.path.realpath(libasan), "SHMBYPASS_PRELOAD": str(lib),
+            "ASAN_OPTIONS": "detect_leaks=0:halt_on_error=1:abort_on_error=0",
+            "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1"}
+
+
+SAN_CASES = {
+    "integrity": ([1, 4095, 65536, 1 << 20, 4 << 20], [1, 4095, 65536, 1 << 20, 4 << 20]),
+    "flags": ((), ()),
+    "poll": ([40], [40]),
+    "threads": ([4, 1000], [4, 1000]),
+    "fork": (["both"], ["both"]),
+    "closeunread": ([300_000], [300_000]),
+    "sendfile": ([2_000_000], [2_000_000]),
+}
+
+
+@pytest.mark.parametrize("mode", ["fake", "posix"])
+@pytest.mark.parametrize("case", sorted(SAN_CASES))
+def test_sanitizers(setups, san_lib, mode, case):
+    su = get_setup(setups, mode)
+    sargs, cargs = SAN_CASES[case]
+    srv = peer(su, "server", case, *sargs, **san_lib)
+    cli = None
+    try:
+        port = srv.wait_for("PORT ")
+        cli = peer(su, "client", case, port, *cargs, **san_lib)
+        cres, sres = cli.finish(120), srv.finish(120)
+        errs = cli.stderr() + srv.stderr()
+        assert "AddressSanitizer" not in errs and "runtime error" not in errs, errs[-4000:]
+        assert cli.p.returncode == 0 and srv.p.returncode == 0, (cres, sres, errs[-3000:])
+        assert cres.get("tier", 2) == 2 or case == "fork", cres
+    finally:
+        for p in (srv, cli):
+            if p:
+                p.kill()
