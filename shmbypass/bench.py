@@ -423,6 +423,7 @@ class Runner:
         self.budget_warned = False
         self.bypass_up = False
         self.availability: dict[str, bool] = {}
+        self.placements_skipped: set[str] = set()
         self.netns: list[str] = []
         self.pingpong = paths.tool("sbp-pingpong")
         self.ringbench = paths.tool("sbp-ringbench")
@@ -589,7 +590,7 @@ class Runner:
             if not self.selected(transport, None, None):
                 continue
             for placement in PLACEMENTS:
-                if not self.selected(transport, placement, None):
+                if not self.selected(transport, placement, None) or not self.placement_possible(placement):
                     continue
                 tests = [t for t in TESTS if self.selected(transport, placement, t.name)
                          and (t.kind != "connrate" or placement in CONNRATE_PLACEMENTS)
@@ -597,6 +598,16 @@ class Runner:
                 if tests:
                     plan.append((transport, placement, tests))
         return plan
+
+    def placement_possible(self, placement):
+        """Whether the CPUs the placement pins to exist; says why not, once."""
+        missing = sorted(c for c in PLACEMENTS[placement] if c is not None and c >= (os.cpu_count() or 1))
+        if missing and placement not in self.placements_skipped:
+            self.placements_skipped.add(placement)
+            self.skipped.append({"transport": placement,
+                                 "reason": f"this machine has no CPU {missing[0]} to pin to"})
+            self.progress.say(f"bench: placement {placement} skipped: no CPU {missing[0]} to pin to")
+        return not missing
 
     def seconds(self, test):
         return self.cfg[f"{test.kind}_seconds"]
