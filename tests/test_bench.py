@@ -307,3 +307,30 @@ def test_sidecar_and_apps_subset(tmp_path):
 
 def _bench_pid(report):
     return int(report["instance"].rsplit("-", 1)[1])
+
+
+def test_pingpong_server_survives_bad_clients():
+    """A stray connection (garbage, or a client that vanishes mid-op) is
+    dropped; the server goes on serving."""
+    import socket
+    srv = subprocess.Popen([PINGPONG, "server", "127.0.0.1:0"], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        host, port = json.loads(srv.stdout.readline())["listening"].rsplit(":", 1)
+        with socket.create_connection((host, int(port))) as s:
+            s.sendall(b"GET / HTTP/1.0\r\n\r\n" + b"x" * 64)
+            try:
+                assert s.recv(100) == b""  # dropped: EOF...
+            except ConnectionResetError:
+                pass  # ...or a reset, as it closed with our extra bytes unread
+        with socket.create_connection((host, int(port))) as s:  # a hello for 10 round trips, then gone
+            s.sendall(bytes.fromhex("53425050") + (1).to_bytes(2, "little") + (1).to_bytes(2, "little")
+                      + (64).to_bytes(4, "little") + bytes(4) + (10).to_bytes(8, "little") + bytes(40)
+                      + b"y" * 10)
+        out = subprocess.run([PINGPONG, "client", f"{host}:{port}", "--mode", "rtt", "--iters", "100"],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and json.loads(out.stdout)["iters"] == 100, out.stderr
+    finally:
+        srv.send_signal(signal.SIGTERM)
+        _, err = srv.communicate(timeout=10)
+    assert "dropping a connection" in err

@@ -290,7 +290,10 @@ static int connect_to(const struct addr *a)
 
 /* ------------------------------------------------------------ data I/O */
 
-static void send_all(int fd, const void *buf, size_t len)
+/* The try_ forms report errors (-1, errno set) so the server can drop one
+ * bad connection and keep serving; the plain forms are for the client,
+ * for which any error ends the run. */
+static int try_send_all(int fd, const void *buf, size_t len)
 {
 	const char *p = buf;
 	while (len > 0) {
@@ -298,16 +301,24 @@ static void send_all(int fd, const void *buf, size_t len)
 		if (n < 0) {
 			if (errno == EINTR || errno == EAGAIN)
 				continue;
-			die("send");
+			return -1;
 		}
 		p += n;
 		len -= (size_t)n;
 	}
+	return 0;
+}
+
+static void send_all(int fd, const void *buf, size_t len)
+{
+	if (try_send_all(fd, buf, len) < 0)
+		die("send");
 }
 
 /* One recv: busy-polls with MSG_DONTWAIT for up to --poll microseconds,
- * then blocks. Returns bytes, 0 on EOF. A blocking recv that reports EAGAIN
- * is retried (counted: the kernel tier once showed that after a half-close). */
+ * then blocks. Returns bytes, 0 on EOF, -1 on error. A blocking recv that
+ * reports EAGAIN is retried (counted: the kernel tier once showed that after
+ * a half-close). */
 static unsigned long spurious_eagain;
 
 static ssize_t recv_some(int fd, void *buf, size_t len)
@@ -319,7 +330,7 @@ static ssize_t recv_some(int fd, void *buf, size_t len)
 			if (n >= 0)
 				return n;
 			if (errno != EAGAIN && errno != EINTR)
-				die("recv");
+				return -1;
 			if ((spins & 63) == 0) {
 				uint64_t t = now_ns();
 				if (!deadline)
@@ -339,26 +350,40 @@ static ssize_t recv_some(int fd, void *buf, size_t len)
 			spurious_eagain++;
 			continue;
 		}
-		die("recv");
+		return -1;
 	}
 }
 
-/* 1 = got len bytes, 0 = clean EOF before the first byte. EOF in the
- * middle is an error. */
-static int recv_all(int fd, void *buf, size_t len)
+/* 1 = got len bytes, 0 = clean EOF before the first byte, -1 = error or
+ * EOF in the middle of the message (errno EPIPE then). */
+static int try_recv_all(int fd, void *buf, size_t len)
 {
 	char *p = buf;
 	size_t got = 0;
 	while (got < len) {
 		ssize_t n = recv_some(fd, p + got, len - got);
+		if (n < 0)
+			return -1;
 		if (n == 0) {
 			if (got == 0)
 				return 0;
-			fail("peer closed in the middle of a message");
+			errno = EPIPE;
+			return -1;
 		}
 		got += (size_t)n;
 	}
 	return 1;
+}
+
+static int recv_all(int fd, void *buf, size_t len)
+{
+	int rc = try_recv_all(fd, buf, len);
+	if (rc < 0) {
+		if (errno == EPIPE)
+			fail("peer closed in the middle of a message");
+		die("recv");
+	}
+	return rc;
 }
 
 /* -------------------------------------------------------------- server */
@@ -376,47 +401,67 @@ static void add_totals(uint64_t conns, uint64_t bytes)
 	pthread_mutex_unlock(&totals_lock);
 }
 
+/* A connection the server cannot serve is dropped with one line on
+ * stderr; the server goes on with the next one. */
+static void drop(const char *why)
+{
+	fprintf(stderr, "sbp-pingpong: dropping a connection: %s%s%s\n", why,
+		errno ? ": " : "", errno ? strerror(errno) : "");
+}
+
 static void serve_bench(int fd, char *buf)
 {
 	struct hello h;
 	uint64_t bytes = 0;
-	while (recv_all(fd, &h, sizeof(h))) {
-		if (h.magic != HELLO_MAGIC || h.version != PROTO_VERSION)
-			fail("bad hello (not an sbp-pingpong client, or another version)");
+	int rc;
+	while ((rc = try_recv_all(fd, &h, sizeof(h))) > 0) {
+		errno = 0;
+		if (h.magic != HELLO_MAGIC || h.version != PROTO_VERSION) {
+			drop("bad hello (not an sbp-pingpong client, or another version)");
+			break;
+		}
 		if (h.op == OP_PING) {
-			send_all(fd, &h, sizeof(h));
+			if (try_send_all(fd, &h, sizeof(h)) < 0) {
+				drop("send");
+				break;
+			}
 			bytes += sizeof(h);
 			continue;
 		}
-		if (h.size == 0 || h.size > MAX_SIZE)
-			fail("bad message size in hello");
+		if (h.size == 0 || h.size > MAX_SIZE || (h.op != OP_RTT && h.op != OP_STREAM)) {
+			drop("bad op or message size in hello");
+			break;
+		}
 		uint64_t u0, s0, u1, s1, t0 = now_ns();
 		cpu_ns(&u0, &s0);
+		int ok = 1;
 		if (h.op == OP_RTT) {
-			for (uint64_t i = 0; i < h.count; i++) {
-				if (!recv_all(fd, buf, h.size))
-					fail("client closed during rtt");
-				send_all(fd, buf, h.size);
-			}
+			for (uint64_t i = 0; ok && i < h.count; i++)
+				ok = try_recv_all(fd, buf, h.size) > 0 && try_send_all(fd, buf, h.size) == 0;
 			bytes += h.count * h.size;
-		} else if (h.op == OP_STREAM) {
-			uint64_t left = h.count;
-			while (left > 0) {
+		} else {
+			for (uint64_t left = h.count; ok && left > 0;) {
 				ssize_t n = recv_some(fd, buf, left < h.size ? left : h.size);
-				if (n == 0)
-					fail("client closed during stream");
-				left -= (uint64_t)n;
+				ok = n > 0;
+				left -= ok ? (uint64_t)n : 0;
 			}
 			bytes += h.count;
-		} else {
-			fail("unknown op in hello");
+		}
+		if (!ok) {
+			drop("the client went away in the middle of an op");
+			break;
 		}
 		cpu_ns(&u1, &s1);
 		struct stats st = {.magic = STATS_MAGIC, .cpu_user_ns = u1 - u0,
 				   .cpu_sys_ns = s1 - s0, .wall_ns = now_ns() - t0,
 				   .bytes = h.op == OP_STREAM ? h.count : h.count * h.size};
-		send_all(fd, &st, sizeof(st));
+		if (try_send_all(fd, &st, sizeof(st)) < 0) {
+			drop("send");
+			break;
+		}
 	}
+	if (rc < 0)
+		drop("recv");
 	add_totals(1, bytes);
 }
 
@@ -425,9 +470,11 @@ static void serve_echo(int fd, char *buf)
 	uint64_t bytes = 0;
 	for (;;) {
 		ssize_t n = recv_some(fd, buf, 65536);
-		if (n == 0)
+		if (n <= 0 || try_send_all(fd, buf, (size_t)n) < 0) {
+			if (n != 0)
+				drop("echo");
 			break;
-		send_all(fd, buf, (size_t)n);
+		}
 		bytes += (uint64_t)n;
 	}
 	add_totals(1, bytes);
