@@ -606,7 +606,7 @@ void ctl_doorbell(int fd)
 	errno = saved;
 }
 
-int rx_try_attach(struct chan *ch)
+int rx_try_attach(int fd, struct chan *ch)
 {
 	struct chan_sh *sh = ch->sh;
 	struct sbp_ring tmp;
@@ -619,7 +619,7 @@ int rx_try_attach(struct chan *ch)
 	if (rc == -EAGAIN)
 		return 0;
 	if (rc < 0) {
-		chan_break(-1, ch, SBP_RESET_CORRUPT, "the peer's ring header is bad");
+		chan_break(fd, ch, SBP_RESET_CORRUPT, "the peer's ring header is bad");
 		return 0;
 	}
 	/* Nobody touches sh->rx before CH_RX_ATTACHED says it is there, so
@@ -650,12 +650,12 @@ int peer_tx_shut(struct chan *ch)
  * process died, or it closed a descriptor it shared with another process).
  * Then reads drain the ring and end like TCP would: ECONNRESET if the peer
  * left data of ours unread (TCP would have sent RST), else EOF. */
-static void note_tcp_end(struct chan *ch, uint32_t bit)
+static void note_tcp_end(int fd, struct chan *ch, uint32_t bit)
 {
 	struct chan_sh *sh = ch->sh;
 	int fin;
 
-	rx_try_attach(ch);
+	rx_try_attach(fd, ch);
 	fin = (atomic_load(&sh->flags) & CH_RX_ATTACHED) &&
 	      (sbp_ring_flags(&sh->rx) & SBP_RING_WRITER_CLOSED);
 	if (!fin || bit == CH_TCP_RST) {
@@ -689,13 +689,13 @@ uint32_t ctl_drain(int fd, struct chan *ch)
 		if (n == 0) {
 			/* After our own SHUT_RD a 0 says nothing about the peer. */
 			if (!(f & CH_SHUT_RD))
-				note_tcp_end(ch, CH_TCP_EOF);
+				note_tcp_end(fd, ch, CH_TCP_EOF);
 			break;
 		}
 		if (errno == EINTR)
 			continue;
 		if (errno == ECONNRESET || errno == ETIMEDOUT || errno == EPIPE)
-			note_tcp_end(ch, CH_TCP_RST);
+			note_tcp_end(fd, ch, CH_TCP_RST);
 		break;
 	}
 	errno = saved;
@@ -717,6 +717,7 @@ void chan_break(int fd, struct chan *ch, uint32_t reason, const char *why)
 	if (atomic_load(&sh->flags) & CH_RX_ATTACHED)
 		sbp_ring_reset(&sh->rx, reason);
 	if (fd >= 0) {
+		/* a peer asleep in poll/epoll learns from the FIN below */
 		int saved = errno;
 
 		syscall(SYS_shutdown, fd, SHUT_RDWR);
@@ -725,6 +726,28 @@ void chan_break(int fd, struct chan *ch, uint32_t reason, const char *why)
 }
 
 /* ---- waiting -------------------------------------------------------------------- */
+
+int sbp_restartable(void)
+{
+	/* EINTR is rare: ask the kernel about every handler rather than track
+	 * sigaction()/signal() (glibc's signal() calls sigaction internally,
+	 * out of our reach). */
+	for (int sig = 1; sig < 65; sig++) {
+		struct {
+			void *handler;
+			unsigned long flags;
+			void *restorer;
+			uint64_t mask;
+		} ka;
+
+		if (syscall(SYS_rt_sigaction, sig, NULL, &ka, 8) < 0)
+			continue;
+		if (ka.handler != (void *)SIG_DFL && ka.handler != (void *)SIG_IGN &&
+		    !(ka.flags & SA_RESTART))
+			return 0;
+	}
+	return 1;
+}
 
 int64_t sock_timeout_ns(int fd, int optname)
 {
@@ -919,7 +942,7 @@ static struct chan *chan_setup(int fd, const struct sbp_sk *st, int rediscovered
 	}
 	sbp_ring_set_spin(&sh->tx, g.spin_ns);
 	wake_words(&sh->tx, st->tx_slot);
-	rx_try_attach(ch);
+	rx_try_attach(fd, ch);
 	if (atomic_load(&sh->flags) & CH_BROKEN)
 		goto out;
 	/* Hello: a peer waiting to attach the ring we just formatted wakes up. */
@@ -1215,7 +1238,7 @@ static void fd_forget(int fd, int closing)
 						ctl_doorbell(fd);
 					pthread_mutex_unlock(&sh->tx_lock);
 				}
-				rx_try_attach(ch);
+				rx_try_attach(fd, ch);
 				rc = pthread_mutex_trylock(&sh->rx_lock);
 				if (rc == 0 || rc == EOWNERDEAD) {
 					if (rc)
@@ -1600,7 +1623,7 @@ EXPORT int ioctl(int fd, unsigned long req, ...)
 	sh = ch->sh;
 	switch (req) {
 	case FIONREAD:          /* == SIOCINQ */
-		rx_try_attach(ch);
+		rx_try_attach(fd, ch);
 		*(int *)arg = (atomic_load(&sh->flags) & CH_RX_ATTACHED) ?
 			      (int)sbp_ring_readable(&sh->rx) : 0;
 		break;
@@ -1685,4 +1708,18 @@ EXPORT int shmbypass_fd_tier(int fd)
 	if (!g.enabled || FD_KIND(v) != K_SHM)
 		return 0;
 	return (atomic_load(&((struct chan *)FD_PTR(v))->sh->flags) & CH_BROKEN) ? -1 : SBP_TIER_SHM;
+}
+
+/* For tests (ctypes): the slots of a shm-tier fd; 0, or -1 if it is not one. */
+EXPORT int shmbypass_fd_slots(int fd, unsigned int *tx, unsigned int *rx)
+{
+	uint64_t v = fdt_load(fd);
+	struct chan_sh *sh;
+
+	if (!g.enabled || FD_KIND(v) != K_SHM)
+		return -1;
+	sh = ((struct chan *)FD_PTR(v))->sh;
+	*tx = sh->tx_idx;
+	*rx = sh->rx_idx;
+	return 0;
 }

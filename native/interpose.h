@@ -217,7 +217,7 @@ void ctl_doorbell(int fd);              /* one byte, never blocks, keeps errno *
 uint32_t ctl_drain(int fd, struct chan *ch);
 /* The peer can no longer send us doorbells (its write side is shut). */
 int peer_tx_shut(struct chan *ch);
-int rx_try_attach(struct chan *ch);     /* 1 attached */
+int rx_try_attach(int fd, struct chan *ch);     /* 1 attached; fd -1 if unknown */
 void chan_break(int fd, struct chan *ch, uint32_t reason, const char *why);
 
 /* ---- waiting --------------------------------------------------------------- */
@@ -234,7 +234,7 @@ int chan_wait(int fd, struct chan *ch, int dir, int64_t deadline);
 /* ---- readiness (interpose_poll.c) ---------------------------------------------- */
 
 /* Current poll mask of a shm socket (POLLIN/OUT/RDHUP/HUP/ERR bits). */
-uint32_t chan_poll_mask(struct chan *ch);
+uint32_t chan_poll_mask(int fd, struct chan *ch);
 void ep_forget_fd(int fd);              /* close(): drop fd from every epoll set */
 void ep_free(void *ep);                 /* close() of an epoll fd */
 /* An fd registered in epoll sets while connecting became a shm socket. */
@@ -246,7 +246,8 @@ void ep_atfork_child(void);
 ssize_t shm_send(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, int flags);
 ssize_t shm_recv(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, int flags);
 
-/* errno-preserving raw system calls (never re-enter our hooks) */
-long sbp_sys(long nr, long a, long b, long c, long d, long e, long f);
+/* After a signal interrupted a blocking wait: would the kernel restart the
+ * call (every installed handler has SA_RESTART)? */
+int sbp_restartable(void);
 
 #endif

@@ -53,6 +53,13 @@ static int dir_lock(pthread_mutex_t *m, _Atomic uint32_t *sleeping, int nonblock
 	return -rc;
 }
 
+/* A socket with a timeout is never restarted (socket(7)); else it is when
+ * every handler asked for SA_RESTART. */
+static int restart_ok(int64_t deadline)
+{
+	return deadline == DL_NONE && sbp_restartable();
+}
+
 static inline int64_t deadline_for(int fd, int opt)
 {
 	int64_t t = sock_timeout_ns(fd, opt);
@@ -170,6 +177,8 @@ ssize_t shm_send(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, i
 			if (!deadline)
 				deadline = deadline_for(fd, SO_SNDTIMEO);
 			rc = chan_wait(fd, ch, 1, deadline);
+			if (rc == -EINTR && !done && restart_ok(deadline))
+				continue;       /* SA_RESTART: the kernel would go on */
 			if (rc == -ETIMEDOUT || rc == -EINTR) {
 				if (!done)
 					err = rc == -EINTR ? EINTR : EAGAIN;
@@ -238,7 +247,7 @@ ssize_t shm_recv(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, i
 				err = ECONNRESET;
 			break;
 		}
-		if (!(f & CH_RX_ATTACHED) && !rx_try_attach(ch))
+		if (!(f & CH_RX_ATTACHED) && !rx_try_attach(fd, ch))
 			n = -EAGAIN;
 		else if (flags & MSG_TRUNC)
 			n = ring_discard(&sh->rx, total - done);
@@ -284,6 +293,8 @@ ssize_t shm_recv(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, i
 			if (!deadline)
 				deadline = deadline_for(fd, SO_RCVTIMEO);
 			rc = chan_wait(fd, ch, 0, deadline);
+			if (rc == -EINTR && !done && restart_ok(deadline))
+				continue;       /* SA_RESTART: the kernel would go on */
 			if (rc == -ETIMEDOUT || rc == -EINTR) {
 				if (!done)
 					err = rc == -EINTR ? EINTR : EAGAIN;
@@ -734,7 +745,7 @@ static ssize_t out_of_ring(int in, struct chan *ch, int out, size_t len, int non
 			err = ECONNRESET;
 			break;
 		}
-		r = (f & CH_RX_ATTACHED) || rx_try_attach(ch) ?
+		r = (f & CH_RX_ATTACHED) || rx_try_attach(in, ch) ?
 		    sbp_ring_read(&sh->rx, buf, len, SBP_PEEK) : -EAGAIN;
 		if (r >= 0)
 			break;

@@ -35,13 +35,13 @@ _Static_assert(POLLIN == EPOLLIN && POLLOUT == EPOLLOUT && POLLRDHUP == EPOLLRDH
 	       POLLHUP == EPOLLHUP && POLLERR == EPOLLERR && POLLRDNORM == EPOLLRDNORM &&
 	       POLLWRNORM == EPOLLWRNORM, "poll and epoll bits agree");
 
-uint32_t chan_poll_mask(struct chan *ch)
+uint32_t chan_poll_mask(int fd, struct chan *ch)
 {
 	struct chan_sh *sh = ch->sh;
 	uint32_t f, m = 0, rf = 0, tf;
 	int rd_shut, wr_shut;
 
-	rx_try_attach(ch);
+	rx_try_attach(fd, ch);
 	f = atomic_load_explicit(&sh->flags, memory_order_acquire);
 	if (f & CH_BROKEN)
 		return IN_BITS | OUT_BITS | POLLERR | POLLHUP | POLLRDHUP;
@@ -147,7 +147,7 @@ static int shm_revents(struct pollfd *fds, struct pent *pe, int cnt)
 	int ready = 0;
 
 	for (int j = 0; j < cnt; j++) {
-		uint32_t m = chan_poll_mask(pe[j].ch) &
+		uint32_t m = chan_poll_mask(pe[j].fd, pe[j].ch) &
 			     ((uint32_t)(unsigned short)pe[j].events | POLLHUP | POLLERR);
 
 		fds[pe[j].i].revents = (short)m;
@@ -187,6 +187,10 @@ static int poll_loop(struct pollfd *fds, nfds_t n, struct pent *pe, int cnt, int
 		}
 		if (ready || (deadline != DL_NONE && now_ns() >= deadline)) {
 			/* the other fds, without waiting */
+			if ((nfds_t)cnt == n) {
+				shm_revents(fds, pe, cnt);
+				return count_revents(fds, n);
+			}
 			for (int j = 0; j < cnt; j++)
 				fds[pe[j].i].fd = ~pe[j].fd;
 			r = sys_ppoll(fds, n, 0, NULL);
@@ -812,7 +816,7 @@ static int ep_collect(struct ep *ep, struct epoll_event *evs, int max)
 
 		if (!r->ch || r->disabled || r->dormant)
 			continue;
-		m = chan_poll_mask(r->ch);
+		m = chan_poll_mask(r->fd, r->ch);
 		rev = m & ((r->events & ~(EPOLLET | EPOLLONESHOT | EPOLLEXCLUSIVE | EPOLLWAKEUP)) |
 			   EPOLLHUP | EPOLLERR);
 		if (!rev && !(r->events & EPOLLET))

@@ -607,6 +607,45 @@ def c_pingpong(s, args):
     out(rtt_us=dt / n * 1e6, tier=tier(s))
 
 
+def _slots(sock):
+    tx, rx = ctypes.c_uint(), ctypes.c_uint()
+    fn = _lib.shmbypass_fd_slots
+    fn.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_uint), ctypes.POINTER(ctypes.c_uint)]
+    return (tx.value, rx.value) if fn(sock.fileno(), tx, rx) == 0 else None
+
+
+def _echo_until_error(s, send_first):
+    """Ping-pong single bytes until something other than data happens (3 s)."""
+    deadline = time.monotonic() + 3
+    n = 0
+    try:
+        while time.monotonic() < deadline:
+            if send_first:
+                s.sendall(b"c")
+            b = s.recv(1)
+            if not b:
+                return "EOF", n
+            if not send_first:
+                s.sendall(b)
+            n += 1
+            time.sleep(0.005)
+        return "still-running", n
+    except OSError as e:
+        return type(e).__name__, n
+
+
+def s_corrupt(c, args):
+    """The test scribbles on our rings while we echo."""
+    print(f"SLOTS {' '.join(map(str, _slots(c)))}", flush=True)
+    end, n = _echo_until_error(c, False)
+    out(end=end, n=n, tier_after=tier(c))
+
+
+def c_corrupt(s, args):
+    end, n = _echo_until_error(s, True)
+    out(end=end, n=n, tier_after=tier(s))
+
+
 def l_nontcp(args):
     """UDP, pipes, a socketpair, a file, select/poll/epoll over them."""
     res = {}

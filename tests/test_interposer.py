@@ -371,6 +371,81 @@ def test_kill_receiver(su):
                 p.kill()
 
 
+@pytest.mark.parametrize("what", ["positions", "magic", "data"])
+def test_hostile_ring_writer(setups, what):
+    """Another process that maps the region scribbles on a live connection's
+    rings: nobody crashes or reads out of bounds; the connection is reset
+    with a reason (garbage in the data area is just data: TCP has no checksum
+    against a writer that owns the memory either)."""
+    import ctypes
+    from shmbypass._native import ffi
+    su = get_setup(setups, "posix")
+    srv = peer(su, "server", "corrupt", SHMBYPASS_DEBUG=1)
+    cli = None
+    try:
+        port = srv.wait_for("PORT ")
+        cli = peer(su, "client", "corrupt", port, SHMBYPASS_DEBUG=1)
+        tx, rx = map(int, srv.wait_for("SLOTS ").split())
+        time.sleep(0.2)                 # some bytes go back and forth first
+        reg = Region.open("shm", instance=su.inst.name)
+        try:
+            for slot in (tx, rx):
+                h = ffi.cast("struct sbp_ring_hdr *", reg.slot_ptr(slot))
+                if what == "positions":
+                    h.tail = h.head + 12345678          # tail beyond head
+                elif what == "magic":
+                    h.magic = 0xdeadbeef
+                else:
+                    buf = reg.slot(slot)
+                    buf[4096:4096 + 65536] = os.urandom(65536)
+                    del buf
+        finally:
+            reg.close()
+        cres, sres = cli.finish(60), srv.finish(60)
+        errs = cli.stderr() + srv.stderr()
+        assert cli.p.returncode == 0 and srv.p.returncode == 0, (cres, sres, errs[-3000:])
+        if what == "data":
+            assert cres["end"] == "still-running" or cres["n"] > 0, cres
+        else:
+            ends = {cres["end"], sres["end"]}
+            assert ends <= {"ConnectionResetError", "BrokenPipeError", "EOF"}, (cres, sres)
+            assert "ConnectionResetError" in ends, (cres, sres)
+            assert "shm channel reset: the ring we" in errs, errs[-3000:]
+            assert -1 in (cres["tier_after"], sres["tier_after"])
+    finally:
+        for p in (srv, cli):
+            if p:
+                p.kill()
+
+
+@pytest.fixture(scope="module")
+def eintr_prog(tmp_path_factory):
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if not cc:
+        pytest.skip("no C compiler")
+    exe = tmp_path_factory.mktemp("eintr") / "eintr"
+    subprocess.run([cc, "-O2", "-Wall", "-Werror", "-o", str(exe),
+                    os.path.join(ROOT, "native", "tests", "eintr.c")], check=True)
+    return str(exe)
+
+
+@pytest.mark.parametrize("handler,expect", [("restart", "data"), ("norestart", "EINTR")])
+def test_signal_during_blocking_recv(su, eintr_prog, handler, expect):
+    """SA_RESTART handlers restart a blocking recv() (as the kernel does), others get EINTR."""
+    srv = Proc([eintr_prog, "server", handler], su.env())
+    cli = None
+    try:
+        port = srv.wait_for("PORT ")
+        cli = Proc([eintr_prog, "client", port], su.env())
+        line = srv.wait_for("RESULT ")
+        assert line == f"{expect} hits=1", line
+        cli.finish(30)
+    finally:
+        for p in (srv, cli):
+            if p:
+                p.kill()
+
+
 # -- mixed peers -----------------------------------------------------------------
 
 @pytest.mark.parametrize("shimmed", ["client", "server"])
