@@ -646,6 +646,21 @@ def c_corrupt(s, args):
     out(end=end, n=n, tier_after=tier(s))
 
 
+def s_hold(c, args):
+    """Keep the connection until the client goes."""
+    c.sendall(b"h")
+    out(eof=recv_all(c) == b"", tier=tier(c))
+
+
+def c_hold(s, args):
+    assert s.recv(1) == b"h"
+    host, port = s.getsockname()[:2]
+    print(f"HELD {port} {tier(s)}", flush=True)
+    sys.stdin.read()                     # until the test closes our stdin
+    out(tier=tier(s))
+    s.close()
+
+
 def l_nontcp(args):
     """UDP, pipes, a socketpair, a file, select/poll/epoll over them."""
     res = {}
@@ -687,6 +702,10 @@ def main():
             exec_child(int(sys.argv[3]))
         elif role in ("aioserver", "aioclient"):
             aio(role, sys.argv[2:])
+        elif role == "manyserver":
+            many_server(sys.argv[2:])
+        elif role == "manyclient":
+            many_client(sys.argv[2:])
         elif role == "local":
             globals()["l_" + scen](sys.argv[3:])
         elif role == "server":
@@ -756,6 +775,84 @@ async def _aio_client(port, n, msgs):
         return ok, t
     res = await asyncio.gather(*(one(i) for i in range(n)))
     out(ok=all(r[0] for r in res), tiers=sorted({r[1] for r in res}))
+
+
+def many_server(args):
+    """Echo one byte per connection for `total` connections (epoll), then
+    report how many fds this process has open."""
+    import selectors
+    total = int(args[0])
+    ls = socket.socket(FAMILY, socket.SOCK_STREAM)
+    ls.bind((HOST, 0))
+    ls.listen(1024)
+    ls.setblocking(False)
+    fds_before = len(os.listdir("/proc/self/fd"))  # after the library opened its map
+    print(f"PORT {ls.getsockname()[1]}", flush=True)
+    sel = selectors.DefaultSelector()
+    sel.register(ls, selectors.EVENT_READ)
+    accepted = closed = 0
+    tiers = {}
+    while closed < total:
+        for key, _ in sel.select(30):
+            if key.fileobj is ls:
+                while True:
+                    try:
+                        c, _ = ls.accept()
+                    except BlockingIOError:
+                        break
+                    c.setblocking(False)
+                    accepted += 1
+                    t = tier(c)
+                    tiers[t] = tiers.get(t, 0) + 1
+                    sel.register(c, selectors.EVENT_READ)
+                continue
+            c = key.fileobj
+            try:
+                b = c.recv(10)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except ConnectionError:
+                b = b""
+            if b:
+                c.sendall(b)
+            else:
+                sel.unregister(c)
+                c.close()
+                closed += 1
+    sel.unregister(ls)
+    sel.close()
+    fds_after = len(os.listdir("/proc/self/fd"))
+    ls.close()
+    out(accepted=accepted, tiers={str(k): v for k, v in tiers.items()},
+        fds_before=fds_before, fds_after=fds_after)
+
+
+def many_client(args):
+    port, seq, nopen = int(args[0]), int(args[1]), int(args[2])
+    s = socket.create_connection((HOST, port))      # warm-up: the library opens its map
+    s.sendall(b"w")
+    s.recv(1)
+    s.close()
+    fds_before = len(os.listdir("/proc/self/fd"))
+    tiers = {}
+    for i in range(seq):
+        s = socket.create_connection((HOST, port))
+        s.sendall(b"x")
+        assert s.recv(1) == b"x"
+        t = tier(s)
+        tiers[t] = tiers.get(t, 0) + 1
+        s.close()
+    socks = [socket.create_connection((HOST, port)) for _ in range(nopen)]
+    for s in socks:
+        s.sendall(b"y")
+    for s in socks:
+        assert s.recv(1) == b"y"
+        t = tier(s)
+        tiers[t] = tiers.get(t, 0) + 1
+    for s in socks:
+        s.close()
+    out(tiers={str(k): v for k, v in tiers.items()}, fds_before=fds_before,
+        fds_after=len(os.listdir("/proc/self/fd")))
 
 
 def aio(role, args):
