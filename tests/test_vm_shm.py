@@ -12,7 +12,7 @@ case needs a pair of its own and runs before it. Tests that need the shm
 tier end to end skip, with the reason, until the BPF programs know region
 parts (bpf/bypass.h `sbp_region_cfg.first_slot`) and the interposer maps
 `ivshmem:` regions (see /work/briefs/ivshmem-for-interposer.md).
-SHMBYPASS_BPF_DIR, when set here, is passed on to the guests.
+SHMBYPASS_BPF_DIR and SHMBYPASS_PRELOAD, when set here, are passed on to the guests.
 """
 import json
 import os
@@ -30,8 +30,9 @@ pytestmark = pytest.mark.vm
 PY = os.path.join(vm.ROOT, ".venv", "bin", "python")
 INST = "sbt-vm"
 ENV = {"SHMBYPASS_INSTANCE": INST}
-if os.environ.get("SHMBYPASS_BPF_DIR"):
-    ENV["SHMBYPASS_BPF_DIR"] = os.environ["SHMBYPASS_BPF_DIR"]
+for _var in ("SHMBYPASS_BPF_DIR", "SHMBYPASS_PRELOAD"):  # other builds, passed on to the guests
+    if os.environ.get(_var):
+        ENV[_var] = os.environ[_var]
 GARBAGE = b"\x5a garbage, not a region \xa5" * 2048
 B_IP = "10.77.0.2"
 RUN_SHM = f"{PY} -m shmbypass run --tier shm -- "
@@ -103,12 +104,16 @@ print(json.dumps(rows))
 """
 
 
-def _rows(pair, g, port):
-    """Connections of guest g's bypass group on port: the rows `shmbypass
+def _rows(pair, port):
+    """{guest: connections of its bypass group on port}: the rows `shmbypass
     status --json` prints under "connections" (status.connections(), one
     guest Python start instead of two), with `shm_reason` added."""
-    rows = json.loads(pair.run(g, f"{PY} -", stdin=CONN_ROWS, env=ENV, timeout=120, check=True).out)
-    return [x for x in rows if x["local"].endswith(f":{port}") or x["remote"].endswith(f":{port}")]
+    jobs = {g: pair.start(g, f"{PY} -", stdin=CONN_ROWS, env=ENV, timeout=120) for g in "AB"}
+    out = {}
+    for g, job in jobs.items():
+        rows = json.loads(job.wait(180).check().out)
+        out[g] = [x for x in rows if x["local"].endswith(f":{port}") or x["remote"].endswith(f":{port}")]
+    return out
 
 
 # A plain blocking echo server and client: the unmodified programs. The
@@ -132,7 +137,7 @@ print(n, h.hexdigest())
 """
 
 ECHO_CLIENT = """
-import hashlib, os, socket, sys, threading, time
+import hashlib, os, socket, sys, time
 port, size = int(sys.argv[1]), int(sys.argv[2])
 data = os.urandom(size)
 for i in range(300):  # the server may still be starting
@@ -141,16 +146,14 @@ for i in range(300):  # the server may still be starting
         break
     except ConnectionRefusedError:
         time.sleep(0.2)
-def send():
-    s.sendall(data)
-t = threading.Thread(target=send); t.start()
 h, n = hashlib.sha256(), 0
-while n < len(data):
-    b = s.recv(65536)
-    if not b:
-        break
-    h.update(b); n += len(b)
-t.join()
+for off in range(0, size, 65536):  # one thread: send a piece, read its echo
+    s.sendall(data[off:off + 65536])
+    while n < min(off + 65536, size):
+        b = s.recv(65536)
+        if not b:
+            break
+        h.update(b); n += len(b)
 open("/tmp/done-%d" % port, "w").close()
 for i in range(1200):
     if os.path.exists("/tmp/go-%d" % port):
@@ -163,7 +166,7 @@ print(len(data), hashlib.sha256(data).hexdigest(), n, h.hexdigest())
 """
 
 
-def _echo(pair, port, wrap, size=1 << 20):
+def _echo(pair, port, wrap, size=256 << 10):
     """Echo `size` random bytes from A through B and back with wrap (a
     command prefix) on both programs; returns the status rows of both guests
     taken while the connection is open. sha256 checked both ways."""
@@ -175,7 +178,7 @@ def _echo(pair, port, wrap, size=1 << 20):
         if client.done():
             pytest.fail(f"client ended early: {client.wait(0)}; server: {server.wait(60)}")
         time.sleep(0.2)
-    rows = {g: _rows(pair, g, port) for g in "AB"}
+    rows = _rows(pair, port)
     pair.run("A", f"touch /tmp/go-{port}", timeout=30, check=True)
     cli = client.wait(260).check()
     srv = server.wait(260).check()
@@ -481,8 +484,9 @@ def test_kill_guest_b_host_sees_channels_dead(pair):
     """Runs last. Channels written by A and by B show live on the host; B's
     QEMU is killed (mid-transfer when the shm tier works end to end: A's
     program gets an error, no hang); the host shows them dead."""
-    slots_ = {g: int(pair.run(g, f"{PY} - {size}", stdin=RAW_RING, env=ENV, timeout=120, check=True).out)
-              for g, size in (("A", 1000), ("B", 3000))}
+    jobs = {g: pair.start(g, f"{PY} - {size}", stdin=RAW_RING, env=ENV, timeout=120)
+            for g, size in (("A", 1000), ("B", 3000))}
+    slots_ = {g: int(job.wait(180).check().out) for g, job in jobs.items()}
     rep = vm.region_status(pair.region_path)
     chans = {c["slot"]: c for c in rep["channels"]}
     assert (chans[slots_["A"]]["state"], chans[slots_["A"]]["writer"], chans[slots_["A"]]["head"]) == ("live", "A", 1000)
