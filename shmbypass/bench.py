@@ -1227,6 +1227,7 @@ def render_plot(report, path):
                 ax.plot(xs, p99, linestyle=":", marker=".", color=colors[tr], alpha=0.6)
         ax.set_xticks(range(len(rtt_tests)), [fmt_size(t.size) for t in rtt_tests])
         ax.set_yscale("log")
+        ax.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
         ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda y, _: f"{y:g}"))
         ax.yaxis.set_minor_formatter(ticker.NullFormatter())
         ax.set_title(f"RTT, {pl} (p50 solid, p99 dotted)")
