@@ -91,31 +91,30 @@ def capture_lo(port, stop, out):
     try:
         while not stop.is_set():
             try:
-                frame, addr = sock.recvfrom(70000)
+                frame, addr = sock.recvfrom(1 << 20)
             except socket.timeout:
                 continue
             if addr[2] == socket.PACKET_OUTGOING:
                 continue  # each loopback frame shows up twice
+            # Payload length from the frame's own length: a GSO frame on lo
+            # may exceed 64 KiB (IPv6 BIG TCP), where the IP length field is 0.
             eth_type = struct.unpack("!H", frame[12:14])[0]
             if eth_type == 0x0800:
                 ihl = (frame[14] & 0xF) * 4
-                total = struct.unpack("!H", frame[16:18])[0]
                 if frame[23] != 6:
                     continue
                 tcp = frame[14 + ihl:]
-                ip_payload = total - ihl
             elif eth_type == 0x86DD:
                 if frame[20] != 6:
                     continue
                 tcp = frame[54:]
-                ip_payload = struct.unpack("!H", frame[18:20])[0]
             else:
                 continue
             sport, dport = struct.unpack("!HH", tcp[:4])
             if port not in (sport, dport):
                 continue
             doff = (tcp[12] >> 4) * 4
-            out.append((tcp[13], ip_payload - doff))
+            out.append((tcp[13], len(tcp) - doff))
     finally:
         sock.close()
 
