@@ -1340,6 +1340,9 @@ def bench_pair(seconds=2.0, reps=3, pair=None, log=None):
     pingpong = os.path.join(ROOT, "shmbypass", "_bin", "sbp-pingpong")
     shm = [py, "-m", "shmbypass", "run", "--tier", "shm", "--"]
     env = {"SHMBYPASS_INSTANCE": BENCH_INSTANCE}
+    for var in ("SHMBYPASS_BPF_DIR", "SHMBYPASS_PRELOAD", "SHMBYPASS_SPIN_NS"):  # other builds, tuning
+        if os.environ.get(var):
+            env[var] = os.environ[var]
     rep = {"seconds": seconds, "reps": reps, "accel": getattr(pair, "accel_used", None),
            "transports": {}, "ratios": {}, "warnings": []}
     try:
