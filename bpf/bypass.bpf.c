@@ -318,6 +318,20 @@ static __always_inline int slot_pop(__u32 *slot, __u32 *gen)
 	return -EAGAIN;
 }
 
+/* Is this slot in this kernel's part of the region? On one host the peer's
+ * slot always is, and both ends hold a reference on both slots. Across two
+ * VMs sharing an IVSHMEM region the peer's slot is in the other guest's
+ * part: the other kernel counts it, and this one must not touch it. A slot
+ * is then held by its own socket only, and comes back at that socket's
+ * TCP_CLOSE, which a normal close reaches only once the peer has closed too
+ * (FIN_WAIT2 -> TIME_WAIT, or LAST_ACK), so the peer is done reading. */
+static __always_inline int slot_is_ours(__u32 slot)
+{
+	struct sbp_region_cfg *cfg = region_cfg();
+
+	return cfg && slot >= cfg->first_slot && slot - cfg->first_slot < cfg->slot_count;
+}
+
 /* Take one more reference on a slot, only if it is still the slot of that
  * generation and still referenced (its owner has not given it back). */
 static __always_inline int slot_get(__u32 slot, __u32 gen)
@@ -853,14 +867,17 @@ static __always_inline int shm_active(struct bpf_sock_ops *skops, struct sbp_sk 
 		st->reason = SBP_REASON_DIFFERENT_REGION;	/* a peer breaking the protocol */
 		goto fallback;
 	}
-	/* The peer's slot, while its reservation still holds it. */
-	if (slot_get(o.slot, o.gen)) {
-		st->reason = SBP_REASON_PEER_CLOSED;
-		goto fallback;
+	/* The peer's slot, while its reservation still holds it (on one
+	 * host; another VM's slot is that VM's business). */
+	if (slot_is_ours(o.slot)) {
+		if (slot_get(o.slot, o.gen)) {
+			st->reason = SBP_REASON_PEER_CLOSED;
+			goto fallback;
+		}
+		st->held |= SBP_HELD_RX;
 	}
 	st->rx_slot = o.slot;
 	st->rx_gen = o.gen;
-	st->held |= SBP_HELD_RX;
 	st->tier = SBP_TIER_SHM;
 	st->reason = SBP_REASON_NONE;
 	return 1;
@@ -909,18 +926,22 @@ static __always_inline int shm_passive(struct bpf_sock_ops *skops, struct sbp_sk
 	}
 	/* The reservation's reference on our slot is now the child's. */
 	bpf_map_delete_elem(&reservations, &key);
-	if (slot_get(peer_slot, peer_gen)) {
-		/* The connecting socket is already gone (and gave its slot back). */
-		slot_put(slot, gen);
-		st->reason = SBP_REASON_PEER_CLOSED;
-		return 0;
+	st->held = SBP_HELD_TX;
+	if (slot_is_ours(peer_slot)) {
+		if (slot_get(peer_slot, peer_gen)) {
+			/* The connecting socket is already gone (and gave its slot back). */
+			slot_put(slot, gen);
+			st->held = 0;
+			st->reason = SBP_REASON_PEER_CLOSED;
+			return 0;
+		}
+		st->held |= SBP_HELD_RX;
 	}
 	st->tx_slot = slot;
 	st->tx_gen = gen;
 	st->rx_slot = peer_slot;
 	st->rx_gen = peer_gen;
 	st->region_id = region_id;
-	st->held = SBP_HELD_TX | SBP_HELD_RX;
 	st->tier = SBP_TIER_SHM;
 	st->reason = SBP_REASON_NONE;
 	return 1;

@@ -128,8 +128,8 @@ struct sbp_opt {
 struct sbp_region_cfg {
 	__u64 region_id;	/* 0: no region, shm never offered */
 	__u64 resv_ttl_ns;	/* life of an unclaimed SYN-ACK reservation */
-	__u32 slot_count;
-	__u32 pad;
+	__u32 slot_count;	/* this kernel's part of the region: */
+	__u32 first_slot;	/*   slots first_slot .. first_slot + slot_count - 1 */
 };
 
 /* Per-slot word in ARRAY `slot_state`: generation in the high 32 bits,
