@@ -11,7 +11,8 @@ host formats after the refusal test); the "region absent from one guest"
 case needs a pair of its own and runs before it. Tests that need the shm
 tier end to end skip, with the reason, until the BPF programs know region
 parts (bpf/bypass.h `sbp_region_cfg.first_slot`) and the interposer maps
-`ivshmem:` regions (see /work/briefs/ivshmem-for-interposer.md).
+`ivshmem:` regions (in doorbell mode, with keepalives on the control
+connection: a dead peer VM sends nothing).
 SHMBYPASS_BPF_DIR and SHMBYPASS_PRELOAD, when set here, are passed on to the guests.
 """
 import json
@@ -66,8 +67,8 @@ needs_parts = pytest.mark.skipif(
     not BPF_PARTS, reason="bpf/bypass.bpf.c has no region parts (sbp_region_cfg.first_slot): across "
     "two kernels the peer's slot is not in this kernel's slot_state, so the handshake falls back")
 needs_shm = pytest.mark.skipif(
-    not SHM_READY, reason="the shm tier across VMs needs region parts in BPF and `ivshmem:` "
-    "regions in the interposer (/work/briefs/ivshmem-for-interposer.md)")
+    not SHM_READY, reason="the shm tier across VMs needs region parts in BPF and an interposer "
+    "that maps SHMBYPASS_REGION=ivshmem:<BAR2> in doorbell mode")
 
 
 def _wrap():
@@ -449,7 +450,7 @@ SHM_STREAM_CLIENT = """
 import errno, socket, sys, time
 for i in range(300):
     try:
-        s = socket.create_connection(("10.77.0.2", int(sys.argv[1])), timeout=120)
+        s = socket.create_connection(("10.77.0.2", int(sys.argv[1])), timeout=60)
         break
     except ConnectionRefusedError:
         time.sleep(0.2)
@@ -461,8 +462,9 @@ try:
         if n == 0:
             break
         sent += n
-except OSError as e:
-    print("ERROR", errno.errorcode.get(e.errno, e.errno), sent, round(time.monotonic() - t0, 1))
+except OSError as e:  # socket.timeout (no errno) is the hang we must not see
+    print("ERROR" if e.errno else "HANG", errno.errorcode.get(e.errno, e.errno), sent,
+          round(time.monotonic() - t0, 1))
 """
 
 SINK_SERVER = """
