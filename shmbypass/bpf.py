@@ -145,6 +145,7 @@ class Map:
         self.fd = fd
         self.key_type = key_type
         self.value_type = value_type
+        self.percpu = percpu
         self.ncpu = possible_cpus() if percpu else 1
 
     @classmethod
@@ -171,10 +172,10 @@ class Map:
         """The value or None: an int for scalar types, an owning pointer for
         structs (read fields as p.field), a list per CPU for per-CPU maps."""
         n = self.ncpu
-        val = ffi.new(f"{self.value_type}[{n}]" if n > 1 else f"{self.value_type} *")
+        val = ffi.new(f"{self.value_type}[{n}]" if self.percpu else f"{self.value_type} *")
         if lib.bpf_map_lookup_elem(self.fd, self._key(key), val) < 0:
             return None
-        if n > 1:
+        if self.percpu:  # a list even with one CPU (a one-CPU VM guest)
             return [val[i] for i in range(n)]
         return val[0] if self._scalar(self.value_type) else val
 

@@ -66,7 +66,11 @@ def connections(inst: paths.Instance) -> list[dict]:
             b = _addr(k.b_ip, k.b_port, c.family)
             tier = TIERS.get(c.tier, "tcp")
             reason = REASONS.get(c.reason, f"reason-{c.reason}")
-            if tier == "tcp" and reason == "peer-not-capable":
+            if tier != "shm" and c.shm_reason:
+                # It asked for the shm tier: why it did not get it says more
+                # (e.g. pool-exhausted) than the kernel tier's own reason.
+                reason = REASONS.get(c.shm_reason, f"reason-{c.shm_reason}")
+            elif tier == "tcp" and reason == "peer-not-capable":
                 local = local if local is not None else _local_addresses()
                 remote_ip = (b if c.active else a).rsplit(":", 1)[0].strip("[]")
                 mapped = ipaddress.ip_address(remote_ip)
