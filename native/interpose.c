@@ -618,6 +618,12 @@ int rx_try_attach(int fd, struct chan *ch)
 	rc = sbp_ring_attach(&tmp, sh->rx_slot, sh->slot_size, sh->rx_gen);
 	if (rc == -EAGAIN)
 		return 0;
+	/* Until the peer has formatted it, the slot holds whatever its last
+	 * user (or anyone) left there: a bad header means "not yet". The peer
+	 * formats before it sends anything on TCP, so once a byte came from
+	 * it, a bad header is corruption. */
+	if (rc == -EPROTO && !(atomic_load(&sh->flags) & CH_BELL_SEEN))
+		return 0;
 	if (rc < 0) {
 		chan_break(fd, ch, SBP_RESET_CORRUPT, "the peer's ring header is bad");
 		return 0;
@@ -682,6 +688,11 @@ uint32_t ctl_drain(int fd, struct chan *ch)
 	for (;;) {
 		long n = syscall(SYS_recvfrom, fd, buf, sizeof(buf), MSG_DONTWAIT, NULL, NULL);
 
+		if (n > 0 && !(f & CH_BELL_SEEN)) {
+			/* SYNC POINT: the peer formatted its ring before this byte */
+			atomic_fetch_or(&sh->flags, CH_BELL_SEEN);
+			f |= CH_BELL_SEEN;
+		}
 		if (n == (long)sizeof(buf))
 			continue;
 		if (n > 0)

@@ -145,6 +145,7 @@ int sbp_shm_usable(void);
 #define CH_DATA         0x0200u  /* data has flowed through the rings */
 #define CH_APP_NODELAY  0x0400u  /* what the app set with TCP_NODELAY (we keep it on) */
 #define CH_APP_CORK     0x0800u  /* what the app set with TCP_CORK (never applied) */
+#define CH_BELL_SEEN    0x1000u  /* a byte came from the peer: it has formatted its ring */
 
 /* Shared between the processes that hold the socket after fork(): one
  * MAP_SHARED anonymous page per channel. Locks are process-shared and

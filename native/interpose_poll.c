@@ -480,8 +480,13 @@ struct ep {
 	uint32_t spin_ns;
 	unsigned cursor;
 	int64_t last_real_ns;   /* last look at the app's other fds */
+	unsigned bells;         /* marker wake-ups since the last harvest */
 	struct ep *next;
 };
+
+/* Doorbell bytes are left in the sockets while wake-ups keep finding ring
+ * data; every this many, they are eaten (so they never pile up). */
+#define HARVEST_EVERY 32
 
 /* While shm sockets keep the app busy, its other fds are looked at this often
  * (not on every call: that would cost the syscall the rings save). */
@@ -504,7 +509,10 @@ static int sys_epoll_ctl(int epfd, int op, int fd, struct epoll_event *ev)
 
 static void shadow_add(struct ep *ep, struct epreg *r)
 {
-	struct epoll_event se = { .events = EPOLLIN | EPOLLRDHUP, .data.u64 = (uint64_t)r->fd };
+	/* Edge-triggered: a doorbell that brings ring data needs no harvest
+	 * and no recv() (see ep_settle_bells). */
+	struct epoll_event se = { .events = EPOLLIN | EPOLLRDHUP | EPOLLET,
+				  .data.u64 = (uint64_t)r->fd };
 	int saved = errno;
 
 	if (!r->in_shadow && r->ch && ctl_usable(r->ch) &&
@@ -563,7 +571,7 @@ static void ep_remove(struct ep *ep, struct epreg *r)
 
 static struct ep *ep_get(int epfd)
 {
-	struct epoll_event mk = { .events = EPOLLIN, .data.u64 = EP_MARKER };
+	struct epoll_event mk = { .events = EPOLLIN | EPOLLET, .data.u64 = EP_MARKER };
 	uint64_t v = fdt_load(epfd);
 	pthread_mutexattr_t ma;
 	struct ep *ep;
@@ -880,20 +888,26 @@ static int ep_arm(struct ep *ep, int64_t *cap)
 	return ready;
 }
 
-/* Drop our marker events; eat doorbells of the sockets the shadow names. */
-static int ep_filter(struct ep *ep, struct epoll_event *evs, int n)
+/* Drop our marker events; *marker says whether there was one. */
+static int ep_filter(struct epoll_event *evs, int n, int *marker)
 {
-	int out = 0, marker = 0;
+	int out = 0;
 
 	for (int i = 0; i < n; i++) {
 		if (evs[i].data.u64 == EP_MARKER) {
-			marker = 1;
+			*marker = 1;
 			continue;
 		}
 		evs[out++] = evs[i];
 	}
-	if (!marker)
-		return out;
+	return out;
+}
+
+/* Eat the doorbells of the sockets the shadow names (those with an edge since
+ * the last harvest), noting FIN/RST. */
+static void ep_harvest(struct ep *ep)
+{
+	ep->bells = 0;
 	for (;;) {
 		struct epoll_event tmp[64];
 		int k = (int)syscall(SYS_epoll_pwait, ep->shadow, tmp, 64, 0, NULL, 8);
@@ -914,7 +928,7 @@ static int ep_filter(struct ep *ep, struct epoll_event *evs, int n)
 				continue;
 			}
 			if (ctl_drain(fd, ch) || !ctl_usable(ch)) {
-				/* TCP ended: it would be readable for ever */
+				/* TCP ended: nothing more can come that way */
 				pthread_mutex_lock(&ep->lock);
 				r = ep_find(ep, fd);
 				if (r && r->ch == ch)
@@ -926,7 +940,32 @@ static int ep_filter(struct ep *ep, struct epoll_event *evs, int n)
 		if (k < 64)
 			break;
 	}
-	return out;
+}
+
+/* After a marker: collect what the rings say (into evs, at most max). A
+ * wake-up that found nothing may have been a FIN/RST (or a stale bell):
+ * harvest then, and every HARVEST_EVERY wake-ups anyway. */
+static int ep_settle_bells(struct ep *ep, int marker, struct epoll_event *evs, int max,
+			   int collected)
+{
+	int n = 0;
+
+	/* Never collect twice in one batch: a level-triggered registration
+	 * would be reported twice (an app reading it twice gets EAGAIN). */
+	if (!collected) {
+		pthread_mutex_lock(&ep->lock);
+		n = ep_collect(ep, evs, max);
+		pthread_mutex_unlock(&ep->lock);
+	}
+	if (marker && ((n == 0 && !collected) || ++ep->bells >= HARVEST_EVERY)) {
+		ep_harvest(ep);
+		if (n == 0 && !collected) {
+			pthread_mutex_lock(&ep->lock);
+			n = ep_collect(ep, evs, max);
+			pthread_mutex_unlock(&ep->lock);
+		}
+	}
+	return n;
 }
 
 /* Connecting sockets in the set: finish them (fd_class does) outside the lock. */
@@ -1018,16 +1057,15 @@ static int ep_wait(int epfd, struct epoll_event *evs, int max, int64_t tmo, cons
 			int64_t t = now_ns();
 
 			if (n < max && (!n || t - ep->last_real_ns >= MERGE_EVERY_NS)) {
+				int marker = 0;
+
 				ep->last_real_ns = t;
 				r = sys_epoll_wait_ns(epfd, evs + n, max - n, 0, NULL);
 				if (r > 0) {
-					r = ep_filter(ep, evs + n, r);
+					r = ep_filter(evs + n, r, &marker);
 					n += r;
-					if (r == 0 && n == 0) {
-						pthread_mutex_lock(&ep->lock);
-						n = ep_collect(ep, evs, max);
-						pthread_mutex_unlock(&ep->lock);
-					}
+					if (marker)
+						n += ep_settle_bells(ep, 1, evs + n, max - n, n - r);
 				}
 			}
 			*ret = n;
@@ -1049,10 +1087,12 @@ static int ep_wait(int epfd, struct epoll_event *evs, int max, int64_t tmo, cons
 			*ret = -1;
 			return 1;
 		}
-		r = ep_filter(ep, evs, r);
-		pthread_mutex_lock(&ep->lock);
-		n = ep_collect(ep, evs + r, max - r);
-		pthread_mutex_unlock(&ep->lock);
+		{
+			int marker = 0;
+
+			r = ep_filter(evs, r, &marker);
+			n = ep_settle_bells(ep, marker, evs + r, max - r, 0);
+		}
 		if (r + n) {
 			*ret = r + n;
 			return 1;

@@ -793,7 +793,11 @@ def many_server(args):
     accepted = closed = 0
     tiers = {}
     while closed < total:
-        for key, _ in sel.select(30):
+        ready = sel.select(10)
+        if not ready:
+            print(f"STALL accepted {accepted} closed {closed} registered "
+                  f"{len(sel.get_map()) - 1}", file=sys.stderr, flush=True)
+        for key, _ in ready:
             if key.fileobj is ls:
                 while True:
                     try:
