@@ -222,6 +222,57 @@ int fdt_max(void)
 	return atomic_load(&fdt_hi);
 }
 
+/* The option bytes (FDO_*), same two-level layout. */
+static _Atomic(_Atomic uint8_t *) fdo_chunks[FDT_NCHUNKS];
+
+static _Atomic uint8_t *fdo_slot(int fd, int create)
+{
+	_Atomic uint8_t *c, *fresh;
+	unsigned idx;
+
+	if (fd < 0 || fd >= FDT_LIMIT)
+		return NULL;
+	idx = (unsigned)fd >> FDT_SHIFT;
+	c = atomic_load_explicit(&fdo_chunks[idx], memory_order_acquire);
+	if (!c && create) {
+		fresh = mmap(NULL, FDT_CHUNK, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+		if (fresh == MAP_FAILED)
+			return NULL;
+		if (atomic_compare_exchange_strong(&fdo_chunks[idx], &c, fresh))
+			c = fresh;
+		else
+			munmap(fresh, FDT_CHUNK);
+	}
+	return c ? &c[fd & (FDT_CHUNK - 1)] : NULL;
+}
+
+unsigned fdo_get(int fd)
+{
+	_Atomic uint8_t *s = fdo_slot(fd, 0);
+
+	return s ? atomic_load_explicit(s, memory_order_relaxed) : 0;
+}
+
+void fdo_set(int fd, unsigned bits)
+{
+	_Atomic uint8_t *s = fdo_slot(fd, bits != 0);
+
+	if (s)
+		atomic_store_explicit(s, (uint8_t)bits, memory_order_relaxed);
+}
+
+void fdo_update(int fd, unsigned bit, int on)
+{
+	_Atomic uint8_t *s = fdo_slot(fd, 0);
+
+	if (!s || !(atomic_load(s) & FDO_KNOWN))
+		return;
+	if (on)
+		atomic_fetch_or(s, (uint8_t)bit);
+	else
+		atomic_fetch_and(s, (uint8_t)~bit);
+}
+
 /* Put an fd of ours at a high number, close-on-exec, protected from the
  * app's close()/close_range(). Returns the new fd (the old one is closed). */
 int sbp_internal_fd(int fd)
@@ -525,16 +576,32 @@ static void slab_release(void)
 	atomic_flag_clear_explicit(&slab_lock, memory_order_release);
 }
 
+/* Channel pages (MAP_SHARED, so a forked child shares them) are kept for
+ * reuse: a fresh one costs a shmem page-cache insert, a fault and a free.
+ * Only pages no other process can have: none made before the last fork. */
+#define SH_BYTES ((sizeof(struct chan_sh) + 4095) & ~(size_t)4095)
+#define SH_POOL_MAX 256
+static _Atomic unsigned fork_epoch;
+static void *sh_pool[SH_POOL_MAX];
+static unsigned sh_pool_n;
+
 static struct chan *chan_alloc(void)
 {
 	pthread_mutexattr_t ma;
-	struct chan_sh *sh;
+	struct chan_sh *sh = NULL;
 	struct chan *ch;
 
-	sh = mmap(NULL, sizeof(*sh) < 4096 ? 4096 : sizeof(*sh), PROT_READ | PROT_WRITE,
-		  MAP_SHARED | MAP_ANONYMOUS, -1, 0);
-	if (sh == MAP_FAILED)
-		return NULL;
+	slab_acquire();
+	if (sh_pool_n)
+		sh = sh_pool[--sh_pool_n];
+	slab_release();
+	if (sh) {
+		memset(sh, 0, sizeof(*sh));
+	} else {
+		sh = mmap(NULL, SH_BYTES, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+		if (sh == MAP_FAILED)
+			return NULL;
+	}
 	slab_acquire();
 	if (!chan_free_list) {
 		size_t sz = 65536, each = (sizeof(struct chan) + 63) & ~(size_t)63;
@@ -542,7 +609,7 @@ static struct chan *chan_alloc(void)
 
 		if (p == MAP_FAILED) {
 			slab_release();
-			munmap(sh, 4096);
+			munmap(sh, SH_BYTES);
 			return NULL;
 		}
 		for (size_t off = 0; off + each <= sz; off += each) {
@@ -563,6 +630,7 @@ static struct chan *chan_alloc(void)
 	pthread_mutex_init(&sh->tx_lock, &ma);
 	pthread_mutexattr_destroy(&ma);
 	ch->sh = sh;
+	ch->sh_epoch = atomic_load(&fork_epoch);
 	ch->next_free = NULL;
 	atomic_store(&ch->nfds, 0);
 	atomic_store(&ch->shared, 0);
@@ -582,15 +650,31 @@ int chan_tryget(struct chan *ch)
 
 void chan_put(struct chan *ch)
 {
+	void *sh;
+
 	if (atomic_fetch_sub_explicit(&ch->refs, 1, memory_order_acq_rel) != 1)
 		return;
 	/* Our view only: the rings live on in the region for the peer. */
-	munmap(ch->sh, sizeof(*ch->sh) < 4096 ? 4096 : sizeof(*ch->sh));
+	sh = ch->sh;
 	ch->sh = NULL;
 	slab_acquire();
+	if (ch->sh_epoch == atomic_load(&fork_epoch) && sh_pool_n < SH_POOL_MAX) {
+		sh_pool[sh_pool_n++] = sh;
+		sh = NULL;
+	}
 	ch->next_free = chan_free_list;
 	chan_free_list = ch;
 	slab_release();
+	if (sh)
+		munmap(sh, SH_BYTES);
+}
+
+/* fork: pooled pages are now mapped in two processes; neither may reuse them. */
+static void sh_pool_drop(void)
+{
+	atomic_fetch_add(&fork_epoch, 1);
+	while (sh_pool_n)
+		munmap(sh_pool[--sh_pool_n], SH_BYTES);
 }
 
 /* ---- the control connection ----------------------------------------------------- */
@@ -897,27 +981,39 @@ static struct chan *chan_setup(int fd, const struct sbp_sk *st, int rediscovered
 	sh->rx_idx = st->rx_slot;
 	sh->tx_gen = st->tx_gen;
 	sh->rx_gen = st->rx_gen;
-	fl = (int)syscall(SYS_fcntl, fd, F_GETFL, 0);
-	if (fl >= 0 && (fl & O_NONBLOCK))
-		atomic_fetch_or(&sh->flags, CH_NONBLOCK);
 	{
-		/* Doorbells are single bytes: Nagle would hold one back until the
-		 * peer's delayed ACK (40 ms). The app's own setting is kept for
-		 * getsockopt() (its data no longer uses TCP). */
-		int one = 1, was = 0;
-		socklen_t len = sizeof(was);
+		/* What the app set: from our own notes when we saw the socket
+		 * made, else from the kernel. Doorbells are single bytes: Nagle
+		 * would hold one back until the peer's delayed ACK (40 ms), a
+		 * cork (nginx' tcp_nopush) for 200 ms. So NODELAY on, CORK off;
+		 * the app's own values are kept for getsockopt (its data no
+		 * longer uses TCP). */
+		unsigned o = fdo_get(fd);
+		int nonblock, nodelay, cork, one = 1, zero = 0;
 
-		if (syscall(SYS_getsockopt, fd, IPPROTO_TCP, TCP_NODELAY, &was, &len) == 0 && was)
+		if (o & FDO_KNOWN) {
+			nonblock = !!(o & FDO_NONBLOCK);
+			nodelay = !!(o & FDO_NODELAY);
+			cork = !!(o & FDO_CORK);
+		} else {
+			socklen_t len = sizeof(int);
+
+			fl = (int)syscall(SYS_fcntl, fd, F_GETFL, 0);
+			nonblock = fl >= 0 && (fl & O_NONBLOCK);
+			nodelay = cork = 0;
+			syscall(SYS_getsockopt, fd, IPPROTO_TCP, TCP_NODELAY, &nodelay, &len);
+			len = sizeof(int);
+			syscall(SYS_getsockopt, fd, IPPROTO_TCP, TCP_CORK, &cork, &len);
+		}
+		if (nonblock)
+			atomic_fetch_or(&sh->flags, CH_NONBLOCK);
+		if (nodelay)
 			atomic_fetch_or(&sh->flags, CH_APP_NODELAY);
-		syscall(SYS_setsockopt, fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-		/* Same for TCP_CORK (nginx' tcp_nopush): a corked doorbell
-		 * waits 200 ms. */
-		was = 0;
-		len = sizeof(was);
-		if (syscall(SYS_getsockopt, fd, IPPROTO_TCP, TCP_CORK, &was, &len) == 0 && was) {
+		else
+			syscall(SYS_setsockopt, fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+		if (cork) {
 			atomic_fetch_or(&sh->flags, CH_APP_CORK);
-			one = 0;
-			syscall(SYS_setsockopt, fd, IPPROTO_TCP, TCP_CORK, &one, sizeof(one));
+			syscall(SYS_setsockopt, fd, IPPROTO_TCP, TCP_CORK, &zero, sizeof(zero));
 		}
 	}
 
@@ -1215,8 +1311,12 @@ int fd_class(int fd, struct chan **chp)
  * dup2 replaced it): drop our state for it. */
 static void fd_forget(int fd, int closing)
 {
+	unsigned o = fdo_get(fd);
 	uint64_t v = fdt_xchg(fd, K_UNKNOWN);
 	int k = FD_KIND(v);
+
+	if (o)
+		fdo_set(fd, 0);
 
 	if (k == K_SHM || k == K_CONNECTING)
 		ep_forget_fd(fd);
@@ -1234,8 +1334,9 @@ static void fd_forget(int fd, int closing)
 			socklen_t len = sizeof(lg);
 			int saved = errno, rc;
 
-			if (syscall(SYS_getsockopt, fd, SOL_SOCKET, SO_LINGER, &lg, &len) == 0 &&
-			    lg.l_onoff && lg.l_linger == 0) {
+			if ((o & FDO_KNOWN) ? !!(o & FDO_LINGER0) :
+			    (syscall(SYS_getsockopt, fd, SOL_SOCKET, SO_LINGER, &lg, &len) == 0 &&
+			     lg.l_onoff && lg.l_linger == 0)) {
 				sbp_ring_reset(&sh->tx, SBP_RESET_APP);
 				if (atomic_load(&sh->flags) & CH_RX_ATTACHED)
 					sbp_ring_reset(&sh->rx, SBP_RESET_APP);
@@ -1276,6 +1377,8 @@ static void fd_copy(int oldfd, int newfd)
 	struct chan *ch;
 	int k = fd_class(oldfd, &ch);
 
+	fdo_set(newfd, fdo_get(oldfd));
+
 	if (k == K_SHM) {
 		atomic_fetch_add(&ch->nfds, 1);
 		fdt_store(newfd, (uint64_t)(uintptr_t)ch | K_SHM);   /* the reference moves to the table */
@@ -1307,12 +1410,14 @@ static void atfork_prepare(void)
 
 static void atfork_parent(void)
 {
+	sh_pool_drop();
 	slab_release();
 	mark_all_shared();
 }
 
 static void atfork_child(void)
 {
+	sh_pool_drop();
 	slab_release();
 	mark_all_shared();
 	/* fork does not copy an arena's VMA: map it again, same address. */
@@ -1340,7 +1445,12 @@ EXPORT int socket(int domain, int type, int proto)
 	if (fd < 0 || !g.enabled)
 		return fd;
 	fd_forget(fd, 0);
-	fdt_store(fd, is_tcp_socket(domain, type, proto) ? K_TCP : K_PLAIN);
+	if (is_tcp_socket(domain, type, proto)) {
+		fdt_store(fd, K_TCP);
+		fdo_set(fd, FDO_KNOWN | ((type & SOCK_NONBLOCK) ? FDO_NONBLOCK : 0));
+	} else {
+		fdt_store(fd, K_PLAIN);
+	}
 	errno = saved;
 	return fd;
 }
@@ -1403,14 +1513,20 @@ EXPORT int listen(int fd, int backlog)
 	return REAL(listen)(fd, backlog);
 }
 
-static int after_accept(int lfd, int nfd)
+static int after_accept(int lfd, int nfd, int flags)
 {
 	struct chan *ch;
 	int saved = errno, k;
+	unsigned lo;
 
 	if (nfd < 0 || !g.enabled)
 		return nfd;
 	fd_forget(nfd, 0);
+	/* an accepted socket inherits the listener's options, not O_NONBLOCK */
+	lo = fdo_get(lfd);
+	if (lo & FDO_KNOWN)
+		fdo_set(nfd, FDO_KNOWN | (lo & (FDO_NODELAY | FDO_CORK | FDO_LINGER0)) |
+			     ((flags & SOCK_NONBLOCK) ? FDO_NONBLOCK : 0));
 	k = fd_class(lfd, &ch);
 	if (ch)
 		chan_put(ch);
@@ -1426,12 +1542,12 @@ static int after_accept(int lfd, int nfd)
 
 EXPORT int accept(int fd, struct sockaddr *addr, socklen_t *len)
 {
-	return after_accept(fd, REAL(accept)(fd, addr, len));
+	return after_accept(fd, REAL(accept)(fd, addr, len), 0);
 }
 
 EXPORT int accept4(int fd, struct sockaddr *addr, socklen_t *len, int flags)
 {
-	return after_accept(fd, REAL(accept4)(fd, addr, len, flags));
+	return after_accept(fd, REAL(accept4)(fd, addr, len, flags), flags);
 }
 
 EXPORT int close(int fd)
@@ -1577,6 +1693,8 @@ static int do_fcntl(int (*real)(int, int, void *), int fd, int cmd, void *arg)
 	case F_SETFL:
 		k = fd_class(fd, &ch);
 		r = real(fd, cmd, arg);
+		if (r == 0)
+			fdo_update(fd, FDO_NONBLOCK, (int)(intptr_t)arg & O_NONBLOCK);
 		if (k == K_SHM) {
 			if (r == 0) {
 				if ((int)(intptr_t)arg & O_NONBLOCK)
@@ -1629,8 +1747,12 @@ EXPORT int ioctl(int fd, unsigned long req, ...)
 	va_start(ap, req);
 	arg = va_arg(ap, void *);
 	va_end(ap);
-	if (fd_class(fd, &ch) != K_SHM)
-		return REAL(ioctl)(fd, req, arg);
+	if (fd_class(fd, &ch) != K_SHM) {
+		r = REAL(ioctl)(fd, req, arg);
+		if (r == 0 && req == FIONBIO && arg)
+			fdo_update(fd, FDO_NONBLOCK, *(int *)arg);
+		return r;
+	}
 	sh = ch->sh;
 	switch (req) {
 	case FIONREAD:          /* == SIOCINQ */
@@ -1645,6 +1767,7 @@ EXPORT int ioctl(int fd, unsigned long req, ...)
 	case FIONBIO:
 		r = REAL(ioctl)(fd, req, arg);
 		if (r == 0) {
+			fdo_update(fd, FDO_NONBLOCK, *(int *)arg);
 			if (*(int *)arg)
 				atomic_fetch_or(&sh->flags, CH_NONBLOCK);
 			else
@@ -1671,15 +1794,31 @@ EXPORT int setsockopt(int fd, int level, int name, const void *val, socklen_t le
 {
 	uint32_t bit = virtual_tcp_opt(level, name);
 	struct chan *ch;
+	int r;
 
-	if (!bit || !val || len < sizeof(int) || fd_class(fd, &ch) != K_SHM)
+	if (!g.enabled)
 		return REAL(setsockopt)(fd, level, name, val, len);
-	if (*(const int *)val)
-		atomic_fetch_or(&ch->sh->flags, bit);
-	else
-		atomic_fetch_and(&ch->sh->flags, ~bit);
-	chan_put(ch);
-	return 0;
+	if (bit && val && len >= sizeof(int) && FD_KIND(fdt_load(fd)) == K_SHM &&
+	    fd_class(fd, &ch) == K_SHM) {
+		if (*(const int *)val)
+			atomic_fetch_or(&ch->sh->flags, bit);
+		else
+			atomic_fetch_and(&ch->sh->flags, ~bit);
+		chan_put(ch);
+		return 0;
+	}
+	r = REAL(setsockopt)(fd, level, name, val, len);
+	if (r == 0 && val) {
+		int e = errno;
+
+		if (bit && len >= sizeof(int))
+			fdo_update(fd, bit == CH_APP_NODELAY ? FDO_NODELAY : FDO_CORK, *(const int *)val);
+		else if (level == SOL_SOCKET && name == SO_LINGER && len >= sizeof(struct linger))
+			fdo_update(fd, FDO_LINGER0, ((const struct linger *)val)->l_onoff &&
+						    !((const struct linger *)val)->l_linger);
+		errno = e;
+	}
+	return r;
 }
 
 EXPORT int getsockopt(int fd, int level, int name, void *val, socklen_t *len)

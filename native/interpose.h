@@ -173,6 +173,7 @@ struct chan_sh {
 /* Per process (private memory, type-stable: never unmapped, only reused). */
 struct chan {
 	_Atomic int refs;       /* fd table entries + calls in flight; 0 = free */
+	unsigned sh_epoch;      /* fork epoch when sh was made (pooled only if unchanged) */
 	_Atomic int nfds;       /* fds of this process naming this channel */
 	_Atomic int shared;     /* another process may hold the socket (fork, exec, SCM_RIGHTS) */
 	struct chan_sh *sh;
@@ -203,6 +204,17 @@ void fdt_store(int fd, uint64_t v);
 uint64_t fdt_xchg(int fd, uint64_t v);
 int fdt_cas(int fd, uint64_t old, uint64_t v);
 int fdt_max(void);
+/* What the app set on a socket we saw created (socket/accept): saves the
+ * syscalls that would ask the kernel at set-up and close. */
+#define FDO_KNOWN       0x01u   /* the other bits are reliable */
+#define FDO_NONBLOCK    0x02u
+#define FDO_NODELAY     0x04u
+#define FDO_CORK        0x08u
+#define FDO_LINGER0     0x10u   /* SO_LINGER {1, 0}: close is an abort */
+unsigned fdo_get(int fd);
+void fdo_set(int fd, unsigned bits);
+void fdo_update(int fd, unsigned bit, int on);
+
 /* Move an fd of ours to a high number (close-on-exec) and protect it from
  * the app's close()/close_range()/dup2(). */
 int sbp_internal_fd(int fd);

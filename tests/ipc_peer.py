@@ -215,10 +215,14 @@ def c_flags(s, args):
     s.sendall(b"a" * 40)
     time.sleep(0.1)
     s.sendall(b"b" * 60)
-    time.sleep(2)                        # steps 2-5 happen meanwhile
+    # steps 2-5: the server reads SIOCOUTQ before it sends the final "!";
+    # peeking (which consumes nothing) until the "!" is there keeps the
+    # 1000 bytes unread until then
+    while len(s.recv(1001, socket.MSG_PEEK)) < 1001:
+        time.sleep(0.01)
     got = recv_exact(s, 1001)
     s.sendall(b"k")
-    time.sleep(1.5)                      # step 6: the server fills and times out
+    time.sleep(2.5)                      # step 6: the server fills and times out
     data = bytearray()
     while b"E" not in data or len(data) - data.index(b"E") < 9:
         b = s.recv(1 << 20)
