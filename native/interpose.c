@@ -333,7 +333,7 @@ __attribute__((constructor)) static void sbp_init(void)
 	copy_env(tmp, sizeof(tmp), "SHMBYPASS_SPIN_NS", NULL);
 	g.spin_ns = tmp[0] ? (uint32_t)strtoul(tmp, NULL, 10) : SBP_RING_SPIN_DEFAULT_NS;
 	copy_env(tmp, sizeof(tmp), "SHMBYPASS_EPOLL_SPIN_NS", NULL);
-	g.epoll_spin_ns = tmp[0] ? (uint32_t)strtoul(tmp, NULL, 10) : 20000;
+	g.epoll_spin_ns = tmp[0] ? (uint32_t)strtoul(tmp, NULL, 10) : 50000;
 	copy_env(tmp, sizeof(tmp), "SHMBYPASS_DISABLE", "0");
 
 	/* Without a region nothing can ever be in the shm tier: stay out of

@@ -126,6 +126,30 @@ static int sys_ppoll(struct pollfd *fds, nfds_t n, int64_t ns, const sigset_t *m
 	return (int)syscall(SYS_ppoll, fds, n, tp, mask, 8);
 }
 
+/* The spin before a sleep follows what waits take while there is traffic:
+ * about twice the usual wait, at most SHMBYPASS_EPOLL_SPIN_NS (a request/
+ * response peer answers within it, so no sleep, no wake-up, no syscall).
+ * Waits longer than the limit (a slow or idle peer) make the spin short:
+ * spinning would only burn the CPU. */
+#define ACTIVE_WAIT_NS 2000000
+
+static int64_t spin_budget(int64_t ewma)
+{
+	int64_t max = g.epoll_spin_ns;
+
+	if (ewma > max)
+		return max / 16;
+	return ewma * 2 + 2000 < max ? ewma * 2 + 2000 : max;
+}
+
+static void note_wait(int64_t *ewma, int64_t waited)
+{
+	if (waited < ACTIVE_WAIT_NS)
+		*ewma = (*ewma * 7 + waited) / 8;
+	else
+		*ewma = (*ewma * 7 + g.epoll_spin_ns * 2) / 8;     /* idle: spin little */
+}
+
 /* ---- poll ----------------------------------------------------------------------- */
 
 struct pent {
@@ -169,7 +193,9 @@ static int count_revents(struct pollfd *fds, nfds_t n)
 static int poll_loop(struct pollfd *fds, nfds_t n, struct pent *pe, int cnt, int64_t tmo,
 		     const sigset_t *mask)
 {
-	int64_t deadline = tmo < 0 ? DL_NONE : now_ns() + tmo, spin = g.epoll_spin_ns;
+	static __thread int64_t ewma;
+	int64_t start = now_ns(), deadline = tmo < 0 ? DL_NONE : start + tmo;
+	int64_t spin = g.epoll_spin_ns ? spin_budget(ewma) : 0;
 	int r, ready, err;
 
 	for (;;) {
@@ -186,6 +212,8 @@ static int poll_loop(struct pollfd *fds, nfds_t n, struct pent *pe, int cnt, int
 			} while (!ready && now_ns() < end);
 		}
 		if (ready || (deadline != DL_NONE && now_ns() >= deadline)) {
+			if (ready && tmo != 0)
+				note_wait(&ewma, now_ns() - start);
 			/* the other fds, without waiting */
 			if ((nfds_t)cnt == n) {
 				shm_revents(fds, pe, cnt);
@@ -242,8 +270,10 @@ static int poll_loop(struct pollfd *fds, nfds_t n, struct pent *pe, int cnt, int
 			return -1;
 		}
 		r = count_revents(fds, n) + shm_revents(fds, pe, cnt);
-		if (r)
+		if (r) {
+			note_wait(&ewma, now_ns() - start);
 			return count_revents(fds, n);
+		}
 		if (deadline != DL_NONE && now_ns() >= deadline)
 			return 0;
 	}
@@ -477,7 +507,8 @@ struct ep {
 	int n, cap;
 	struct epreg *regs;
 	size_t regs_bytes;
-	uint32_t spin_ns;
+	uint32_t spin_ns;       /* unused (kept for layout) */
+	int64_t wait_ewma;      /* how long waits with traffic take (ns) */
 	unsigned cursor;
 	int64_t last_real_ns;   /* last look at the app's other fds */
 	unsigned bells;         /* marker wake-ups since the last harvest */
@@ -1023,13 +1054,15 @@ static int ep_wait(int epfd, struct epoll_event *evs, int max, int64_t tmo, cons
 	struct ep *ep;
 	int64_t deadline;
 	int n, r, spun = 0;
+	int64_t t_start;
 
 	if (!g.enabled || !(ep = ep_of(epfd)) || max <= 0 || !evs)
 		return 0;
 	if (!ep->n)
 		return 0;
 	ep_settle_connecting(ep);
-	deadline = tmo < 0 ? DL_NONE : now_ns() + tmo;
+	t_start = now_ns();
+	deadline = tmo < 0 ? DL_NONE : t_start + tmo;
 	for (;;) {
 		int64_t cap = -1, left = -1;
 		int ready;
@@ -1037,9 +1070,9 @@ static int ep_wait(int epfd, struct epoll_event *evs, int max, int64_t tmo, cons
 		pthread_mutex_lock(&ep->lock);
 		n = ep_collect(ep, evs, max);
 		pthread_mutex_unlock(&ep->lock);
-		if (!n && !spun && ep->spin_ns && tmo != 0) {
+		if (!n && !spun && g.epoll_spin_ns && tmo != 0) {
 			/* spin on the rings before paying for a sleep */
-			int64_t end = now_ns() + ep->spin_ns;
+			int64_t end = now_ns() + spin_budget(ep->wait_ewma);
 
 			spun = 1;
 			do {
@@ -1047,12 +1080,6 @@ static int ep_wait(int epfd, struct epoll_event *evs, int max, int64_t tmo, cons
 				n = ep_collect(ep, evs, max);
 				pthread_mutex_unlock(&ep->lock);
 			} while (!n && now_ns() < end);
-			if (n) {
-				ep->spin_ns = ep->spin_ns * 2 > g.epoll_spin_ns ? g.epoll_spin_ns
-										: ep->spin_ns * 2;
-			} else if (ep->spin_ns > g.epoll_spin_ns / 32) {
-				ep->spin_ns /= 2;
-			}
 		}
 		if (n || tmo == 0 || (deadline != DL_NONE && now_ns() >= deadline)) {
 			/* the app's other fds, without waiting (rate-limited while
@@ -1071,6 +1098,8 @@ static int ep_wait(int epfd, struct epoll_event *evs, int max, int64_t tmo, cons
 						n += ep_settle_bells(ep, 1, evs + n, max - n, n - r);
 				}
 			}
+			if (n && tmo != 0)
+				note_wait(&ep->wait_ewma, now_ns() - t_start);
 			*ret = n;
 			return 1;
 		}
@@ -1097,6 +1126,7 @@ static int ep_wait(int epfd, struct epoll_event *evs, int max, int64_t tmo, cons
 			n = ep_settle_bells(ep, marker, evs + r, max - r, 0);
 		}
 		if (r + n) {
+			note_wait(&ep->wait_ewma, now_ns() - t_start);
 			*ret = r + n;
 			return 1;
 		}
