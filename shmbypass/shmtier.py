@@ -13,8 +13,10 @@ Environment the library reads:
 ``SHMBYPASS_REGION``    ``<backend>:<path>``: ``shm:/<name>`` (POSIX shm) or
                         ``arena:/sys/fs/bpf/<instance>/arena`` (pinned arena)
 ``SHMBYPASS_DEBUG=1``   one line on stderr per decision (tier, fallback reason)
-``SHMBYPASS_SPIN_NS``   spin budget of a blocking call before it sleeps
-``SHMBYPASS_EPOLL_SPIN_NS``  same for poll/select/epoll (default 20000)
+``SHMBYPASS_SPIN_NS``   spin budget of a blocking call before it sleeps (the
+                        ring's adaptive spin, default 30000)
+``SHMBYPASS_EPOLL_SPIN_NS``  upper bound of the poll/select/epoll spin (default
+                        50000; the spin follows how long waits take, 0 = never)
 ``SHMBYPASS_DISABLE=1`` pure pass-through
 ``SHMBYPASS_FAKE_NEGOTIATION=1``  tests only: negotiate in band instead of
                         through BPF (both ends must run the library)
