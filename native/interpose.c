@@ -35,6 +35,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/random.h>
@@ -332,6 +333,8 @@ __attribute__((constructor)) static void sbp_init(void)
 	copy_env(g.region_spec, sizeof(g.region_spec), "SHMBYPASS_REGION", NULL);
 	copy_env(tmp, sizeof(tmp), "SHMBYPASS_SPIN_NS", NULL);
 	g.spin_ns = tmp[0] ? (uint32_t)strtoul(tmp, NULL, 10) : SBP_RING_SPIN_DEFAULT_NS;
+	copy_env(tmp, sizeof(tmp), "SHMBYPASS_DOORBELL", "0");
+	g.doorbell = tmp[0] && tmp[0] != '0';
 	copy_env(tmp, sizeof(tmp), "SHMBYPASS_EPOLL_SPIN_NS", NULL);
 	g.epoll_spin_ns = tmp[0] ? (uint32_t)strtoul(tmp, NULL, 10) : 50000;
 	copy_env(tmp, sizeof(tmp), "SHMBYPASS_DISABLE", "0");
@@ -399,6 +402,31 @@ static int map_region_arena(const char *path)
 
 /* The arena's companion segment of futex words ("/<instance>-wake", or the
  * third field of SHMBYPASS_REGION=arena:<pin>:<name>). */
+/* ivshmem: the BAR2 of the ivshmem PCI device (its sysfs resource2 file),
+ * shared with another VM: mapped anywhere, and no futex can wake a waiter
+ * over there, so everything runs in doorbell mode. */
+static int map_region_file(const char *path)
+{
+	struct stat st;
+	void *p;
+	int fd;
+
+	fd = open(path, O_RDWR | O_CLOEXEC);
+	if (fd < 0)
+		return -errno;
+	if (fstat(fd, &st) < 0 || st.st_size < (off_t)SBP_REGION_HDR_SIZE) {
+		syscall(SYS_close, fd);
+		return -EPROTO;
+	}
+	p = mmap(NULL, st.st_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+	syscall(SYS_close, fd);
+	if (p == MAP_FAILED)
+		return -errno;
+	g.region = p;
+	g.region_size = st.st_size;
+	return 0;
+}
+
 static int map_wake(const char *name)
 {
 	struct stat st;
@@ -441,6 +469,9 @@ static int shm_init(void)
 	g.map_fd = sbp_internal_fd(rc);
 	if (!strncmp(spec, "shm:", 4)) {
 		rc = map_region_shm(colon + 1);
+	} else if (!strncmp(spec, "ivshmem:", 8)) {
+		rc = map_region_file(colon + 1);
+		g.doorbell = 1;
 	} else if (!strncmp(spec, "arena:", 6)) {
 		char *third;
 
@@ -629,6 +660,7 @@ static struct chan *chan_alloc(void)
 	pthread_mutex_init(&sh->rx_lock, &ma);
 	pthread_mutex_init(&sh->tx_lock, &ma);
 	pthread_mutexattr_destroy(&ma);
+	sh->kick[0] = sh->kick[1] = -1;
 	ch->sh = sh;
 	ch->sh_epoch = atomic_load(&fork_epoch);
 	ch->next_free = NULL;
@@ -657,6 +689,15 @@ void chan_put(struct chan *ch)
 	/* Our view only: the rings live on in the region for the peer. */
 	sh = ch->sh;
 	ch->sh = NULL;
+	for (int d = 0; d < 2; d++) {
+		int k = ((struct chan_sh *)sh)->kick[d];
+
+		if (k >= 0 && ch->sh_epoch == atomic_load(&fork_epoch)) {
+			/* ours alone (no fork since): close it */
+			fdt_store(k, K_UNKNOWN);
+			syscall(SYS_close, k);
+		}
+	}
 	slab_acquire();
 	if (ch->sh_epoch == atomic_load(&fork_epoch) && sh_pool_n < SH_POOL_MAX) {
 		sh_pool[sh_pool_n++] = sh;
@@ -719,6 +760,7 @@ int rx_try_attach(int fd, struct chan *ch)
 	if (!(atomic_load(&sh->flags) & CH_RX_ATTACHED)) {
 		sbp_ring_set_spin(&tmp, g.spin_ns);
 		wake_words(&tmp, sh->rx_idx);
+		sbp_ring_doorbell_mode(&tmp, g.doorbell);
 		sh->rx = tmp;
 		/* SYNC POINT: the view is complete before the flag says so. */
 		atomic_fetch_or_explicit(&sh->flags, CH_RX_ATTACHED, memory_order_release);
@@ -776,6 +818,19 @@ uint32_t ctl_drain(int fd, struct chan *ch)
 			/* SYNC POINT: the peer formatted its ring before this byte */
 			atomic_fetch_or(&sh->flags, CH_BELL_SEEN);
 			f |= CH_BELL_SEEN;
+		}
+		if (n > 0 && g.doorbell) {
+			/* The bytes may have been for a sleeper of the other
+			 * direction, asleep on this socket too: kick it. */
+			for (int d = 0; d < 2; d++) {
+				int k = sh->kick[d];
+
+				if (k >= 0 && atomic_load(d ? &sh->tx_sleeping : &sh->rx_sleeping)) {
+					uint64_t one = 1;
+
+					syscall(SYS_write, k, &one, sizeof(one));
+				}
+			}
 		}
 		if (n == (long)sizeof(buf))
 			continue;
@@ -891,7 +946,103 @@ static void ctl_check(int fd, struct chan *ch)
 	errno = saved;
 }
 
+static int futex_wait_sliced(int fd, struct chan *ch, int dir, int64_t deadline);
+
+/* Doorbell mode (no futex across VMs): spin, arm, and sleep on the TCP
+ * socket plus this direction's kick eventfd (another thread that eats a
+ * doorbell meant for us kicks it). Where no doorbell can come (the peer's
+ * TCP side is shut), look in slices backing off to 20 ms. */
+static int kick_fd(struct chan_sh *sh, int dir)
+{
+	int k = sh->kick[dir];
+
+	if (k < 0) {
+		k = (int)syscall(SYS_eventfd2, 0, EFD_CLOEXEC | EFD_NONBLOCK);
+		if (k >= 0)
+			k = sbp_internal_fd(k);
+		sh->kick[dir] = k;      /* under the direction lock */
+	}
+	return k;
+}
+
+static int doorbell_wait(int fd, struct chan *ch, int dir, int64_t deadline)
+{
+	struct chan_sh *sh = ch->sh;
+	_Atomic uint32_t *sleeping = dir ? &sh->tx_sleeping : &sh->rx_sleeping;
+	int64_t left = -1, sleep_ns = -1;
+	uint32_t f = atomic_load(&sh->flags);
+	struct pollfd p[2];
+	int rc, attached = dir || (f & CH_RX_ATTACHED);
+
+	if (deadline != DL_NONE) {
+		left = deadline - now_ns();
+		if (left <= 0)
+			return -ETIMEDOUT;
+	}
+	/* SYNC POINT: "sleeping" before the ring is armed: whoever eats the
+	 * doorbell that the arming brings sees it and kicks us. */
+	p[1].fd = kick_fd(sh, dir);
+	p[1].events = POLLIN;
+	atomic_store(sleeping, 1);
+	if (attached) {
+		rc = dir ? sbp_ring_wait_writable(&sh->tx, left) : sbp_ring_wait_readable(&sh->rx, left);
+		if (rc == 0 || rc == -ETIMEDOUT) {
+			atomic_store(sleeping, 0);
+			return rc;      /* else -EAGAIN: armed, sleep */
+		}
+	} else {
+		sleep_ns = ATTACH_WAIT_NS;
+	}
+	p[0].fd = fd;
+	p[0].events = POLLIN | POLLRDHUP;
+	p[0].revents = p[1].revents = 0;
+	f = atomic_load(&sh->flags);
+	if ((f & (CH_TCP_EOF | CH_TCP_RST | CH_SHUT_RD)) || (dir && peer_tx_shut(ch))) {
+		if (dir && !(f & (CH_TCP_EOF | CH_TCP_RST | CH_SHUT_WR))) {
+			int64_t t = now_ns();
+
+			if (t - sh->last_probe_ns > 200000000) {
+				sh->last_probe_ns = t;
+				ctl_doorbell(fd);
+			}
+		}
+		if (sh->slice_ns[dir] < 50000)
+			sh->slice_ns[dir] = 50000;
+		sleep_ns = sh->slice_ns[dir];
+		if (sh->slice_ns[dir] < 20000000)
+			sh->slice_ns[dir] *= 2;
+		p[0].events = 0;
+		if (f & (CH_TCP_EOF | CH_TCP_RST))
+			p[0].fd = -1;
+	} else {
+		sh->slice_ns[dir] = 0;
+	}
+	if (left >= 0 && (sleep_ns < 0 || sleep_ns > left))
+		sleep_ns = left;
+	rc = sys_ppoll_ns(p, 2, sleep_ns);
+	atomic_store(sleeping, 0);
+	if (rc > 0 && p[1].revents) {
+		uint64_t v;
+
+		syscall(SYS_read, p[1].fd, &v, sizeof(v));
+	}
+	if (rc > 0 && p[0].revents && p[0].fd >= 0)
+		ctl_drain(fd, ch);
+	if (rc < 0 && errno == EINTR)
+		return -EINTR;
+	if (sh->slice_ns[dir] && (dir ? sbp_ring_writable(&sh->tx) : sbp_ring_readable(&sh->rx)))
+		sh->slice_ns[dir] = 50000;      /* it moved: stay quick */
+	return 0;
+}
+
 int chan_wait(int fd, struct chan *ch, int dir, int64_t deadline)
+{
+	if (g.doorbell)
+		return doorbell_wait(fd, ch, dir, deadline);
+	return futex_wait_sliced(fd, ch, dir, deadline);
+}
+
+static int futex_wait_sliced(int fd, struct chan *ch, int dir, int64_t deadline)
 {
 	struct chan_sh *sh = ch->sh;
 	_Atomic uint32_t *sleeping = dir ? &sh->tx_sleeping : &sh->rx_sleeping;
@@ -1049,6 +1200,16 @@ static struct chan *chan_setup(int fd, const struct sbp_sk *st, int rediscovered
 	}
 	sbp_ring_set_spin(&sh->tx, g.spin_ns);
 	wake_words(&sh->tx, st->tx_slot);
+	sbp_ring_doorbell_mode(&sh->tx, g.doorbell);
+	if (g.doorbell) {
+		/* A peer VM that dies sends no FIN: TCP keepalives find it. */
+		int on = 1, idle = 2, intvl = 1, cnt = 3;
+
+		syscall(SYS_setsockopt, fd, SOL_SOCKET, SO_KEEPALIVE, &on, sizeof(on));
+		syscall(SYS_setsockopt, fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof(idle));
+		syscall(SYS_setsockopt, fd, IPPROTO_TCP, TCP_KEEPINTVL, &intvl, sizeof(intvl));
+		syscall(SYS_setsockopt, fd, IPPROTO_TCP, TCP_KEEPCNT, &cnt, sizeof(cnt));
+	}
 	rx_try_attach(fd, ch);
 	if (atomic_load(&sh->flags) & CH_BROKEN)
 		goto out;

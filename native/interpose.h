@@ -108,6 +108,7 @@ struct sbp_global {
 	int enabled;            /* 0: SHMBYPASS_DISABLE or init refused: pure pass-through */
 	int debug;
 	int fake;               /* SHMBYPASS_FAKE_NEGOTIATION: tests only (see fake_*) */
+	int doorbell;           /* no futex wake-ups (ivshmem: the peer is in another VM) */
 	_Atomic int shm_state;  /* 0 not tried, 1 usable, -1 unusable (reason logged) */
 	int map_fd;             /* pinned sk_state (kept at a high fd, O_CLOEXEC) */
 	int arena_fd;           /* arena backend: kept to re-map in forked children */
@@ -158,6 +159,7 @@ struct chan_sh {
 	_Atomic uint32_t flags;         /* CH_* */
 	_Atomic uint32_t attaching;     /* one thread attaches the rx view */
 	uint32_t reason;                /* CH_BROKEN: why (SBP_RESET_*, or ours) */
+	int kick[2];                    /* doorbell mode: eventfd per direction (rx, tx), or -1 */
 	struct sbp_ring rx;             /* views (guarded by the locks) */
 	struct sbp_ring tx;
 	void *rx_slot, *tx_slot;

@@ -10,6 +10,9 @@ the BPF side. Three set-ups:
 ``shm``   the BPF handshake puts connections in the shm tier.
 ``fake``  the shm tier negotiated in band by the library itself
           (SHMBYPASS_FAKE_NEGOTIATION=1): the data path without BPF.
+``bell``  like posix, but in doorbell mode (SHMBYPASS_DOORBELL=1): no futex
+          anywhere, every wait sleeps on the TCP socket, as between two VMs
+          sharing an ivshmem region.
 
 Then real applications (redis, nginx, iperf3, asyncio) where installed.
 """
@@ -53,8 +56,8 @@ class Setup:
             probe = arena_supported()
             if not probe:
                 pytest.skip(f"arena backend: {probe.reason}")
-        slot_count = SLOTS if mode in ("arena", "posix") else 0
-        backend = {"arena": "arena", "posix": "shm"}.get(mode, "shm")
+        slot_count = SLOTS if mode in ("arena", "posix", "bell") else 0
+        backend = {"arena": "arena", "posix": "shm", "bell": "shm"}.get(mode, "shm")
         manager.up(self.inst, slot_count=slot_count, backend=backend)
         try:
             if mode in ("tcp", "fake"):
@@ -78,8 +81,11 @@ class Setup:
     def env(self, **extra):
         env = dict(os.environ, SHMBYPASS_INSTANCE=self.inst.name, SHMBYPASS_REGION=self.spec)
         env.pop("SHMBYPASS_FAKE_NEGOTIATION", None)
+        env.pop("SHMBYPASS_DOORBELL", None)
         if self.mode == "fake":
             env["SHMBYPASS_FAKE_NEGOTIATION"] = "1"
+        if self.mode == "bell":
+            env["SHMBYPASS_DOORBELL"] = "1"
         env.update({k: str(v) for k, v in extra.items()})
         return env
 
@@ -114,7 +120,7 @@ def get_setup(setups, mode):
     return setups[mode]
 
 
-@pytest.fixture(params=["tcp", "fake", "arena", "posix"])
+@pytest.fixture(params=["tcp", "fake", "arena", "posix", "bell"])
 def su(request, setups):
     return get_setup(setups, request.param)
 
@@ -359,7 +365,7 @@ def test_kill_receiver(su):
         cli = peer(su, "client", "killreceiver", port)
         assert int(cli.wait_for("TIER ")) == su.expect_tier
         srv.wait_for("READ")
-        if su.mode in ("arena", "posix"):
+        if su.mode in ("arena", "posix", "bell"):
             from shmbypass import status
             rows = [r for r in status.connections(su.inst) if r["tier"] == "shm"]
             assert len(rows) >= 2, status.connections(su.inst)
