@@ -755,7 +755,7 @@ SAN_CASES = {
 }
 
 
-@pytest.mark.parametrize("mode", ["fake", "posix"])
+@pytest.mark.parametrize("mode", ["fake", "posix", "bell"])
 @pytest.mark.parametrize("case", sorted(SAN_CASES))
 def test_sanitizers(setups, san_lib, mode, case):
     su = get_setup(setups, mode)
