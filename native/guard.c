@@ -9,6 +9,10 @@
  * never say EAGAIN (except after SO_RCVTIMEO), so the guard calls again.
  * It costs nothing on the fast path: the checks run only after EAGAIN.
  * docs/ARCHITECTURE.md ("The half-close bug") has the analysis.
+ *
+ * The same receive path also returns short from recv(MSG_WAITALL) on a
+ * blocking socket (whatever one redirected message held); recv and
+ * recvfrom go on reading until the request is met, EOF, or an error.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
@@ -97,14 +101,45 @@ REAL(ssize_t, __read_chk, int, void *, size_t, size_t)
 REAL(ssize_t, __recv_chk, int, void *, size_t, size_t, int)
 REAL(ssize_t, __recvfrom_chk, int, void *, size_t, size_t, int, struct sockaddr *, socklen_t *)
 
-EXPORT ssize_t recv(int fd, void *buf, size_t len, int flags)
+static ssize_t guarded_recv(int fd, void *buf, size_t len, int flags)
 {
 	GUARDED(fd, flags, get_recv()(fd, buf, len, flags));
 }
 
-EXPORT ssize_t recvfrom(int fd, void *buf, size_t len, int flags, struct sockaddr *a, socklen_t *al)
+static ssize_t guarded_recvfrom(int fd, void *buf, size_t len, int flags,
+				struct sockaddr *a, socklen_t *al)
 {
 	GUARDED(fd, flags, get_recvfrom()(fd, buf, len, flags, a, al));
+}
+
+/* MSG_WAITALL on a blocking socket: read the rest of a short first read. */
+static ssize_t wait_all(int fd, char *buf, size_t len, int flags, ssize_t got)
+{
+	int fl;
+
+	if (got <= 0 || (size_t)got >= len || !(flags & MSG_WAITALL) || (flags & (MSG_PEEK | MSG_DONTWAIT)))
+		return got;
+	fl = fcntl(fd, F_GETFL);
+	if (fl < 0 || (fl & O_NONBLOCK))
+		return got;
+	while ((size_t)got < len) {
+		ssize_t n = guarded_recv(fd, buf + got, len - (size_t)got, flags);
+
+		if (n <= 0)
+			break;	/* EOF or error: what arrived so far is the answer */
+		got += n;
+	}
+	return got;
+}
+
+EXPORT ssize_t recv(int fd, void *buf, size_t len, int flags)
+{
+	return wait_all(fd, buf, len, flags, guarded_recv(fd, buf, len, flags));
+}
+
+EXPORT ssize_t recvfrom(int fd, void *buf, size_t len, int flags, struct sockaddr *a, socklen_t *al)
+{
+	return wait_all(fd, buf, len, flags, guarded_recvfrom(fd, buf, len, flags, a, al));
 }
 
 EXPORT ssize_t recvmsg(int fd, struct msghdr *msg, int flags)

@@ -372,3 +372,21 @@ def test_half_close_never_returns_eagain(inst, args):
     c = status.counters(inst)
     assert c["paired"] >= 100000 and c["msg_redirect"] >= (100000 if args[1] != "0" else 0)
     assert c["handshake_race"] == 0
+
+
+@pytest.mark.parametrize("guarded", [False, True])
+def test_msg_waitall_is_not_short(inst, guarded):
+    """Under sk_msg redirect a blocking recv(MSG_WAITALL) returns what one
+    redirected message held (a kernel bug: 40 of 100 bytes). The guard that
+    `shmbypass run` preloads reads the rest, so programs never see it."""
+    env = dict(os.environ, SHMBYPASS_INSTANCE=inst.name)
+    prog = [sys.executable, os.path.join(os.path.dirname(__file__), "data", "waitall.py")]
+    unguard = [] if guarded else ["env", "-u", "LD_PRELOAD"]
+    r = subprocess.run(SHMBYPASS + ["run", "--"] + unguard + prog, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    short = int(r.stdout.split()[-1])
+    if guarded:
+        assert short == 0
+    else:
+        assert short > 0, "the kernel no longer returns short: the guard's WAITALL loop may go"
