@@ -81,7 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_down)
 
     p = sub.add_parser("run", help="run a command inside the bypass group")
-    p.add_argument("--tier", choices=["kernel", "shm"], default="kernel")
+    p.add_argument("--tier", choices=["kernel", "shm"], default="shm",
+                   help="shm (default): preload the interposer, so connections whose peer "
+                        "runs it too use the rings, others the kernel tier or TCP; "
+                        "kernel: no interposer, sk_msg redirect only")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
     p.set_defaults(func=cmd_run)
 

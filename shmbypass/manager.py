@@ -261,7 +261,7 @@ def join_cgroup(inst: paths.Instance, pid: int = 0) -> None:
         f.write(str(pid))
 
 
-def run(inst: paths.Instance, argv: list[str], tier: str = "kernel") -> int:
+def run(inst: paths.Instance, argv: list[str], tier: str = "shm") -> int:
     """Run argv inside the bypass group and return its exit status."""
     if not argv:
         raise ShmbypassError("run: no command given (shmbypass run -- CMD ARGS...)")

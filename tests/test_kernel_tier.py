@@ -312,7 +312,7 @@ def test_cli_status_json_contract(inst):
             "c=socket.create_connection(l.getsockname());s,_=l.accept();c.sendall(b'hello');s.recv(5);"
             "out=subprocess.run([sys.executable,'-m','shmbypass','status','--json'],capture_output=True,text=True).stdout;"
             "print(out)")
-    r = subprocess.run(SHMBYPASS + ["run", "--", sys.executable, "-c", code],
+    r = subprocess.run(SHMBYPASS + ["run", "--tier", "kernel", "--", sys.executable, "-c", code],
                        env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     import json
@@ -363,7 +363,7 @@ def test_half_close_never_returns_eagain(inst, args):
     never EAGAIN (-w: the side that shut down waits for EOF, the form in
     which the kernel bug shows; see test_netns for the bug itself)."""
     env = dict(os.environ, SHMBYPASS_INSTANCE=inst.name)
-    r = subprocess.run(SHMBYPASS + ["run", "--", paths.tool("sbp-halfclose"), "-n", "100000"] + args,
+    r = subprocess.run(SHMBYPASS + ["run", "--tier", "kernel", "--", paths.tool("sbp-halfclose"), "-n", "100000"] + args,
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     import json
@@ -382,7 +382,7 @@ def test_msg_waitall_is_not_short(inst, guarded):
     env = dict(os.environ, SHMBYPASS_INSTANCE=inst.name)
     prog = [sys.executable, os.path.join(os.path.dirname(__file__), "data", "waitall.py")]
     unguard = [] if guarded else ["env", "-u", "LD_PRELOAD"]
-    r = subprocess.run(SHMBYPASS + ["run", "--"] + unguard + prog, env=env,
+    r = subprocess.run(SHMBYPASS + ["run", "--tier", "kernel", "--"] + unguard + prog, env=env,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     short = int(r.stdout.split()[-1])

@@ -130,7 +130,7 @@ def test_half_close_bug_across_namespaces(inst, guarded):
     import sys
     peer = os.path.join(os.path.dirname(os.path.abspath(__file__)), "halfclose_peer.py")
     env = dict(os.environ, SHMBYPASS_INSTANCE=inst.name)
-    run = [sys.executable, "-m", "shmbypass", "run", "--"]
+    run = [sys.executable, "-m", "shmbypass", "run", "--tier", "kernel", "--"]
     if not guarded:
         run += ["env", "-u", "LD_PRELOAD"]
     with VethPair() as v:

@@ -37,7 +37,7 @@ for _var in ("SHMBYPASS_BPF_DIR", "SHMBYPASS_PRELOAD"):  # other builds, passed 
 GARBAGE = b"\x5a garbage, not a region \xa5" * 2048
 B_IP = "10.77.0.2"
 RUN_SHM = f"{PY} -m shmbypass run --tier shm -- "
-RUN_KERNEL = f"{PY} -m shmbypass run -- "
+RUN_KERNEL = f"{PY} -m shmbypass run --tier kernel -- "
 
 
 def _bpf_has_parts():
