@@ -28,11 +28,9 @@ user's set-up is never touched; it is taken down at the end and on Ctrl-C.
 """
 import argparse
 import datetime
-import glob
 import json
 import os
 import platform
-import re
 import select
 import shutil
 import signal
@@ -44,7 +42,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from shmbypass import __version__, paths
+from shmbypass import __version__, manager, paths
 
 # ----------------------------------------------------------------- the matrix
 
@@ -504,17 +502,8 @@ class Runner:
 
     def sweep_leftovers(self):
         """Take down instances of bench runs that were killed (their pid is gone)."""
-        names = set()
-        for pattern in (os.path.join(paths.BPFFS, "sbp-bench-*"), "/run/sbp-bench-*",
-                        os.path.join(paths.cgroup2_root() or "/nonexistent", "sbp-bench-*")):
-            names.update(os.path.basename(p) for p in glob.glob(pattern))
-        for name in sorted(names):
-            m = re.fullmatch(r"sbp-bench-(\d+)", name)
-            if not m or os.path.exists(f"/proc/{m.group(1)}"):
-                continue
-            self.progress.say(f"bench: taking down {name}, left by a bench run that was killed")
-            subprocess.run(self.shmbypass("down", "--force", "--drain-timeout", "1"),
-                           env=dict(self.env, SHMBYPASS_INSTANCE=name), capture_output=True, timeout=60)
+        for name in manager.sweep_dead("sbp-bench-"):
+            self.progress.say(f"bench: took down {name}, left by a bench run that was killed")
 
     def ensure_up(self):
         if self.bypass_up:

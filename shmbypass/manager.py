@@ -293,3 +293,53 @@ def run(inst: paths.Instance, argv: list[str], tier: str = "shm") -> int:
         signal.signal(signal.SIGINT, old_int)
         signal.signal(signal.SIGTERM, old_term)
     return 128 - rc if rc < 0 else rc
+
+
+def own_cgroup() -> str:
+    """The cgroup v2 directory this process is in."""
+    with open("/proc/self/cgroup") as f:
+        for line in f:
+            if line.startswith("0::"):
+                return os.path.join(paths.cgroup2_root(), line[3:].strip().lstrip("/"))
+    raise ShmbypassError("this process is in no cgroup v2 group")
+
+
+class InGroup:
+    """This whole process inside the instance's cgroup for a block (sockets
+    it makes there are the bypass's), then back where it was. Tests and the
+    bench use it in place of `shmbypass run`."""
+
+    def __init__(self, instance: paths.Instance):
+        self.instance = instance
+
+    def __enter__(self):
+        self.home = own_cgroup()
+        join_cgroup(self.instance, os.getpid())
+        return self
+
+    def __exit__(self, *exc):
+        with open(os.path.join(self.home, "cgroup.procs"), "w") as f:
+            f.write(str(os.getpid()))
+
+
+def sweep_dead(prefix: str) -> list[str]:
+    """Take down instances named <prefix>...<pid>... whose owner pid is gone
+    (left by a killed test or bench run): pins, cgroup, run dir, region."""
+    import glob
+    import re
+    from shmbypass import region
+    names = set()
+    for pattern in (os.path.join(paths.BPFFS, prefix + "*"), f"/run/{prefix}*",
+                    os.path.join(paths.cgroup2_root() or "/nonexistent", prefix + "*")):
+        names.update(os.path.basename(p) for p in glob.glob(pattern))
+    names.update(re.sub(r"-(region|wake)$", "", os.path.basename(p))
+                 for p in glob.glob(f"/dev/shm/{prefix}*"))
+    gone = []
+    for name in sorted(names):
+        m = re.search(r"-(\d+)(?:-|$)", name[len(prefix) - 1:])
+        if not m or os.path.exists(f"/proc/{m.group(1)}"):
+            continue  # not ours to judge, or its owner still runs
+        down(paths.Instance(name), drain_timeout=0.5, force=True)
+        region.remove(name, paths.Instance(name).pin_dir)
+        gone.append(name)
+    return gone

@@ -6,7 +6,6 @@ names behind, and the next run removes them first."""
 import glob
 import itertools
 import os
-import re
 
 import sys
 
@@ -32,26 +31,9 @@ def pytest_report_header(config):
 _counter = itertools.count()
 
 
-def _sweep_leftovers():
-    """Take down instances left by a killed run (any sbt-* whose pid is gone)."""
-    names = set()
-    for pattern in (os.path.join(paths.BPFFS, "sbt-*"), "/run/sbt-*",
-                    os.path.join(paths.cgroup2_root() or "/nonexistent", "sbt-*")):
-        names.update(os.path.basename(p) for p in glob.glob(pattern))
-    shm = {os.path.basename(p) for p in glob.glob("/dev/shm/sbt-*")}
-    names.update(re.sub(r"-(region|wake)$", "", n) for n in shm)
-    for name in names:
-        m = re.match(r"sbt-(?:[a-z]+-)?(\d+)-", name)
-        if m and os.path.exists(f"/proc/{m.group(1)}") and int(m.group(1)) != os.getpid():
-            continue  # another live run owns it
-        manager.down(paths.Instance(name), drain_timeout=0.5, force=True)
-        from shmbypass import region
-        region.remove(name, paths.Instance(name).pin_dir)
-
-
 def pytest_sessionstart(session):
     if os.geteuid() == 0:
-        _sweep_leftovers()
+        manager.sweep_dead("sbt-")
 
 
 def new_instance(tag: str = "") -> paths.Instance:
@@ -83,28 +65,7 @@ def inst():
     assert not errors, f"BPF programs reported errors (line: errno): {errors}"
 
 
-def own_cgroup() -> str:
-    with open("/proc/self/cgroup") as f:
-        for line in f:
-            if line.startswith("0::"):
-                return os.path.join(paths.cgroup2_root(), line[3:].strip().lstrip("/"))
-    raise RuntimeError("no cgroup v2 membership")
-
-
-class InGroup:
-    """Move this whole process into the instance's cgroup for a block."""
-
-    def __init__(self, instance: paths.Instance):
-        self.instance = instance
-
-    def __enter__(self):
-        self.home = own_cgroup()
-        manager.join_cgroup(self.instance, os.getpid())
-        return self
-
-    def __exit__(self, *exc):
-        with open(os.path.join(self.home, "cgroup.procs"), "w") as f:
-            f.write(str(os.getpid()))
+InGroup = manager.InGroup
 
 
 @pytest.fixture
