@@ -386,6 +386,8 @@ def test_msg_waitall_is_not_short(inst, guarded):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     short = int(r.stdout.split()[-1])
+    c = status.counters(inst)
+    assert c["paired"] >= 1 and c["msg_redirect"] >= 100, c  # it really was redirected
     if guarded:
         assert short == 0
     else:
