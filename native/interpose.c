@@ -349,15 +349,13 @@ __attribute__((constructor)) static void sbp_init(void)
 	pthread_atfork(atfork_prepare, atfork_parent, atfork_child);
 }
 
-static int map_region_shm(const char *name)
+/* Map a whole region (a POSIX shm segment, or an ivshmem BAR2 file) from
+ * an open fd, anywhere; the fd is closed. */
+static int map_region_fd(int fd)
 {
 	struct stat st;
 	void *p;
-	int fd;
 
-	fd = shm_open(name, O_RDWR | O_CLOEXEC, 0);
-	if (fd < 0)
-		return -errno;
 	if (fstat(fd, &st) < 0 || st.st_size < (off_t)SBP_REGION_HDR_SIZE) {
 		syscall(SYS_close, fd);
 		return -EPROTO;
@@ -369,6 +367,13 @@ static int map_region_shm(const char *name)
 	g.region = p;
 	g.region_size = st.st_size;
 	return 0;
+}
+
+static int map_region_shm(const char *name)
+{
+	int fd = shm_open(name, O_RDWR | O_CLOEXEC, 0);
+
+	return fd < 0 ? -errno : map_region_fd(fd);
 }
 
 static int map_region_arena(const char *path)
@@ -400,33 +405,18 @@ static int map_region_arena(const char *path)
 	return 0;
 }
 
-/* The arena's companion segment of futex words ("/<instance>-wake", or the
- * third field of SHMBYPASS_REGION=arena:<pin>:<name>). */
 /* ivshmem: the BAR2 of the ivshmem PCI device (its sysfs resource2 file),
  * shared with another VM: mapped anywhere, and no futex can wake a waiter
  * over there, so everything runs in doorbell mode. */
 static int map_region_file(const char *path)
 {
-	struct stat st;
-	void *p;
-	int fd;
+	int fd = open(path, O_RDWR | O_CLOEXEC);
 
-	fd = open(path, O_RDWR | O_CLOEXEC);
-	if (fd < 0)
-		return -errno;
-	if (fstat(fd, &st) < 0 || st.st_size < (off_t)SBP_REGION_HDR_SIZE) {
-		syscall(SYS_close, fd);
-		return -EPROTO;
-	}
-	p = mmap(NULL, st.st_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-	syscall(SYS_close, fd);
-	if (p == MAP_FAILED)
-		return -errno;
-	g.region = p;
-	g.region_size = st.st_size;
-	return 0;
+	return fd < 0 ? -errno : map_region_fd(fd);
 }
 
+/* The arena's companion segment of futex words ("/<instance>-wake", or the
+ * third field of SHMBYPASS_REGION=arena:<pin>:<name>). */
 static int map_wake(const char *name)
 {
 	struct stat st;
