@@ -1165,7 +1165,7 @@ int sbp_sockops(struct bpf_sock_ops *skops)
 SEC("sk_msg")
 int sbp_msg(struct sk_msg_md *msg)
 {
-	struct sbp_conn *c, *pc;
+	struct sbp_conn *c;
 	__u32 size = msg->size;
 	struct bpf_sock *sk;
 	struct sbp_sk *st;
@@ -1216,10 +1216,8 @@ int sbp_msg(struct sk_msg_md *msg)
 		count(SBP_CNT_REDIRECT_FAILED, 1);
 		goto pass;
 	}
+	/* One counter per send; status reads the peer's as this end's rx. */
 	__sync_fetch_and_add(&c->bytes_tx, size);
-	pc = bpf_map_lookup_elem(&conns, &peer);
-	if (pc)
-		__sync_fetch_and_add(&pc->bytes_rx, size);
 	count(SBP_CNT_MSG_REDIRECT, 1);
 	count(SBP_CNT_BYTES_REDIRECT, size);
 	return SK_PASS;

@@ -58,8 +58,8 @@ struct sbp_conn {
 	struct sbp_conn_key key;
 	__u64 peer;		/* peer socket cookie, 0 while unpaired */
 	__u64 netns;		/* netns cookie */
-	__u64 bytes_tx;		/* bytes this socket redirected to its peer */
-	__u64 bytes_rx;		/* bytes its peer redirected to it */
+	__u64 bytes_tx;		/* bytes this socket redirected to its peer (its
+				 * peer's row says how many it received) */
 	__u32 tier;		/* enum sbp_tier */
 	__u32 reason;		/* enum sbp_reason */
 	__u32 tx_dir;		/* enum sbp_dir */

@@ -85,12 +85,16 @@ def connections(inst: paths.Instance) -> list[dict]:
                 "tier": tier,
                 "reason": reason,
                 "bytes_tx": c.bytes_tx,
-                "bytes_rx": c.bytes_rx,
+                "bytes_rx": 0,  # kernel tier: the peer's bytes_tx, below
                 "netns": c.netns,
                 "peer": c.peer,
             })
             if tier == "shm":
                 rows[-1]["rings"] = (c.tx_slot, c.tx_gen, c.rx_slot, c.rx_gen)
+    sent = {r["cookie"]: r["bytes_tx"] for r in rows}
+    for r in rows:
+        if r["tier"] == "kernel":
+            r["bytes_rx"] = sent.get(r["peer"], 0)
     rows.sort(key=lambda r: (r["local"], r["remote"]))
     _ring_bytes(inst, [r for r in rows if "rings" in r])
     return rows
