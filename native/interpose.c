@@ -325,8 +325,6 @@ __attribute__((constructor)) static void sbp_init(void)
 #undef SBP_RESOLVE
 	copy_env(tmp, sizeof(tmp), "SHMBYPASS_DEBUG", "0");
 	g.debug = tmp[0] && tmp[0] != '0';
-	copy_env(tmp, sizeof(tmp), "SHMBYPASS_FAKE_NEGOTIATION", "0");
-	g.fake = tmp[0] && tmp[0] != '0';
 	copy_env(g.instance, sizeof(g.instance), "SHMBYPASS_INSTANCE", "shmbypass");
 	copy_env(bpffs, sizeof(bpffs), "SHMBYPASS_BPFFS", "/sys/fs/bpf");
 	snprintf(g.pin_dir, sizeof(g.pin_dir), "%s/%s", bpffs, g.instance);
@@ -439,6 +437,44 @@ static int map_wake(const char *name)
 	return 0;
 }
 
+/* The BPF side hands out slots of the region it was told about (the
+ * `region` map): if that is not the one mapped here, never offer shm, so the
+ * handshake leaves both ends on TCP. */
+static int bpf_region_differs(const char *spec)
+{
+	struct sbp_region_cfg cfg;
+	union bpf_attr a;
+	uint32_t key = 0;
+	char path[300];
+	int fd, rc;
+
+	snprintf(path, sizeof(path), "%s/region", g.pin_dir);
+	fd = bpf_obj_get(path);
+	if (fd < 0)
+		return 0;
+	memset(&a, 0, sizeof(a));
+	memset(&cfg, 0, sizeof(cfg));
+	a.map_fd = fd;
+	a.key = (uint64_t)(uintptr_t)&key;
+	a.value = (uint64_t)(uintptr_t)&cfg;
+	rc = (int)sys_bpf(BPF_MAP_LOOKUP_ELEM, &a);
+	syscall(SYS_close, fd);
+	if (rc < 0)
+		return 0;
+	if (cfg.region_id != g.info.region_id) {
+		WARN("shm tier off (different-region): instance %s hands out slots of "
+		     "region %#llx, SHMBYPASS_REGION=%s is region %#llx", g.instance,
+		     (unsigned long long)cfg.region_id, spec, (unsigned long long)g.info.region_id);
+		return 1;
+	}
+	if (cfg.slot_count > g.info.slot_count) {
+		WARN("shm tier off: instance %s hands out %u slots, region %s has %u",
+		     g.instance, cfg.slot_count, spec, g.info.slot_count);
+		return 1;
+	}
+	return 0;
+}
+
 static int shm_init(void)
 {
 	char path[300];
@@ -505,43 +541,8 @@ static int shm_init(void)
 		     g.region, (unsigned long long)g.info.map_addr);
 		return -1;
 	}
-	if (!g.fake) {
-		/* The BPF side hands out slots of the region it was told about
-		 * (the `region` map): if that is not the one mapped here, never
-		 * offer shm, so the handshake leaves both ends on TCP. */
-		struct sbp_region_cfg cfg;
-		union bpf_attr a;
-		uint32_t key = 0;
-		int fd;
-
-		snprintf(path, sizeof(path), "%s/region", g.pin_dir);
-		fd = bpf_obj_get(path);
-		if (fd >= 0) {
-			memset(&a, 0, sizeof(a));
-			memset(&cfg, 0, sizeof(cfg));
-			a.map_fd = fd;
-			a.key = (uint64_t)(uintptr_t)&key;
-			a.value = (uint64_t)(uintptr_t)&cfg;
-			rc = (int)sys_bpf(BPF_MAP_LOOKUP_ELEM, &a);
-			syscall(SYS_close, fd);
-			if (rc == 0 && cfg.region_id != g.info.region_id) {
-				WARN("shm tier off (different-region): instance %s hands out slots of "
-				     "region %#llx, SHMBYPASS_REGION=%s is region %#llx", g.instance,
-				     (unsigned long long)cfg.region_id, spec,
-				     (unsigned long long)g.info.region_id);
-				return -1;
-			}
-			if (rc == 0 && cfg.slot_count > g.info.slot_count) {
-				WARN("shm tier off: instance %s hands out %u slots, region %s has %u",
-				     g.instance, cfg.slot_count, spec, g.info.slot_count);
-				return -1;
-			}
-		}
-	}
-	if (g.fake && g.info.slot_count < 3) {
-		WARN("shm tier off: fake negotiation needs a region of at least 3 slots");
+	if (bpf_region_differs(spec))
 		return -1;
-	}
 	DBG("shm tier on: region %s id %#llx, %u slots of %u bytes, instance %s", spec,
 	    (unsigned long long)g.info.region_id, g.info.slot_count, g.info.slot_size, g.instance);
 	return 0;
@@ -1216,101 +1217,6 @@ out:
 	return ch;
 }
 
-/* ---- fake negotiation (tests only) -------------------------------------------------- *
- * SHMBYPASS_FAKE_NEGOTIATION=1 exercises the data path without the BPF
- * handshake: sockets are not marked; after the TCP handshake the client
- * takes a slot pair from a counter kept in the region's last slot and sends
- * a 32-byte hello in band, which the server's accept() reads. Both ends must
- * run the interposer in this mode; exec does not find such channels again. */
-
-struct fake_hello {
-	uint32_t magic;
-	uint32_t c_tx, c_rx;
-	uint32_t pad;
-	uint64_t gen_c2s, gen_s2c;
-};
-#define FAKE_MAGIC 0x48504253u   /* "SBPH" */
-
-static uint64_t rand64(void)
-{
-	uint64_t v = 0;
-
-	while (syscall(SYS_getrandom, &v, sizeof(v), 0) != (long)sizeof(v))
-		;
-	return v;
-}
-
-static int fake_client(int fd, struct sbp_sk *st)
-{
-	_Atomic uint64_t *counter = sbp_region_slot(&g.info, g.region, g.info.slot_count - 1);
-	uint32_t npairs = (g.info.slot_count - 1) / 2;
-	struct fake_hello h;
-	uint64_t p = atomic_fetch_add(counter, 1) % npairs;
-	size_t off = 0;
-
-	h.magic = FAKE_MAGIC;
-	h.c_tx = (uint32_t)(2 * p);
-	h.c_rx = (uint32_t)(2 * p + 1);
-	h.pad = 0;
-	h.gen_c2s = rand64() | 1;
-	h.gen_s2c = rand64() | 1;
-	while (off < sizeof(h)) {
-		long n = syscall(SYS_sendto, fd, (char *)&h + off, sizeof(h) - off, MSG_NOSIGNAL, NULL, 0);
-
-		if (n > 0) {
-			off += n;
-		} else if (n < 0 && (errno == EAGAIN || errno == EINTR)) {
-			struct pollfd pf = { fd, POLLOUT, 0 };
-
-			sys_ppoll_ns(&pf, 1, 1000000000);
-		} else {
-			return -1;
-		}
-	}
-	memset(st, 0, sizeof(*st));
-	st->tier = SBP_TIER_SHM;
-	st->tx_slot = h.c_tx;
-	st->rx_slot = h.c_rx;
-	st->tx_gen = h.gen_c2s;
-	st->rx_gen = h.gen_s2c;
-	st->region_id = g.info.region_id;
-	return 0;
-}
-
-static int fake_server(int fd, struct sbp_sk *st)
-{
-	struct fake_hello h;
-	int64_t deadline = now_ns() + 5000000000LL;
-	size_t off = 0;
-
-	while (off < sizeof(h)) {
-		long n = syscall(SYS_recvfrom, fd, (char *)&h + off, sizeof(h) - off, MSG_DONTWAIT,
-				 NULL, NULL);
-
-		if (n > 0) {
-			off += n;
-			continue;
-		}
-		if (n == 0 || (errno != EAGAIN && errno != EINTR) || now_ns() > deadline)
-			return -1;
-		{
-			struct pollfd pf = { fd, POLLIN, 0 };
-
-			sys_ppoll_ns(&pf, 1, 100000000);
-		}
-	}
-	if (h.magic != FAKE_MAGIC)
-		return -1;
-	memset(st, 0, sizeof(*st));
-	st->tier = SBP_TIER_SHM;
-	st->tx_slot = h.c_rx;
-	st->rx_slot = h.c_tx;
-	st->tx_gen = h.gen_s2c;
-	st->rx_gen = h.gen_c2s;
-	st->region_id = g.info.region_id;
-	return 0;
-}
-
 /* ---- from a socket to its kind ---------------------------------------------------------- */
 
 
@@ -1337,7 +1243,7 @@ static const char *reason_name(uint32_t r)
 
 /* fd is established (connect returned, or accept): settle its kind. The
  * entry holds K_BUSY (we own it) on entry. */
-static void resolve_established(int fd, int active, int rediscovered)
+static void resolve_established(int fd, int rediscovered)
 {
 	struct sbp_sk st;
 	struct chan *ch;
@@ -1347,26 +1253,17 @@ static void resolve_established(int fd, int active, int rediscovered)
 		fdt_store(fd, K_PLAIN);
 		return;
 	}
-	if (g.fake && !rediscovered) {
-		rc = active ? fake_client(fd, &st) : fake_server(fd, &st);
-		if (rc < 0) {
-			WARN("fd %d: fake negotiation failed: plain TCP", fd);
-			fdt_store(fd, K_PLAIN);
-			return;
-		}
-	} else {
-		rc = sk_lookup(fd, &st);
-		if (rc < 0) {
-			DBG("fd %d: tcp tier (no sk_state entry: %s)", fd, strerror(-rc));
-			fdt_store(fd, K_PLAIN);
-			return;
-		}
-		if (st.tier != SBP_TIER_SHM) {
-			DBG("fd %d: not in the shm tier: %s (reason %u)", fd, reason_name(st.reason),
-			    st.reason);
-			fdt_store(fd, K_PLAIN);
-			return;
-		}
+	rc = sk_lookup(fd, &st);
+	if (rc < 0) {
+		DBG("fd %d: tcp tier (no sk_state entry: %s)", fd, strerror(-rc));
+		fdt_store(fd, K_PLAIN);
+		return;
+	}
+	if (st.tier != SBP_TIER_SHM) {
+		DBG("fd %d: not in the shm tier: %s (reason %u)", fd, reason_name(st.reason),
+		    st.reason);
+		fdt_store(fd, K_PLAIN);
+		return;
 	}
 	ch = chan_setup(fd, &st, rediscovered);
 	if (!ch) {
@@ -1402,23 +1299,19 @@ static uint64_t probe(int fd)
 	if (proto != IPPROTO_TCP || !sbp_shm_usable())
 		return K_PLAIN;
 	state = tcp_state(fd);
-	if (g.fake) {
-		marked = 1;
-	} else {
-		if (sk_lookup(fd, &st) == 0 && st.tier == SBP_TIER_SHM) {
-			if (!fdt_cas(fd, K_UNKNOWN, K_BUSY))
-				return fdt_load(fd);
-			DBG("fd %d: found a shm-tier connection (inherited)", fd);
-			resolve_established(fd, 0, 1);
+	if (sk_lookup(fd, &st) == 0 && st.tier == SBP_TIER_SHM) {
+		if (!fdt_cas(fd, K_UNKNOWN, K_BUSY))
 			return fdt_load(fd);
-		}
-		marked = sk_lookup(fd, &st) == 0 && (st.flags & SBP_SK_WANT_SHM);
+		DBG("fd %d: found a shm-tier connection (inherited)", fd);
+		resolve_established(fd, 1);
+		return fdt_load(fd);
 	}
+	marked = sk_lookup(fd, &st) == 0 && (st.flags & SBP_SK_WANT_SHM);
 	switch (state) {
 	case TCP_LISTEN:
 		return marked ? K_LISTEN : K_PLAIN;
 	case TCP_SYN_SENT:
-		return marked && !g.fake ? K_CONNECTING : K_PLAIN;
+		return marked ? K_CONNECTING : K_PLAIN;
 	case TCP_CLOSE:
 		return K_TCP;
 	default:
@@ -1467,7 +1360,7 @@ int fd_class(int fd, struct chan **chp)
 				return K_TCP;
 			}
 			if (fdt_cas(fd, v, K_BUSY))
-				resolve_established(fd, 1, 0);
+				resolve_established(fd, 0);
 			continue;
 		}
 		case K_BUSY:
@@ -1643,20 +1536,17 @@ EXPORT int connect(int fd, const struct sockaddr *addr, socklen_t len)
 		fdt_cas(fd, K_TCP, K_PLAIN);
 		return REAL(connect)(fd, addr, len);
 	}
-	if (!g.fake) {
-		int rc = sk_mark(fd);
-
-		if (rc < 0) {
-			DBG("fd %d: cannot mark the socket (%s): tcp tier", fd, strerror(-rc));
-			fdt_cas(fd, K_TCP, K_PLAIN);
-			return REAL(connect)(fd, addr, len);
-		}
+	r = sk_mark(fd);
+	if (r < 0) {
+		DBG("fd %d: cannot mark the socket (%s): tcp tier", fd, strerror(-r));
+		fdt_cas(fd, K_TCP, K_PLAIN);
+		return REAL(connect)(fd, addr, len);
 	}
 	r = REAL(connect)(fd, addr, len);
 	saved = errno;
 	if (r == 0) {
 		if (fdt_cas(fd, K_TCP, K_BUSY))
-			resolve_established(fd, 1, 0);
+			resolve_established(fd, 0);
 	} else if (errno == EINPROGRESS || errno == EINTR || errno == EALREADY) {
 		fdt_cas(fd, K_TCP, K_CONNECTING);
 	}
@@ -1675,7 +1565,7 @@ EXPORT int listen(int fd, int backlog)
 	if (ch)
 		chan_put(ch);
 	if (k == K_TCP && sbp_shm_usable()) {
-		int rc = g.fake ? 0 : sk_mark(fd);
+		int rc = sk_mark(fd);
 
 		if (rc == 0)
 			fdt_cas(fd, K_TCP, K_LISTEN);
@@ -1704,7 +1594,7 @@ static int after_accept(int lfd, int nfd, int flags)
 		chan_put(ch);
 	if (k == K_LISTEN) {
 		fdt_store(nfd, K_BUSY);
-		resolve_established(nfd, 0, 0);
+		resolve_established(nfd, 0);
 	} else {
 		fdt_store(nfd, K_PLAIN);
 	}

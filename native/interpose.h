@@ -107,7 +107,6 @@ void *sbp_real(const char *name, void **slot);
 struct sbp_global {
 	int enabled;            /* 0: SHMBYPASS_DISABLE or init refused: pure pass-through */
 	int debug;
-	int fake;               /* SHMBYPASS_FAKE_NEGOTIATION: tests only (see fake_*) */
 	int doorbell;           /* no futex wake-ups (ivshmem: the peer is in another VM) */
 	_Atomic int shm_state;  /* 0 not tried, 1 usable, -1 unusable (reason logged) */
 	int map_fd;             /* pinned sk_state (kept at a high fd, O_CLOEXEC) */

@@ -18,8 +18,6 @@ Environment the library reads:
 ``SHMBYPASS_EPOLL_SPIN_NS``  upper bound of the poll/select/epoll spin (default
                         50000; the spin follows how long waits take, 0 = never)
 ``SHMBYPASS_DISABLE=1`` pure pass-through
-``SHMBYPASS_FAKE_NEGOTIATION=1``  tests only: negotiate in band instead of
-                        through BPF (both ends must run the library)
 ``SHMBYPASS_PRELOAD``   (here) use another build of the library, e.g. a
                         sanitizer build
 """

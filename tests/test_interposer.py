@@ -8,8 +8,6 @@ the BPF side. Three set-ups:
           read back) but the BPF side has no slots to give (pool of 0), so
           every connection stays on TCP: the app must see exactly TCP.
 ``shm``   the BPF handshake puts connections in the shm tier.
-``fake``  the shm tier negotiated in band by the library itself
-          (SHMBYPASS_FAKE_NEGOTIATION=1): the data path without BPF.
 ``bell``  like posix, but in doorbell mode (SHMBYPASS_DOORBELL=1): no futex
           anywhere, every wait sleeps on the TCP socket, as between two VMs
           sharing an ivshmem region.
@@ -32,7 +30,7 @@ import pytest
 
 from shmbypass import manager, shmtier
 from shmbypass.region import Region
-from conftest import new_instance
+from conftest import assert_slots_back, new_instance
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -45,12 +43,11 @@ SLOTS = 64
 # -- set-ups ------------------------------------------------------------------
 
 class Setup:
-    """An instance up with its region (and for `fake` a region of ours)."""
+    """An instance up with its region."""
 
     def __init__(self, mode):
         self.mode = mode
         self.inst = new_instance("ipc")
-        self.region = None
         if mode == "arena":
             from shmbypass.region import arena_supported
             probe = arena_supported()
@@ -60,30 +57,20 @@ class Setup:
         backend = {"arena": "arena", "posix": "shm", "bell": "shm"}.get(mode, "shm")
         manager.up(self.inst, slot_count=slot_count, backend=backend)
         try:
-            if mode in ("tcp", "fake"):
+            if mode == "tcp":
                 # Keep these connections off the kernel tier too, so the
                 # app sees the interposer over plain TCP (the kernel tier
                 # has its own tests and its own quirks).
                 manager.set_draining(self.inst, True)
-            if mode == "fake":
-                # Slots for the in-band negotiation: a region the BPF side
-                # knows nothing about.
-                self.region = Region.format("shm", instance=self.inst.name + "-fake",
-                                            slot_count=SLOTS)
-                self.spec = f"shm:{self.region.name}"
-            else:
-                self.spec = shmtier.region_spec(self.inst)
-                assert self.spec, f"`up` recorded no region: {self.inst.load_state()}"
+            self.spec = shmtier.region_spec(self.inst)
+            assert self.spec, f"`up` recorded no region: {self.inst.load_state()}"
         except BaseException:
             self.close()
             raise
 
     def env(self, **extra):
         env = dict(os.environ, SHMBYPASS_INSTANCE=self.inst.name, SHMBYPASS_REGION=self.spec)
-        env.pop("SHMBYPASS_FAKE_NEGOTIATION", None)
         env.pop("SHMBYPASS_DOORBELL", None)
-        if self.mode == "fake":
-            env["SHMBYPASS_FAKE_NEGOTIATION"] = "1"
         if self.mode == "bell":
             env["SHMBYPASS_DOORBELL"] = "1"
         env.update({k: str(v) for k, v in extra.items()})
@@ -95,8 +82,6 @@ class Setup:
 
     def close(self):
         manager.down(self.inst, drain_timeout=1, force=True)
-        if self.region is not None:
-            self.region.destroy()
 
 
 _setups = {}
@@ -120,7 +105,7 @@ def get_setup(setups, mode):
     return setups[mode]
 
 
-@pytest.fixture(params=["tcp", "fake", "arena", "posix", "bell"])
+@pytest.fixture(params=["tcp", "arena", "posix", "bell"])
 def su(request, setups):
     return get_setup(setups, request.param)
 
@@ -305,8 +290,6 @@ def test_close_with_unread_data(su):
 
 
 def test_exec_finds_the_connection(su):
-    if su.mode == "fake":
-        pytest.skip("in-band negotiation leaves nothing in sk_state for a new image to find")
     sres, cres = run_pair(su, "exec")
     assert sres["data"] == "hello" and cres["data"] == "HELLO" and cres["eof"]
     check_tier(su, sres, cres)
@@ -481,7 +464,6 @@ def test_many_connections_leak_nothing(setups, mode):
     shm tier while slots last and on TCP after (never a failed connection);
     afterwards neither process holds more fds than before and every slot is
     back on the free list."""
-    from shmbypass import slots
     su = get_setup(setups, mode)
     seq, nopen = 1000, 300
     srv = Proc([PY, PEER, "manyserver", str(seq + nopen + 1)], su.env())
@@ -499,11 +481,7 @@ def test_many_connections_leak_nothing(setups, mode):
         assert set(cres["tiers"]) <= {"0", "2"} and set(sres["tiers"]) <= {"0", "2"}
         if mode == "posix":
             assert cres["tiers"].get("2", 0) > 0, cres
-            total = slots.config(su.inst)["slot_count"]
-            end = time.monotonic() + 10
-            while len(slots.free_slots(su.inst)) != total and time.monotonic() < end:
-                time.sleep(0.2)
-            assert len(slots.free_slots(su.inst)) == total
+            assert_slots_back(su.inst)
         else:
             assert cres["tiers"] == {"0": seq + nopen}
     finally:
@@ -755,7 +733,7 @@ SAN_CASES = {
 }
 
 
-@pytest.mark.parametrize("mode", ["fake", "posix", "bell"])
+@pytest.mark.parametrize("mode", ["posix", "bell"])
 @pytest.mark.parametrize("case", sorted(SAN_CASES))
 def test_sanitizers(setups, san_lib, mode, case):
     su = get_setup(setups, mode)
