@@ -68,6 +68,20 @@ def inst():
 InGroup = manager.InGroup
 
 
+def assert_slots_back(instance: paths.Instance, timeout: float = 30) -> None:
+    """Every slot of the pool is on the free list again (within `timeout`:
+    the last closes are still being processed); if not, say what holds them."""
+    import time
+    from shmbypass import slots
+    total = slots.config(instance)["slot_count"]
+    end = time.monotonic() + timeout
+    while len(slots.free_slots(instance)) != total and time.monotonic() < end:
+        time.sleep(0.2)
+    free = len(slots.free_slots(instance))
+    assert free == total, (f"{total - free} of {total} slots not back; reservations "
+                           f"{slots.reservations(instance)[:20]}; counters {status.counters(instance)}")
+
+
 @pytest.fixture
 def in_group(inst):
     with InGroup(inst):

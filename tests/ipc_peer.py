@@ -781,11 +781,28 @@ async def _aio_client(port, n, msgs):
     out(ok=all(r[0] for r in res), tiers=sorted({r[1] for r in res}))
 
 
+def rss_kib():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def _room_for_fds(n):
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = min(hard, max(soft, n + 256))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
 def many_server(args):
     """Echo one byte per connection for `total` connections (epoll), then
-    report how many fds this process has open."""
+    report how many fds this process has open and its memory growth."""
     import selectors
     total = int(args[0])
+    nopen = int(args[1]) if len(args) > 1 else 0
+    _room_for_fds(nopen)
     ls = socket.socket(FAMILY, socket.SOCK_STREAM)
     ls.bind((HOST, 0))
     ls.listen(1024)
@@ -796,6 +813,7 @@ def many_server(args):
     sel.register(ls, selectors.EVENT_READ)
     accepted = closed = 0
     tiers = {}
+    rss_warm = 0
     while closed < total:
         ready = sel.select(10)
         if not ready:
@@ -810,6 +828,8 @@ def many_server(args):
                         break
                     c.setblocking(False)
                     accepted += 1
+                    if accepted == min(1000, total // 2):
+                        rss_warm = rss_kib()    # after the library's tables grew
                     t = tier(c)
                     tiers[t] = tiers.get(t, 0) + 1
                     sel.register(c, selectors.EVENT_READ)
@@ -832,18 +852,23 @@ def many_server(args):
     fds_after = len(os.listdir("/proc/self/fd"))
     ls.close()
     out(accepted=accepted, tiers={str(k): v for k, v in tiers.items()},
-        fds_before=fds_before, fds_after=fds_after)
+        fds_before=fds_before, fds_after=fds_after, rss_warm_kib=rss_warm,
+        rss_end_kib=rss_kib())
 
 
 def many_client(args):
     port, seq, nopen = int(args[0]), int(args[1]), int(args[2])
+    _room_for_fds(nopen)
     s = socket.create_connection((HOST, port))      # warm-up: the library opens its map
     s.sendall(b"w")
     s.recv(1)
     s.close()
     fds_before = len(os.listdir("/proc/self/fd"))
     tiers = {}
+    rss_warm = 0
     for i in range(seq):
+        if i == min(1000, seq // 2):
+            rss_warm = rss_kib()
         s = socket.create_connection((HOST, port))
         s.sendall(b"x")
         assert s.recv(1) == b"x"
@@ -860,7 +885,8 @@ def many_client(args):
     for s in socks:
         s.close()
     out(tiers={str(k): v for k, v in tiers.items()}, fds_before=fds_before,
-        fds_after=len(os.listdir("/proc/self/fd")))
+        fds_after=len(os.listdir("/proc/self/fd")), rss_warm_kib=rss_warm,
+        rss_end_kib=rss_kib())
 
 
 def aio(role, args):
