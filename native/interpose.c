@@ -488,8 +488,15 @@ static int shm_init(void)
 	snprintf(path, sizeof(path), "%s/sk_state", g.pin_dir);
 	rc = bpf_obj_get(path);
 	if (rc < 0) {
-		DBG("shm tier off: no sk_state map at %s (%s): instance not up?", path,
-		    strerror(errno));
+		/* Permission denied: this user may not use the instance (its
+		 * pins and region are root's, mode 0600 by default): say so, the
+		 * program's connections are plain TCP. Absent: not up, quietly. */
+		if (errno == EACCES || errno == EPERM)
+			WARN("shm tier off: uid %d may not use instance %s (%s: %s): plain TCP",
+			     (int)getuid(), g.instance, path, strerror(errno));
+		else
+			DBG("shm tier off: no sk_state map at %s (%s): instance not up?", path,
+			    strerror(errno));
 		return -1;
 	}
 	g.map_fd = sbp_internal_fd(rc);

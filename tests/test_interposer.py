@@ -523,6 +523,37 @@ def test_one_side_unshimmed(setups, shimmed):
                 p.kill()
 
 
+def test_user_who_may_not_map_the_region(setups):
+    """The region and the pins are root's, mode 0600: a program that runs as
+    another user (here `nobody`, after setpriv drops root under the same
+    preload) cannot share the region, so its connection never uses shm. It
+    still works, its stderr says why, and the root end's row in `status`
+    records that its peer was not capable."""
+    from shmbypass import status
+    need("setpriv")
+    su = get_setup(setups, "posix")
+    srv = peer(su, "server", "hold")
+    cli = None
+    try:
+        port = srv.wait_for("PORT ")
+        drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        cli = Proc(drop + [PY, PEER, "client", "hold", port], su.env(), stdin=subprocess.PIPE)
+        local_port, t = cli.wait_for("HELD ").split()
+        assert t == "0"
+        rows = [r for r in status.connections(su.inst) if r["local"].endswith(f":{port}")]
+        assert rows and all(r["tier"] in ("tcp", "kernel") for r in rows), rows
+        assert {r["reason"] for r in rows} == {"peer-not-capable"}, rows
+        cli.p.stdin.close()
+        cli.p.stdin = None
+        cli.finish(30)
+        srv.finish(30)
+        assert "may not use instance" in cli.stderr(), cli.stderr()
+    finally:
+        for p in (srv, cli):
+            if p:
+                p.kill()
+
+
 # -- real applications -----------------------------------------------------------
 
 def need(*tools):
