@@ -625,6 +625,47 @@ def listening(port):
     return check
 
 
+class TierWatch:
+    """`shmbypass status --json`, polled in the background while an app runs:
+    the rows of the connections to or from `port`, each with the most bytes
+    seen (the issue asks for the apps' connections to be shown in the shm
+    tier by that very command, not by the library's own view)."""
+
+    def __init__(self, su, port):
+        import threading
+        self.rows = {}
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, args=(su.env(), f":{port}"), daemon=True)
+        self._t.start()
+
+    def _run(self, env, suffix):
+        while not self._stop.is_set():
+            p = subprocess.run([PY, "-m", "shmbypass", "status", "--json"], env=env,
+                               capture_output=True, text=True, timeout=60)
+            if p.returncode == 0:
+                for r in json.loads(p.stdout)["connections"]:
+                    if r["local"].endswith(suffix) or r["remote"].endswith(suffix):
+                        old = self.rows.get((r["local"], r["remote"]))
+                        if not old or r["bytes_tx"] + r["bytes_rx"] >= \
+                                old["bytes_tx"] + old["bytes_rx"]:
+                            self.rows[(r["local"], r["remote"])] = r
+            self._stop.wait(0.2)
+
+    def stop(self):
+        self._stop.set()
+        self._t.join(60)
+        return list(self.rows.values())
+
+
+def assert_shm_both_ends(rows, min_bytes):
+    """Some connection moved min_bytes in the shm tier, and `status` showed
+    both of its ends there."""
+    big = [r for r in rows if r["tier"] == "shm" and max(r["bytes_tx"], r["bytes_rx"]) >= min_bytes]
+    port = lambda a: a.rsplit(":", 1)[1]     # noqa: E731 (a v4 peer of a v6 socket is v4-mapped)
+    ends = {(port(r["local"]), port(r["remote"])) for r in big}
+    assert any((rem, loc) in ends for loc, rem in ends), rows
+
+
 def run_tool(su, argv, timeout=120, wrap=True, **env):
     p = subprocess.run((RUN if wrap else []) + argv, env=su.env(**env), capture_output=True,
                        timeout=timeout)
@@ -719,12 +760,17 @@ def test_iperf3(app_su):
     su, port = app_su, free_port()
     srv = Server(su, ["iperf3", "-s", "-1", "-p", str(port)], listening(port))
     try:
-        secs = os.environ.get("SBP_IPERF_SECONDS", "3")
-        p = run_tool(su, ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", secs, "-J"])
+        watch = TierWatch(su, port)
+        try:
+            p = run_tool(su, ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", "10", "-J"])
+        finally:
+            rows = watch.stop()
         res = json.loads(p.stdout)
         assert "error" not in res, res.get("error")
         bps = res["end"]["sum_received"]["bits_per_second"]
-        assert bps > 0
+        sent, received = res["end"]["sum_sent"]["bytes"], res["end"]["sum_received"]["bytes"]
+        assert bps > 0 and 0 < received <= sent, res["end"]   # in flight at the end: not counted
+        assert_shm_both_ends(rows, received // 2)
         print(f"iperf3 over the shm tier: {bps / 1e9:.1f} Gbit/s")
     finally:
         srv.stop()
