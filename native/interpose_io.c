@@ -53,6 +53,19 @@ static int dir_lock(pthread_mutex_t *m, _Atomic uint32_t *sleeping, int nonblock
 	return -rc;
 }
 
+/* The spin of a blocking wait, before the work (TCP look, timeout
+ * look-up) that precedes a sleep. Counts as asleep for non-blocking
+ * callers of the same direction, as the spin inside chan_wait does. */
+static int ring_spin(struct sbp_ring *r, _Atomic uint32_t *sleeping, int dir)
+{
+	int rc;
+
+	atomic_store_explicit(sleeping, 1, memory_order_relaxed);
+	rc = dir ? sbp_ring_spin_writable(r) : sbp_ring_spin_readable(r);
+	atomic_store_explicit(sleeping, 0, memory_order_relaxed);
+	return rc;
+}
+
 /* A socket with a timeout is never restarted (socket(7)); else it is when
  * every handler asked for SA_RESTART. */
 static int restart_ok(int64_t deadline)
@@ -126,7 +139,7 @@ ssize_t shm_send(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, i
 	struct iovec v[UIO_MAXIOV];
 	int64_t deadline = 0;
 	size_t total, done = 0;
-	int nonblock, err = 0, first = 0, rc;
+	int nonblock, err = 0, first = 0, rc, spun = 0;
 
 	rc = iov_total(iov, iovcnt, &total);
 	if (rc < 0)
@@ -174,6 +187,13 @@ ssize_t shm_send(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, i
 					err = EAGAIN;
 				break;
 			}
+			if (!spun) {
+				/* A reader that runs now frees room within
+				 * microseconds: spin before any syscall. */
+				spun = 1;
+				if (ring_spin(&sh->tx, &sh->tx_sleeping, 1) == 0)
+					continue;
+			}
 			if (!deadline)
 				deadline = deadline_for(fd, SO_SNDTIMEO);
 			rc = chan_wait(fd, ch, 1, deadline);
@@ -218,7 +238,7 @@ ssize_t shm_recv(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, i
 	struct iovec v[UIO_MAXIOV];
 	int64_t deadline = 0;
 	size_t total, done = 0;
-	int nonblock, peek, waitall, err = 0, first = 0, rc, drained = 0;
+	int nonblock, peek, waitall, err = 0, first = 0, rc, drained = 0, spun = 0;
 
 	rc = iov_total(iov, iovcnt, &total);
 	if (rc < 0)
@@ -277,6 +297,15 @@ ssize_t shm_recv(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, i
 				if ((f & CH_GONE_RESET) && !done)
 					err = ECONNRESET;
 				break;
+			}
+			if (!spun && !nonblock && (f & CH_RX_ATTACHED)) {
+				/* A peer that answers within microseconds (a
+				 * request/response loop) is caught here, with no
+				 * syscall: the TCP look below costs more than
+				 * the whole round trip on the ring. */
+				spun = 1;
+				if (ring_spin(&sh->rx, &sh->rx_sleeping, 0) == 0)
+					continue;
 			}
 			if (!drained) {
 				/* Empty: did the TCP side end (the peer died)? Also

@@ -477,12 +477,55 @@ static void spin_miss(struct sbp_ring *r)
 /* Peer's CPU unknown: how long to spin before mixing in sched_yield(). */
 #define SBP_RING_PURE_SPIN_NS 2000
 
+/* The bounded spin of a wait: 0 as soon as ready, -EAGAIN when the budget
+ * (or the deadline) ran out. Adaptive: a hit keeps the budget, a miss
+ * halves it (spin_hit/spin_miss). */
+static int spin_until(struct sbp_ring *r, bool (*ready)(const struct sbp_ring *),
+		      const uint32_t *peer_cpu, int64_t start, int64_t deadline)
+{
+	int64_t spin_end = start + r->spin_ns;
+
+	if (!r->spin_ns)
+		return -EAGAIN;
+	if (spin_end > deadline)
+		spin_end = deadline;
+	/* Bounded spin: the peer is probably running right now. Where it runs
+	 * decides how: on another CPU, spin (it answers within microseconds);
+	 * on our CPU, spinning only delays it, so sched_yield() at once and let
+	 * it run. Each side records its CPU (+1) beside its position on every
+	 * call; unknown (0 or stale): spin briefly, then mix in yields (with
+	 * nothing else runnable a yield returns at once). */
+	for (;;) {
+		uint32_t peer = LOAD(peer_cpu);
+		int me = sched_getcpu();
+		bool same = peer && me >= 0 && peer == (uint32_t)me + 1;
+		int64_t t;
+
+		for (int i = 0; i < (same ? 1 : 64); i++) {
+			if (ready(r)) {
+				spin_hit(r);
+				return 0;
+			}
+			cpu_relax();
+		}
+		t = now_ns();
+		if (t >= spin_end)
+			break;
+		if (same || (!peer && t >= start + SBP_RING_PURE_SPIN_NS))
+			sched_yield();
+	}
+	spin_miss(r);
+	return -EAGAIN;
+}
+
 static int wait_for(struct sbp_ring *r, bool (*ready)(const struct sbp_ring *),
 		    uint32_t *word, const uint32_t *peer_cpu, int64_t timeout_ns)
 {
-	int64_t start, deadline, spin_end;
+	int64_t start, deadline;
 	int64_t poll_ns = 20000;   /* futex-less fallback: sleep, doubling to 1 ms */
+	bool skip_spin = r->spun;
 
+	r->spun = 0;
 	if (ready(r))
 		return 0;
 	if (timeout_ns == 0)
@@ -490,37 +533,9 @@ static int wait_for(struct sbp_ring *r, bool (*ready)(const struct sbp_ring *),
 	start = now_ns();
 	deadline = timeout_ns < 0 ? INT64_MAX : start + timeout_ns;
 
-	/* Bounded spin: the peer is probably running right now. Where it runs
-	 * decides how: on another CPU, spin (it answers within microseconds);
-	 * on our CPU, spinning only delays it, so sched_yield() at once and let
-	 * it run. Each side records its CPU (+1) beside its position on every
-	 * call; unknown (0 or stale): spin briefly, then mix in yields (with
-	 * nothing else runnable a yield returns at once). */
-	spin_end = start + r->spin_ns;
-	if (spin_end > deadline)
-		spin_end = deadline;
-	if (r->spin_ns) {
-		for (;;) {
-			uint32_t peer = LOAD(peer_cpu);
-			int me = sched_getcpu();
-			bool same = peer && me >= 0 && peer == (uint32_t)me + 1;
-			int64_t t;
-
-			for (int i = 0; i < (same ? 1 : 64); i++) {
-				if (ready(r)) {
-					spin_hit(r);
-					return 0;
-				}
-				cpu_relax();
-			}
-			t = now_ns();
-			if (t >= spin_end)
-				break;
-			if (same || (!peer && t >= start + SBP_RING_PURE_SPIN_NS))
-				sched_yield();
-		}
-		spin_miss(r);
-	}
+	/* A spin that just missed (sbp_ring_spin_*) is not repeated. */
+	if (!skip_spin && spin_until(r, ready, peer_cpu, start, deadline) == 0)
+		return 0;
 
 	if (r->doorbell) {
 		/* The caller sleeps on its TCP socket; the peer rings. */
@@ -597,6 +612,32 @@ int sbp_ring_wait_writable(struct sbp_ring *r, int64_t timeout_ns)
 	if (!r->hdr)
 		return -EINVAL;
 	return wait_for(r, write_ready, r->writer_waiting, &H(r)->reader_cpu, timeout_ns);
+}
+
+int sbp_ring_spin_readable(struct sbp_ring *r)
+{
+	int rc;
+
+	if (!r->hdr)
+		return -EINVAL;
+	if (read_ready(r))
+		return 0;
+	rc = spin_until(r, read_ready, &H(r)->writer_cpu, now_ns(), INT64_MAX);
+	r->spun = rc != 0;
+	return rc;
+}
+
+int sbp_ring_spin_writable(struct sbp_ring *r)
+{
+	int rc;
+
+	if (!r->hdr)
+		return -EINVAL;
+	if (write_ready(r))
+		return 0;
+	rc = spin_until(r, write_ready, &H(r)->reader_cpu, now_ns(), INT64_MAX);
+	r->spun = rc != 0;
+	return rc;
 }
 
 static int arm(struct sbp_ring *r, bool (*ready)(const struct sbp_ring *), uint32_t *word)

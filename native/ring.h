@@ -80,6 +80,7 @@ struct sbp_ring {
 	int doorbell;           /* cross-VM: never futex-wake, never futex-wait */
 	int peer_waiting;       /* the last write/read found the peer armed */
 	int futex_broken;       /* FUTEX_WAIT said EFAULT: fall back to polling sleeps */
+	int spun;               /* sbp_ring_spin_* just missed: the next wait sleeps at once */
 };
 
 /* The shared header, for reference (only ring.c touches it). */
@@ -142,6 +143,14 @@ int  sbp_ring_corrupt(const struct sbp_ring *r);
 int  sbp_ring_wait_readable(struct sbp_ring *r, int64_t timeout_ns);
 /* Same for room to write (or reader closed/reset/corrupt). */
 int  sbp_ring_wait_writable(struct sbp_ring *r, int64_t timeout_ns);
+
+/* Only the adaptive spin of a wait, no sleep: 0 ready, -EAGAIN the budget
+ * ran out (then the next sbp_ring_wait_* of that ring does not spin again).
+ * For callers with work of their own to do before a sleep (the interposer
+ * looks at its TCP socket): spinning first keeps that work, and its
+ * syscalls, off the path of a peer that answers within microseconds. */
+int  sbp_ring_spin_readable(struct sbp_ring *r);
+int  sbp_ring_spin_writable(struct sbp_ring *r);
 
 /* For callers that sleep elsewhere (epoll/poll on the TCP socket): arm the
  * waiting word with SBP_WAIT_DOORBELL, full fence, re-check. Returns 1 if
