@@ -26,6 +26,8 @@ import tempfile
 import threading
 import time
 
+from sockets import recv_exact, sha   # tests/ is this script's sys.path[0]
+
 FIONREAD = 0x541B
 SIOCOUTQ = 0x5411
 HOST = os.environ.get("IPC_HOST", "127.0.0.1")
@@ -49,18 +51,6 @@ def out(**kw):
     RESULT.update(kw)
 
 
-def sha(b):
-    return hashlib.sha256(b).hexdigest()
-
-
-def recv_exact(s, n):
-    buf = bytearray()
-    while len(buf) < n:
-        b = s.recv(min(n - len(buf), 1 << 20))
-        if not b:
-            raise EOFError(f"EOF after {len(buf)} of {n}")
-        buf += b
-    return bytes(buf)
 
 
 def recv_all(s):
