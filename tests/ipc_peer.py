@@ -13,7 +13,6 @@ fields in the result; the test asserts on them.
 import ctypes
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import random
