@@ -503,8 +503,19 @@ static int shm_init(void)
 	if (!strncmp(spec, "shm:", 4)) {
 		rc = map_region_shm(colon + 1);
 	} else if (!strncmp(spec, "ivshmem:", 8)) {
+		char tmp[32];
+
 		rc = map_region_file(colon + 1);
 		g.doorbell = 1;
+		/* The peer is another VM: waits spin up to about a doorbell's
+		 * cost (ring.h, sbp_ring_set_bell_cost), which under TCG is far
+		 * more than the one-host default; so do poll/epoll waits. */
+		copy_env(tmp, sizeof(tmp), "SHMBYPASS_SPIN_NS", NULL);
+		if (!tmp[0])
+			g.spin_ns = SBP_RING_SPIN_DOORBELL_MAX_NS;
+		copy_env(tmp, sizeof(tmp), "SHMBYPASS_EPOLL_SPIN_NS", NULL);
+		if (!tmp[0])
+			g.epoll_spin_ns = SBP_RING_SPIN_DOORBELL_MAX_NS;
 	} else if (!strncmp(spec, "arena:", 6)) {
 		char *third;
 
@@ -718,6 +729,23 @@ static void sh_pool_drop(void)
 
 /* ---- the control connection ----------------------------------------------------- */
 
+/* Doorbell mode: the first guess at what a doorbell wake-up costs, the
+ * connection's smoothed RTT as the kernel measured it on the handshake (a
+ * doorbell is one segment plus a wake-up); 0 (ring default) if unknown. */
+static uint32_t bell_seed_ns(int fd)
+{
+	struct tcp_info ti;
+	socklen_t len = sizeof(ti);
+	int saved = errno;
+
+	memset(&ti, 0, sizeof(ti));
+	if (syscall(SYS_getsockopt, fd, IPPROTO_TCP, TCP_INFO, &ti, &len) < 0)
+		ti.tcpi_rtt = 0;
+	errno = saved;
+	return ti.tcpi_rtt > SBP_RING_SPIN_DOORBELL_MAX_NS / 1000 ? SBP_RING_SPIN_DOORBELL_MAX_NS
+								: ti.tcpi_rtt * 1000;
+}
+
 void ctl_doorbell(int fd)
 {
 	static const char bell = 0;
@@ -759,6 +787,8 @@ int rx_try_attach(int fd, struct chan *ch)
 		sbp_ring_set_spin(&tmp, g.spin_ns);
 		wake_words(&tmp, sh->rx_idx);
 		sbp_ring_doorbell_mode(&tmp, g.doorbell);
+		if (g.doorbell)
+			sbp_ring_set_bell_cost(&tmp, bell_seed_ns(fd));
 		sh->rx = tmp;
 		/* SYNC POINT: the view is complete before the flag says so. */
 		atomic_fetch_or_explicit(&sh->flags, CH_RX_ATTACHED, memory_order_release);
@@ -1026,6 +1056,8 @@ static int doorbell_wait(int fd, struct chan *ch, int dir, int64_t deadline)
 	}
 	if (rc > 0 && p[0].revents && p[0].fd >= 0)
 		ctl_drain(fd, ch);
+	if (attached)           /* how long the doorbell took: the spin's calibration */
+		sbp_ring_note_wakeup(dir ? &sh->tx : &sh->rx);
 	if (rc < 0 && errno == EINTR)
 		return -EINTR;
 	if (sh->slice_ns[dir] && (dir ? sbp_ring_writable(&sh->tx) : sbp_ring_readable(&sh->rx)))
@@ -1200,6 +1232,7 @@ static struct chan *chan_setup(int fd, const struct sbp_sk *st, int rediscovered
 	wake_words(&sh->tx, st->tx_slot);
 	sbp_ring_doorbell_mode(&sh->tx, g.doorbell);
 	if (g.doorbell) {
+		sbp_ring_set_bell_cost(&sh->tx, bell_seed_ns(fd));
 		/* A peer VM that dies sends no FIN: TCP keepalives find it. */
 		int on = 1, idle = 2, intvl = 1, cnt = 3;
 

@@ -477,15 +477,87 @@ static void spin_miss(struct sbp_ring *r)
 /* Peer's CPU unknown: how long to spin before mixing in sched_yield(). */
 #define SBP_RING_PURE_SPIN_NS 2000
 
+/* ---- doorbell mode's spin (ring.h, sbp_ring_set_bell_cost) ---------------- */
+
+static uint32_t bell_cost(const struct sbp_ring *r)
+{
+	return r->bell_ns ? r->bell_ns : SBP_RING_SPIN_DEFAULT_NS;
+}
+
+uint32_t sbp_ring_spin_budget(const struct sbp_ring *r)
+{
+	uint64_t d, b;
+
+	if (!r->doorbell || !r->spin_max_ns)
+		return r->spin_ns;
+	d = bell_cost(r);
+	/* 2x the doorbell: the answer may itself come after the peer's own
+	 * doorbell wake-up. Waits much longer than that: a slow or idle
+	 * peer, spin a little only. */
+	b = r->wait_ewma_ns > 4 * d ? d / 8 : 2 * d;
+	if (b < 1000)
+		b = 1000;
+	return b > r->spin_max_ns ? r->spin_max_ns : (uint32_t)b;
+}
+
+/* A doorbell-mode wait ended (ready) at t: how long it took feeds the EWMA
+ * that tells traffic from idleness. Samples are capped so that one long
+ * idle wait is forgotten after a few quick ones. */
+static void bell_wait_done(struct sbp_ring *r, int64_t t)
+{
+	uint64_t cap = 8 * (uint64_t)bell_cost(r), w;
+
+	if (r->wait_start_ns) {
+		w = t > r->wait_start_ns ? (uint64_t)(t - r->wait_start_ns) : 0;
+		if (w > cap)
+			w = cap;
+		w = (7 * (uint64_t)r->wait_ewma_ns + w) / 8;
+		r->wait_ewma_ns = w > UINT32_MAX ? UINT32_MAX : (uint32_t)w;
+	}
+	r->wait_start_ns = 0;
+	r->armed_ns = 0;
+}
+
+void sbp_ring_set_bell_cost(struct sbp_ring *r, uint32_t cost_ns)
+{
+	if (cost_ns > SBP_RING_SPIN_DOORBELL_MAX_NS)
+		cost_ns = SBP_RING_SPIN_DOORBELL_MAX_NS;
+	r->bell_ns = cost_ns;
+}
+
+void sbp_ring_note_wakeup(struct sbp_ring *r)
+{
+	int64_t t, s;
+	uint32_t d;
+
+	if (!r->doorbell || !r->armed_ns || !r->hdr)
+		return;
+	if (!(r->armed_read ? read_ready(r) : write_ready(r)))
+		return;                 /* not for us (yet): the wait goes on */
+	t = now_ns();
+	s = t - r->armed_ns;
+	d = bell_cost(r);
+	/* From arming to readiness: the doorbell's cost plus however long the
+	 * peer took to act. Low samples are the truth about doorbells (fall
+	 * fast); higher ones may be the peer's slowness (rise slowly, and not
+	 * at all from samples over 4x). */
+	if (s > 0 && s < (int64_t)d)
+		sbp_ring_set_bell_cost(r, (uint32_t)((d + s) / 2));
+	else if (s > 0 && s <= 4 * (int64_t)d)
+		sbp_ring_set_bell_cost(r, d + (uint32_t)((s - d) / 16));
+	bell_wait_done(r, t);
+}
+
 /* The bounded spin of a wait: 0 as soon as ready, -EAGAIN when the budget
  * (or the deadline) ran out. Adaptive: a hit keeps the budget, a miss
  * halves it (spin_hit/spin_miss). */
 static int spin_until(struct sbp_ring *r, bool (*ready)(const struct sbp_ring *),
 		      const uint32_t *peer_cpu, int64_t start, int64_t deadline)
 {
-	int64_t spin_end = start + r->spin_ns;
+	uint32_t spin = sbp_ring_spin_budget(r);   /* r->spin_ns outside doorbell mode */
+	int64_t spin_end = start + spin;
 
-	if (!r->spin_ns)
+	if (!spin)
 		return -EAGAIN;
 	if (spin_end > deadline)
 		spin_end = deadline;
@@ -494,9 +566,11 @@ static int spin_until(struct sbp_ring *r, bool (*ready)(const struct sbp_ring *)
 	 * on our CPU, spinning only delays it, so sched_yield() at once and let
 	 * it run. Each side records its CPU (+1) beside its position on every
 	 * call; unknown (0 or stale): spin briefly, then mix in yields (with
-	 * nothing else runnable a yield returns at once). */
+	 * nothing else runnable a yield returns at once). In doorbell mode the
+	 * peer may run in another kernel, whose CPU numbers say nothing about
+	 * ours (two one-vCPU guests are both on CPU 0): unknown. */
 	for (;;) {
-		uint32_t peer = LOAD(peer_cpu);
+		uint32_t peer = r->doorbell ? 0 : LOAD(peer_cpu);
 		int me = sched_getcpu();
 		bool same = peer && me >= 0 && peer == (uint32_t)me + 1;
 		int64_t t;
@@ -504,6 +578,8 @@ static int spin_until(struct sbp_ring *r, bool (*ready)(const struct sbp_ring *)
 		for (int i = 0; i < (same ? 1 : 64); i++) {
 			if (ready(r)) {
 				spin_hit(r);
+				if (r->doorbell)
+					bell_wait_done(r, now_ns());
 				return 0;
 			}
 			cpu_relax();
@@ -526,12 +602,17 @@ static int wait_for(struct sbp_ring *r, bool (*ready)(const struct sbp_ring *),
 	bool skip_spin = r->spun;
 
 	r->spun = 0;
-	if (ready(r))
+	if (ready(r)) {
+		if (r->armed_ns)        /* woke from a doorbell sleep: calibrate */
+			sbp_ring_note_wakeup(r);
 		return 0;
+	}
 	if (timeout_ns == 0)
 		return -ETIMEDOUT;
 	start = now_ns();
 	deadline = timeout_ns < 0 ? INT64_MAX : start + timeout_ns;
+	if (r->doorbell && !r->armed_ns)
+		r->wait_start_ns = start;       /* else a wait that goes on after a wake-up */
 
 	/* A spin that just missed (sbp_ring_spin_*) is not repeated. */
 	if (!skip_spin && spin_until(r, ready, peer_cpu, start, deadline) == 0)
@@ -544,9 +625,17 @@ static int wait_for(struct sbp_ring *r, bool (*ready)(const struct sbp_ring *),
 		FULL_FENCE();
 		if (ready(r)) {
 			__atomic_fetch_and(word, ~SBP_WAIT_DOORBELL, __ATOMIC_RELAXED);
+			bell_wait_done(r, now_ns());
 			return 0;
 		}
-		return now_ns() >= deadline ? -ETIMEDOUT : -EAGAIN;
+		if (now_ns() >= deadline) {
+			r->wait_start_ns = r->armed_ns = 0;
+			return -ETIMEDOUT;
+		}
+		/* The caller sleeps; sbp_ring_note_wakeup() when it wakes. */
+		r->armed_ns = now_ns();
+		r->armed_read = ready == read_ready;
+		return -EAGAIN;
 	}
 
 	for (;;) {

@@ -63,6 +63,10 @@
 #define SBP_RESET_CORRUPT   3u         /* a call returned -EPROTO */
 
 #define SBP_RING_SPIN_DEFAULT_NS 30000u /* upper bound of the adaptive spin */
+/* Doorbell mode (the peer may be in another VM): the spin follows the
+ * measured cost of a doorbell wake-up instead (see sbp_ring_set_bell_cost),
+ * at most this much by default (a caller's sbp_ring_set_spin still rules). */
+#define SBP_RING_SPIN_DOORBELL_MAX_NS 4000000u
 
 /* Process-local view of a ring. Plain struct so callers can embed it; treat
  * the fields as private. */
@@ -81,6 +85,12 @@ struct sbp_ring {
 	int peer_waiting;       /* the last write/read found the peer armed */
 	int futex_broken;       /* FUTEX_WAIT said EFAULT: fall back to polling sleeps */
 	int spun;               /* sbp_ring_spin_* just missed: the next wait sleeps at once */
+	/* doorbell mode only: the spin's calibration (see sbp_ring_set_bell_cost) */
+	uint32_t bell_ns;       /* estimated cost of a doorbell wake-up (0: not known) */
+	uint32_t wait_ewma_ns;  /* how long waits take, spin or sleep */
+	int64_t wait_start_ns;  /* when the current wait began (0: none) */
+	int64_t armed_ns;       /* when it armed the doorbell and returned -EAGAIN */
+	int armed_read;         /* that wait was for readable (1) or writable (0) */
 };
 
 /* The shared header, for reference (only ring.c touches it). */
@@ -175,6 +185,26 @@ int  sbp_ring_doorbell_mode(struct sbp_ring *r, int on);
  * armed with SBP_WAIT_DOORBELL and disarmed it: send one doorbell byte now.
  * (Futex waiters are woken by the ring itself outside doorbell mode.) */
 int  sbp_ring_peer_waiting(const struct sbp_ring *r);
+
+/* Doorbell mode's spin: two kernels, so a sleeping waiter costs its peer a
+ * doorbell (a TCP segment through both guests' stacks, then a wake-up), and
+ * a guest under TCG runs about 30x slower than the host: the fixed 30 us
+ * spin ends before the peer VM can answer, and every wait pays a doorbell.
+ * The classic rule instead: spin about as long as blocking costs (here 2x
+ * the doorbell's cost, so a waiter also rides out its peer's own doorbell
+ * wake-up), bounded by spin_max_ns, and short (1/8) when waits have been
+ * taking much longer than that (a slow or idle peer: spinning would only
+ * burn CPU). The cost is seeded by the caller (e.g. the TCP connection's
+ * RTT, tcpi_rtt) and refined by every sleep: after wait_* returned -EAGAIN
+ * and the caller slept and woke, sbp_ring_note_wakeup() takes the time from
+ * arming to readiness as a sample (falling fast to lower samples, rising
+ * slowly to higher ones, ignoring samples over 4x the estimate: a peer that
+ * took its time says nothing about doorbells). Both are no-ops outside
+ * doorbell mode. */
+void sbp_ring_set_bell_cost(struct sbp_ring *r, uint32_t cost_ns);
+void sbp_ring_note_wakeup(struct sbp_ring *r);
+/* The spin the next wait would use (ns), for tests and status. */
+uint32_t sbp_ring_spin_budget(const struct sbp_ring *r);
 
 /* Use futex words outside the slot. Needed where the slot memory cannot
  * hold a futex shared between processes: FUTEX_WAIT on BPF arena memory
