@@ -276,7 +276,7 @@ def test_region_absent_from_one_guest():
     """B has no ivshmem device: its manager says so and comes up for TCP;
     A joins the region. Their connection is plain TCP, data intact, and A
     records why not shm."""
-    with vm.VMPair(ivshmem=("A",), region_format=True, region_size=16 << 20) as p:
+    with vm.VMPair(ivshmem=("A",), region_size=16 << 20) as p:
         ups = _both(p, f"{PY} -m shmbypass up --backend ivshmem")
         for g in "AB":
             assert ups[g].rc == 0, ups[g]
