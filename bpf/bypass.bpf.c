@@ -162,6 +162,7 @@ struct sbp_sweeper {
 	struct bpf_timer timer;
 	__u64 armed;		/* 1 while the timer is (about to be) pending */
 	__u64 ready;		/* 1 once init + set_callback succeeded */
+	__u64 at;		/* when the pending sweep fires (ktime ns) */
 };
 
 struct {
@@ -458,6 +459,15 @@ static long sweep_one(struct bpf_map *map, struct sbp_resv_key *key, struct sbp_
 			ctx->next = r->expires;
 		return 0;
 	}
+	/* A parked slot's time is up: the peer VM had tcp_fin_timeout to
+	 * finish reading. */
+	if (r->state == SBP_RESV_PARKED) {
+		if (__sync_val_compare_and_swap(&r->state, SBP_RESV_PARKED, SBP_RESV_EXPIRED) ==
+		    SBP_RESV_PARKED)
+			slot_put(r->slot, r->gen);
+		bpf_map_delete_elem(map, key);
+		return 0;
+	}
 	/* The child socket never came (handshake abandoned, RST, SYN flood):
 	 * give the slot back, unless the child claims it right now. */
 	if (__sync_val_compare_and_swap(&r->state, SBP_RESV_RESERVED, SBP_RESV_EXPIRED) ==
@@ -481,6 +491,7 @@ static int sweep(void *map, __u32 *key, struct sbp_sweeper *sw)
 	bpf_for_each_map_elem(&reservations, sweep_one, &ctx, 0);
 	if (!ctx.left || __sync_val_compare_and_swap(&sw->armed, 0, 1) != 0)
 		return 0;
+	sw->at = ctx.next + 1000000;
 	err = bpf_timer_start(&sw->timer, ctx.next - ctx.now + 1000000, 0);
 	if (err) {
 		sw->armed = 0;
@@ -520,10 +531,24 @@ static __always_inline struct sbp_sweeper *sweeper_ready(void)
 static __always_inline void sweeper_arm(__u64 delay)
 {
 	struct sbp_sweeper *sw = sweeper_ready();
+	__u64 at = bpf_ktime_get_ns() + delay;
 	long err;
 
-	if (!sw || __sync_val_compare_and_swap(&sw->armed, 0, 1) != 0)
+	if (!sw)
 		return;
+	if (__sync_val_compare_and_swap(&sw->armed, 0, 1) != 0) {
+		/* Pending, maybe for a later deadline (a 180 s reservation,
+		 * then a 60 s park): bring it forward. A sweep that comes
+		 * early only re-arms for what is left. */
+		if (at + 1000000 < sw->at) {
+			sw->at = at;
+			err = bpf_timer_start(&sw->timer, delay, 0);
+			if (err)
+				REPORT(err);
+		}
+		return;
+	}
+	sw->at = at;
 	err = bpf_timer_start(&sw->timer, delay, 0);
 	if (err) {
 		sw->armed = 0;
@@ -634,6 +659,9 @@ static __always_inline void handle_connect(struct bpf_sock_ops *skops)
 		st->tx_gen = gen;
 		st->region_id = cfg->region_id;
 		st->held = SBP_HELD_TX;
+		/* Allocate the sweeper here, in process context, for a guest
+		 * that only connects: its closes may park slots. */
+		sweeper_ready();
 	}
 	/* The option goes out even without a slot: it tells a marked peer
 	 * why, so both ends record the same reason. STATE_CB gives the slot
@@ -838,6 +866,48 @@ static __always_inline void release_slots(struct sbp_sk *st)
 	if (st->held & SBP_HELD_RX)
 		slot_put(st->rx_slot, (__u32)st->rx_gen);
 	st->held = 0;
+}
+
+/* TCP_CLOSE of a socket whose peer is another VM (its rx slot is in the
+ * other kernel's part): that kernel holds no reference on our tx slot, so
+ * ours would go back on the free list now, while the peer VM may still be
+ * reading it. Free it now only after a clean close, where the peer's FIN
+ * came (it closed: done reading): the socket leaves LAST_ACK or CLOSING,
+ * or FIN_WAIT2 with no error (the interposer sets TCP_LINGER2 over 60 s on
+ * such sockets, so an orphan leaves FIN_WAIT2 only at the peer's FIN or
+ * after 60 s, not at the ACK of its own FIN). Anything else (a reset either
+ * way, an abortive close, a kill): park the slot for SBP_PARK_TTL_NS in
+ * `reservations`, and the sweeper frees it. 1 if parked. */
+static __always_inline int park_tx_slot(struct bpf_sock_ops *skops, struct sbp_sk *st)
+{
+	struct sbp_resv_key key = {};
+	struct sbp_resv val = {};
+	struct bpf_sock *sk = skops->sk;
+	struct tcp_sock *tp;
+	__u32 old = skops->args[0];
+	int err = 0;
+
+	if (st->tier != SBP_TIER_SHM || !(st->held & SBP_HELD_TX) || slot_is_ours(st->rx_slot))
+		return 0;
+	tp = sk ? bpf_skc_to_tcp_sock(sk) : NULL;
+	if (tp)
+		err = tp->inet_conn.icsk_inet.sk.sk_err;
+	if (!err && (old == BPF_TCP_LAST_ACK || old == BPF_TCP_CLOSING || old == BPF_TCP_FIN_WAIT2))
+		return 0;
+	if (!sweeper_ready())
+		return 0;		/* nothing could ever free it: free it now */
+	key.netns = SBP_PARK_NETNS;
+	key.conn.a_isn = st->tx_slot;
+	val.state = SBP_RESV_PARKED;
+	val.slot = st->tx_slot;
+	val.gen = (__u32)st->tx_gen;
+	val.expires = bpf_ktime_get_ns() + SBP_PARK_TTL_NS;
+	if (bpf_map_update_elem(&reservations, &key, &val, BPF_NOEXIST))
+		return 0;		/* table full: free it now */
+	sweeper_arm(SBP_PARK_TTL_NS);
+	st->held &= ~SBP_HELD_TX;	/* the parked entry holds the reference */
+	count(SBP_CNT_SLOT_PARKED, 1);
+	return 1;
 }
 
 /* ACTIVE_ESTABLISHED: the SYN-ACK's answer decides. 1 if shm. */
@@ -1113,8 +1183,10 @@ static __always_inline void handle_close(struct bpf_sock_ops *skops)
 	 * the free list when both ends have closed. */
 	st = sk ? bpf_sk_storage_get(&sk_state, sk, NULL, 0) : NULL;
 	if (st) {
-		if (st->held)
+		if (st->held) {
+			park_tx_slot(skops, st);
 			release_slots(st);
+		}
 		if (skops->args[0] == BPF_TCP_LISTEN && (st->flags & SBP_SK_WANT_SHM))
 			forget_listener(skops);
 	}

@@ -158,7 +158,15 @@ enum sbp_resv_state {
 	SBP_RESV_CLAIMED,	/* the child socket took the reference */
 	SBP_RESV_EXPIRED,	/* the timer gave the reference back */
 	SBP_RESV_DECLINED,	/* no slot; `reason` says why */
+	SBP_RESV_PARKED,	/* a closed socket's slot, held for a peer VM that
+				 * may still read it (docs/NEGOTIATION.md) */
 };
+
+/* Parked slots live in `reservations` under netns SBP_PARK_NETNS (no real
+ * netns cookie) and conn.a_isn = the slot, for SBP_PARK_TTL_NS: the time
+ * TCP gives a FIN_WAIT2 peer (tcp_fin_timeout). */
+#define SBP_PARK_NETNS (~0ULL)
+#define SBP_PARK_TTL_NS (60ULL * 1000000000ULL)
 
 struct sbp_resv {
 	__u64 expires;		/* bpf_ktime_get_ns() deadline; pushed back by
@@ -192,6 +200,7 @@ enum sbp_counter {
 	SBP_CNT_SHM,		/* sockets that entered the shm tier */
 	SBP_CNT_SHM_FALLBACK,	/* marked sockets that did not */
 	SBP_CNT_RESV_EXPIRED,	/* SYN-ACK reservations the timer returned */
+	SBP_CNT_SLOT_PARKED,	/* closed sockets' slots held for a peer VM */
 	SBP_CNT__MAX,
 };
 

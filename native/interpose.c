@@ -472,6 +472,9 @@ static int bpf_region_differs(const char *spec)
 		     g.instance, cfg.slot_count, spec, g.info.slot_count);
 		return 1;
 	}
+	/* This kernel's part: a peer slot outside it is another VM's. */
+	g.part_first = cfg.first_slot;
+	g.part_count = cfg.slot_count;
 	return 0;
 }
 
@@ -1231,6 +1234,20 @@ static struct chan *chan_setup(int fd, const struct sbp_sk *st, int rediscovered
 	sbp_ring_set_spin(&sh->tx, g.spin_ns);
 	wake_words(&sh->tx, st->tx_slot);
 	sbp_ring_doorbell_mode(&sh->tx, g.doorbell);
+	if (g.part_count && (st->rx_slot < g.part_first || st->rx_slot - g.part_first >= g.part_count)) {
+		/* The peer is another kernel (its slot is in another part), which
+		 * holds no reference on our slot: ours comes back at our socket's
+		 * TCP_CLOSE. After close() an orphan reaches it as soon as its FIN
+		 * is ACKed (FIN_WAIT2 turns into a time-wait sock when
+		 * tcp_fin_timeout <= 60 s), while the peer may still be reading
+		 * our ring. A linger2 over 60 s keeps the orphan a full socket in
+		 * FIN_WAIT2 until the peer's FIN (it closed: done reading) or
+		 * 60 s, so the slot is not reused under a late reader
+		 * (docs/NEGOTIATION.md, "VM pairs"). */
+		int linger2 = 120;
+
+		syscall(SYS_setsockopt, fd, IPPROTO_TCP, TCP_LINGER2, &linger2, sizeof(linger2));
+	}
 	if (g.doorbell) {
 		sbp_ring_set_bell_cost(&sh->tx, bell_seed_ns(fd));
 		/* A peer VM that dies sends no FIN: TCP keepalives find it. */

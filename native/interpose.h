@@ -116,6 +116,8 @@ struct sbp_global {
 	struct sbp_region_info info;
 	void *wake;             /* arena: companion segment of futex words */
 	size_t wake_size;
+	uint32_t part_first;    /* this kernel's part of the region (BPF `region` map): */
+	uint32_t part_count;    /*   a peer slot outside it is another VM's (0: unknown) */
 	uint32_t spin_ns;       /* ring spin budget (SHMBYPASS_SPIN_NS) */
 	uint32_t epoll_spin_ns; /* poll/epoll spin before sleeping */
 	char instance[128];

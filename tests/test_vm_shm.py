@@ -433,6 +433,144 @@ def test_unmodified_programs_in_the_shm_tier(pair):
     assert dirs == {"A>B", "B>A"}, rep["channels"]
 
 
+# A writer that closes before its peer VM has read anything: A sends and
+# exits; B reads only when told to.
+LATE_READER = """
+import hashlib, os, socket, sys, time
+port = int(sys.argv[1])
+ls = socket.create_server(("10.77.0.2", port))
+ls.settimeout(120)
+for conn in range(2):
+    c, _ = ls.accept()
+    c.recv(1, socket.MSG_PEEK)  # the channel is set up (and its hello doorbell sent)
+    open("/tmp/accepted-%d-%d" % (port, conn), "w").close()
+    for i in range(1200):
+        if os.path.exists("/tmp/read-%d-%d" % (port, conn)):
+            break
+        time.sleep(0.1)
+    c.settimeout(120)
+    h, n, err = hashlib.sha256(), 0, ""
+    try:
+        while True:
+            b = c.recv(65536)
+            if not b:
+                break
+            h.update(b); n += len(b)
+    except ConnectionResetError:
+        err = "reset"
+    c.close()
+    print(n, h.hexdigest(), err, flush=True)
+"""
+
+EARLY_CLOSER = """
+import hashlib, os, socket, struct, sys, time
+port, size = int(sys.argv[1]), int(sys.argv[2])
+data = os.urandom(size)
+for i in range(300):
+    try:
+        s = socket.create_connection(("10.77.0.2", port), timeout=120)
+        break
+    except ConnectionRefusedError:
+        time.sleep(0.2)
+s.sendall(data)
+for i in range(1200):  # closes once B has set up its end (a doorbell byte arriving
+    if os.path.exists("/tmp/close-%d" % port):  # after close() would make the kernel reset)
+        break
+    time.sleep(0.1)
+if sys.argv[3:] == ["abort"]:  # SO_LINGER 0: RST, no FIN
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+s.close()
+print(len(data), hashlib.sha256(data).hexdigest())
+"""
+
+# (free slots, references held, part size) of a guest's pool; with a
+# timeout, polls (inside the guest) until the pool is whole or time is up.
+POOL = """
+import json, sys, time
+from shmbypass import paths, slots
+i = paths.Instance.current()
+end = time.monotonic() + float(sys.argv[1])
+while True:
+    free, part = len(slots.free_slots(i)), slots.config(i)["slot_count"]
+    refs = sum(r for g, r in slots.slot_states(i).values())
+    if (free, refs) == (part, 0) or time.monotonic() >= end:
+        break
+    time.sleep(0.2)
+print(json.dumps([free, refs, part]))
+"""
+
+
+def _pool(pair, g, wait=0):
+    return tuple(json.loads(pair.run(g, f"{PY} - {wait}", stdin=POOL, env=ENV, timeout=120 + wait,
+                                     check=True).out))
+
+
+def _fin_acked(pair, port):
+    """A's end of the connection to port has had its FIN acknowledged (no
+    ESTAB/FIN-WAIT-1 left; an orphan in FIN-WAIT-2 or a time-wait sock)."""
+    out = pair.run("A", f"ss -tanH '( dport = :{port} )'", timeout=30, check=True).out
+    return not any(w in out for w in ("ESTAB", "FIN-WAIT-1", "SYN-SENT"))
+
+
+@needs_shm
+def test_closed_writers_slot_waits_for_the_peer_vm(pair):
+    """A writes 100000 bytes and exits before B has read any. A's kernel
+    alone counts A's slot (B's kernel cannot), and its socket's TCP_CLOSE
+    used to come at the ACK of its FIN (the orphan became a time-wait sock):
+    the slot went back on A's free list under B's unread bytes. Now the
+    orphan stays in FIN-WAIT-2 until B closes (or 60 s), so the slot is
+    held until then; B reads every byte; then the slot comes back."""
+    port, size = 7045, 100000
+    free0, refs0, part = _pool(pair, "A", wait=30)  # the last test's sockets are closing
+    assert (free0, refs0) == (part, 0)
+    server = pair.start("B", f"{RUN_SHM}{PY} - {port}", stdin=LATE_READER, env=ENV, timeout=300)
+
+    def connection(n, *args):
+        cli = pair.start("A", f"{RUN_SHM}{PY} - {port} {size} {' '.join(args)}", stdin=EARLY_CLOSER,
+                         env=ENV, timeout=200)
+        for _ in range(600):  # polls; the job timeouts stop a hang
+            if pair.run("B", f"test -e /tmp/accepted-{port}-{n}", timeout=30).rc == 0:
+                break
+            assert not cli.done(), cli.wait(0)
+            time.sleep(0.2)
+        pair.run("A", f"touch /tmp/close-{port}", timeout=30, check=True)
+        sent_n, sent_h = cli.wait(200).check().out.split()
+        for _ in range(300):
+            if _fin_acked(pair, port):
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("A's FIN was never acknowledged")
+        time.sleep(1)  # what used to give the slot back had every chance to
+        return int(sent_n), sent_h
+
+    try:
+        sent_n, sent_h = connection(0)
+        free, refs, _ = _pool(pair, "A")
+        assert (free, refs) == (part - 1, 1), "A's slot left the pool while B had not read"
+        chans = [c for c in vm.region_status(pair.region_path)["channels"]
+                 if c["writer"] == "A" and c["head"] == size]
+        assert [(c["state"], c["queued"]) for c in chans] == [("fin", size)], chans
+    finally:
+        pair.run("B", f"touch /tmp/read-{port}-0", timeout=30, check=True)
+    # B closed after reading: its FIN ends A's FIN-WAIT-2 at once (else 60 s would)
+    assert _pool(pair, "A", wait=45)[:2] == (part, 0), "A's slot never came back"
+
+    # An abortive close (RST) may come while B still reads: A's slot is parked
+    # (60 s) in A's reservations table instead of going back at once.
+    connection(1, "abort")
+    pair.run("B", f"touch /tmp/read-{port}-1", timeout=30, check=True)
+    lines = server.wait(260).check().out.split("\n")
+    got_n, got_h = lines[0].split()[:2]
+    assert (int(got_n), got_h) == (sent_n, sent_h) == (size, sent_h)
+    code = ("import json; from shmbypass import paths, slots; i = paths.Instance.current(); "
+            "print(json.dumps(slots.reservations(i)))")
+    rows = json.loads(pair.run("A", f"{PY} -c '{code}'", env=ENV, timeout=120, check=True).out)
+    parked = [r for r in rows if r["state"] == 5]  # SBP_RESV_PARKED
+    assert len(parked) == 1, rows
+    assert _pool(pair, "A")[:2] == (part - 1, 1)
+
+
 # A ring of each guest's part, written from Python straight into the BAR:
 # the host view of live channels needs nothing else. Slots at the end of each
 # part (the pool's FIFO reaches them last).
