@@ -15,6 +15,7 @@ parts (bpf/bypass.h `sbp_region_cfg.first_slot`) and the interposer maps
 connection: a dead peer VM sends nothing).
 SHMBYPASS_BPF_DIR and SHMBYPASS_PRELOAD, when set here, are passed on to the guests.
 """
+import errno
 import json
 import os
 import shutil
@@ -268,6 +269,46 @@ def test_host_view_marks_channels_of_a_gone_guest_dead(tmp_path):
     assert [p["alive"] for p in rep["parts"]] == [True, False]
     text = vm.render_status(rep)
     assert "0 live channel(s), 2 dead" in text and "guest B, GONE" in text and "B>A" in text
+
+
+def test_doorbell_spin_follows_the_doorbells_cost():
+    """Doorbell mode's spin (native/ring.h, sbp_ring_set_bell_cost): about
+    twice a doorbell's cost, at most the spin cap; lowered by a quick
+    wake-up; short once waits run much longer than a doorbell (idle peer).
+    Two views of one ring in a bytearray: logic, not timing."""
+    from shmbypass._native import lib
+    from shmbypass.ring import Ring
+    buf = bytearray(4096 + 65536)
+    w, r = Ring.create(buf, 7), Ring.attach(buf, 7)
+    cap = lib.SBP_RING_SPIN_DOORBELL_MAX_NS
+    rr = r._r
+    lib.sbp_ring_set_spin(rr, cap)
+    assert lib.sbp_ring_spin_budget(rr) == cap            # not doorbell mode: the plain budget
+    lib.sbp_ring_doorbell_mode(rr, 1)
+    assert lib.sbp_ring_spin_budget(rr) == 2 * lib.SBP_RING_SPIN_DEFAULT_NS  # cost not known yet
+    lib.sbp_ring_set_bell_cost(rr, 200000)
+    assert lib.sbp_ring_spin_budget(rr) == 400000
+    lib.sbp_ring_set_bell_cost(rr, 10 * cap)
+    assert rr.bell_ns == cap and lib.sbp_ring_spin_budget(rr) == cap
+    # a doorbell that came quickly (under the estimate) pulls the estimate down
+    assert lib.sbp_ring_wait_readable(rr, -1) == -errno.EAGAIN  # spun, armed: sleep on the doorbell
+    t0 = time.monotonic_ns()
+    w.write(b"x")
+    lib.sbp_ring_note_wakeup(rr)
+    if time.monotonic_ns() - t0 < cap:  # (a machine this slow says nothing)
+        assert cap // 2 <= rr.bell_ns < cap
+    r.read()
+    # an idle peer: waits far longer than a doorbell make the spin short
+    lib.sbp_ring_set_bell_cost(rr, 100000)
+    for _ in range(8):
+        assert lib.sbp_ring_wait_readable(rr, -1) == -errno.EAGAIN
+        time.sleep(0.02)
+        w.write(b"y")
+        lib.sbp_ring_note_wakeup(rr)
+        r.read()
+    assert rr.bell_ns == 100000                          # slow answers are not the doorbell's fault
+    assert lib.sbp_ring_spin_budget(rr) == 100000 // 8
+    w.close(); r.close()
 
 
 # -- a pair without the region in B ------------------------------------------------
