@@ -557,6 +557,8 @@ static int spin_until(struct sbp_ring *r, bool (*ready)(const struct sbp_ring *)
 	uint32_t spin = sbp_ring_spin_budget(r);   /* r->spin_ns outside doorbell mode */
 	int64_t spin_end = start + spin;
 
+	if (r->doorbell && !r->armed_ns)
+		r->wait_start_ns = start;       /* the wait begins (bell_wait_done) */
 	if (!spin)
 		return -EAGAIN;
 	if (spin_end > deadline)
@@ -611,8 +613,8 @@ static int wait_for(struct sbp_ring *r, bool (*ready)(const struct sbp_ring *),
 		return -ETIMEDOUT;
 	start = now_ns();
 	deadline = timeout_ns < 0 ? INT64_MAX : start + timeout_ns;
-	if (r->doorbell && !r->armed_ns)
-		r->wait_start_ns = start;       /* else a wait that goes on after a wake-up */
+	if (r->doorbell && !r->armed_ns && !skip_spin)
+		r->wait_start_ns = start;       /* else it goes on (after a spin or a wake-up) */
 
 	/* A spin that just missed (sbp_ring_spin_*) is not repeated. */
 	if (!skip_spin && spin_until(r, ready, peer_cpu, start, deadline) == 0)
