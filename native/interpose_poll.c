@@ -72,8 +72,10 @@ uint32_t chan_poll_mask(int fd, struct chan *ch)
 
 /* Arm what a waiter wants. Returns 1 if something is ready already; *cap
  * lowered where no doorbell will come. in_et_seen: the ET reader was told
- * about the data it still has (do not arm: that would be ready at once). */
-static int chan_arm(struct chan *ch, uint32_t events, int in_et_seen, int64_t *cap)
+ * about the data it still has (do not arm: that would be ready at once).
+ * out_et_seen: likewise for room to write. */
+static int chan_arm(struct chan *ch, uint32_t events, int in_et_seen, int out_et_seen,
+		    int64_t *cap)
 {
 	struct chan_sh *sh = ch->sh;
 	uint32_t f = atomic_load(&sh->flags);
@@ -90,11 +92,19 @@ static int chan_arm(struct chan *ch, uint32_t events, int in_et_seen, int64_t *c
 			ready = 1;
 		}
 	}
-	if ((events & OUT_BITS) && !sbp_ring_writable(&sh->tx)) {
-		if (sbp_ring_arm_writable(&sh->tx))
+	if (events & OUT_BITS) {
+		if (!sbp_ring_writable(&sh->tx)) {
+			if (sbp_ring_arm_writable(&sh->tx))
+				ready = 1;
+			else if (peer_tx_shut(ch) && (*cap < 0 || *cap > CAP_NOBELL))
+				*cap = CAP_NOBELL;
+		} else if (!out_et_seen) {
+			/* Room appeared after the caller's last look (the
+			 * reader runs on the other CPU): look again. Not arming
+			 * and not saying so slept with no doorbell to come:
+			 * nginx's sendfile stalled until some other wake-up. */
 			ready = 1;
-		else if (peer_tx_shut(ch) && (*cap < 0 || *cap > CAP_NOBELL))
-			*cap = CAP_NOBELL;
+		}
 	}
 	return ready;
 }
@@ -233,7 +243,7 @@ static int poll_loop(struct pollfd *fds, nfds_t n, struct pent *pe, int cnt, int
 			return count_revents(fds, n);
 		}
 		for (int j = 0; j < cnt; j++) {
-			if (chan_arm(pe[j].ch, (uint32_t)(unsigned short)pe[j].events, 0, &cap))
+			if (chan_arm(pe[j].ch, (uint32_t)(unsigned short)pe[j].events, 0, 0, &cap))
 				ready = 1;
 		}
 		if (ready)
@@ -905,7 +915,7 @@ static int ep_arm(struct ep *ep, int64_t *cap)
 
 	for (int i = 0; i < ep->n; i++) {
 		struct epreg *r = &ep->regs[i];
-		int et_seen;
+		int et_seen, out_seen;
 
 		if (!r->ch || r->disabled || r->dormant)
 			continue;
@@ -914,7 +924,10 @@ static int ep_arm(struct ep *ep, int64_t *cap)
 		et_seen = (r->events & EPOLLET) && (r->seen_mask & EPOLLIN) &&
 			  (atomic_load(&r->ch->sh->flags) & CH_RX_ATTACHED) &&
 			  sbp_ring_readable(&r->ch->sh->rx);
-		if (chan_arm(r->ch, r->events, et_seen, cap))
+		/* Same for room: an ET writer told about room it has not
+		 * filled hears of more room only when it fills it. */
+		out_seen = (r->events & EPOLLET) && (r->seen_mask & EPOLLOUT);
+		if (chan_arm(r->ch, r->events, et_seen, out_seen, cap))
 			ready = 1;
 		if (!r->in_shadow && (r->events & (IN_BITS | OUT_BITS)))
 			*cap = ns_min(*cap, CAP_NOBELL);
