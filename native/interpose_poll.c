@@ -17,6 +17,7 @@
  * ONESHOT state), not in the kernel's.
  */
 #include <fcntl.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
@@ -68,6 +69,32 @@ uint32_t chan_poll_mask(int fd, struct chan *ch)
 	if (((rf | tf) & SBP_RING_RESET) || (f & CH_GONE_RESET))
 		m |= POLLERR | POLLHUP;
 	return m;
+}
+
+/* Tests only (SHMBYPASS_TEST_ARM_DELAY_NS): sleep this long between the
+ * last look at the rings and arming them, so a peer that frees room or
+ * sends data meanwhile is certain to do it inside that window (the window
+ * is otherwise a few hundred ns; the lost wake-up it hid showed only under
+ * load). Read once at load; 0 costs one predictable branch per sleep. */
+static int64_t test_arm_delay_ns;
+
+__attribute__((constructor)) static void poll_test_hooks(void)
+{
+	const char *v = getenv("SHMBYPASS_TEST_ARM_DELAY_NS");
+
+	if (v && *v)
+		test_arm_delay_ns = strtoll(v, NULL, 10);
+}
+
+static void test_arm_delay(void)
+{
+	if (unlikely(test_arm_delay_ns > 0)) {
+		struct timespec ts = { test_arm_delay_ns / 1000000000, test_arm_delay_ns % 1000000000 };
+		int saved = errno;
+
+		nanosleep(&ts, NULL);
+		errno = saved;
+	}
 }
 
 /* Arm what a waiter wants. Returns 1 if something is ready already; *cap
@@ -242,6 +269,7 @@ static int poll_loop(struct pollfd *fds, nfds_t n, struct pent *pe, int cnt, int
 			shm_revents(fds, pe, cnt);
 			return count_revents(fds, n);
 		}
+		test_arm_delay();
 		for (int j = 0; j < cnt; j++) {
 			if (chan_arm(pe[j].ch, (uint32_t)(unsigned short)pe[j].events, 0, 0, &cap))
 				ready = 1;
@@ -1116,6 +1144,7 @@ static int ep_wait(int epfd, struct epoll_event *evs, int max, int64_t tmo, cons
 			*ret = n;
 			return 1;
 		}
+		test_arm_delay();
 		pthread_mutex_lock(&ep->lock);
 		ready = ep_arm(ep, &cap);
 		pthread_mutex_unlock(&ep->lock);
