@@ -25,7 +25,6 @@
 #ifndef UIO_MAXIOV
 #define UIO_MAXIOV 1024
 #endif
-#define BOUNCE 65536    /* sendfile/splice copy size */
 
 static int dir_lock(pthread_mutex_t *m, _Atomic uint32_t *sleeping, int nonblock)
 {
@@ -596,8 +595,13 @@ EXPORT int sendmmsg(int fd, struct mmsghdr *vec, unsigned int vlen, int flags)
 }
 
 /* ---- sendfile / splice --------------------------------------------------------- *
- * Copied through a bounce buffer, never more than the ring has room for, so
- * nothing read from the source is lost when the ring fills. */
+ * The source is read straight into the free part of the ring (pread/readv
+ * into the pieces sbp_ring_reserve describes, then commit what came), and a
+ * pipe is written straight from the readable part: one copy, as the kernel
+ * would do, not two through a bounce buffer. Never more than the ring has
+ * room for, so nothing read from the source is lost when the ring fills. */
+
+#define SPLICE_CHUNK (128u * 1024)  /* per syscall: the reader starts on it meanwhile */
 
 /* Why the ring we write takes nothing: full (0) or an errno. */
 static int tx_blocked_err(int fd, struct chan *ch)
@@ -625,7 +629,6 @@ static ssize_t into_ring(int out, struct chan *ch, int in, off_t *pos, size_t co
 			 int nonblock, int one, int in_nonblock)
 {
 	struct chan_sh *sh = ch->sh;
-	char buf[BOUNCE];
 	int64_t deadline = 0;
 	size_t done = 0;
 	int err = 0, rc;
@@ -633,14 +636,15 @@ static ssize_t into_ring(int out, struct chan *ch, int in, off_t *pos, size_t co
 	if (dir_lock(&sh->tx_lock, &sh->tx_sleeping, nonblock))
 		return fail(EAGAIN, 0);
 	while (done < count) {
-		size_t room, n;
-		ssize_t r, w;
+		struct iovec piece[2];
+		size_t want = count - done < SPLICE_CHUNK ? count - done : SPLICE_CHUNK;
+		ssize_t room, r, c;
 
 		err = tx_blocked_err(out, ch);
 		if (err)
 			break;
-		room = sbp_ring_writable(&sh->tx);
-		if (room == 0) {
+		room = sbp_ring_reserve(&sh->tx, piece, want);
+		if (room == -EAGAIN) {
 			if (nonblock || (one && done)) {
 				if (!done)
 					err = EAGAIN;
@@ -656,11 +660,10 @@ static ssize_t into_ring(int out, struct chan *ch, int in, off_t *pos, size_t co
 			}
 			continue;
 		}
-		n = count - done;
-		if (n > room)
-			n = room;
-		if (n > sizeof(buf))
-			n = sizeof(buf);
+		if (room <= 0) {
+			err = ring_error(out, ch, room ? room : -EPROTO, 1);
+			break;
+		}
 		if (in_nonblock) {
 			struct pollfd p = { in, POLLIN, 0 };
 
@@ -670,7 +673,9 @@ static ssize_t into_ring(int out, struct chan *ch, int in, off_t *pos, size_t co
 				break;
 			}
 		}
-		r = pos ? syscall(SYS_pread64, in, buf, n, *pos) : syscall(SYS_read, in, buf, n);
+		/* Raw syscalls: readv is ours (in may be a socket of ours). */
+		r = pos ? syscall(SYS_preadv, in, piece, piece[1].iov_len ? 2 : 1, (long)*pos, 0L)
+			: syscall(SYS_readv, in, piece, piece[1].iov_len ? 2 : 1);
 		if (r < 0) {
 			if (errno == EINTR && !done)
 				continue;
@@ -680,12 +685,12 @@ static ssize_t into_ring(int out, struct chan *ch, int in, off_t *pos, size_t co
 		}
 		if (r == 0)
 			break;                  /* end of the source */
-		w = sbp_ring_write(&sh->tx, buf, (size_t)r);
-		if (w != r) {
-			/* room only grows while we hold the lock: the ring broke */
-			err = w < 0 ? ring_error(out, ch, w, 1) : ECONNRESET;
-			if (w > 0)
-				done += w;
+		if (r > room)
+			r = room;               /* cannot happen; never publish more */
+		c = sbp_ring_commit(&sh->tx, (size_t)r);
+		if (c != r) {
+			/* a reset/close under us, or a hostile header */
+			err = c < 0 ? ring_error(out, ch, c, 1) : ECONNRESET;
 			break;
 		}
 		if (sbp_ring_peer_waiting(&sh->tx))
@@ -752,19 +757,19 @@ EXPORT ssize_t sendfile64(int out, int in, off_t *offset, size_t count)
 	return put_ret(ch, shm_sendfile(out, ch, in, offset, count));
 }
 
-/* splice from a shm socket into a pipe: peek, write what the pipe takes,
- * consume exactly that. */
+/* splice from a shm socket into a pipe: write the pipe straight from the
+ * readable part of the ring, consume exactly what the pipe took. */
 static ssize_t out_of_ring(int in, struct chan *ch, int out, size_t len, int nonblock,
 			   int out_nonblock)
 {
 	struct chan_sh *sh = ch->sh;
-	char buf[BOUNCE];
+	struct iovec piece[2];
 	int64_t deadline = 0;
 	ssize_t r = 0, w;
 	int err = 0, rc, drained = 0;
 
-	if (len > sizeof(buf))
-		len = sizeof(buf);
+	if (len > SPLICE_CHUNK)
+		len = SPLICE_CHUNK;
 	if (dir_lock(&sh->rx_lock, &sh->rx_sleeping, nonblock))
 		return fail(EAGAIN, 0);
 	for (;;) {
@@ -775,11 +780,14 @@ static ssize_t out_of_ring(int in, struct chan *ch, int out, size_t len, int non
 			break;
 		}
 		r = (f & CH_RX_ATTACHED) || rx_try_attach(in, ch) ?
-		    sbp_ring_read(&sh->rx, buf, len, SBP_PEEK) : -EAGAIN;
+		    sbp_ring_peek_iov(&sh->rx, piece, len) : -EAGAIN;
 		if (r >= 0)
 			break;
 		if (r != -EAGAIN) {
-			err = ring_error(in, ch, r, 0);
+			if (r == -ECONNRESET)
+				err = ECONNRESET;
+			else
+				err = ring_error(in, ch, r, 0);
 			break;
 		}
 		if (f & CH_SHUT_RD) {
@@ -817,12 +825,14 @@ static ssize_t out_of_ring(int in, struct chan *ch, int out, size_t len, int non
 				err = EAGAIN;
 		}
 		if (!err) {
-			w = syscall(SYS_write, out, buf, (size_t)r);
+			/* writev is ours too: raw syscall */
+			w = syscall(SYS_writev, out, piece, piece[1].iov_len ? 2 : 1);
 			if (w < 0) {
 				err = errno;
 			} else {
 				/* consume exactly what the pipe took */
-				r = sbp_ring_read(&sh->rx, buf, (size_t)w, 0);
+				r = w > r ? r : w;
+				r = sbp_ring_consume(&sh->rx, (size_t)r);
 				if (r > 0) {
 					sh->rx_consumed += r;
 					if (sbp_ring_peer_waiting(&sh->rx))

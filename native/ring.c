@@ -828,3 +828,155 @@ int sbp_ring_peer_waiting(const struct sbp_ring *r)
 {
 	return r->peer_waiting;
 }
+
+/* ---- zero-copy access: the caller moves the bytes itself -------------------- *
+ * For sendfile/splice: pread() straight into the free part of the data area,
+ * write() a pipe straight from the readable part, instead of copying through
+ * a bounce buffer. The pieces handed out lie inside the data area by
+ * construction (offset < cap, lengths bounded by cap - offset and by the
+ * checked room/data); commit/consume re-check the header, and refuse if our
+ * own position moved under us (only we move it: a hostile hand did). */
+
+static void iov_clear(struct iovec iov[2])
+{
+	iov[0].iov_base = iov[1].iov_base = NULL;
+	iov[0].iov_len = iov[1].iov_len = 0;
+}
+
+/* n bytes from ring position pos as at most two pieces (it may wrap). */
+static void iov_at(const struct sbp_ring *r, uint64_t pos, uint64_t n, struct iovec iov[2])
+{
+	size_t off = pos & (r->cap - 1), first = r->cap - off;
+
+	if (first > n)
+		first = n;
+	iov[0].iov_base = r->data + off;
+	iov[0].iov_len = first;
+	if (n > first) {
+		iov[1].iov_base = r->data;
+		iov[1].iov_len = n - first;
+	}
+}
+
+ssize_t sbp_ring_reserve(struct sbp_ring *r, struct iovec iov[2], size_t max)
+{
+	struct sbp_ring_hdr *h;
+	uint64_t head, tail, room;
+	uint32_t flags;
+
+	r->peer_waiting = 0;
+	if (!iov)
+		return -EINVAL;
+	iov_clear(iov);
+	if (!line0_ok(r))
+		return -EPROTO;
+	h = H(r);
+	flags = LOAD_ACQ(&h->flags);
+	if (flags & SBP_RING_RESET)
+		return -ECONNRESET;
+	if (flags & (SBP_RING_READER_CLOSED | SBP_RING_WRITER_CLOSED))
+		return -EPIPE;
+	head = LOAD(&h->head);
+	/* SYNC POINT: writer acquires tail: the reader is done with the bytes below it. */
+	tail = LOAD_ACQ(&h->tail);
+	if (!positions_ok(r, head, tail))   /* records head: commit checks it is unchanged */
+		return -EPROTO;
+	room = r->cap - (head - tail);
+	if (room > max)
+		room = max;
+	if (room == 0)
+		return max ? -EAGAIN : 0;
+	iov_at(r, head, room, iov);
+	return (ssize_t)room;
+}
+
+ssize_t sbp_ring_commit(struct sbp_ring *r, size_t n)
+{
+	struct sbp_ring_hdr *h;
+	uint64_t head, tail, reserved = r->seen_head;
+	uint32_t flags;
+
+	r->peer_waiting = 0;
+	if (!line0_ok(r))
+		return -EPROTO;
+	h = H(r);
+	flags = LOAD_ACQ(&h->flags);
+	if (flags & SBP_RING_RESET)
+		return -ECONNRESET;
+	if (flags & (SBP_RING_READER_CLOSED | SBP_RING_WRITER_CLOSED))
+		return -EPIPE;
+	head = LOAD(&h->head);
+	tail = LOAD_ACQ(&h->tail);
+	if (head != reserved || !positions_ok(r, head, tail))
+		return -EPROTO;
+	/* The room only grows while we hold the writer's role. */
+	if (n > r->cap - (head - tail))
+		return -EINVAL;
+	if (n == 0)
+		return 0;
+	r->seen_head = head + n;
+	STORE(&h->writer_cpu, (uint32_t)(sched_getcpu() + 1));  /* a hint for waiters */
+	/* SYNC POINT: producer: the caller's bytes are visible before the new head. */
+	STORE_REL(&h->head, head + n);
+	wake_peer(r, r->reader_waiting);
+	return (ssize_t)n;
+}
+
+ssize_t sbp_ring_peek_iov(struct sbp_ring *r, struct iovec iov[2], size_t max)
+{
+	struct sbp_ring_hdr *h;
+	uint64_t head, tail, avail;
+	uint32_t rflags;
+
+	r->peer_waiting = 0;
+	if (!iov)
+		return -EINVAL;
+	iov_clear(iov);
+	if (!line0_ok(r))
+		return -EPROTO;
+	h = H(r);
+	/* Flags before head: if WRITER_CLOSED is seen, so is the final head. */
+	rflags = LOAD_ACQ(&h->flags);
+	/* SYNC POINT: consumer acquires head: the bytes below it are written. */
+	head = LOAD_ACQ(&h->head);
+	tail = LOAD(&h->tail);
+	if (!positions_ok(r, head, tail))   /* records tail: consume checks it is unchanged */
+		return -EPROTO;
+	avail = head - tail;
+	if (avail == 0) {
+		if (rflags & SBP_RING_RESET)
+			return -ECONNRESET;
+		if (rflags & SBP_RING_WRITER_CLOSED)
+			return 0;
+		return max ? -EAGAIN : 0;
+	}
+	if (avail > max)
+		avail = max;
+	iov_at(r, tail, avail, iov);
+	return (ssize_t)avail;
+}
+
+ssize_t sbp_ring_consume(struct sbp_ring *r, size_t n)
+{
+	struct sbp_ring_hdr *h;
+	uint64_t head, tail, peeked = r->seen_tail;
+
+	r->peer_waiting = 0;
+	if (!line0_ok(r))
+		return -EPROTO;
+	h = H(r);
+	head = LOAD_ACQ(&h->head);
+	tail = LOAD(&h->tail);
+	if (tail != peeked || !positions_ok(r, head, tail))
+		return -EPROTO;
+	if (n > head - tail)
+		return -EINVAL;
+	if (n == 0)
+		return 0;
+	r->seen_tail = tail + n;
+	STORE(&h->reader_cpu, (uint32_t)(sched_getcpu() + 1));  /* a hint for waiters */
+	/* SYNC POINT: consumer: done with the bytes before giving them back. */
+	STORE_REL(&h->tail, tail + n);
+	wake_peer(r, r->writer_waiting);
+	return (ssize_t)n;
+}

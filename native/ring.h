@@ -213,4 +213,28 @@ uint32_t sbp_ring_spin_budget(const struct sbp_ring *r);
  * must use the same words. NULL, NULL = the words in the ring header. */
 void sbp_ring_set_wait_words(struct sbp_ring *r, uint32_t *reader_waiting, uint32_t *writer_waiting);
 
+/* Zero-copy access, for callers that move the bytes themselves (pread into
+ * the ring, write a pipe from it). One writer / one reader, as above.
+ *
+ * Writer: sbp_ring_reserve() describes up to max bytes of free space as at
+ * most two pieces of the data area (two when it wraps; unused pieces are
+ * NULL/0). Returns the bytes described, -EAGAIN full (max > 0), -EPIPE,
+ * -ECONNRESET, -EPROTO, -EINVAL (iov NULL). Fill a prefix of it, then
+ * sbp_ring_commit(n) publishes n bytes (n <= what was reserved; 0 is a
+ * no-op) and wakes the reader like a write: check sbp_ring_peer_waiting().
+ * Commit returns n, or -EPROTO if head moved since the reserve (only the
+ * writer moves it), -EINVAL if n exceeds the room, -EPIPE/-ECONNRESET.
+ *
+ * Reader: sbp_ring_peek_iov() describes up to max readable bytes the same
+ * way: bytes, 0 = EOF, -EAGAIN empty, -ECONNRESET, -EPROTO. Then
+ * sbp_ring_consume(n) gives n of them back (n <= available): n, -EPROTO if
+ * tail moved since the peek, -EINVAL if n is more than is there.
+ *
+ * The pieces point into shared memory: the peer (or a hostile process) may
+ * change the bytes under you, never the bounds. */
+ssize_t sbp_ring_reserve(struct sbp_ring *r, struct iovec iov[2], size_t max);
+ssize_t sbp_ring_commit(struct sbp_ring *r, size_t n);
+ssize_t sbp_ring_peek_iov(struct sbp_ring *r, struct iovec iov[2], size_t max);
+ssize_t sbp_ring_consume(struct sbp_ring *r, size_t n);
+
 #endif

@@ -499,3 +499,190 @@ def test_c_api_under_asan(tmp_path):
     res = subprocess.run([str(exe)], capture_output=True, text=True, timeout=240, env=env)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
     assert "ring_asan: ok" in res.stdout
+
+
+# -- zero-copy access (sbp_ring_reserve/commit, peek_iov/consume) -------------------
+# The C API only (the interposer's sendfile/splice use it); called through cffi.
+
+def _reserve(ring, mx):
+    iov = ffi.new("struct iovec[2]")
+    n = lib.sbp_ring_reserve(ring._r, iov, mx)
+    return n, iov
+
+
+def _peek(ring, mx):
+    iov = ffi.new("struct iovec[2]")
+    n = lib.sbp_ring_peek_iov(ring._r, iov, mx)
+    return n, iov
+
+
+def _pieces(iov):
+    return [(iov[i].iov_base, iov[i].iov_len) for i in range(2) if iov[i].iov_len]
+
+
+def _fill(iov, data):
+    off = 0
+    for base, ln in _pieces(iov):
+        ffi.memmove(base, data[off:off + ln], ln)
+        off += ln
+    return off
+
+
+def _gather(iov, n):
+    out = b""
+    for base, ln in _pieces(iov):
+        out += ffi.buffer(base, min(ln, n - len(out)))[:]
+    return out[:n]
+
+
+def _in_data_area(be, slot, iov):
+    lo = int(ffi.cast("uintptr_t", be.region.slot_ptr(slot))) + lib.SBP_RING_HDR_SIZE
+    for base, ln in _pieces(iov):
+        a = int(ffi.cast("uintptr_t", base))
+        if not (lo <= a and a + ln <= lo + CAP):
+            return False
+    return True
+
+
+def test_reserve_commit(be):
+    w, r = pair(be)
+    n, iov = _reserve(w, 1 << 40)
+    assert n == CAP and len(_pieces(iov)) == 1 and _in_data_area(be, 0, iov)
+    data = os.urandom(CAP)
+    _fill(iov, data)
+    assert r.readable == 0                          # nothing published before commit
+    assert lib.sbp_ring_commit(w._r, 1000) == 1000
+    assert r.read(CAP) == data[:1000]
+    # the rest of the reservation is stale now: reserve again, wrapping
+    pos = 1000
+    for start in (1, CAP // 2, CAP - 1):
+        w.write(b"\0" * start)
+        r.read(start)
+        pos += start
+        n, iov = _reserve(w, CAP)
+        assert n == CAP and _in_data_area(be, 0, iov)
+        pieces = _pieces(iov)
+        assert len(pieces) == 2 and pieces[1][1] == pos % CAP, (start, pieces)
+        data = os.urandom(CAP)
+        assert _fill(iov, data) == CAP
+        assert lib.sbp_ring_commit(w._r, CAP) == CAP
+        assert w.writable == 0 and r.read(CAP) == data
+        pos += CAP
+    # max bounds the reservation; 0 is a no-op; more than there is room for is refused
+    n, iov = _reserve(w, 10)
+    assert n == 10 and sum(ln for _, ln in _pieces(iov)) == 10
+    assert lib.sbp_ring_commit(w._r, 0) == 0
+    assert lib.sbp_ring_commit(w._r, CAP + 1) == -errno.EINVAL
+    assert r.readable == 0
+
+
+def test_reserve_full_closed_reset(be):
+    w, r = pair(be)
+    w.write(os.urandom(CAP))
+    n, iov = _reserve(w, 100)
+    assert n == -errno.EAGAIN and not _pieces(iov)
+    assert _reserve(w, 0)[0] == 0
+    r.read(10)
+    assert _reserve(w, 100)[0] == 10
+    lib.sbp_ring_close_reader(r._r)
+    assert _reserve(w, 100)[0] == -errno.EPIPE
+    assert lib.sbp_ring_commit(w._r, 5) == -errno.EPIPE
+    w2, r2 = pair(be, slot=1, gen=5)
+    lib.sbp_ring_reset(r2._r, 1)
+    assert _reserve(w2, 100)[0] == -errno.ECONNRESET
+
+
+def test_peek_iov_consume(be):
+    w, r = pair(be)
+    assert _peek(r, 100)[0] == -errno.EAGAIN
+    assert _peek(r, 0)[0] == 0
+    for start in (0, 7, CAP - 3):
+        w.write(b"\0" * start)
+        r.read(start)
+        data = os.urandom(CAP)
+        w.write(data)
+        n, iov = _peek(r, 1 << 40)
+        assert n == CAP and _in_data_area(be, 0, iov) and _gather(iov, n) == data
+        assert lib.sbp_ring_consume(r._r, CAP + 1) == -errno.EINVAL
+        assert lib.sbp_ring_consume(r._r, 100) == 100
+        assert w.writable == 100
+        n, iov = _peek(r, 50)
+        assert n == 50 and _gather(iov, 50) == data[100:150]
+        assert lib.sbp_ring_consume(r._r, CAP - 100) == CAP - 100
+        assert r.readable == 0
+    w.write(b"end")
+    w.close_writer()
+    n, iov = _peek(r, 100)
+    assert n == 3 and _gather(iov, 3) == b"end"
+    assert lib.sbp_ring_consume(r._r, 3) == 3
+    assert _peek(r, 100)[0] == 0                     # EOF
+
+
+def test_zero_copy_wakes_sleepers(be):
+    """commit/consume report an armed doorbell waiter like write/read do."""
+    w, r = pair(be)
+    assert lib.sbp_ring_arm_readable(r._r) == 0
+    n, iov = _reserve(w, 10)
+    _fill(iov, b"0123456789")
+    assert lib.sbp_ring_commit(w._r, 10) == 10
+    assert lib.sbp_ring_peer_waiting(w._r) == 1
+    w.write(b"x" * (CAP - 10))
+    assert lib.sbp_ring_arm_writable(w._r) == 0
+    n, iov = _peek(r, 4)
+    assert lib.sbp_ring_consume(r._r, 4) == 4
+    assert lib.sbp_ring_peer_waiting(r._r) == 1
+
+
+def test_zero_copy_hostile_header(be):
+    """Positions moved between reserve and commit (or peek and consume) by
+    someone else: refused, nothing published. Garbage headers: every
+    described piece still lies inside the slot's data area, and the
+    neighbouring slots are untouched."""
+    other = be.open_again()
+    src = other if other is not None else be.region
+    hostile = src.slot(1)
+    for s in (0, 2):
+        be.region.slot(s)[:] = bytes([0x5A]) * be.region.info.slot_size
+    w, r = pair(be, slot=1, gen=9)
+    w.write(b"a" * 1000)
+    n, iov = _reserve(w, 100)
+    assert n == 100
+    _poke(hostile, "head", "<Q", 1000 + 50)         # someone else "wrote"
+    assert lib.sbp_ring_commit(w._r, 100) == -errno.EPROTO
+    assert struct.unpack_from("<Q", hostile, OFF["head"])[0] == 1050
+    lib.sbp_ring_format(be.region.slot_ptr(1), be.region.info.slot_size, 9)
+    w, r = pair(be, slot=1, gen=9)
+    w.write(b"b" * 1000)
+    n, iov = _peek(r, 100)
+    assert n == 100
+    _poke(hostile, "tail", "<Q", 10)                # someone else "read"
+    assert lib.sbp_ring_consume(r._r, 100) == -errno.EPROTO
+    assert struct.unpack_from("<Q", hostile, OFF["tail"])[0] == 10
+
+    rnd = random.Random(99)
+    big = [0, 1, CAP - 1, CAP, CAP + 1, 2 ** 31, 2 ** 32 - 1, 2 ** 63, 2 ** 64 - 1]
+    lib.sbp_ring_format(be.region.slot_ptr(1), be.region.info.slot_size, 9)
+    w, r = pair(be, slot=1, gen=9)
+    for i in range(3000):
+        field = rnd.choice(list(OFF))
+        fmt = "<Q" if field in ("magic", "generation", "capacity", "head", "tail") else "<I"
+        lim = 2 ** 64 - 1 if fmt == "<Q" else 2 ** 32 - 1
+        _poke(hostile, field, fmt, rnd.choice(big + [rnd.randint(0, lim)]) & lim)
+        n, iov = _reserve(w, rnd.randint(0, 3 * CAP))
+        if n > 0:
+            assert _in_data_area(be, 1, iov), (n, _pieces(iov))
+            _fill(iov, b"w" * n)
+            lib.sbp_ring_commit(w._r, rnd.randint(0, 2 * n))
+        n, iov = _peek(r, rnd.randint(0, 3 * CAP))
+        if n > 0:
+            assert _in_data_area(be, 1, iov), (n, _pieces(iov))
+            _gather(iov, n)
+            lib.sbp_ring_consume(r._r, rnd.randint(0, 2 * n))
+        if i % 100 == 0:
+            lib.sbp_ring_format(be.region.slot_ptr(1), be.region.info.slot_size, 9)
+            w, r = pair(be, slot=1, gen=9)
+    for s in (0, 2):
+        assert bytes(be.region.slot(s)) == bytes([0x5A]) * be.region.info.slot_size
+    del hostile
+    if other is not None:
+        other.close()
