@@ -6,8 +6,7 @@ slot machinery itself is what is stressed (test_interposer.py covers a full
 pool falling back to the kernel tier). Afterwards: every connection moved its
 byte, every slot is back on the free list, neither process holds an fd more
 than before, memory did not grow with the number of connections, no shared
-memory segment is left, and the BPF programs reported no error."""
-import glob
+memory segment of the instance is left, and the BPF programs reported no error."""
 import json
 import os
 import subprocess
@@ -49,7 +48,6 @@ def test_100k_sequential_and_1000_concurrent():
     if os.geteuid() != 0:
         pytest.fail("the test suite must run as root")
     inst = new_instance("stress")
-    shm_before = set(glob.glob("/dev/shm/*"))
     manager.up(inst, slot_count=SLOTS, backend="shm")
     procs = []
     try:
@@ -78,4 +76,3 @@ def test_100k_sequential_and_1000_concurrent():
                 p.wait()
         manager.down(inst, drain_timeout=1, force=True)
     assert_gone(inst)
-    assert set(glob.glob("/dev/shm/*")) <= shm_before
