@@ -7,7 +7,8 @@ connections in the expected tier; if not, the entry says so loudly and gets
 no ratio.
 
   redis    redis-server + redis-benchmark GET, -c 1 and -c 50
-  nginx    nginx (sendfile on) + wrk: a 1 KiB file at -c 10, a 1 MiB file at -c 1
+  nginx    nginx (sendfile on) + wrk: a 1 KiB file at -c 10, a 1 MiB file at -c 1;
+           then curl fetches the 1 MiB file once and its sha256 is compared
   iperf3   iperf3 -s / iperf3 -c, one stream
   sidecar  client -> haproxy (TCP mode) -> server, first on loopback, then with
            client, proxy and server each in its own network namespace joined by
@@ -16,11 +17,13 @@ no ratio.
 
 Apps that are not installed are skipped with a line saying so.
 """
+import hashlib
 import json
 import os
 import re
 import shutil
 import socket
+import subprocess
 import time
 
 from shmbypass.bench import BYPASS_TIERS, BenchError, Child, NotAvailable, TRANSPORT_LABELS
@@ -253,7 +256,39 @@ http {{
             runner.loud(f"{name} [{transport}]: {errors.group(0)}")
         judge(runner, entry, transport, watch.tiers)
         out.append(entry)
+    # wrk checks no content: fetch the 1 MiB file once more with curl, through
+    # the same transport, and compare it with what nginx serves.
+    bad = _check_fetch(runner, transport, f"http://127.0.0.1:{port}/1m.bin",
+                       os.path.join(www, "1m.bin"))
+    if bad:
+        runner.loud(f"nginx [{transport}]: {bad}")
+        for e in out:
+            e.setdefault("error", bad)
     return out
+
+
+def _check_fetch(runner, transport, url, path):
+    """None if curl (under transport) gets exactly the file at path, else why not."""
+    curl = shutil.which("curl")
+    if not curl:
+        return None                     # nothing to check with; wrk's figures stand
+    got = path + f".got-{transport}"
+    child = Child(runner, runner.wrap(transport, [curl, "-sS", "-o", got, url]),
+                  f"curl 1m.bin [{transport}]", stdout=False)
+    try:
+        child.p.wait(60)
+    except subprocess.TimeoutExpired:
+        return "data check: curl did not finish in 60 s"
+    try:
+        if child.p.returncode != 0:
+            return f"data check: curl exited with status {child.p.returncode}{child.stderr_tail()}"
+        with open(path, "rb") as a, open(got, "rb") as b:
+            if hashlib.sha256(a.read()).digest() != hashlib.sha256(b.read()).digest():
+                return "data check: the file curl fetched differs from the one nginx serves"
+    finally:
+        if os.path.exists(got):
+            os.unlink(got)
+    return None
 
 
 def iperf3(runner, transport, seconds):
