@@ -65,6 +65,40 @@ static int ring_spin(struct sbp_ring *r, _Atomic uint32_t *sleeping, int dir)
 	return rc;
 }
 
+static inline void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+	__builtin_ia32_pause();
+#elif defined(__aarch64__)
+	__asm__ __volatile__("yield");
+#endif
+}
+
+/* Spin (bounded by the ring spin budget) until the peer's ring can be
+ * attached. Its CPU is unknown: after a short pure spin, yield between
+ * looks so a peer on our CPU gets to run. */
+static int attach_spin(int fd, struct chan *ch)
+{
+	int64_t start = now_ns(), t;
+
+	if (!g.spin_ns)
+		return -EAGAIN;
+	for (;;) {
+		for (int i = 0; i < 16; i++) {
+			if (rx_try_attach(fd, ch))
+				return 0;
+			if (atomic_load(&ch->sh->flags) & CH_BROKEN)
+				return -EPROTO;
+			cpu_relax();
+		}
+		t = now_ns();
+		if (t - start >= (int64_t)g.spin_ns)
+			return -EAGAIN;
+		if (t - start >= 2000)
+			sched_yield();
+	}
+}
+
 /* A socket with a timeout is never restarted (socket(7)); else it is when
  * every handler asked for SA_RESTART. */
 static int restart_ok(int64_t deadline)
@@ -296,6 +330,17 @@ ssize_t shm_recv(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, i
 				if ((f & CH_GONE_RESET) && !done)
 					err = ECONNRESET;
 				break;
+			}
+			if (!spun && !nonblock && !(f & CH_RX_ATTACHED)) {
+				/* A new connection whose peer has not formatted
+				 * its ring yet: it is doing so now (accept
+				 * returned on another CPU); waiting for its
+				 * hello byte would cost a sleep and three
+				 * syscalls. The hello stays queued (close
+				 * drains it). */
+				spun = attach_spin(fd, ch) == 0 ? 0 : 1;
+				if (!spun)
+					continue;
 			}
 			if (!spun && !nonblock && (f & CH_RX_ATTACHED)) {
 				/* A peer that answers within microseconds (a

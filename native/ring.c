@@ -169,6 +169,16 @@ int sbp_ring_attach(struct sbp_ring *r, void *slot, size_t slot_size, uint64_t g
 		return -EAGAIN;     /* another connection's ring (older or newer) */
 	if (LOAD(&h->capacity) != cap)
 		return -EPROTO;
+	/* SYNC POINT: attach during format. The first magic may be the slot's
+	 * previous one, read before the format began, and then head/tail could
+	 * still be the old connection's (a head that later "goes back" to 0
+	 * looks like corruption). Our generation is stored after the format
+	 * cleared the magic, so a magic read after it (acquire fence, then
+	 * load-acquire) is that format's final release store or 0: if it is
+	 * set, head and tail read after it are the formatted ones or newer. */
+	__atomic_thread_fence(__ATOMIC_ACQUIRE);
+	if (LOAD_ACQ(&h->magic) != SBP_RING_MAGIC)
+		return -EAGAIN;
 	head = LOAD_ACQ(&h->head);
 	tail = LOAD_ACQ(&h->tail);
 	r->hdr = slot;
