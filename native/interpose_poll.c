@@ -36,6 +36,15 @@ _Static_assert(POLLIN == EPOLLIN && POLLOUT == EPOLLOUT && POLLRDHUP == EPOLLRDH
 	       POLLHUP == EPOLLHUP && POLLERR == EPOLLERR && POLLRDNORM == EPOLLRDNORM &&
 	       POLLWRNORM == EPOLLWRNORM, "poll and epoll bits agree");
 
+/* Writable means at least this much room (a quarter of the ring), as TCP
+ * reports EPOLLOUT only past a low-water mark: a writer woken for every
+ * small read of its peer (wrk reads 8 KiB at a time) pays a wake-up and a
+ * doorbell per 8 KiB. */
+static inline size_t tx_low_water(const struct chan_sh *sh)
+{
+	return (size_t)(sh->tx.cap / 4);
+}
+
 uint32_t chan_poll_mask(int fd, struct chan *ch)
 {
 	struct chan_sh *sh = ch->sh;
@@ -62,7 +71,7 @@ uint32_t chan_poll_mask(int fd, struct chan *ch)
 	tf = sbp_ring_flags(&sh->tx);
 	wr_shut = (f & (CH_SHUT_WR | CH_PEER_GONE)) || sbp_ring_corrupt(&sh->tx) ||
 		  (tf & (SBP_RING_READER_CLOSED | SBP_RING_RESET));
-	if (wr_shut || sbp_ring_writable(&sh->tx))
+	if (wr_shut || sbp_ring_writable(&sh->tx) >= tx_low_water(sh))
 		m |= OUT_BITS;
 	if (rd_shut && wr_shut)
 		m |= POLLHUP;
@@ -120,8 +129,9 @@ static int chan_arm(struct chan *ch, uint32_t events, int in_et_seen, int out_et
 		}
 	}
 	if (events & OUT_BITS) {
-		if (!sbp_ring_writable(&sh->tx)) {
-			if (sbp_ring_arm_writable(&sh->tx))
+		if (sbp_ring_writable(&sh->tx) < tx_low_water(sh)) {
+			/* the reader rings once that much is free */
+			if (sbp_ring_arm_writable_min(&sh->tx, tx_low_water(sh)))
 				ready = 1;
 			else if (peer_tx_shut(ch) && (*cap < 0 || *cap > CAP_NOBELL))
 				*cap = CAP_NOBELL;

@@ -227,6 +227,33 @@ static void wake_peer(struct sbp_ring *r, uint32_t *word)
 		r->peer_waiting = 1;
 }
 
+/* The reader gave room back (tail is the new tail, head what it loaded):
+ * wake the writer, unless it armed for doorbells with a minimum of room
+ * (sbp_ring_arm_writable_min) that is not free yet. A stale head only makes
+ * the room look bigger (a spurious wake-up, never a lost one). The minimum
+ * is at most the capacity, so the writer is woken at the latest when the
+ * ring is empty; a reader stops short of that only when it chooses to stop
+ * reading, as over TCP. A futex sleeper is always woken. */
+static void wake_writer(struct sbp_ring *r, uint64_t head, uint64_t tail)
+{
+	uint32_t w;
+	uint64_t want;
+
+	/* SYNC POINT: publish -> look for a sleeper (as wake_peer). */
+	FULL_FENCE();
+	w = LOAD(r->writer_waiting);
+	if (w == 0)
+		return;
+	want = (uint64_t)(w >> SBP_WAIT_ROOM_SHIFT) << 10;
+	if (want && !(w & SBP_WAIT_FUTEX)) {
+		if (want > r->cap)
+			want = r->cap;          /* untrusted bits: never more than a drained ring */
+		if (tail <= head && r->cap - (head - tail) < want)
+			return;
+	}
+	wake_peer(r, r->writer_waiting);
+}
+
 /* Big copies are published in pieces of this size so the other side can
  * work on the first piece while we copy the next. */
 #define SBP_RING_CHUNK (64u * 1024)
@@ -374,7 +401,7 @@ ssize_t sbp_ring_readv(struct sbp_ring *r, const struct iovec *iov, int iovcnt, 
 				/* a big read: give room back to the writer early */
 				STORE_REL(&h->tail, tail + done);
 				released = done;
-				wake_peer(r, r->writer_waiting);
+				wake_writer(r, head, tail + done);
 			}
 		}
 		if (left)
@@ -388,7 +415,7 @@ ssize_t sbp_ring_readv(struct sbp_ring *r, const struct iovec *iov, int iovcnt, 
 		return (ssize_t)done;
 	/* SYNC POINT: consumer: done reading the bytes before giving them back. */
 	STORE_REL(&h->tail, tail + done);
-	wake_peer(r, r->writer_waiting);
+	wake_writer(r, head, tail + done);
 	return (ssize_t)done;
 }
 
@@ -987,6 +1014,50 @@ ssize_t sbp_ring_consume(struct sbp_ring *r, size_t n)
 	STORE(&h->reader_cpu, (uint32_t)(sched_getcpu() + 1));  /* a hint for waiters */
 	/* SYNC POINT: consumer: done with the bytes before giving them back. */
 	STORE_REL(&h->tail, tail + n);
-	wake_peer(r, r->writer_waiting);
+	wake_writer(r, head, tail + n);
 	return (ssize_t)n;
+}
+
+/* ---- a writer that waits for a minimum of room ----------------------------- */
+
+static uint64_t room_wish(const struct sbp_ring *r, size_t min_room, uint32_t *bits)
+{
+	uint64_t kib = ((uint64_t)min_room + 1023) >> 10, want;
+
+	if (kib > (UINT32_MAX >> SBP_WAIT_ROOM_SHIFT))
+		kib = UINT32_MAX >> SBP_WAIT_ROOM_SHIFT;
+	want = kib << 10;
+	if (want > r->cap) {
+		want = r->cap;
+		kib = r->cap >> 10;
+	}
+	*bits = (uint32_t)(kib << SBP_WAIT_ROOM_SHIFT);
+	return want;
+}
+
+int sbp_ring_arm_writable_min(struct sbp_ring *r, size_t min_room)
+{
+	uint64_t head, tail, want;
+	uint32_t bits;
+
+	if (!r->hdr)
+		return 1;
+	want = room_wish(r, min_room, &bits);
+	/* Only the writer arms this word (the reader only clears it): replace
+	 * an earlier wish, keep a futex sleeper's bit. */
+	__atomic_fetch_and(r->writer_waiting, SBP_WAIT_FUTEX, __ATOMIC_SEQ_CST);
+	__atomic_fetch_or(r->writer_waiting, SBP_WAIT_DOORBELL | bits, __ATOMIC_SEQ_CST);
+	/* SYNC POINT: arm -> re-check (pairs with wake_writer's fence). */
+	FULL_FENCE();
+	if (!line0_ok(r) || (LOAD_ACQ(&H(r)->flags) & (SBP_RING_READER_CLOSED |
+							 SBP_RING_WRITER_CLOSED | SBP_RING_RESET)))
+		goto ready;
+	head = LOAD(&H(r)->head);
+	tail = LOAD_ACQ(&H(r)->tail);
+	if (!positions_sane(r, head, tail) || r->cap - (head - tail) >= want)
+		goto ready;
+	return 0;
+ready:
+	__atomic_fetch_and(r->writer_waiting, SBP_WAIT_FUTEX, __ATOMIC_RELAXED);
+	return 1;
 }

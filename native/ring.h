@@ -213,6 +213,14 @@ uint32_t sbp_ring_spin_budget(const struct sbp_ring *r);
  * must use the same words. NULL, NULL = the words in the ring header. */
 void sbp_ring_set_wait_words(struct sbp_ring *r, uint32_t *reader_waiting, uint32_t *writer_waiting);
 
+/* Like sbp_ring_arm_writable, but the reader rings only once at least
+ * min_room bytes are free (rounded up to KiB, at most the capacity): a
+ * reader taking small pieces does not wake the writer for each (as TCP
+ * wakes a writer only past a low-water mark). Doorbell waiters only; the
+ * wish lives in bits SBP_WAIT_ROOM_SHIFT.. of the writer's waiting word. */
+#define SBP_WAIT_ROOM_SHIFT 8
+int  sbp_ring_arm_writable_min(struct sbp_ring *r, size_t min_room);
+
 /* Zero-copy access, for callers that move the bytes themselves (pread into
  * the ring, write a pipe from it). One writer / one reader, as above.
  *

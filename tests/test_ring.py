@@ -673,6 +673,7 @@ def test_zero_copy_hostile_header(be):
             assert _in_data_area(be, 1, iov), (n, _pieces(iov))
             _fill(iov, b"w" * n)
             lib.sbp_ring_commit(w._r, rnd.randint(0, 2 * n))
+        lib.sbp_ring_arm_writable_min(w._r, rnd.randint(0, 2 * CAP))
         n, iov = _peek(r, rnd.randint(0, 3 * CAP))
         if n > 0:
             assert _in_data_area(be, 1, iov), (n, _pieces(iov))
@@ -686,3 +687,39 @@ def test_zero_copy_hostile_header(be):
     del hostile
     if other is not None:
         other.close()
+
+
+def test_arm_writable_min(be):
+    """A writer armed for a minimum of room is rung only once that much is
+    free; a plain arm (or a drained ring, whatever the wish) rings at once."""
+    w, r = pair(be)
+    w.write(os.urandom(CAP))
+    assert lib.sbp_ring_arm_writable_min(w._r, 16 << 10) == 0
+    r.read(8 << 10)
+    assert lib.sbp_ring_peer_waiting(r._r) == 0       # 8 KiB free: not yet
+    r.read(4 << 10)
+    assert lib.sbp_ring_peer_waiting(r._r) == 0
+    r.read(4 << 10)
+    assert lib.sbp_ring_peer_waiting(r._r) == 1       # 16 KiB: ring the writer
+    # already enough room: not armed, ready
+    assert lib.sbp_ring_arm_writable_min(w._r, 16 << 10) == 1
+    w.write(os.urandom(16 << 10))
+    # a wish above the capacity is the capacity: rung when the ring is empty
+    assert lib.sbp_ring_arm_writable_min(w._r, 1 << 40) == 0
+    r.read(CAP - 1)
+    assert lib.sbp_ring_peer_waiting(r._r) == 0
+    r.read(1)
+    assert lib.sbp_ring_peer_waiting(r._r) == 1
+    # the zero-copy consume honours the wish too
+    w.write(os.urandom(CAP))
+    assert lib.sbp_ring_arm_writable_min(w._r, 8 << 10) == 0
+    assert lib.sbp_ring_peek_iov(r._r, ffi.new("struct iovec[2]"), 1 << 20) == CAP
+    assert lib.sbp_ring_consume(r._r, 4 << 10) == 4 << 10
+    assert lib.sbp_ring_peer_waiting(r._r) == 0
+    assert lib.sbp_ring_peek_iov(r._r, ffi.new("struct iovec[2]"), 1 << 20) == CAP - (4 << 10)
+    assert lib.sbp_ring_consume(r._r, 4 << 10) == 4 << 10
+    assert lib.sbp_ring_peer_waiting(r._r) == 1
+    # a closed reader makes it ready at once
+    w.write(os.urandom(8 << 10))
+    lib.sbp_ring_close_reader(r._r)
+    assert lib.sbp_ring_arm_writable_min(w._r, 16 << 10) == 1
