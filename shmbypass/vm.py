@@ -1362,6 +1362,7 @@ def bench_pair(seconds=2.0, reps=3, pair=None, log=None):
            "spin": (f"SHMBYPASS_SPIN_NS={env['SHMBYPASS_SPIN_NS']}" if env.get("SHMBYPASS_SPIN_NS")
                     else "doorbell mode default: calibrated to the doorbell's cost, "
                          "at most %d us" % (_spin_cap_ns() // 1000)),
+           "preload": env.get("SHMBYPASS_PRELOAD"), "bpf_dir": env.get("SHMBYPASS_BPF_DIR"),
            "boot_seconds": pair.boot_seconds,
            "transports": {}, "ratios": {}, "targets": dict(BENCH_TARGETS), "met": {},
            "rows": [], "warnings": []}
