@@ -74,29 +74,44 @@ static inline void cpu_relax(void)
 #endif
 }
 
-/* Spin (bounded by the ring spin budget) until the peer's ring can be
- * attached. Its CPU is unknown: after a short pure spin, yield between
- * looks so a peer on our CPU gets to run. */
+/* Spin until the peer's ring can be attached. Its CPU is unknown: after a
+ * short pure spin, yield between looks so a peer on our CPU gets to run.
+ * The budget adapts per process like the ring's spin: a hit restores it
+ * (up to the ring spin budget), a miss halves it (down to 1/32), so a
+ * program whose peers accept late (a backlog) stops spinning for nothing. */
+static _Atomic uint32_t attach_budget_ns = UINT32_MAX;
+
 static int attach_spin(int fd, struct chan *ch)
 {
-	int64_t start = now_ns(), t;
+	uint32_t budget = atomic_load_explicit(&attach_budget_ns, memory_order_relaxed);
+	int64_t start, t;
 
-	if (!g.spin_ns)
+	if (budget > g.spin_ns)
+		budget = g.spin_ns;
+	if (!budget)
 		return -EAGAIN;
+	start = now_ns();
 	for (;;) {
 		for (int i = 0; i < 16; i++) {
-			if (rx_try_attach(fd, ch))
+			if (rx_try_attach(fd, ch)) {
+				if (budget < g.spin_ns)
+					atomic_store_explicit(&attach_budget_ns, budget * 2,
+							      memory_order_relaxed);
 				return 0;
+			}
 			if (atomic_load(&ch->sh->flags) & CH_BROKEN)
 				return -EPROTO;
 			cpu_relax();
 		}
 		t = now_ns();
-		if (t - start >= (int64_t)g.spin_ns)
-			return -EAGAIN;
+		if (t - start >= (int64_t)budget)
+			break;
 		if (t - start >= 2000)
 			sched_yield();
 	}
+	if (budget / 2 >= g.spin_ns / 32)
+		atomic_store_explicit(&attach_budget_ns, budget / 2, memory_order_relaxed);
+	return -EAGAIN;
 }
 
 /* A socket with a timeout is never restarted (socket(7)); else it is when
