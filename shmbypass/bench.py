@@ -9,6 +9,7 @@ tools/sbp-pingpong.c) runs as an unmodified TCP program, once per transport:
   kernel  both ends under `shmbypass run --tier kernel` (sockops + sk_msg)
   shm     both ends under `shmbypass run --tier shm` (LD_PRELOAD rings)
   ring    sbp-ringbench: the raw ring with no sockets, the physical limit
+          (the same capacity as the shm tier's slots, so the two compare)
 
 x tests (64 B, 1 KiB, 16 KiB ping-pong RTT; 64 KiB and 1 MiB streams;
 connections per second, unpinned only) x placements (both processes on one
@@ -778,7 +779,10 @@ class Runner:
 
     def ringbench_argv(self, test, scpu, ccpu, pace):
         secs = self.seconds(test)
-        argv = [self.ringbench, "--mode", test.kind, "--size", str(test.size)]
+        # The tier's ring size: a bigger ring switches less often on one
+        # core, and the comparison is of the tier's overhead, not of sizes.
+        argv = [self.ringbench, "--mode", test.kind, "--size", str(test.size),
+                "--slot-size", str(manager.DEFAULT_SLOT_SIZE)]
         if test.kind == "rtt":
             iters = int(secs * 1e9 / pace) if pace else int(secs * 1e9 / 5000)
             argv += ["--iters", str(max(200, min(iters, 20_000_000))),
