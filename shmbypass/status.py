@@ -36,6 +36,7 @@ COUNTERS = {
     lib.SBP_CNT_SHM: "shm",
     lib.SBP_CNT_SHM_FALLBACK: "shm_fallback",
     lib.SBP_CNT_RESV_EXPIRED: "resv_expired",
+    lib.SBP_CNT_SLOT_PARKED: "slot_parked",
 }
 
 
