@@ -84,6 +84,15 @@ def client(inst, ns, ip, port, family, src, sport, seed):
     digest = recv_exact(c, 32)
     assert digest == hashlib.sha256(data).digest(), "got the other namespace's data"
     time.sleep(0.3)  # let the test read status while the connection is open
+    # Read the server's tail up to its FIN: closing with unread bytes would
+    # send an RST (as plain TCP does), and the server expects our FIN.
+    tail = b""
+    while True:
+        b = c.recv(64)
+        if not b:
+            break
+        tail += b
+    assert len(tail) == seed % 7 + 1, tail
     c.close()
     return hashlib.sha256(data).hexdigest()
 
