@@ -523,6 +523,34 @@ def test_one_side_unshimmed(setups, shimmed):
                 p.kill()
 
 
+def test_status_shows_both_ends_in_shm(setups):
+    """A plain blocking Python client and server, both under `shmbypass run`,
+    holding their connection open: `shmbypass status --json` (the command, not
+    the library's own view) shows its two ends in the shm tier, with no
+    fallback reason."""
+    su = get_setup(setups, "posix")
+    srv = peer(su, "server", "hold")
+    cli = None
+    try:
+        port = srv.wait_for("PORT ")
+        cli = Proc([PY, PEER, "client", "hold", port], su.env(), stdin=subprocess.PIPE)
+        local_port, t = cli.wait_for("HELD ").split()
+        assert t == "2"
+        out = subprocess.run([PY, "-m", "shmbypass", "status", "--json"], env=su.env(),
+                             capture_output=True, text=True, timeout=60, check=True).stdout
+        rows = [r for r in json.loads(out)["connections"]
+                if {r["local"].rsplit(":", 1)[1], r["remote"].rsplit(":", 1)[1]} == {port, local_port}]
+        assert len(rows) == 2 and all(r["tier"] == "shm" and not r["reason"] for r in rows), rows
+        cli.p.stdin.close()
+        cli.p.stdin = None
+        cli.finish(30)
+        srv.finish(30)
+    finally:
+        for p in (srv, cli):
+            if p:
+                p.kill()
+
+
 def test_user_who_may_not_map_the_region(setups):
     """The region and the pins are root's, mode 0600: a program that runs as
     another user (here `nobody`, after setpriv drops root under the same
