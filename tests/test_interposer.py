@@ -490,6 +490,41 @@ def test_many_connections_leak_nothing(setups, mode):
 
 # -- mixed peers -----------------------------------------------------------------
 
+class Held:
+    """ipc_peer's "hold" scenario: a client and server that keep one
+    connection open until the test closes the client's stdin. `prefix` goes
+    before the client's python (e.g. setpriv)."""
+
+    def __init__(self, su, swrap=True, cwrap=True, prefix=()):
+        self.srv = peer(su, "server", "hold", wrap=swrap)
+        self.cli = None
+        try:
+            self.port = self.srv.wait_for("PORT ")
+            self.cli = Proc(list(prefix) + [PY, PEER, "client", "hold", self.port], su.env(),
+                            wrap=cwrap, stdin=subprocess.PIPE)
+            self.local_port, self.tier = self.cli.wait_for("HELD ").split()
+        except BaseException:
+            self.kill()
+            raise
+
+    def close(self):
+        self.cli.p.stdin.close()
+        self.cli.p.stdin = None
+        self.cli.finish(30)
+        self.srv.finish(30)
+
+    def kill(self):
+        for p in (self.srv, self.cli):
+            if p:
+                p.kill()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.kill()
+
+
 @pytest.mark.parametrize("shimmed", ["client", "server"])
 def test_one_side_unshimmed(setups, shimmed):
     """Both work, on TCP (the other end is outside the group and unmarked),
@@ -501,26 +536,13 @@ def test_one_side_unshimmed(setups, shimmed):
     assert cres["echo_ok"] == [True]
     assert cres["tier"] == 0 and sres.get("tier", 0) == 0
     # the same, held open so the shimmed end's row can be read
-    srv = peer(su, "server", "hold", wrap=shimmed == "server")
-    cli = None
-    try:
-        port = srv.wait_for("PORT ")
-        cli = Proc([PY, PEER, "client", "hold", port], su.env(), wrap=shimmed == "client",
-                   stdin=subprocess.PIPE)
-        local_port, t = cli.wait_for("HELD ").split()
-        assert t == "0"
-        mine = local_port if shimmed == "client" else port
+    with Held(su, swrap=shimmed == "server", cwrap=shimmed == "client") as h:
+        assert h.tier == "0"
+        mine = h.local_port if shimmed == "client" else h.port
         rows = [r for r in status.connections(su.inst) if r["local"].endswith(f":{mine}")]
         assert rows and all(r["tier"] in ("tcp", "kernel") for r in rows), rows
         assert any(r["reason"] for r in rows if r["tier"] == "tcp"), rows
-        cli.p.stdin.close()
-        cli.p.stdin = None
-        cli.finish(30)
-        srv.finish(30)
-    finally:
-        for p in (srv, cli):
-            if p:
-                p.kill()
+        h.close()
 
 
 def test_status_shows_both_ends_in_shm(setups):
@@ -529,26 +551,15 @@ def test_status_shows_both_ends_in_shm(setups):
     the library's own view) shows its two ends in the shm tier, with no
     fallback reason."""
     su = get_setup(setups, "posix")
-    srv = peer(su, "server", "hold")
-    cli = None
-    try:
-        port = srv.wait_for("PORT ")
-        cli = Proc([PY, PEER, "client", "hold", port], su.env(), stdin=subprocess.PIPE)
-        local_port, t = cli.wait_for("HELD ").split()
-        assert t == "2"
+    with Held(su) as h:
+        assert h.tier == "2"
         out = subprocess.run([PY, "-m", "shmbypass", "status", "--json"], env=su.env(),
                              capture_output=True, text=True, timeout=60, check=True).stdout
+        ends = {h.port, h.local_port}
         rows = [r for r in json.loads(out)["connections"]
-                if {r["local"].rsplit(":", 1)[1], r["remote"].rsplit(":", 1)[1]} == {port, local_port}]
+                if {r["local"].rsplit(":", 1)[1], r["remote"].rsplit(":", 1)[1]} == ends]
         assert len(rows) == 2 and all(r["tier"] == "shm" and not r["reason"] for r in rows), rows
-        cli.p.stdin.close()
-        cli.p.stdin = None
-        cli.finish(30)
-        srv.finish(30)
-    finally:
-        for p in (srv, cli):
-            if p:
-                p.kill()
+        h.close()
 
 
 def test_user_who_may_not_map_the_region(setups):
@@ -560,26 +571,14 @@ def test_user_who_may_not_map_the_region(setups):
     from shmbypass import status
     need("setpriv")
     su = get_setup(setups, "posix")
-    srv = peer(su, "server", "hold")
-    cli = None
-    try:
-        port = srv.wait_for("PORT ")
-        drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-        cli = Proc(drop + [PY, PEER, "client", "hold", port], su.env(), stdin=subprocess.PIPE)
-        local_port, t = cli.wait_for("HELD ").split()
-        assert t == "0"
-        rows = [r for r in status.connections(su.inst) if r["local"].endswith(f":{port}")]
+    drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    with Held(su, prefix=drop) as h:
+        assert h.tier == "0"
+        rows = [r for r in status.connections(su.inst) if r["local"].endswith(f":{h.port}")]
         assert rows and all(r["tier"] in ("tcp", "kernel") for r in rows), rows
         assert {r["reason"] for r in rows} == {"peer-not-capable"}, rows
-        cli.p.stdin.close()
-        cli.p.stdin = None
-        cli.finish(30)
-        srv.finish(30)
-        assert "may not use instance" in cli.stderr(), cli.stderr()
-    finally:
-        for p in (srv, cli):
-            if p:
-                p.kill()
+        h.close()
+        assert "may not use instance" in h.cli.stderr(), h.cli.stderr()
 
 
 # -- real applications -----------------------------------------------------------
