@@ -283,16 +283,13 @@ static inline void copy_out(const struct sbp_ring *r, uint64_t pos, void *dst, s
 	}
 }
 
-ssize_t sbp_ring_writev(struct sbp_ring *r, const struct iovec *iov, int iovcnt)
+/* What a write would see now: 0 with head and tail (checked), or the
+ * error it gets (-EPROTO corrupt, -ECONNRESET reset, -EPIPE closed). */
+static int writer_view(struct sbp_ring *r, uint64_t *head, uint64_t *tail)
 {
 	struct sbp_ring_hdr *h;
-	uint64_t head, tail, room, done = 0, published = 0;
 	uint32_t flags;
-	int i;
 
-	r->peer_waiting = 0;
-	if (iovcnt < 0 || (!iov && iovcnt))
-		return -EINVAL;
 	if (!line0_ok(r))
 		return -EPROTO;
 	h = H(r);
@@ -301,11 +298,24 @@ ssize_t sbp_ring_writev(struct sbp_ring *r, const struct iovec *iov, int iovcnt)
 		return -ECONNRESET;
 	if (flags & (SBP_RING_READER_CLOSED | SBP_RING_WRITER_CLOSED))
 		return -EPIPE;
-	head = LOAD(&h->head);          /* ours, but checked like the rest */
+	*head = LOAD(&h->head);         /* ours, but checked like the rest */
 	/* SYNC POINT: writer acquires tail: the reader is done with the bytes below it. */
-	tail = LOAD_ACQ(&h->tail);
-	if (!positions_ok(r, head, tail))
-		return -EPROTO;
+	*tail = LOAD_ACQ(&h->tail);
+	return positions_ok(r, *head, *tail) ? 0 : -EPROTO;
+}
+
+ssize_t sbp_ring_writev(struct sbp_ring *r, const struct iovec *iov, int iovcnt)
+{
+	struct sbp_ring_hdr *h = H(r);
+	uint64_t head, tail, room, done = 0, published = 0;
+	int i, rc;
+
+	r->peer_waiting = 0;
+	if (iovcnt < 0 || (!iov && iovcnt))
+		return -EINVAL;
+	rc = writer_view(r, &head, &tail);
+	if (rc < 0)
+		return rc;
 	room = r->cap - (head - tail);
 	for (i = 0; i < iovcnt && done < room; i++) {
 		const char *src = iov[i].iov_base;
@@ -897,27 +907,16 @@ static void iov_at(const struct sbp_ring *r, uint64_t pos, uint64_t n, struct io
 
 ssize_t sbp_ring_reserve(struct sbp_ring *r, struct iovec iov[2], size_t max)
 {
-	struct sbp_ring_hdr *h;
 	uint64_t head, tail, room;
-	uint32_t flags;
+	int rc;
 
 	r->peer_waiting = 0;
 	if (!iov)
 		return -EINVAL;
 	iov_clear(iov);
-	if (!line0_ok(r))
-		return -EPROTO;
-	h = H(r);
-	flags = LOAD_ACQ(&h->flags);
-	if (flags & SBP_RING_RESET)
-		return -ECONNRESET;
-	if (flags & (SBP_RING_READER_CLOSED | SBP_RING_WRITER_CLOSED))
-		return -EPIPE;
-	head = LOAD(&h->head);
-	/* SYNC POINT: writer acquires tail: the reader is done with the bytes below it. */
-	tail = LOAD_ACQ(&h->tail);
-	if (!positions_ok(r, head, tail))   /* records head: commit checks it is unchanged */
-		return -EPROTO;
+	rc = writer_view(r, &head, &tail);   /* records head: commit checks it is unchanged */
+	if (rc < 0)
+		return rc;
 	room = r->cap - (head - tail);
 	if (room > max)
 		room = max;
@@ -929,22 +928,15 @@ ssize_t sbp_ring_reserve(struct sbp_ring *r, struct iovec iov[2], size_t max)
 
 ssize_t sbp_ring_commit(struct sbp_ring *r, size_t n)
 {
-	struct sbp_ring_hdr *h;
+	struct sbp_ring_hdr *h = H(r);
 	uint64_t head, tail, reserved = r->seen_head;
-	uint32_t flags;
+	int rc;
 
 	r->peer_waiting = 0;
-	if (!line0_ok(r))
-		return -EPROTO;
-	h = H(r);
-	flags = LOAD_ACQ(&h->flags);
-	if (flags & SBP_RING_RESET)
-		return -ECONNRESET;
-	if (flags & (SBP_RING_READER_CLOSED | SBP_RING_WRITER_CLOSED))
-		return -EPIPE;
-	head = LOAD(&h->head);
-	tail = LOAD_ACQ(&h->tail);
-	if (head != reserved || !positions_ok(r, head, tail))
+	rc = writer_view(r, &head, &tail);
+	if (rc < 0)
+		return rc;
+	if (head != reserved)
 		return -EPROTO;
 	/* The room only grows while we hold the writer's role. */
 	if (n > r->cap - (head - tail))
