@@ -752,30 +752,30 @@ int sbp_ring_wait_writable(struct sbp_ring *r, int64_t timeout_ns)
 	return wait_for(r, write_ready, r->writer_waiting, &H(r)->reader_cpu, timeout_ns);
 }
 
-int sbp_ring_spin_readable(struct sbp_ring *r)
+static int spin_only(struct sbp_ring *r, bool (*ready)(const struct sbp_ring *),
+		     const uint32_t *peer_cpu)
 {
 	int rc;
 
-	if (!r->hdr)
-		return -EINVAL;
-	if (read_ready(r))
+	if (ready(r))
 		return 0;
-	rc = spin_until(r, read_ready, &H(r)->writer_cpu, now_ns(), INT64_MAX);
+	rc = spin_until(r, ready, peer_cpu, now_ns(), INT64_MAX);
 	r->spun = rc != 0;
 	return rc;
 }
 
-int sbp_ring_spin_writable(struct sbp_ring *r)
+int sbp_ring_spin_readable(struct sbp_ring *r)
 {
-	int rc;
-
 	if (!r->hdr)
 		return -EINVAL;
-	if (write_ready(r))
-		return 0;
-	rc = spin_until(r, write_ready, &H(r)->reader_cpu, now_ns(), INT64_MAX);
-	r->spun = rc != 0;
-	return rc;
+	return spin_only(r, read_ready, &H(r)->writer_cpu);
+}
+
+int sbp_ring_spin_writable(struct sbp_ring *r)
+{
+	if (!r->hdr)
+		return -EINVAL;
+	return spin_only(r, write_ready, &H(r)->reader_cpu);
 }
 
 static int arm(struct sbp_ring *r, bool (*ready)(const struct sbp_ring *), uint32_t *word)
