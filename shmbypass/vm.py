@@ -1423,6 +1423,21 @@ def bench_pair(seconds=2.0, reps=3, pair=None, log=None):
     return rep
 
 
+def _bench_cells(rep):
+    """Per figure: (key, kind, size, TCP text, bypass text, ratio or None)."""
+    tcp, shmt = rep["transports"].get("tcp", {}), rep["transports"].get("shm", {})
+    for kind, size in BENCH_TESTS:
+        key = f"{kind}_{size}"
+        a, b = tcp.get(key) or {}, shmt.get(key) or {}
+        if kind == "rtt":
+            fa = f"{a['p50_us']:.1f} us" if a.get("p50_us") else "-"
+            fb = f"{b['p50_us']:.1f} us" if b.get("p50_us") else "-"
+        else:
+            fa = f"{a['GBps'] * 8:.3f} Gbit/s" if a.get("GBps") else "-"
+            fb = f"{b['GBps'] * 8:.3f} Gbit/s" if b.get("GBps") else "-"
+        yield key, kind, size, fa, fb, rep["ratios"].get(key)
+
+
 def render_bench_markdown(rep):
     """The report as Markdown (vm-bench.md): the table, the targets, the set-up."""
     out = ["# shmbypass vm bench", "",
@@ -1435,18 +1450,8 @@ def render_bench_markdown(rep):
            "| figure | TCP (virtio-net) | IVSHMEM bypass | ratio | target |",
            "|---|---|---|---|---|"]
     tcp, shmt = rep["transports"].get("tcp", {}), rep["transports"].get("shm", {})
-    for kind, size in BENCH_TESTS:
-        key = f"{kind}_{size}"
-        a, b = tcp.get(key) or {}, shmt.get(key) or {}
-        if kind == "rtt":
-            label = f"{size} B RTT p50"
-            fa = f"{a['p50_us']:.1f} us" if a.get("p50_us") else "-"
-            fb = f"{b['p50_us']:.1f} us" if b.get("p50_us") else "-"
-        else:
-            label = f"{size >> 10} KiB stream"
-            fa = f"{a['GBps'] * 8:.3f} Gbit/s" if a.get("GBps") else "-"
-            fb = f"{b['GBps'] * 8:.3f} Gbit/s" if b.get("GBps") else "-"
-        r = rep["ratios"].get(key)
+    for key, kind, size, fa, fb, r in _bench_cells(rep):
+        label = f"{size} B RTT p50" if kind == "rtt" else f"{size >> 10} KiB stream"
         want = rep.get("targets", {}).get(key)
         tgt = "-" if want is None else f">= {want:g}x: {'met' if rep.get('met', {}).get(key) else 'NOT met'}"
         out.append(f"| {label} | {fa} | {fb} | {f'{r:.1f}x' if r else '-'} | {tgt} |")
@@ -1485,19 +1490,8 @@ def render_bench(rep):
     lines = [f"guest-to-guest, {rep.get('accel') or '?'}; median of {rep['reps']} x {rep['seconds']} s; "
              f"spin {rep.get('spin_ns') or 'default'} ns",
              f"{'figure':<16} {'TCP (virtio-net)':>18} {'IVSHMEM bypass':>18} {'ratio':>8}"]
-    tcp, shmt = rep["transports"].get("tcp", {}), rep["transports"].get("shm", {})
-    for kind, size in BENCH_TESTS:
-        key = f"{kind}_{size}"
-        a, b = tcp.get(key) or {}, shmt.get(key) or {}
-        if kind == "rtt":
-            label = f"RTT {size} B p50"
-            fa = f"{a['p50_us']:.1f} us" if a.get("p50_us") else "-"
-            fb = f"{b['p50_us']:.1f} us" if b.get("p50_us") else "-"
-        else:
-            label = f"stream {size >> 10} KiB"
-            fa = f"{a['GBps'] * 8:.3f} Gbit/s" if a.get("GBps") else "-"
-            fb = f"{b['GBps'] * 8:.3f} Gbit/s" if b.get("GBps") else "-"
-        r = rep["ratios"].get(key)
+    for key, kind, size, fa, fb, r in _bench_cells(rep):
+        label = f"RTT {size} B p50" if kind == "rtt" else f"stream {size >> 10} KiB"
         lines.append(f"{label:<16} {fa:>18} {fb:>18} {f'{r:.1f}x' if r else '-':>8}")
     for name in ("tcp", "shm"):
         t = rep["transports"].get(name, {})
