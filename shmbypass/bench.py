@@ -1034,7 +1034,9 @@ def render_text(report):
     mets = [t for t in report["targets"] if t["met"] is not None]
     if mets:
         out.append("")
-        out.append("targets:")
+        out.append("targets:" + ("  (a quick run: 0.1 s windows on a shared machine move ratios "
+                                 "near their line; the full run in bench/RESULTS.md is the "
+                                 "reference)" if report["quick"] else ""))
         for t in mets:
             out.append(f"  {'met    ' if t['met'] else 'NOT MET'} {t['target']} ({t['placement']}): "
                        f"{t.get('got_text') or format(t['got'], '.2f')}")
