@@ -65,15 +65,6 @@ static int ring_spin(struct sbp_ring *r, _Atomic uint32_t *sleeping, int dir)
 	return rc;
 }
 
-static inline void cpu_relax(void)
-{
-#if defined(__x86_64__) || defined(__i386__)
-	__builtin_ia32_pause();
-#elif defined(__aarch64__)
-	__asm__ __volatile__("yield");
-#endif
-}
-
 /* Spin until the peer's ring can be attached. Its CPU is unknown: after a
  * short pure spin, yield between looks so a peer on our CPU gets to run.
  * The budget adapts per process like the ring's spin: a hit restores it
@@ -101,7 +92,7 @@ static int attach_spin(int fd, struct chan *ch)
 			}
 			if (atomic_load(&ch->sh->flags) & CH_BROKEN)
 				return -EPROTO;
-			cpu_relax();
+			sbp_cpu_relax();
 		}
 		t = now_ns();
 		if (t - start >= (int64_t)budget)

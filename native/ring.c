@@ -42,15 +42,6 @@ static inline struct sbp_ring_hdr *H(const struct sbp_ring *r)
 	return (struct sbp_ring_hdr *)r->hdr;
 }
 
-static inline void cpu_relax(void)
-{
-#if defined(__x86_64__) || defined(__i386__)
-	__builtin_ia32_pause();
-#elif defined(__aarch64__)
-	__asm__ __volatile__("yield");
-#endif
-}
-
 static int64_t now_ns(void)
 {
 	struct timespec ts;
@@ -363,36 +354,51 @@ ssize_t sbp_ring_write(struct sbp_ring *r, const void *buf, size_t len)
 	return sbp_ring_writev(r, &iov, 1);
 }
 
-ssize_t sbp_ring_readv(struct sbp_ring *r, const struct iovec *iov, int iovcnt, int flags)
+/* What a read would see now: 0 with head, tail (checked) and the flags, or
+ * -EPROTO. Flags before head: if WRITER_CLOSED is seen, so is the final head. */
+static int reader_view(struct sbp_ring *r, uint64_t *head, uint64_t *tail, uint32_t *flags)
 {
 	struct sbp_ring_hdr *h;
+
+	if (!line0_ok(r))
+		return -EPROTO;
+	h = H(r);
+	*flags = LOAD_ACQ(&h->flags);
+	/* SYNC POINT: consumer acquires head: the bytes below it are written. */
+	*head = LOAD_ACQ(&h->head);
+	*tail = LOAD(&h->tail);         /* ours, but checked like the rest */
+	return positions_ok(r, *head, *tail) ? 0 : -EPROTO;
+}
+
+/* An empty ring: reset, EOF (writer closed), or nothing yet (-EAGAIN, or 0
+ * for a caller that asked for nothing). */
+static ssize_t empty_ring(uint32_t flags, int asked)
+{
+	if (flags & SBP_RING_RESET)
+		return -ECONNRESET;
+	if (flags & SBP_RING_WRITER_CLOSED)
+		return 0;
+	return asked ? -EAGAIN : 0;
+}
+
+ssize_t sbp_ring_readv(struct sbp_ring *r, const struct iovec *iov, int iovcnt, int flags)
+{
+	struct sbp_ring_hdr *h = H(r);
 	uint64_t head, tail, avail, done = 0, released = 0;
 	uint32_t rflags;
-	int i;
+	int i, rc, asked = 0;
 
 	r->peer_waiting = 0;
 	if (iovcnt < 0 || (!iov && iovcnt))
 		return -EINVAL;
-	if (!line0_ok(r))
-		return -EPROTO;
-	h = H(r);
-	/* Flags before head: if WRITER_CLOSED is seen, so is the final head. */
-	rflags = LOAD_ACQ(&h->flags);
-	/* SYNC POINT: consumer acquires head: the bytes below it are written. */
-	head = LOAD_ACQ(&h->head);
-	tail = LOAD(&h->tail);          /* ours, but checked like the rest */
-	if (!positions_ok(r, head, tail))
-		return -EPROTO;
+	rc = reader_view(r, &head, &tail, &rflags);
+	if (rc < 0)
+		return rc;
 	avail = head - tail;
 	if (avail == 0) {
-		if (rflags & SBP_RING_RESET)
-			return -ECONNRESET;
-		if (rflags & SBP_RING_WRITER_CLOSED)
-			return 0;
 		for (i = 0; i < iovcnt; i++)
-			if (iov[i].iov_len)
-				return -EAGAIN;
-		return 0;
+			asked |= iov[i].iov_len != 0;
+		return empty_ring(rflags, asked);
 	}
 	for (i = 0; i < iovcnt && done < avail; i++) {
 		char *dst = iov[i].iov_base;
@@ -631,7 +637,7 @@ static int spin_until(struct sbp_ring *r, bool (*ready)(const struct sbp_ring *)
 					bell_wait_done(r, now_ns());
 				return 0;
 			}
-			cpu_relax();
+			sbp_cpu_relax();
 		}
 		t = now_ns();
 		if (t >= spin_end)
@@ -953,32 +959,20 @@ ssize_t sbp_ring_commit(struct sbp_ring *r, size_t n)
 
 ssize_t sbp_ring_peek_iov(struct sbp_ring *r, struct iovec iov[2], size_t max)
 {
-	struct sbp_ring_hdr *h;
 	uint64_t head, tail, avail;
 	uint32_t rflags;
+	int rc;
 
 	r->peer_waiting = 0;
 	if (!iov)
 		return -EINVAL;
 	iov_clear(iov);
-	if (!line0_ok(r))
-		return -EPROTO;
-	h = H(r);
-	/* Flags before head: if WRITER_CLOSED is seen, so is the final head. */
-	rflags = LOAD_ACQ(&h->flags);
-	/* SYNC POINT: consumer acquires head: the bytes below it are written. */
-	head = LOAD_ACQ(&h->head);
-	tail = LOAD(&h->tail);
-	if (!positions_ok(r, head, tail))   /* records tail: consume checks it is unchanged */
-		return -EPROTO;
+	rc = reader_view(r, &head, &tail, &rflags);   /* records tail: consume checks it */
+	if (rc < 0)
+		return rc;
 	avail = head - tail;
-	if (avail == 0) {
-		if (rflags & SBP_RING_RESET)
-			return -ECONNRESET;
-		if (rflags & SBP_RING_WRITER_CLOSED)
-			return 0;
-		return max ? -EAGAIN : 0;
-	}
+	if (avail == 0)
+		return empty_ring(rflags, max != 0);
 	if (avail > max)
 		avail = max;
 	iov_at(r, tail, avail, iov);
@@ -987,16 +981,16 @@ ssize_t sbp_ring_peek_iov(struct sbp_ring *r, struct iovec iov[2], size_t max)
 
 ssize_t sbp_ring_consume(struct sbp_ring *r, size_t n)
 {
-	struct sbp_ring_hdr *h;
+	struct sbp_ring_hdr *h = H(r);
 	uint64_t head, tail, peeked = r->seen_tail;
+	uint32_t rflags;
+	int rc;
 
 	r->peer_waiting = 0;
-	if (!line0_ok(r))
-		return -EPROTO;
-	h = H(r);
-	head = LOAD_ACQ(&h->head);
-	tail = LOAD(&h->tail);
-	if (tail != peeked || !positions_ok(r, head, tail))
+	rc = reader_view(r, &head, &tail, &rflags);
+	if (rc < 0)
+		return rc;
+	if (tail != peeked)
 		return -EPROTO;
 	if (n > head - tail)
 		return -EINVAL;
