@@ -30,6 +30,7 @@ import pytest
 
 from shmbypass import manager, shmtier
 from shmbypass.region import Region
+from apps import free_port, need   # a missing app fails the test: setup installs them
 from conftest import assert_slots_back, new_instance
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -583,26 +584,12 @@ def test_user_who_may_not_map_the_region(setups):
 
 # -- real applications -----------------------------------------------------------
 
-def need(*tools):
-    for t in tools:
-        if not shutil.which(t):
-            pytest.skip(f"{t} is not installed (scripts/setup.sh installs it)")
-
 
 @pytest.fixture
 def app_su(setups):
     """The shm tier as `up` makes it by default (arena where the kernel has it)."""
     from shmbypass.region import arena_supported
     return get_setup(setups, "arena" if arena_supported() else "posix")
-
-
-def free_port():
-    import socket
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def shm_rows(su):
@@ -735,7 +722,7 @@ def test_redis(app_su):
 
 
 def test_nginx_sendfile_curl_and_wrk(app_su, tmp_path):
-    need("nginx", "curl")
+    need("nginx", "curl", "wrk")
     su, port = app_su, free_port()
     www = tmp_path / "www"
     www.mkdir()
@@ -759,30 +746,29 @@ http {{ access_log off; sendfile on; tcp_nopush on;
         with open(got, "rb") as f:
             assert hashlib.file_digest(f, "sha256").hexdigest() == hashlib.sha256(data).hexdigest()
         got.unlink()
-        if shutil.which("wrk"):
-            p = run_tool(su, ["wrk", "-t1", "-c8", "-d2s", f"http://127.0.0.1:{port}/small.txt"])
-            text = p.stdout.decode()
-            assert p.returncode == 0 and "Requests/sec" in text, text
-            assert "Socket errors" not in text and "Non-2xx" not in text, text
-            # wrk fetching the 100 MiB file over kept-alive connections: every
-            # body compared with the file (wrk's Lua), the connections seen in
-            # the shm tier by `shmbypass status --json` meanwhile.
-            check = tmp_path / "check.lua"
-            check.write_text(WRK_CHECK)
-            watch = TierWatch(su, port)
-            try:
-                # (wrk hands whole bodies to Lua slowly, ~50 MB/s even over
-                # plain TCP here: a few 100 MiB responses in 6 s)
-                p = run_tool(su, ["wrk", "-t1", "-c1", "-d6s", "--timeout", "60s", "-s", str(check),
-                                  f"http://127.0.0.1:{port}/big.bin"],
-                             SBP_EXPECT=str(www / "big.bin"))
-            finally:
-                rows = watch.stop()
-            text = p.stdout.decode()
-            m = re.search(r"CHECKED good=(\d+) bad=(\d+)", text)
-            assert p.returncode == 0 and m, (text, p.stderr.decode()[-2000:])
-            assert int(m[1]) > 0 and int(m[2]) == 0, text
-            assert_shm_both_ends(rows, len(data))
+        p = run_tool(su, ["wrk", "-t1", "-c8", "-d2s", f"http://127.0.0.1:{port}/small.txt"])
+        text = p.stdout.decode()
+        assert p.returncode == 0 and "Requests/sec" in text, text
+        assert "Socket errors" not in text and "Non-2xx" not in text, text
+        # wrk fetching the 100 MiB file over kept-alive connections: every
+        # body compared with the file (wrk's Lua), the connections seen in
+        # the shm tier by `shmbypass status --json` meanwhile.
+        check = tmp_path / "check.lua"
+        check.write_text(WRK_CHECK)
+        watch = TierWatch(su, port)
+        try:
+            # (wrk hands whole bodies to Lua slowly, ~50 MB/s even over
+            # plain TCP here: a few 100 MiB responses in 6 s)
+            p = run_tool(su, ["wrk", "-t1", "-c1", "-d6s", "--timeout", "60s", "-s", str(check),
+                              f"http://127.0.0.1:{port}/big.bin"],
+                         SBP_EXPECT=str(www / "big.bin"))
+        finally:
+            rows = watch.stop()
+        text = p.stdout.decode()
+        m = re.search(r"CHECKED good=(\d+) bad=(\d+)", text)
+        assert p.returncode == 0 and m, (text, p.stderr.decode()[-2000:])
+        assert int(m[1]) > 0 and int(m[2]) == 0, text
+        assert_shm_both_ends(rows, len(data))
     finally:
         srv.stop()
 
