@@ -14,6 +14,7 @@ import time
 import pytest
 
 from shmbypass import vm
+from guest_echo import ECHO_SERVER
 
 pytestmark = pytest.mark.vm
 
@@ -200,24 +201,6 @@ def test_bar_bytes_cross_guests_and_host(pair):
         f.seek(BAR_OFFSET)
         assert f.read(32).decode() == token
 
-
-ECHO_SERVER = """
-import hashlib, socket, sys
-ls = socket.create_server(("10.77.0.2", int(sys.argv[1])))
-ls.settimeout(60)
-print("listening", flush=True)
-c, _ = ls.accept()
-c.settimeout(60)
-h, n = hashlib.sha256(), 0
-while True:
-    b = c.recv(65536)
-    if not b:
-        break
-    h.update(b); n += len(b)
-    c.sendall(b)
-c.close()
-print(n, h.hexdigest())
-"""
 
 ECHO_CLIENT = """
 import hashlib, os, socket, sys, threading, time

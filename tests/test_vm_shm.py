@@ -26,6 +26,7 @@ import time
 import pytest
 
 from shmbypass import paths, region, shmtier, vm
+from guest_echo import ECHO_SERVER
 
 pytestmark = pytest.mark.vm
 
@@ -118,26 +119,9 @@ def _rows(pair, port):
     return out
 
 
-# A plain blocking echo server and client: the unmodified programs. The
-# client leaves /tmp/done-PORT once the data is back and closes only when
+# A plain blocking echo client (the server: tests/guest_echo.py), the
+# unmodified programs. The client leaves /tmp/done-PORT once the data is back and closes only when
 # /tmp/go-PORT appears, so the test can look at the live connection.
-ECHO_SERVER = """
-import hashlib, socket, sys
-ls = socket.create_server(("10.77.0.2", int(sys.argv[1])))
-ls.settimeout(120)
-c, _ = ls.accept()
-c.settimeout(120)
-h, n = hashlib.sha256(), 0
-while True:
-    b = c.recv(65536)
-    if not b:
-        break
-    h.update(b); n += len(b)
-    c.sendall(b)
-c.close()
-print(n, h.hexdigest())
-"""
-
 ECHO_CLIENT = """
 import hashlib, os, socket, sys, time
 port, size = int(sys.argv[1]), int(sys.argv[2])
@@ -347,6 +331,19 @@ def pair():
         assert not os.path.exists(p.region_path)
 
 
+@pytest.fixture
+def joined(pair):
+    """The pair with the region formatted by the host and both guests' `up
+    --backend ivshmem` on it: what test_host_formats_guests_join_their_parts
+    checks, done here if it did not run (a -k selection), so no test needs
+    an earlier one."""
+    if not getattr(pair, "region_id", None):
+        pair.region_id = vm.format_region_file(pair.region_path)["region_id"]
+        ups = _both(pair, f"{PY} -m shmbypass up --backend ivshmem")
+        assert all(u.rc == 0 for u in ups.values()), ups
+    return pair
+
+
 def test_garbage_region_refused_tcp_still_works(pair):
     ups = _both(pair, f"{PY} -m shmbypass up --backend ivshmem")
     for g in "AB":
@@ -439,16 +436,16 @@ print(json.dumps(out))
 
 
 @needs_parts
-def test_negotiation_across_guests_uses_own_parts(pair):
+def test_negotiation_across_guests_uses_own_parts(joined):
     """Both ends of each connection land in the shm tier; each writes a
     slot of its own part and reads the other's; closed connections give
     every slot back to its owner's free list."""
     n = 8
-    server = pair.start("B", f"{RUN_KERNEL}{PY} - 7030 {n}", stdin=NEG_SERVER, env=ENV, timeout=200)
-    cli = pair.run("A", f"{RUN_KERNEL}{PY} - 7030 {n}", stdin=NEG_CLIENT, env=ENV, timeout=200, check=True)
+    server = joined.start("B", f"{RUN_KERNEL}{PY} - 7030 {n}", stdin=NEG_SERVER, env=ENV, timeout=200)
+    cli = joined.run("A", f"{RUN_KERNEL}{PY} - 7030 {n}", stdin=NEG_CLIENT, env=ENV, timeout=200, check=True)
     srv = server.wait(260).check()
     a_rows, b_rows = json.loads(cli.out), json.loads(srv.out.strip().splitlines()[-1])
-    pa, pb = _state(pair, "A")["region"], _state(pair, "B")["region"]
+    pa, pb = _state(joined, "A")["region"], _state(joined, "B")["region"]
     in_a = range(pa["first_slot"], pa["first_slot"] + pa["slot_count"])
     in_b = range(pb["first_slot"], pb["first_slot"] + pb["slot_count"])
     for a, b in zip(a_rows, b_rows):
@@ -456,20 +453,20 @@ def test_negotiation_across_guests_uses_own_parts(pair):
         assert a["tx_slot"] in in_a and b["tx_slot"] in in_b
         assert (a["rx_slot"], a["rx_gen"]) == (b["tx_slot"], b["tx_gen"])
         assert (b["rx_slot"], b["rx_gen"]) == (a["tx_slot"], a["tx_gen"])
-        assert a["region_id"] == b["region_id"] == pair.region_id
+        assert a["region_id"] == b["region_id"] == joined.region_id
     code = ("import json; from shmbypass import paths, slots; i = paths.Instance.current(); "
             "print(json.dumps([len(slots.free_slots(i)), sum(r for g, r in slots.slot_states(i).values())]))")
     for g, p in (("A", pa), ("B", pb)):
-        free, refs = json.loads(pair.run(g, f"{PY} -c '{code}'", env=ENV, timeout=120, check=True).out)
+        free, refs = json.loads(joined.run(g, f"{PY} -c '{code}'", env=ENV, timeout=120, check=True).out)
         assert (free, refs) == (p["slot_count"], 0), g
 
 
 @needs_shm
-def test_unmodified_programs_in_the_shm_tier(pair):
-    rows = _echo(pair, 7040, RUN_SHM, size=4 << 20)
+def test_unmodified_programs_in_the_shm_tier(joined):
+    rows = _echo(joined, 7040, RUN_SHM, size=4 << 20)
     (ra,), (rb,) = rows["A"], rows["B"]
     assert ra["tier"] == rb["tier"] == "shm", rows
-    rep = vm.region_status(pair.region_path)
+    rep = vm.region_status(joined.region_path)
     dirs = {f"{c['writer']}>{c['reader']}" for c in rep["channels"] if c["head"] >= 4 << 20}
     assert dirs == {"A>B", "B>A"}, rep["channels"]
 
@@ -554,7 +551,7 @@ def _fin_acked(pair, port):
 
 
 @needs_shm
-def test_closed_writers_slot_waits_for_the_peer_vm(pair):
+def test_closed_writers_slot_waits_for_the_peer_vm(joined):
     """A writes 100000 bytes and exits before B has read any. A's kernel
     alone counts A's slot (B's kernel cannot), and its socket's TCP_CLOSE
     used to come at the ACK of its FIN (the orphan became a time-wait sock):
@@ -562,22 +559,22 @@ def test_closed_writers_slot_waits_for_the_peer_vm(pair):
     orphan stays in FIN-WAIT-2 until B closes (or 60 s), so the slot is
     held until then; B reads every byte; then the slot comes back."""
     port, size = 7045, 100000
-    free0, refs0, part = _pool(pair, "A", wait=30)  # the last test's sockets are closing
+    free0, refs0, part = _pool(joined, "A", wait=30)  # the last test's sockets are closing
     assert (free0, refs0) == (part, 0)
-    server = pair.start("B", f"{RUN_SHM}{PY} - {port}", stdin=LATE_READER, env=ENV, timeout=300)
+    server = joined.start("B", f"{RUN_SHM}{PY} - {port}", stdin=LATE_READER, env=ENV, timeout=300)
 
     def connection(n, *args):
-        cli = pair.start("A", f"{RUN_SHM}{PY} - {port} {size} {' '.join(args)}", stdin=EARLY_CLOSER,
+        cli = joined.start("A", f"{RUN_SHM}{PY} - {port} {size} {' '.join(args)}", stdin=EARLY_CLOSER,
                          env=ENV, timeout=200)
         for _ in range(600):  # polls; the job timeouts stop a hang
-            if pair.run("B", f"test -e /tmp/accepted-{port}-{n}", timeout=30).rc == 0:
+            if joined.run("B", f"test -e /tmp/accepted-{port}-{n}", timeout=30).rc == 0:
                 break
             assert not cli.done(), cli.wait(0)
             time.sleep(0.2)
-        pair.run("A", f"touch /tmp/close-{port}", timeout=30, check=True)
+        joined.run("A", f"touch /tmp/close-{port}", timeout=30, check=True)
         sent_n, sent_h = cli.wait(200).check().out.split()
         for _ in range(300):
-            if _fin_acked(pair, port):
+            if _fin_acked(joined, port):
                 break
             time.sleep(0.2)
         else:
@@ -587,29 +584,29 @@ def test_closed_writers_slot_waits_for_the_peer_vm(pair):
 
     try:
         sent_n, sent_h = connection(0)
-        free, refs, _ = _pool(pair, "A")
+        free, refs, _ = _pool(joined, "A")
         assert (free, refs) == (part - 1, 1), "A's slot left the pool while B had not read"
-        chans = [c for c in vm.region_status(pair.region_path)["channels"]
+        chans = [c for c in vm.region_status(joined.region_path)["channels"]
                  if c["writer"] == "A" and c["head"] == size]
         assert [(c["state"], c["queued"]) for c in chans] == [("fin", size)], chans
     finally:
-        pair.run("B", f"touch /tmp/read-{port}-0", timeout=30, check=True)
+        joined.run("B", f"touch /tmp/read-{port}-0", timeout=30, check=True)
     # B closed after reading: its FIN ends A's FIN-WAIT-2 at once (else 60 s would)
-    assert _pool(pair, "A", wait=45)[:2] == (part, 0), "A's slot never came back"
+    assert _pool(joined, "A", wait=45)[:2] == (part, 0), "A's slot never came back"
 
     # An abortive close (RST) may come while B still reads: A's slot is parked
     # (60 s) in A's reservations table instead of going back at once.
     connection(1, "abort")
-    pair.run("B", f"touch /tmp/read-{port}-1", timeout=30, check=True)
+    joined.run("B", f"touch /tmp/read-{port}-1", timeout=30, check=True)
     lines = server.wait(260).check().out.split("\n")
     got_n, got_h = lines[0].split()[:2]
     assert (int(got_n), got_h) == (sent_n, sent_h) == (size, sent_h)
     code = ("import json; from shmbypass import paths, slots; i = paths.Instance.current(); "
             "print(json.dumps(slots.reservations(i)))")
-    rows = json.loads(pair.run("A", f"{PY} -c '{code}'", env=ENV, timeout=120, check=True).out)
+    rows = json.loads(joined.run("A", f"{PY} -c '{code}'", env=ENV, timeout=120, check=True).out)
     parked = [r for r in rows if r["state"] == 5]  # SBP_RESV_PARKED
     assert len(parked) == 1, rows
-    assert _pool(pair, "A")[:2] == (part - 1, 1)
+    assert _pool(joined, "A")[:2] == (part - 1, 1)
 
 
 # A ring of each guest's part, written from Python straight into the BAR:
@@ -661,30 +658,30 @@ while True:
 """
 
 
-def test_kill_guest_b_host_sees_channels_dead(pair):
+def test_kill_guest_b_host_sees_channels_dead(joined):
     """Runs last. Channels written by A and by B show live on the host; B's
     QEMU is killed (mid-transfer when the shm tier works end to end: A's
     program gets an error, no hang); the host shows them dead."""
-    jobs = {g: pair.start(g, f"{PY} - {size}", stdin=RAW_RING, env=ENV, timeout=120)
+    jobs = {g: joined.start(g, f"{PY} - {size}", stdin=RAW_RING, env=ENV, timeout=120)
             for g, size in (("A", 1000), ("B", 3000))}
     slots_ = {g: int(job.wait(180).check().out) for g, job in jobs.items()}
-    rep = vm.region_status(pair.region_path)
+    rep = vm.region_status(joined.region_path)
     chans = {c["slot"]: c for c in rep["channels"]}
     assert (chans[slots_["A"]]["state"], chans[slots_["A"]]["writer"], chans[slots_["A"]]["head"]) == ("live", "A", 1000)
     assert (chans[slots_["B"]]["state"], chans[slots_["B"]]["writer"], chans[slots_["B"]]["head"]) == ("live", "B", 3000)
     client = None
     if SHM_READY:
-        sink = pair.start("B", f"{RUN_SHM}{PY} - 7050", stdin=SINK_SERVER, env=ENV)
-        client = pair.start("A", f"{RUN_SHM}{PY} - 7050", stdin=SHM_STREAM_CLIENT, env=ENV, timeout=150)
+        sink = joined.start("B", f"{RUN_SHM}{PY} - 7050", stdin=SINK_SERVER, env=ENV)
+        client = joined.start("A", f"{RUN_SHM}{PY} - 7050", stdin=SHM_STREAM_CLIENT, env=ENV, timeout=150)
         for _ in range(600):
-            if pair.run("B", "test -e /tmp/sink-started", timeout=30).rc == 0:
+            if joined.run("B", "test -e /tmp/sink-started", timeout=30).rc == 0:
                 break
             assert not client.done(), client.wait(0)
             time.sleep(0.2)
         else:
             pytest.fail("the transfer never started")
-    pair.kill("B")
-    rep = vm.region_status(pair.region_path)
+    joined.kill("B")
+    rep = vm.region_status(joined.region_path)
     chans = {c["slot"]: c for c in rep["channels"]}
     assert chans[slots_["A"]]["state"] == chans[slots_["B"]]["state"] == "dead"
     assert chans[slots_["B"]]["dead"] == ["B"] and rep["parts"][1]["alive"] is False
@@ -693,5 +690,5 @@ def test_kill_guest_b_host_sees_channels_dead(pair):
         assert not res.timed_out and res.out.startswith("ERROR"), res  # reset/EPIPE/timeout, no hang
         with pytest.raises(vm.GuestDied):
             sink.wait(30)
-        live = [c for c in vm.region_status(pair.region_path)["channels"] if c["state"] == "live"]
+        live = [c for c in vm.region_status(joined.region_path)["channels"] if c["state"] == "live"]
         assert not live, live
