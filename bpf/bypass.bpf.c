@@ -20,7 +20,6 @@
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
-#include <bpf/bpf_core_read.h>
 #include "bypass.h"
 
 #define AF_INET 2
@@ -1296,42 +1295,4 @@ int sbp_msg(struct sk_msg_md *msg)
 pass:
 	count(SBP_CNT_MSG_PASS, 1);
 	return SK_PASS;
-}
-
-/* Unread bytes a socket holds in its psock queue (redirected to it but not
- * read yet). `shmbypass down` waits for these to reach zero before it drops
- * the map, because dropping a socket from a sockhash discards that queue. */
-struct sbp_drain_rec {
-	__u64 cookie;
-	__u32 queued;
-	__u32 pad;
-};
-
-#define SK_USER_DATA_PTRMASK (~7UL)
-
-SEC("iter/sockmap")
-int sbp_drain(struct bpf_iter__sockmap *ctx)
-{
-	struct sbp_drain_rec rec = {};
-	struct sock *sk = ctx->sk;
-	__u64 *key = ctx->key;
-	struct sk_psock *psock;
-	void *ud;
-
-	if (!sk || !key)
-		return 0;
-	rec.cookie = *key;
-	ud = BPF_CORE_READ(sk, sk_user_data);
-	psock = (struct sk_psock *)((unsigned long)ud & SK_USER_DATA_PTRMASK);
-	if (psock && bpf_core_field_exists(psock->msg_tot_len)) {
-		rec.queued = BPF_CORE_READ(psock, msg_tot_len);
-	} else if (psock) {
-		/* Older kernels (the 6.1 of the VM guests) keep no byte count:
-		 * report 1 while the queue is not empty. */
-		struct list_head *head = &psock->ingress_msg;
-
-		rec.queued = BPF_CORE_READ(psock, ingress_msg.next) != head;
-	}
-	bpf_seq_write(ctx->meta->seq, &rec, sizeof(rec));
-	return 0;
 }

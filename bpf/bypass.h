@@ -204,6 +204,14 @@ enum sbp_counter {
 	SBP_CNT__MAX,
 };
 
+/* What the drain iterators (bpf/drain.bpf.c) write per socket: the bytes
+ * redirected to it that its program has not read yet. */
+struct sbp_drain_rec {
+	__u64 cookie;
+	__u32 queued;
+	__u32 pad;
+};
+
 /* A BPF-side error: where and what (negative errno). Keyed by line. */
 struct sbp_error {
 	__s64 err;

@@ -17,6 +17,6 @@ void sbp_libbpf_log_clear(void);
 int sbp_link_create(int prog_fd, int target_fd, int attach_type);
 /* Attach an iterator program to a sock map/hash and return an iterator fd
  * whose read() runs the program over every socket (and the link fd). */
-int sbp_iter_sockmap(int prog_fd, int map_fd, int *link_fd_out);
+int sbp_iter_open(int prog_fd, int map_fd, int *link_fd_out);
 
 #endif

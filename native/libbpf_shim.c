@@ -47,16 +47,20 @@ int sbp_link_create(int prog_fd, int target_fd, int attach_type)
 	return fd < 0 ? -errno : fd;
 }
 
-int sbp_iter_sockmap(int prog_fd, int map_fd, int *link_fd_out)
+/* Create an iterator link for prog (over map_fd for a map iterator, or
+ * -1) and open it: returns the fd to read, the link in *link_fd_out. */
+int sbp_iter_open(int prog_fd, int map_fd, int *link_fd_out)
 {
 	DECLARE_LIBBPF_OPTS(bpf_link_create_opts, opts);
 	union bpf_iter_link_info info;
 	int link_fd, fd;
 
-	memset(&info, 0, sizeof(info));
-	info.map.map_fd = (__u32)map_fd;
-	opts.iter_info = &info;
-	opts.iter_info_len = sizeof(info);
+	if (map_fd >= 0) {
+		memset(&info, 0, sizeof(info));
+		info.map.map_fd = (__u32)map_fd;
+		opts.iter_info = &info;
+		opts.iter_info_len = sizeof(info);
+	}
 	link_fd = bpf_link_create(prog_fd, 0, BPF_TRACE_ITER, &opts);
 	if (link_fd < 0)
 		return -errno;

@@ -1373,8 +1373,26 @@ def cmd_bench(args) -> int:
     print(render_text(report))
     print()
     print("wrote " + ", ".join(files[k] for k in ("json", "markdown", "plot", "results") if k in files))
+    return _verdict(report)
+
+
+def _verdict(report) -> int:
+    """Exit status: never 0 when a bypass tier that was asked for did not run.
+    The reason is the last line (stderr), after what was measured."""
+    why = [f"the {TRANSPORT_LABELS[s['transport']]} could not be set up: {s['reason']}"
+           for s in report["skipped"] if s["transport"] in BYPASS_TIERS]
+    code = 2 if why else 0
     bad = [r for r in report["results"] if r["engaged"] is False]
-    return 3 if bad else 0
+    bad += [dict(a, test=a["name"]) for a in report.get("apps", []) + report.get("sidecar", [])
+            if a.get("transport") in BYPASS_TIERS and a.get("engaged") is False]
+    if bad:
+        why.append(f"{len(bad)} measurement(s) ran outside the tier they were meant for "
+                   f"(e.g. {TRANSPORT_LABELS[bad[0]['transport']]} {bad[0]['test']})")
+        code = code or 3
+    if why:
+        sys.stdout.flush()
+        sys.stderr.write("bench: FAILED: " + "; ".join(why) + "\n")
+    return code
 
 
 def _raise_interrupt(signum, frame):

@@ -111,10 +111,11 @@ def prog_query(target_fd: int, attach_type: int) -> list[int]:
     return [ids[i] for i in range(cnt[0])]
 
 
-def iter_sockmap(prog_fd: int, map_fd: int) -> bytes:
-    """Run an iter/sockmap program over map and return what it wrote."""
+def iter_read(prog_fd: int, map_fd: int = -1) -> bytes:
+    """Run an iterator program (over map_fd for a map iterator) and return
+    what it wrote."""
     link = ffi.new("int *")
-    fd = _check(lib.sbp_iter_sockmap(prog_fd, map_fd, link), "create sockmap iterator")
+    fd = _check(lib.sbp_iter_open(prog_fd, map_fd, link), "create iterator")
     try:
         chunks = []
         while True:

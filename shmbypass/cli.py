@@ -1,5 +1,6 @@
 """The shmbypass command line: up, down, run, status, doctor, bench, vm."""
 import argparse
+import os
 import sys
 
 from shmbypass import __version__, paths
@@ -7,7 +8,9 @@ from shmbypass.errors import ShmbypassError
 
 
 def cmd_up(args) -> int:
-    from shmbypass import manager
+    from shmbypass import manager, programs
+    if args.without:
+        os.environ[programs.WITHOUT_ENV] = args.without
     inst = paths.Instance.current()
     if manager.up(inst, cgroup=args.cgroup, slot_count=args.slots, backend=args.backend,
                   part=args.part):
@@ -16,6 +19,9 @@ def cmd_up(args) -> int:
             print(f"shmbypass: {region['note']}", file=sys.stderr)
         print(f"shmbypass: up (instance {inst.name}, cgroup {inst.cgroup}, pins {inst.pin_dir}, "
               f"region {region.get('backend')}:{region.get('path')} x{region.get('slot_count')})")
+        for name, f in inst.load_state().get("features", {}).items():
+            if not f["ok"] and name != "arena":  # arena: the region note above said why
+                print(f"shmbypass: optional feature off: {name}: {f['detail']}", file=sys.stderr)
     else:
         print(f"shmbypass: already up (instance {inst.name})")
     return 0
@@ -24,8 +30,9 @@ def cmd_up(args) -> int:
 def cmd_down(args) -> int:
     from shmbypass import manager
     inst = paths.Instance.current()
-    if manager.down(inst, drain_timeout=args.drain_timeout, force=args.force):
-        print(f"shmbypass: down (instance {inst.name}); live connections continue over TCP")
+    how = manager.down(inst, drain_timeout=args.drain_timeout, force=args.force)
+    if how is not None:
+        print(f"shmbypass: down (instance {inst.name}): {how}; live connections continue over TCP")
     else:
         print(f"shmbypass: nothing to take down (instance {inst.name})")
     return 0
@@ -47,12 +54,11 @@ def cmd_status(args) -> int:
 
 
 def cmd_doctor(args) -> int:
-    from shmbypass import features
-    ok = True
-    for p in features.all_probes():
-        print(f"{'ok  ' if p.ok else 'MISSING'}  {p.name:<10} {p.detail}")
-        ok &= p.ok or p.name == "arena"
-    return 0 if ok else 1
+    from shmbypass import doctor
+    lines = doctor.check()
+    for ln in lines:
+        print(ln.render())
+    return 0 if all(ln.ok or not ln.required for ln in lines) else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,7 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ivshmem: allocate from part N of the region (default: the part of "
                         "$SHMBYPASS_GUEST)")
     p.add_argument("--slots", type=int, metavar="N",
-                   help="shm-tier ring slots in the pool, two per connection (default 256)")
+                   help="shm-tier ring slots in the pool, two per connection (default 128)")
+    p.add_argument("--without", metavar="FEATURE[,FEATURE]",
+                   help="optional features not to use, as if the kernel refused them "
+                        "(drain, drain-tcp, arena; also SHMBYPASS_WITHOUT)")
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("down", help="detach and unpin everything; live connections go on over TCP")

@@ -6,61 +6,25 @@ sockhash and sockops to the cgroup (through a pinned link).
 `down`: stop redirecting, let the kernel queues drain, then unpin everything
 and remove the cgroup. Live connections carry on over plain TCP.
 """
-import errno
 import os
 import shutil
 import signal
-import struct
 import subprocess
-import sys
 import time
 
-from shmbypass import bpf, features, paths, slots
-from shmbypass._native import ffi, lib
-from shmbypass.errors import FeatureMissing, ShmbypassError
-from shmbypass.features import Probe
+from shmbypass import bpf, drain, features, paths, programs, region, slots
+from shmbypass._native import lib
+from shmbypass.errors import ShmbypassError
 
-OBJECT = "bypass"
 MAPS = ("sock_hash", "conns", "pending", "counters", "settings", "errors", "sk_state",
         *slots.MAPS)
-PROGS = {"prog_msg": "sbp_msg", "prog_drain": "sbp_drain"}
 LINK = "link_sockops"
+# Where each optional program is pinned when the kernel took it.
+OPTIONAL_PINS = {"drain": drain.PIN_SOCKMAP, "drain-tcp": drain.PIN_TCP}
 
 
 def is_up(inst: paths.Instance) -> bool:
     return os.path.exists(inst.pin(LINK)) and all(os.path.exists(inst.pin(m)) for m in MAPS)
-
-
-ENOTSUPP = 524  # the kernel's own "not supported", not in errno
-
-# What the verifier says when the kernel lacks a program type or helper.
-_MISSING_FEATURE = ("unknown func", "cannot use helper", "invalid func", "unknown prog type",
-                    "program type", "not supported")
-
-
-def _load_error(e: bpf.LoadError) -> ShmbypassError:
-    log = e.log
-    if any(s in log.lower() for s in _MISSING_FEATURE) or e.errno in (errno.EOPNOTSUPP, ENOTSUPP):
-        return FeatureMissing("this kernel cannot run the bypass programs (sockops, sk_msg, "
-                              f"sk_storage, sockmap iterator): {_first_line(log)}")
-    return ShmbypassError(f"the kernel refused the BPF programs ({e.strerror}): {_first_line(log)}")
-
-
-def _first_line(log: str) -> str:
-    lines = [ln for ln in log.splitlines() if ln.strip() and not ln.startswith("libbpf: prog")]
-    return lines[-1].strip() if lines else "no log"
-
-
-def probe_programs() -> Probe:
-    """Load (and immediately drop) the programs: the only honest probe."""
-    try:
-        with bpf.BpfObject(paths.bpf_object(OBJECT)) as obj:
-            obj.load()
-        return Probe("programs", True, "sockops, sk_msg and the sockmap iterator load")
-    except FileNotFoundError as e:
-        return Probe("programs", False, str(e))
-    except bpf.LoadError as e:
-        return Probe("programs", False, str(_load_error(e)))
 
 
 # The shm tier's region, per instance: 128 rings of 256 KiB (33 MiB).
@@ -72,14 +36,13 @@ def _make_region(inst: paths.Instance, backend: str | None, slot_count: int | No
                  part: int | None = None) -> dict:
     """Create the instance's region; an arena that this kernel cannot make
     falls back to POSIX shm, with the reason recorded."""
-    from shmbypass import region
     if backend == "ivshmem":  # VM pairs: join the host's region, use our part
         return region.ivshmem_state(slot_count, part)
     note = ""
     if backend in (None, "arena"):
-        probe = region.arena_supported()
-        if not probe:
-            note = f"arena backend unavailable ({probe.reason}); using POSIX shm"
+        probe = arena_feature()
+        if not probe.ok:
+            note = f"arena backend unavailable ({probe.detail}); using POSIX shm"
             backend = "shm"
         else:
             backend = "arena"
@@ -95,14 +58,36 @@ def _make_region(inst: paths.Instance, backend: str | None, slot_count: int | No
             "note": note}
 
 
+def arena_feature() -> programs.Feature:
+    if "arena" in programs.turned_off():
+        return programs.Feature("arena", False, f"turned off ({programs.WITHOUT_ENV})")
+    probe = region.arena_supported()
+    return programs.Feature("arena", probe.ok, probe.reason)
+
+
+def _load_optional(inst: paths.Instance) -> dict:
+    """Load and pin each optional program the kernel takes; the feature
+    lines (ok or why not) go to the instance state."""
+    out = {}
+    for p in programs.OPTIONAL_PROGRAMS:
+        obj, feat = programs.load_optional(p)
+        if obj:
+            with obj:
+                bpf.pin(obj.prog_fd(p.prog), inst.pin(OPTIONAL_PINS[p.name]))
+        out[p.name] = feat.as_dict()
+    return out
+
+
 def up(inst: paths.Instance, cgroup: str | None = None, slot_count: int | None = None,
        backend: str | None = None, part: int | None = None) -> bool:
     """Bring the bypass up; False if it already was."""
     features.require_root()
     root = features.require_cgroup2()
     features.ensure_bpffs()
-    if not os.path.exists(paths.bpf_object(OBJECT)):
-        raise ShmbypassError(f"{paths.bpf_object(OBJECT)} is missing: build first (make setup)")
+    programs.turned_off()  # a bad SHMBYPASS_WITHOUT fails before anything is made
+    if not os.path.exists(paths.bpf_object(programs.CORE_OBJECT)):
+        raise ShmbypassError(f"{paths.bpf_object(programs.CORE_OBJECT)} is missing: build first "
+                             "(make setup)")
     if is_up(inst):
         return False
     # Leftovers of an interrupted up/down: clear them and start over.
@@ -116,15 +101,11 @@ def up(inst: paths.Instance, cgroup: str | None = None, slot_count: int | None =
 
     os.makedirs(inst.pin_dir, exist_ok=True)
     try:
-        with bpf.BpfObject(paths.bpf_object(OBJECT)) as obj:
-            try:
-                obj.load()
-            except bpf.LoadError as e:
-                raise _load_error(e) from None
+        with programs.load_core() as obj:
             for m in MAPS:
                 bpf.pin(obj.map_fd(m), inst.pin(m))
-            for pin_name, prog in PROGS.items():
-                bpf.pin(obj.prog_fd(prog), inst.pin(pin_name))
+            bpf.pin(obj.prog_fd("sbp_msg"), inst.pin("prog_msg"))
+            state["features"] = _load_optional(inst)
             # The shm tier's region and slot free list (before sockops runs).
             n = DEFAULT_SLOTS if slot_count is None else slot_count
             if backend == "ivshmem":  # the host set the geometry: our whole part unless --slots
@@ -132,6 +113,8 @@ def up(inst: paths.Instance, cgroup: str | None = None, slot_count: int | None =
                 n = state["region"]["slot_count"]
             else:
                 state["region"] = _make_region(inst, backend, max(n, 1))
+            if backend != "ivshmem":
+                state["features"]["arena"] = arena_feature().as_dict()
             inst.save_state(state)
             slots.setup(inst, n, state["region"]["region_id"],
                         first_slot=state["region"].get("first_slot", 0))
@@ -156,7 +139,6 @@ def up(inst: paths.Instance, cgroup: str | None = None, slot_count: int | None =
 
 
 def _remove_region(inst: paths.Instance) -> None:
-    from shmbypass import region
     region.remove(inst.name, inst.pin_dir)
 
 
@@ -203,56 +185,65 @@ def set_draining(inst: paths.Instance, on: bool) -> None:
         m.update(0, {"draining": 1 if on else 0})
 
 
-def queued_bytes(inst: paths.Instance) -> dict[int, int]:
-    """Socket cookie -> bytes redirected to it that its owner has not read."""
-    prog = bpf.get_pinned(inst.pin("prog_drain"))
-    hmap = bpf.get_pinned(inst.pin("sock_hash"))
-    try:
-        raw = bpf.iter_sockmap(prog, hmap)
-    finally:
-        os.close(prog)
-        os.close(hmap)
-    out = {}
-    for off in range(0, len(raw) - len(raw) % 16, 16):
-        cookie, queued, _ = struct.unpack_from("=QII", raw, off)
-        out[cookie] = queued
-    return out
+def _wait_for_queues(inst: paths.Instance, drain_timeout: float, force: bool) -> str:
+    """Wait until the kernel tier's sockets have read what was redirected to
+    them; the line says how it checked (or that it could not). While it
+    waits, sk_msg sends new data over TCP and new connections stay out."""
+    set_draining(inst, True)
+    time.sleep(0.05)  # sends already inside sk_msg finish their redirect
+    start = time.monotonic()
+    while True:
+        q = drain.queues(inst)
+        busy = q.busy
+        if not busy and not q.unchecked:
+            waited = time.monotonic() - start
+            return (f"every redirected byte was read (checked with {q.how}, {waited:.1f} s)"
+                    if q.how else "no kernel-tier connection was live")
+        if q.unchecked and not q.how:
+            why = "; ".join(f"{n}: {f['detail']}" for n, f in inst.load_state().get("features", {}).items()
+                            if n in OPTIONAL_PINS and not f["ok"])
+            what = (f"{q.unchecked} kernel-tier connection(s) are live and this kernel lets "
+                    f"shmbypass check no socket's unread redirected bytes ({why})")
+        elif q.unchecked and not busy:
+            what = (f"{q.unchecked} kernel-tier connection(s) in other network namespaces could not "
+                    f"be checked ({q.how})")
+        else:
+            what = (f"{len(busy)} connection(s) hold {sum(busy.values())} redirected bytes their "
+                    f"programs have not read yet")
+        if time.monotonic() - start > drain_timeout or (q.unchecked and not busy):
+            if force:
+                return what + "; --force: whatever they held unread is dropped"
+            raise ShmbypassError(
+                f"{what}; the bypass stays up and they keep working. Run `shmbypass down` "
+                f"again once they have read it (or closed), or `down --force` to drop it")
+        time.sleep(0.02)
 
 
-def down(inst: paths.Instance, drain_timeout: float = 10.0, force: bool = False) -> bool:
-    """Take the bypass down; False if nothing was up.
+def down(inst: paths.Instance, drain_timeout: float = 10.0, force: bool = False) -> str | None:
+    """Take the bypass down; None if nothing was up, else how the kernel
+    tier's queues were drained.
 
     Removing a socket from the sockhash discards bytes redirected to it and
     not read yet, so first stop redirecting and wait for those queues to
-    empty. If they do not within drain_timeout, keep the maps (the
-    connections keep working) and say so, unless force."""
+    empty. If they do not within drain_timeout, or cannot be checked, keep
+    the maps (the connections keep working) and say so, unless force."""
     features.require_root()
     state = inst.load_state()
     if not os.path.isdir(inst.pin_dir) and not state:
-        return False
-    if os.path.exists(inst.pin(LINK)):
-        os.unlink(inst.pin(LINK))  # no new connections enter the bypass
-    if os.path.exists(inst.pin("settings")) and os.path.exists(inst.pin("prog_drain")):
-        set_draining(inst, True)
-        time.sleep(0.05)  # sends already inside sk_msg finish their redirect
-        deadline = time.monotonic() + drain_timeout
-        while True:
-            busy = {c: q for c, q in queued_bytes(inst).items() if q}
-            if not busy:
-                break
-            if time.monotonic() > deadline:
-                if force:
-                    break
-                raise ShmbypassError(
-                    f"{len(busy)} connection(s) hold {sum(busy.values())} redirected bytes their "
-                    f"programs have not read yet; they keep working and new data goes over TCP. "
-                    f"Run `shmbypass down` again once they read it, or `down --force` to drop it")
-            time.sleep(0.02)
-    _remove_pins(inst)
+        return None
+    how = "nothing was attached"
+    if os.path.exists(inst.pin("settings")) and os.path.exists(inst.pin("conns")):
+        # sockops stays attached while we wait: it forgets the sockets that close
+        try:
+            how = _wait_for_queues(inst, drain_timeout, force)
+        except ShmbypassError:
+            set_draining(inst, False)  # a refused down changes nothing
+            raise
+    _remove_pins(inst)  # the link first: no new connection enters the bypass
     _remove_region(inst)
     _remove_cgroup(state)
     shutil.rmtree(inst.run_dir, ignore_errors=True)
-    return True
+    return how
 
 
 def join_cgroup(inst: paths.Instance, pid: int = 0) -> None:
@@ -327,7 +318,6 @@ def sweep_dead(prefix: str) -> list[str]:
     (left by a killed test or bench run): pins, cgroup, run dir, region."""
     import glob
     import re
-    from shmbypass import region
     names = set()
     for pattern in (os.path.join(paths.BPFFS, prefix + "*"), f"/run/{prefix}*",
                     os.path.join(paths.cgroup2_root() or "/nonexistent", prefix + "*")):

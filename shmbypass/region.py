@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import posix_ipc
 
-from . import paths
+from . import features, paths
 from ._native import ffi, lib
 from .ring import Ring
 
@@ -117,7 +117,7 @@ def _arena_errno_reason(e):
         return (f"kernel {os.uname().release} has no BPF arena maps "
                 f"(BPF_MAP_TYPE_ARENA needs Linux 6.9 or later; map create: {os.strerror(e)})")
     if e == errno.EPERM:
-        return "creating a BPF arena needs CAP_BPF (run as root; unprivileged BPF is disabled)"
+        return features.explain_refusal(e, "", "BPF_MAP_TYPE_ARENA map creation")
     if e == errno.ENOSYS:
         return "this kernel has no bpf() system call"
     if e == errno.ENOMEM:
@@ -309,7 +309,6 @@ class Region:
         self = cls("arena", size, path)
         try:
             if pdir.startswith(paths.BPFFS + "/"):
-                from . import features
                 features.ensure_bpffs(paths.BPFFS)
             if not os.path.isdir(pdir):
                 os.makedirs(pdir)

@@ -161,6 +161,7 @@ def status(inst: paths.Instance) -> dict:
         "connections": connections(inst),
         "counters": counters(inst),
         "errors": {str(k): v for k, v in errors(inst).items()},
+        "features": state.get("features", {}),
     }
 
 
@@ -177,6 +178,9 @@ def render(st: dict) -> str:
                          f"{c['bytes_tx']:>12} {c['bytes_rx']:>12}  {c['reason']}")
     elif st["attached"]:
         lines.append("no connections")
+    off = {n: f["detail"] for n, f in st.get("features", {}).items() if not f["ok"]}
+    for name, why in off.items():
+        lines.append(f"optional feature off: {name}: {why}")
     if st["counters"]:
         lines.append("counters: " + " ".join(f"{k}={v}" for k, v in st["counters"].items()))
     if st["errors"]:

@@ -137,14 +137,37 @@ def test_missing_transport_is_skipped_with_reason(tmp_path):
     if res.returncode == 3:  # present but not engaging: that is said loudly, not hidden
         assert "DID NOT ENGAGE" in res.stderr
         assert any(r["engaged"] is False and not r["ratio_vs_tcp"] for r in report["results"])
-    else:
-        assert res.returncode == 0, res.stdout + res.stderr
     present = {r["transport"] for r in report["results"]}
     skipped = {s["transport"]: s["reason"] for s in report["skipped"]}
+    if res.returncode != 3:
+        # a bypass tier that was asked for and could not be set up fails the run
+        assert res.returncode == (2 if "shm" in skipped else 0), res.stdout + res.stderr
     for t in ("shm", "ring"):
         assert (t in present) != (t in skipped)
         if t in skipped:
             assert skipped[t] and "NOT AVAILABLE" in res.stderr
+
+
+def test_bypass_that_cannot_be_set_up_fails_the_run(tmp_path):
+    """A kernel that refuses the core programs: the bench still measures and
+    writes TCP, but exits non-zero with the reason on its last line."""
+    import shutil
+    clang = shutil.which("clang-19") or shutil.which("clang")
+    bpfdir = tmp_path / "bpf"
+    bpfdir.mkdir()
+    subprocess.run([clang, "-g", "-O2", "-target", "bpf", "-I", os.path.join(ROOT, "build", "bpf"),
+                    "-c", os.path.join(ROOT, "tests", "data", "no_helper.bpf.c"),
+                    "-o", str(bpfdir / "bypass.bpf.o")], check=True)
+    res = subprocess.run([PY, "-m", "shmbypass", "bench", "--quick", "--no-progress", "--out",
+                          str(tmp_path / "out"), "--only", "tcp,kernel,rtt64,unpinned", "--reps", "1",
+                          "--seconds", "0.05"], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                         env=dict(os.environ, SHMBYPASS_BPF_DIR=str(bpfdir)))
+    assert res.returncode == 2, res.stdout + res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("bench: FAILED: the kernel tier could not be set up: "), last
+    assert "this kernel cannot run the bypass programs" in last
+    report = json.loads((tmp_path / "out" / "bench.json").read_text())
+    assert {r["transport"] for r in report["results"]} == {"tcp"}
 
 
 def test_ctrl_c_leaves_nothing(tmp_path):
