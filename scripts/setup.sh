@@ -21,6 +21,7 @@ APT_PKGS=(
     redis-server redis-tools   # real application tests
     nginx-light curl wrk haproxy iperf3   # real applications and the sidecar bench
     qemu-system-x86 busybox-static   # the IVSHMEM VM pair (vm/, tests/test_vm.py); guest kernel via apt-get download
+    prometheus            # a real server scrapes `shmbypass metrics` (tests/test_metrics.py)
 )
 missing=()
 for p in "${APT_PKGS[@]}"; do
@@ -32,7 +33,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
     # Debian starts packaged daemons; the tests start their own copies.
-    for svc in redis-server nginx haproxy; do
+    for svc in redis-server nginx haproxy prometheus; do
         systemctl disable --now "$svc" >/dev/null 2>&1 || service "$svc" stop >/dev/null 2>&1 || true
     done
 fi

@@ -208,3 +208,37 @@ class Map:
             v = self.lookup(k)
             if v is not None:
                 yield k, v
+
+
+def prog_info(fd: int) -> dict:
+    """Name, id and statistics of a program, by its fd. run_cnt and
+    run_time_ns count only while BPF stats are on."""
+    info = ffi.new("struct bpf_prog_info *")
+    n = ffi.new("uint32_t *", ffi.sizeof(info[0]))
+    _check(lib.bpf_obj_get_info_by_fd(fd, info, n), "get program info")
+    return {"id": info.id, "name": ffi.string(info.name).decode(errors="replace"),
+            "run_cnt": info.run_cnt, "run_time_ns": info.run_time_ns}
+
+
+def link_prog_fd(link_fd: int) -> int:
+    """fd of the program a link attaches (the caller closes it)."""
+    info = ffi.new("struct bpf_link_info *")
+    n = ffi.new("uint32_t *", ffi.sizeof(info[0]))
+    _check(lib.bpf_obj_get_info_by_fd(link_fd, info, n), "get link info")
+    return _check(lib.bpf_prog_get_fd_by_id(info.prog_id), "open program by id")
+
+
+def stats_sysctl() -> bool:
+    """Is kernel.bpf_stats_enabled on? (An fd from enable_stats() counts
+    too, but the sysctl does not show it.)"""
+    try:
+        with open("/proc/sys/kernel/bpf_stats_enabled") as f:
+            return f.read().strip() == "1"
+    except OSError:
+        return False
+
+
+def enable_stats() -> int:
+    """Turn BPF program statistics on for as long as the returned fd stays
+    open (BPF_ENABLE_STATS; the sysctl is left alone)."""
+    return _check(lib.bpf_enable_stats(lib.BPF_STATS_RUN_TIME), "enable BPF stats")

@@ -1,4 +1,4 @@
-"""The shmbypass command line: up, down, run, status, doctor, bench, vm."""
+"""The shmbypass command line: up, down, run, status, doctor, bench, vm, metrics."""
 import argparse
 import os
 import sys
@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_doctor)
 
     # Subcommands that live in their own modules.
-    for mod in ("bench", "vm"):
+    for mod in ("bench", "vm", "metrics"):
         try:
             module = __import__(f"shmbypass.{mod}", fromlist=["add_parser"])
         except ImportError:
