@@ -18,7 +18,7 @@ PINGPONG = paths.tool("sbp-pingpong")
 ITERS = 20000
 
 pytestmark = pytest.mark.skipif(not os.path.exists(PRELOAD),
-                                reason=f"{PRELOAD} is not built (native/interpose.c, the shm tier's interposer)")
+                                reason=f"{PRELOAD} is not built (native/preload/, the shm tier's interposer)")
 
 
 def _plain_env():

@@ -20,7 +20,6 @@
 #include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
-#include <stdatomic.h>
 #include <stdint.h>
 #include <sys/socket.h>
 #include <sys/time.h>
@@ -28,17 +27,9 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "sys.h"
+
 #define EXPORT __attribute__((visibility("default")))
-
-static atomic_ulong spurious;	/* how often the guard saved a call */
-
-static int64_t now_ns(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
 
 /* After EAGAIN: was that a spurious wake-up of a blocking stream socket? */
 static int spurious_eagain(int fd, int flags, int64_t start)
@@ -61,7 +52,6 @@ static int spurious_eagain(int fd, int flags, int64_t start)
 		if (now_ns() - start >= timeout)
 			return 0;	/* a real timeout */
 	}
-	atomic_fetch_add_explicit(&spurious, 1, memory_order_relaxed);
 	return 1;
 }
 
@@ -171,10 +161,4 @@ EXPORT ssize_t __recvfrom_chk(int fd, void *buf, size_t len, size_t buflen, int 
 			      struct sockaddr *a, socklen_t *al)
 {
 	GUARDED(fd, flags, get___recvfrom_chk()(fd, buf, len, buflen, flags, a, al));
-}
-
-/* For tests and `SHMBYPASS_DEBUG`: how many spurious EAGAINs were hidden. */
-EXPORT unsigned long shmbypass_guard_spurious(void)
-{
-	return atomic_load(&spurious);
 }

@@ -11,6 +11,7 @@
 
 #include "region.h"
 #include "ring.h"
+#include "sys.h"
 
 _Static_assert(sizeof(struct sbp_region_hdr) <= SBP_REGION_HDR_SIZE, "region header fits a page");
 _Static_assert(SBP_REGION_HDR_SIZE == SBP_RING_HDR_SIZE, "page-sized headers");
@@ -166,11 +167,6 @@ uint64_t sbp_arena_pick_addr(size_t size)
 		start = (start + SZ_4G - 1) & ~(SZ_4G - 1);
 	munmap(p, 2 * size);
 	return start;
-}
-
-static long sys_bpf(int cmd, union bpf_attr *attr)
-{
-	return syscall(SYS_bpf, cmd, attr, sizeof(*attr));
 }
 
 int sbp_arena_create(uint32_t pages, uint64_t map_addr)

@@ -25,6 +25,7 @@
 #include <unistd.h>
 
 #include "ring.h"
+#include "sys.h"
 
 _Static_assert(sizeof(struct sbp_ring_hdr) == 192, "ring header: three cache lines");
 _Static_assert(offsetof(struct sbp_ring_hdr, head) == 64, "head on cache line 1");
@@ -40,14 +41,6 @@ _Static_assert(sizeof(struct sbp_ring_hdr) <= SBP_RING_HDR_SIZE, "header fits");
 static inline struct sbp_ring_hdr *H(const struct sbp_ring *r)
 {
 	return (struct sbp_ring_hdr *)r->hdr;
-}
-
-static int64_t now_ns(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
 /* Non-private futex calls: the memory is MAP_SHARED between processes. */
@@ -637,7 +630,7 @@ static int spin_until(struct sbp_ring *r, bool (*ready)(const struct sbp_ring *)
 					bell_wait_done(r, now_ns());
 				return 0;
 			}
-			sbp_cpu_relax();
+			cpu_relax();
 		}
 		t = now_ns();
 		if (t >= spin_end)

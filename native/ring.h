@@ -245,15 +245,4 @@ ssize_t sbp_ring_commit(struct sbp_ring *r, size_t n);
 ssize_t sbp_ring_peek_iov(struct sbp_ring *r, struct iovec iov[2], size_t max);
 ssize_t sbp_ring_consume(struct sbp_ring *r, size_t n);
 
-/* The pause of a spin loop on ring state (the ring's waits, the
- * interposer's attach spin). */
-static inline void sbp_cpu_relax(void)
-{
-#if defined(__x86_64__) || defined(__i386__)
-	__builtin_ia32_pause();
-#elif defined(__aarch64__)
-	__asm__ __volatile__("yield");
-#endif
-}
-
 #endif

@@ -1,5 +1,5 @@
 """The shm tier for unmodified programs: the environment that loads the
-interposer (native/interpose*.c, built as _bin/libshmbypass-preload.so).
+interposer (native/preload/, built as _bin/libshmbypass-preload.so).
 
 `shmbypass run --tier shm -- CMD` runs CMD with :func:`preload_env`. The
 library then marks the program's TCP sockets so the BPF handshake can offer

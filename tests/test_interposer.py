@@ -1,4 +1,4 @@
-"""The LD_PRELOAD interposer (native/interpose*.c) with real processes.
+"""The LD_PRELOAD interposer (native/preload/) with real processes.
 
 Every peer runs under `python -m shmbypass run --tier shm -- ...` in a private
 instance ("sbt-ipc-<pid>-<n>") whose region the test creates and hands to

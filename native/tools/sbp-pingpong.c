@@ -88,6 +88,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "sys.h"
+
 #define HELLO_MAGIC 0x50504253u /* "SBPP" little-endian */
 #define STATS_MAGIC 0x54534253u /* "SBST" */
 #define PROTO_VERSION 1
@@ -136,13 +138,6 @@ static void fail(const char *msg)
 {
 	fprintf(stderr, "sbp-pingpong: %s\n", msg);
 	exit(1);
-}
-
-static uint64_t now_ns(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
 static void cpu_ns(uint64_t *user, uint64_t *sys)

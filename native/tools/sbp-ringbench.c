@@ -62,6 +62,7 @@
 
 #include "region.h"
 #include "ring.h"
+#include "sys.h"
 
 struct opts {
 	int stream;
@@ -87,14 +88,6 @@ static void fail(const char *fmt, const char *arg)
 	fprintf(stderr, fmt, arg);
 	fprintf(stderr, "\n");
 	exit(1);
-}
-
-static uint64_t now_ns(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
 static uint64_t cpu_ns(void)

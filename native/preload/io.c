@@ -1,7 +1,6 @@
 // SPDX-License-Identifier: GPL-2.0
-/*
- * The data path of shm-tier sockets: every call that moves bytes goes
- * through the rings; everything else passes straight to libc.
+/* io.c: the data path of shm-tier sockets: the send and recv families
+ * through the rings, and sendfile/splice straight into and out of them.
  *
  * One writer and one reader at a time per ring (SPSC): each direction has a
  * process-shared lock. A blocking call keeps its lock while it waits (other
@@ -11,8 +10,7 @@
  * TCP semantics kept: blocking send() moves everything (or stops at a signal
  * or SO_SNDTIMEO with a partial count); recv() returns what is there;
  * MSG_WAITALL/PEEK/DONTWAIT/TRUNC/NOSIGNAL; EPIPE raises SIGPIPE unless
- * MSG_NOSIGNAL; after the peer is gone, what it wrote is still delivered.
- */
+ * MSG_NOSIGNAL; after the peer is gone, what it wrote is still delivered. */
 #include <fcntl.h>
 #include <limits.h>
 #include <string.h>
@@ -20,7 +18,11 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-#include "interpose.h"
+#include "channel.h"
+#include "control.h"
+#include "io.h"
+#include "setup.h"
+#include "wait.h"
 
 #ifndef UIO_MAXIOV
 #define UIO_MAXIOV 1024
@@ -50,73 +52,6 @@ static int dir_lock(pthread_mutex_t *m, _Atomic uint32_t *sleeping, int nonblock
 		rc = 0;
 	}
 	return -rc;
-}
-
-/* The spin of a blocking wait, before the work (TCP look, timeout
- * look-up) that precedes a sleep. Counts as asleep for non-blocking
- * callers of the same direction, as the spin inside chan_wait does. */
-static int ring_spin(struct sbp_ring *r, _Atomic uint32_t *sleeping, int dir)
-{
-	int rc;
-
-	atomic_store_explicit(sleeping, 1, memory_order_relaxed);
-	rc = dir ? sbp_ring_spin_writable(r) : sbp_ring_spin_readable(r);
-	atomic_store_explicit(sleeping, 0, memory_order_relaxed);
-	return rc;
-}
-
-/* Spin until the peer's ring can be attached. Its CPU is unknown: after a
- * short pure spin, yield between looks so a peer on our CPU gets to run.
- * The budget adapts per process like the ring's spin: a hit restores it
- * (up to the ring spin budget), a miss halves it (down to 1/32), so a
- * program whose peers accept late (a backlog) stops spinning for nothing. */
-static _Atomic uint32_t attach_budget_ns = UINT32_MAX;
-
-static int attach_spin(int fd, struct chan *ch)
-{
-	uint32_t budget = atomic_load_explicit(&attach_budget_ns, memory_order_relaxed);
-	int64_t start, t;
-
-	if (budget > g.spin_ns)
-		budget = g.spin_ns;
-	if (!budget)
-		return -EAGAIN;
-	start = now_ns();
-	for (;;) {
-		for (int i = 0; i < 16; i++) {
-			if (rx_try_attach(fd, ch)) {
-				if (budget < g.spin_ns)
-					atomic_store_explicit(&attach_budget_ns, budget * 2,
-							      memory_order_relaxed);
-				return 0;
-			}
-			if (atomic_load(&ch->sh->flags) & CH_BROKEN)
-				return -EPROTO;
-			sbp_cpu_relax();
-		}
-		t = now_ns();
-		if (t - start >= (int64_t)budget)
-			break;
-		if (t - start >= 2000)
-			sched_yield();
-	}
-	if (budget / 2 >= g.spin_ns / 32)
-		atomic_store_explicit(&attach_budget_ns, budget / 2, memory_order_relaxed);
-	return -EAGAIN;
-}
-
-/* A socket with a timeout is never restarted (socket(7)); else it is when
- * every handler asked for SA_RESTART. */
-static int restart_ok(int64_t deadline)
-{
-	return deadline == DL_NONE && sbp_restartable();
-}
-
-static inline int64_t deadline_for(int fd, int opt)
-{
-	int64_t t = sock_timeout_ns(fd, opt);
-
-	return t < 0 ? DL_NONE : now_ns() + t;
 }
 
 /* Skip n bytes of an iovec array (in place). */
@@ -399,209 +334,24 @@ ssize_t shm_recv(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, i
 	return fail(err, 0);
 }
 
-static inline ssize_t put_ret(struct chan *ch, ssize_t r)
+ssize_t shm_recvmsg(int fd, struct chan *ch, struct msghdr *m, int flags)
 {
-	int e = errno;
+	ssize_t r = shm_recv(fd, ch, m->msg_iov, (int)m->msg_iovlen, flags);
 
-	chan_put(ch);
-	errno = e;
-	return r;
-}
-
-/* ---- read/write family ------------------------------------------------------ */
-
-EXPORT ssize_t read(int fd, void *buf, size_t n)
-{
-	struct iovec iov = { buf, n };
-	struct chan *ch;
-
-	if (likely(fd_class(fd, &ch) != K_SHM))
-		return REAL(read)(fd, buf, n);
-	return put_ret(ch, shm_recv(fd, ch, &iov, 1, 0));
-}
-
-EXPORT ssize_t __read_chk(int fd, void *buf, size_t n, size_t buflen)
-{
-	if (n > buflen)
-		return REAL(__read_chk)(fd, buf, n, buflen);    /* aborts, as it should */
-	return read(fd, buf, n);
-}
-
-EXPORT ssize_t write(int fd, const void *buf, size_t n)
-{
-	struct iovec iov = { (void *)buf, n };
-	struct chan *ch;
-
-	if (likely(fd_class(fd, &ch) != K_SHM))
-		return REAL(write)(fd, buf, n);
-	return put_ret(ch, shm_send(fd, ch, &iov, 1, 0));
-}
-
-EXPORT ssize_t readv(int fd, const struct iovec *iov, int cnt)
-{
-	struct chan *ch;
-
-	if (likely(fd_class(fd, &ch) != K_SHM))
-		return REAL(readv)(fd, iov, cnt);
-	return put_ret(ch, shm_recv(fd, ch, iov, cnt, 0));
-}
-
-EXPORT ssize_t writev(int fd, const struct iovec *iov, int cnt)
-{
-	struct chan *ch;
-
-	if (likely(fd_class(fd, &ch) != K_SHM))
-		return REAL(writev)(fd, iov, cnt);
-	return put_ret(ch, shm_send(fd, ch, iov, cnt, 0));
-}
-
-EXPORT ssize_t recv(int fd, void *buf, size_t n, int flags)
-{
-	struct iovec iov = { buf, n };
-	struct chan *ch;
-
-	if (likely(fd_class(fd, &ch) != K_SHM))
-		return REAL(recv)(fd, buf, n, flags);
-	return put_ret(ch, shm_recv(fd, ch, &iov, 1, flags));
-}
-
-EXPORT ssize_t __recv_chk(int fd, void *buf, size_t n, size_t buflen, int flags)
-{
-	if (n > buflen)
-		return REAL(__recv_chk)(fd, buf, n, buflen, flags);
-	return recv(fd, buf, n, flags);
-}
-
-EXPORT ssize_t send(int fd, const void *buf, size_t n, int flags)
-{
-	struct iovec iov = { (void *)buf, n };
-	struct chan *ch;
-
-	if (likely(fd_class(fd, &ch) != K_SHM))
-		return REAL(send)(fd, buf, n, flags);
-	return put_ret(ch, shm_send(fd, ch, &iov, 1, flags));
-}
-
-EXPORT ssize_t recvfrom(int fd, void *buf, size_t n, int flags, struct sockaddr *addr,
-			socklen_t *alen)
-{
-	struct iovec iov = { buf, n };
-	struct chan *ch;
-	ssize_t r;
-
-	if (likely(fd_class(fd, &ch) != K_SHM))
-		return REAL(recvfrom)(fd, buf, n, flags, addr, alen);
-	r = shm_recv(fd, ch, &iov, 1, flags);
-	if (r >= 0 && addr && alen)
-		*alen = 0;              /* TCP reports no address */
-	return put_ret(ch, r);
-}
-
-EXPORT ssize_t __recvfrom_chk(int fd, void *buf, size_t n, size_t buflen, int flags,
-			      struct sockaddr *addr, socklen_t *alen)
-{
-	if (n > buflen)
-		return REAL(__recvfrom_chk)(fd, buf, n, buflen, flags, addr, alen);
-	return recvfrom(fd, buf, n, flags, addr, alen);
-}
-
-EXPORT ssize_t sendto(int fd, const void *buf, size_t n, int flags, const struct sockaddr *addr,
-		      socklen_t alen)
-{
-	struct iovec iov = { (void *)buf, n };
-	struct chan *ch;
-
-	if (likely(fd_class(fd, &ch) != K_SHM))
-		return REAL(sendto)(fd, buf, n, flags, addr, alen);
-	return put_ret(ch, shm_send(fd, ch, &iov, 1, flags));   /* connected: address ignored */
-}
-
-/* fds that arrive in SCM_RIGHTS are new to us whatever the table says. */
-static void note_received_fds(const struct msghdr *m)
-{
-	struct cmsghdr *c;
-
-	if (!g.enabled || !m->msg_control || m->msg_controllen < sizeof(struct cmsghdr))
-		return;
-	for (c = CMSG_FIRSTHDR((struct msghdr *)m); c; c = CMSG_NXTHDR((struct msghdr *)m, c)) {
-		if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
-			continue;
-		for (size_t i = 0; (i + 1) * sizeof(int) <= c->cmsg_len - CMSG_LEN(0); i++) {
-			int fd;
-
-			memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
-			fdt_store(fd, K_UNKNOWN);
-		}
-	}
-}
-
-/* A shm socket handed to another process: it now has two holders. */
-static void note_sent_fds(const struct msghdr *m)
-{
-	struct cmsghdr *c;
-
-	if (!g.enabled || !m->msg_control || m->msg_controllen < sizeof(struct cmsghdr))
-		return;
-	for (c = CMSG_FIRSTHDR((struct msghdr *)m); c; c = CMSG_NXTHDR((struct msghdr *)m, c)) {
-		if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
-			continue;
-		for (size_t i = 0; (i + 1) * sizeof(int) <= c->cmsg_len - CMSG_LEN(0); i++) {
-			uint64_t v;
-			int fd;
-
-			memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
-			v = fdt_load(fd);
-			if (FD_KIND(v) == K_SHM)
-				atomic_store(&((struct chan *)FD_PTR(v))->shared, 1);
-		}
-	}
-}
-
-EXPORT ssize_t recvmsg(int fd, struct msghdr *m, int flags)
-{
-	struct chan *ch;
-	ssize_t r;
-
-	if (likely(fd_class(fd, &ch) != K_SHM)) {
-		r = REAL(recvmsg)(fd, m, flags);
-		if (r >= 0) {
-			int e = errno;
-
-			note_received_fds(m);
-			errno = e;
-		}
-		return r;
-	}
-	r = shm_recv(fd, ch, m->msg_iov, (int)m->msg_iovlen, flags);
 	if (r >= 0) {
 		if (m->msg_name)
 			m->msg_namelen = 0;
 		m->msg_controllen = 0;
 		m->msg_flags = 0;
 	}
-	return put_ret(ch, r);
+	return r;
 }
 
-EXPORT ssize_t sendmsg(int fd, const struct msghdr *m, int flags)
+int shm_recvmmsg(int fd, struct chan *ch, struct mmsghdr *vec, unsigned int vlen, int flags)
 {
-	struct chan *ch;
-
-	if (likely(fd_class(fd, &ch) != K_SHM)) {
-		note_sent_fds(m);
-		return REAL(sendmsg)(fd, m, flags);
-	}
-	return put_ret(ch, shm_send(fd, ch, m->msg_iov, (int)m->msg_iovlen, flags));
-}
-
-EXPORT int recvmmsg(int fd, struct mmsghdr *vec, unsigned int vlen, int flags,
-		    struct timespec *timeout)
-{
-	struct chan *ch;
 	unsigned int i;
 	ssize_t r;
 
-	if (likely(fd_class(fd, &ch) != K_SHM))
-		return REAL(recvmmsg)(fd, vec, vlen, flags, timeout);
 	for (i = 0; i < vlen; i++) {
 		int fl = flags & ~MSG_WAITFORONE;
 
@@ -610,7 +360,7 @@ EXPORT int recvmmsg(int fd, struct mmsghdr *vec, unsigned int vlen, int flags,
 		r = shm_recv(fd, ch, vec[i].msg_hdr.msg_iov, (int)vec[i].msg_hdr.msg_iovlen, fl);
 		if (r < 0) {
 			if (i == 0)
-				return (int)put_ret(ch, -1);
+				return -1;
 			break;
 		}
 		vec[i].msg_len = (unsigned int)r;
@@ -621,32 +371,28 @@ EXPORT int recvmmsg(int fd, struct mmsghdr *vec, unsigned int vlen, int flags,
 			break;
 		}
 	}
-	return (int)put_ret(ch, i);
+	return (int)i;
 }
 
-EXPORT int sendmmsg(int fd, struct mmsghdr *vec, unsigned int vlen, int flags)
+int shm_sendmmsg(int fd, struct chan *ch, struct mmsghdr *vec, unsigned int vlen, int flags)
 {
-	struct chan *ch;
 	unsigned int i;
 	ssize_t r;
 
-	if (likely(fd_class(fd, &ch) != K_SHM))
-		return REAL(sendmmsg)(fd, vec, vlen, flags);
 	for (i = 0; i < vlen; i++) {
 		r = shm_send(fd, ch, vec[i].msg_hdr.msg_iov, (int)vec[i].msg_hdr.msg_iovlen,
 			     flags | (i ? MSG_NOSIGNAL : 0));
 		if (r < 0) {
 			if (i == 0)
-				return (int)put_ret(ch, -1);
+				return -1;
 			break;
 		}
 		vec[i].msg_len = (unsigned int)r;
 	}
-	return (int)put_ret(ch, i);
+	return (int)i;
 }
 
-/* ---- sendfile / splice --------------------------------------------------------- *
- * The source is read straight into the free part of the ring (pread/readv
+/* sendfile / splice: the source is read straight into the free part of the ring (pread/readv
  * into the pieces sbp_ring_reserve describes, then commit what came), and a
  * pipe is written straight from the readable part: one copy, as the kernel
  * would do, not two through a bounce buffer. Never more than the ring has
@@ -718,7 +464,7 @@ static ssize_t into_ring(int out, struct chan *ch, int in, off_t *pos, size_t co
 		if (in_nonblock) {
 			struct pollfd p = { in, POLLIN, 0 };
 
-			if (syscall(SYS_ppoll, &p, 1, &(struct timespec){ 0, 0 }, NULL, 8) == 0) {
+			if (sys_ppoll(&p, 1, 0, NULL) == 0) {
 				if (!done)
 					err = EAGAIN;
 				break;
@@ -760,7 +506,7 @@ static ssize_t into_ring(int out, struct chan *ch, int in, off_t *pos, size_t co
 	return fail(err, 0);
 }
 
-static ssize_t shm_sendfile(int out, struct chan *ch, int in, off_t *offset, size_t count)
+ssize_t shm_sendfile(int out, struct chan *ch, int in, off_t *offset, size_t count)
 {
 	int nonblock = !!(atomic_load(&ch->sh->flags) & CH_NONBLOCK);
 	off_t pos;
@@ -787,25 +533,6 @@ static ssize_t shm_sendfile(int out, struct chan *ch, int in, off_t *offset, siz
 		lseek(in, pos, SEEK_SET);
 	errno = e;
 	return r;
-}
-
-EXPORT ssize_t sendfile(int out, int in, off_t *offset, size_t count)
-{
-	struct chan *ch;
-
-	if (likely(fd_class(out, &ch) != K_SHM))
-		return REAL(sendfile)(out, in, offset, count);
-	return put_ret(ch, shm_sendfile(out, ch, in, offset, count));
-}
-
-EXPORT ssize_t sendfile64(int out, int in, off_t *offset, size_t count)
-{
-	struct chan *ch;
-
-	if (likely(fd_class(out, &ch) != K_SHM))
-		return REAL(sendfile64) ? REAL(sendfile64)(out, in, offset, count)
-					: REAL(sendfile)(out, in, offset, count);
-	return put_ret(ch, shm_sendfile(out, ch, in, offset, count));
 }
 
 /* splice from a shm socket into a pipe: write the pipe straight from the
@@ -872,7 +599,7 @@ static ssize_t out_of_ring(int in, struct chan *ch, int out, size_t len, int non
 		if (out_nonblock) {
 			struct pollfd p = { out, POLLOUT, 0 };
 
-			if (syscall(SYS_ppoll, &p, 1, &(struct timespec){ 0, 0 }, NULL, 8) == 0)
+			if (sys_ppoll(&p, 1, 0, NULL) == 0)
 				err = EAGAIN;
 		}
 		if (!err) {
@@ -900,38 +627,33 @@ static ssize_t out_of_ring(int in, struct chan *ch, int out, size_t len, int non
 	return r;
 }
 
-EXPORT ssize_t splice(int in, off_t *off_in, int out, off_t *off_out, size_t len,
-		      unsigned int flags)
+ssize_t shm_splice(int in, struct chan *cin, off_t *off_in, int out, struct chan *cout,
+		   off_t *off_out, size_t len, unsigned int flags)
 {
-	struct chan *cin, *cout;
-	int kin = fd_class(in, &cin), kout = fd_class(out, &cout);
 	int nb = !!(flags & SPLICE_F_NONBLOCK);
-	ssize_t r;
 
-	if (likely(kin != K_SHM && kout != K_SHM))
-		return REAL(splice)(in, off_in, out, off_out, len, flags);
-	if (kin == K_SHM && kout == K_SHM) {
+	if (cin && cout) {
 		/* two sockets: the kernel wants a pipe on one side */
 		chan_put(cin);
 		chan_put(cout);
 		errno = EINVAL;
 		return -1;
 	}
-	if (kout == K_SHM) {
+	if (cout) {
 		if (off_out) {
 			chan_put(cout);
 			errno = ESPIPE;
 			return -1;
 		}
-		r = into_ring(out, cout, in, off_in, len,
-			      nb || (atomic_load(&cout->sh->flags) & CH_NONBLOCK), 1, nb);
-		return put_ret(cout, r);
+		return put_ret(cout, into_ring(out, cout, in, off_in, len,
+					       nb || (atomic_load(&cout->sh->flags) & CH_NONBLOCK), 1,
+					       nb));
 	}
 	if (off_in) {
 		chan_put(cin);
 		errno = ESPIPE;
 		return -1;
 	}
-	r = out_of_ring(in, cin, out, len, nb || (atomic_load(&cin->sh->flags) & CH_NONBLOCK), nb);
-	return put_ret(cin, r);
+	return put_ret(cin, out_of_ring(in, cin, out, len,
+					nb || (atomic_load(&cin->sh->flags) & CH_NONBLOCK), nb));
 }

@@ -1,0 +1,124 @@
+// SPDX-License-Identifier: GPL-2.0
+/* control.c: the TCP control connection of a shm-tier socket: doorbell
+ * bytes out and in, and what its FIN/RST say about the peer. */
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include "channel.h"
+#include "control.h"
+#include "setup.h"
+
+void ctl_doorbell(int fd)
+{
+	static const char bell = 0;
+	int saved = errno;
+
+	/* SYNC POINT: the ring was published before this syscall; the peer
+	 * re-checks the ring after it wakes on the byte. */
+	syscall(SYS_sendto, fd, &bell, 1, MSG_DONTWAIT | MSG_NOSIGNAL, NULL, 0);
+	errno = saved;
+}
+
+int peer_tx_shut(struct chan *ch)
+{
+	uint32_t f = atomic_load_explicit(&ch->sh->flags, memory_order_acquire);
+
+	if (f & (CH_TCP_EOF | CH_TCP_RST | CH_PEER_GONE | CH_BROKEN))
+		return 1;
+	return (f & CH_RX_ATTACHED) && (sbp_ring_flags(&ch->sh->rx) & SBP_RING_WRITER_CLOSED);
+}
+
+/* The TCP connection ended (FIN or RST). If the ring we read carries no FIN,
+ * the peer did not shut down its side through us: its socket is gone (the
+ * process died, or it closed a descriptor it shared with another process).
+ * Then reads drain the ring and end like TCP would: ECONNRESET if the peer
+ * left data of ours unread (TCP would have sent RST), else EOF. */
+static void note_tcp_end(int fd, struct chan *ch, uint32_t bit)
+{
+	struct chan_sh *sh = ch->sh;
+	int fin;
+
+	rx_try_attach(fd, ch);
+	fin = (atomic_load(&sh->flags) & CH_RX_ATTACHED) &&
+	      (sbp_ring_flags(&sh->rx) & SBP_RING_WRITER_CLOSED);
+	if (!fin || bit == CH_TCP_RST) {
+		uint32_t more = CH_PEER_GONE;
+
+		if (!fin && sbp_ring_readable(&sh->tx) > 0)
+			more |= CH_GONE_RESET;
+		bit |= more;
+	}
+	if (!(atomic_fetch_or(&sh->flags, bit) & CH_PEER_GONE) && (bit & CH_PEER_GONE))
+		DBG("peer's socket closed (TCP %s%s)", bit & CH_TCP_RST ? "RST" : "FIN",
+		    bit & CH_GONE_RESET ? ", our data unread: ECONNRESET" : "");
+}
+
+uint32_t ctl_drain(int fd, struct chan *ch)
+{
+	struct chan_sh *sh = ch->sh;
+	uint32_t f = atomic_load(&sh->flags);
+	char buf[256];
+	int saved = errno;
+
+	if (f & (CH_TCP_EOF | CH_TCP_RST))
+		return f & (CH_TCP_EOF | CH_TCP_RST);
+	for (;;) {
+		long n = syscall(SYS_recvfrom, fd, buf, sizeof(buf), MSG_DONTWAIT, NULL, NULL);
+
+		if (n > 0 && !(f & CH_BELL_SEEN)) {
+			/* SYNC POINT: the peer formatted its ring before this byte */
+			atomic_fetch_or(&sh->flags, CH_BELL_SEEN);
+			f |= CH_BELL_SEEN;
+		}
+		if (n > 0 && g.doorbell) {
+			/* The bytes may have been for a sleeper of the other
+			 * direction, asleep on this socket too: kick it. */
+			for (int d = 0; d < 2; d++) {
+				int k = sh->kick[d];
+
+				if (k >= 0 && atomic_load(d ? &sh->tx_sleeping : &sh->rx_sleeping)) {
+					uint64_t one = 1;
+
+					syscall(SYS_write, k, &one, sizeof(one));
+				}
+			}
+		}
+		if (n == (long)sizeof(buf))
+			continue;
+		if (n > 0)
+			break;
+		if (n == 0) {
+			/* After our own SHUT_RD a 0 says nothing about the peer. */
+			if (!(f & CH_SHUT_RD))
+				note_tcp_end(fd, ch, CH_TCP_EOF);
+			break;
+		}
+		if (errno == EINTR)
+			continue;
+		if (errno == ECONNRESET || errno == ETIMEDOUT || errno == EPIPE)
+			note_tcp_end(fd, ch, CH_TCP_RST);
+		break;
+	}
+	errno = saved;
+	return atomic_load(&sh->flags) & (CH_TCP_EOF | CH_TCP_RST);
+}
+
+/* Look at the TCP side without waiting: FIN/RST (and doorbells) noted. */
+void ctl_check(int fd, struct chan *ch)
+{
+	struct pollfd p = { fd, POLLIN | POLLRDHUP, 0 };
+	int saved = errno;
+
+	if (!(atomic_load(&ch->sh->flags) & (CH_TCP_EOF | CH_TCP_RST)) &&
+	    sys_ppoll(&p, 1, 0, NULL) > 0)
+		ctl_drain(fd, ch);
+	errno = saved;
+}
+
+/* Can the TCP socket still bring doorbells? */
+int ctl_usable(struct chan *ch)
+{
+	return !(atomic_load(&ch->sh->flags) & (CH_TCP_EOF | CH_TCP_RST | CH_SHUT_RD | CH_BROKEN));
+}

@@ -1,0 +1,21 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/* control.h: the TCP control connection of a shm-tier socket. */
+#ifndef SBP_PRELOAD_CONTROL_H
+#define SBP_PRELOAD_CONTROL_H
+
+#include <stdint.h>
+
+#include "channel.h"
+
+/* One doorbell byte to the peer: never blocks, keeps errno. */
+void ctl_doorbell(int fd);
+/* Consume doorbell bytes; notes FIN/RST. Returns CH_TCP_EOF/RST bits seen. */
+uint32_t ctl_drain(int fd, struct chan *ch);
+/* Look at the TCP side without waiting: FIN/RST (and doorbells) noted. */
+void ctl_check(int fd, struct chan *ch);
+/* The peer can no longer send us doorbells (its write side is shut). */
+int peer_tx_shut(struct chan *ch);
+/* Can the TCP socket still bring doorbells? */
+int ctl_usable(struct chan *ch);
+
+#endif

@@ -1,0 +1,119 @@
+// SPDX-License-Identifier: GPL-2.0
+/* ready.c: readiness of one shm-tier socket for poll/select/epoll: its poll
+ * mask from the rings, arming its rings for doorbells, and how long a
+ * waiter spins before it sleeps.
+ *
+ * The kernel sees only the TCP control connection, which is always writable
+ * and readable only when a doorbell byte (or FIN/RST) arrived. So for each
+ * shm socket in a set we compute readiness from the rings ourselves, and
+ * before sleeping in the real call we arm the rings (the peer then sends a
+ * doorbell when it publishes) and let the kernel watch the TCP socket for
+ * POLLIN only. A short spin first: a peer on another CPU usually answers
+ * within microseconds, and a sleep/wake costs tens. */
+#include "channel.h"
+#include "control.h"
+#include "ready.h"
+#include "setup.h"
+
+/* Writable means at least this much room (a quarter of the ring), as TCP
+ * reports EPOLLOUT only past a low-water mark: a writer woken for every
+ * small read of its peer (wrk reads 8 KiB at a time) pays a wake-up and a
+ * doorbell per 8 KiB. */
+static inline size_t tx_low_water(const struct chan_sh *sh)
+{
+	return (size_t)(sh->tx.cap / 4);
+}
+
+uint32_t chan_poll_mask(int fd, struct chan *ch)
+{
+	struct chan_sh *sh = ch->sh;
+	uint32_t f, m = 0, rf = 0, tf;
+	int rd_shut, wr_shut;
+
+	rx_try_attach(fd, ch);
+	f = atomic_load_explicit(&sh->flags, memory_order_acquire);
+	if (f & CH_BROKEN)
+		return IN_BITS | OUT_BITS | POLLERR | POLLHUP | POLLRDHUP;
+	if (f & CH_RX_ATTACHED) {
+		if (sbp_ring_corrupt(&sh->rx))
+			return IN_BITS | OUT_BITS | POLLERR | POLLHUP | POLLRDHUP;
+		rf = sbp_ring_flags(&sh->rx);
+		if (sbp_ring_readable(&sh->rx) || (rf & (SBP_RING_WRITER_CLOSED | SBP_RING_RESET)))
+			m |= IN_BITS;
+	}
+	/* like tcp_poll(): RDHUP once the peer's FIN is in, HUP when both
+	 * directions are shut, ERR after a reset */
+	rd_shut = (f & (CH_SHUT_RD | CH_TCP_EOF | CH_TCP_RST | CH_PEER_GONE)) ||
+		  (rf & SBP_RING_WRITER_CLOSED);
+	if (rd_shut)
+		m |= IN_BITS | POLLRDHUP;
+	tf = sbp_ring_flags(&sh->tx);
+	wr_shut = (f & (CH_SHUT_WR | CH_PEER_GONE)) || sbp_ring_corrupt(&sh->tx) ||
+		  (tf & (SBP_RING_READER_CLOSED | SBP_RING_RESET));
+	if (wr_shut || sbp_ring_writable(&sh->tx) >= tx_low_water(sh))
+		m |= OUT_BITS;
+	if (rd_shut && wr_shut)
+		m |= POLLHUP;
+	if (((rf | tf) & SBP_RING_RESET) || (f & CH_GONE_RESET))
+		m |= POLLERR | POLLHUP;
+	return m;
+}
+
+int chan_arm(struct chan *ch, uint32_t events, int in_et_seen, int out_et_seen, int64_t *cap)
+{
+	struct chan_sh *sh = ch->sh;
+	uint32_t f = atomic_load(&sh->flags);
+	int ready = 0;
+
+	if (events & IN_BITS) {
+		if (!(f & CH_RX_ATTACHED)) {
+			if (*cap < 0 || *cap > CAP_ATTACH)
+				*cap = CAP_ATTACH;
+		} else if (in_et_seen) {
+			if (*cap < 0 || *cap > CAP_ETIN)
+				*cap = CAP_ETIN;
+		} else if (sbp_ring_arm_readable(&sh->rx)) {
+			ready = 1;
+		}
+	}
+	if (events & OUT_BITS) {
+		if (sbp_ring_writable(&sh->tx) < tx_low_water(sh)) {
+			/* the reader rings once that much is free */
+			if (sbp_ring_arm_writable_min(&sh->tx, tx_low_water(sh)))
+				ready = 1;
+			else if (peer_tx_shut(ch) && (*cap < 0 || *cap > CAP_NOBELL))
+				*cap = CAP_NOBELL;
+		} else if (!out_et_seen) {
+			/* Room appeared after the caller's last look (the
+			 * reader runs on the other CPU): look again. Not arming
+			 * and not saying so slept with no doorbell to come:
+			 * nginx's sendfile stalled until some other wake-up. */
+			ready = 1;
+		}
+	}
+	return ready;
+}
+
+/* The spin before a sleep follows what waits take while there is traffic:
+ * about twice the usual wait, at most SHMBYPASS_EPOLL_SPIN_NS (a request/
+ * response peer answers within it, so no sleep, no wake-up, no syscall).
+ * Waits longer than the limit (a slow or idle peer) make the spin short:
+ * spinning would only burn the CPU. */
+#define ACTIVE_WAIT_NS 2000000
+
+int64_t spin_budget(int64_t ewma)
+{
+	int64_t max = g.epoll_spin_ns;
+
+	if (ewma > max)
+		return max / 16;
+	return ewma * 2 + 2000 < max ? ewma * 2 + 2000 : max;
+}
+
+void note_wait(int64_t *ewma, int64_t waited)
+{
+	if (waited < ACTIVE_WAIT_NS)
+		*ewma = (*ewma * 7 + waited) / 8;
+	else
+		*ewma = (*ewma * 7 + g.epoll_spin_ns * 2) / 8;     /* idle: spin little */
+}

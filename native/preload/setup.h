@@ -1,0 +1,138 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/* setup.h: the interposer's set-up: the real libc functions, the process-wide
+ * state from the environment, logging, the sk_state map and the region. */
+#ifndef SBP_PRELOAD_SETUP_H
+#define SBP_PRELOAD_SETUP_H
+
+#include <errno.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/epoll.h>
+#include <sys/select.h>
+#include <sys/socket.h>
+#include <sys/types.h>
+#include <sys/uio.h>
+#include <time.h>
+
+#include "region.h"
+#include "ring.h"
+#include "sys.h"
+#include "../../bpf/bypass.h"
+
+#define EXPORT __attribute__((visibility("default")))
+#define unlikely(x) __builtin_expect(!!(x), 0)
+#define likely(x) __builtin_expect(!!(x), 1)
+
+/* ---- the real functions (dlsym RTLD_NEXT), resolved at load ---------- */
+
+#define SBP_REAL_LIST(X)                                                                   \
+	X(int, socket, int, int, int)                                                      \
+	X(int, connect, int, const struct sockaddr *, socklen_t)                           \
+	X(int, listen, int, int)                                                           \
+	X(int, accept, int, struct sockaddr *, socklen_t *)                                \
+	X(int, accept4, int, struct sockaddr *, socklen_t *, int)                          \
+	X(int, close, int)                                                                 \
+	X(int, close_range, unsigned int, unsigned int, int)                               \
+	X(void, closefrom, int)                                                            \
+	X(int, shutdown, int, int)                                                         \
+	X(int, dup, int)                                                                   \
+	X(int, dup2, int, int)                                                             \
+	X(int, dup3, int, int, int)                                                        \
+	X(int, fcntl, int, int, void *)                                                    \
+	X(int, fcntl64, int, int, void *)                                                  \
+	X(int, ioctl, int, unsigned long, void *)                                          \
+	X(int, getsockopt, int, int, int, void *, socklen_t *)                             \
+	X(int, setsockopt, int, int, int, const void *, socklen_t)                         \
+	X(ssize_t, read, int, void *, size_t)                                              \
+	X(ssize_t, write, int, const void *, size_t)                                       \
+	X(ssize_t, readv, int, const struct iovec *, int)                                  \
+	X(ssize_t, writev, int, const struct iovec *, int)                                 \
+	X(ssize_t, recv, int, void *, size_t, int)                                         \
+	X(ssize_t, send, int, const void *, size_t, int)                                   \
+	X(ssize_t, recvfrom, int, void *, size_t, int, struct sockaddr *, socklen_t *)     \
+	X(ssize_t, sendto, int, const void *, size_t, int, const struct sockaddr *,        \
+	  socklen_t)                                                                       \
+	X(ssize_t, recvmsg, int, struct msghdr *, int)                                     \
+	X(ssize_t, sendmsg, int, const struct msghdr *, int)                               \
+	X(int, recvmmsg, int, struct mmsghdr *, unsigned int, int, struct timespec *)      \
+	X(int, sendmmsg, int, struct mmsghdr *, unsigned int, int)                         \
+	X(ssize_t, sendfile, int, int, off_t *, size_t)                                    \
+	X(ssize_t, sendfile64, int, int, off_t *, size_t)                                  \
+	X(ssize_t, splice, int, off_t *, int, off_t *, size_t, unsigned int)               \
+	X(ssize_t, __read_chk, int, void *, size_t, size_t)                                \
+	X(ssize_t, __recv_chk, int, void *, size_t, size_t, int)                           \
+	X(ssize_t, __recvfrom_chk, int, void *, size_t, size_t, int, struct sockaddr *,    \
+	  socklen_t *)                                                                     \
+	X(int, poll, struct pollfd *, nfds_t, int)                                         \
+	X(int, __poll_chk, struct pollfd *, nfds_t, int, size_t)                           \
+	X(int, ppoll, struct pollfd *, nfds_t, const struct timespec *, const sigset_t *)  \
+	X(int, __ppoll_chk, struct pollfd *, nfds_t, const struct timespec *,              \
+	  const sigset_t *, size_t)                                                        \
+	X(int, select, int, fd_set *, fd_set *, fd_set *, struct timeval *)                \
+	X(int, pselect, int, fd_set *, fd_set *, fd_set *, const struct timespec *,        \
+	  const sigset_t *)                                                                \
+	X(int, epoll_ctl, int, int, int, struct epoll_event *)                             \
+	X(int, epoll_wait, int, struct epoll_event *, int, int)                            \
+	X(int, epoll_pwait, int, struct epoll_event *, int, int, const sigset_t *)         \
+	X(int, epoll_pwait2, int, struct epoll_event *, int, const struct timespec *,      \
+	  const sigset_t *)
+
+#define SBP_REAL_DECL(ret, name, ...) extern ret (*real_##name)(__VA_ARGS__);
+SBP_REAL_LIST(SBP_REAL_DECL)
+#undef SBP_REAL_DECL
+/* Resolve one real function now (a hook called before our constructor). */
+void *sbp_real(const char *name, void **slot);
+#define REAL(name) (likely(real_##name) ? real_##name :                                     \
+		    (__typeof__(real_##name))sbp_real(#name, (void **)&real_##name))
+
+/* ---- process-wide state ---------------------------------------------- */
+
+struct sbp_global {
+	int enabled;            /* 0: SHMBYPASS_DISABLE or init refused: pure pass-through */
+	int debug;
+	int doorbell;           /* no futex wake-ups (ivshmem: the peer is in another VM) */
+	_Atomic int shm_state;  /* 0 not tried, 1 usable, -1 unusable (reason logged) */
+	int map_fd;             /* pinned sk_state (kept at a high fd, O_CLOEXEC) */
+	int arena_fd;           /* arena backend: kept to re-map in forked children */
+	void *region;           /* base of the region mapping */
+	size_t region_size;
+	struct sbp_region_info info;
+	void *wake;             /* arena: companion segment of futex words */
+	size_t wake_size;
+	uint32_t part_first;    /* this kernel's part of the region (BPF `region` map): */
+	uint32_t part_count;    /*   a peer slot outside it is another VM's (0: unknown) */
+	uint32_t spin_ns;       /* ring spin budget (SHMBYPASS_SPIN_NS) */
+	uint32_t epoll_spin_ns; /* poll/epoll spin before sleeping */
+	char instance[128];
+	char pin_dir[256];
+	char region_spec[300];  /* "<backend>:<path>" */
+};
+extern struct sbp_global g;
+
+void sbp_log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+#define DBG(...) do { if (unlikely(g.debug)) sbp_log(__VA_ARGS__); } while (0)
+/* Reasons are worth a line even without SHMBYPASS_DEBUG when the connection
+ * had been promised the shm tier. */
+#define WARN(...) sbp_log(__VA_ARGS__)
+
+/* Load time: resolve the real functions, read the environment. */
+void setup_init(void);
+/* In a forked child: map the arena again (fork does not copy its VMA). */
+void setup_atfork_child(void);
+
+/* Map the region and open sk_state once; 1 if the shm tier can be used. */
+int sbp_shm_usable(void);
+
+/* The socket's sk_state entry: 0, or -errno (-ENOENT: none). */
+int sk_lookup(int fd, struct sbp_sk *out);
+/* Ask the BPF handshake for the shm tier on this socket: 0 or -errno. */
+int sk_mark(int fd);
+
+/* Arena rings keep their futex words in the companion segment: point the
+ * ring view at the ones of this slot (no-op for other backends). */
+void region_wake_words(struct sbp_ring *r, uint32_t slot);
+
+#endif

@@ -1,0 +1,503 @@
+// SPDX-License-Identifier: GPL-2.0
+/* sockets.c: the socket life-cycle calls (socket, connect, listen, accept,
+ * close, dup, shutdown, fcntl, ioctl, socket options, fds passed in
+ * SCM_RIGHTS) and what each does to the fd table and the channels.
+ *
+ * Life of a connection:
+ *  1. socket(AF_INET/6, SOCK_STREAM) -> K_TCP.
+ *  2. connect()/listen(): mark it in the pinned sk_state map (flags =
+ *     SBP_SK_WANT_SHM) so the BPF handshake offers the shm tier. Only when
+ *     the region is mapped here: a process that could not use rings never
+ *     offers them, so both ends fall back to TCP before any data flows.
+ *  3. Established (connect returned, or the first use after EINPROGRESS, or
+ *     accept): read sk_state back (fdclass.c). tier == SHM: build a channel
+ *     (format the ring we write, attach the one we read, possibly later),
+ *     send one "hello" doorbell so a peer waiting to attach wakes up. Else
+ *     K_PLAIN.
+ *  4. close(): the last fd of the last holder sets the ring FIN flags, eats
+ *     the doorbell bytes (so the kernel sends FIN, not RST), closes.
+ * Anything unexpected after the handshake breaks the channel: ECONNRESET
+ * to the app, shutdown() on the TCP socket so the peer learns it too. */
+#include <fcntl.h>
+#include <limits.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include "channel.h"
+#include "control.h"
+#include "epset.h"
+#include "fdclass.h"
+#include "fdtable.h"
+#include "setup.h"
+#include "sockets.h"
+
+/* Take a direction lock if nobody holds it (a holder killed mid-call
+ * leaves the ring consistent: every ring call publishes with one store). */
+static int lock_if_free(pthread_mutex_t *m)
+{
+	int rc = pthread_mutex_trylock(m);
+
+	if (rc == EOWNERDEAD)
+		pthread_mutex_consistent(m);
+	return rc == 0 || rc == EOWNERDEAD;
+}
+
+/* Our FIN on the ring we write; a doorbell if the peer sleeps on it. */
+static void close_tx(int fd, struct chan_sh *sh)
+{
+	sbp_ring_close_writer(&sh->tx);
+	if (sbp_ring_peer_waiting(&sh->tx))
+		ctl_doorbell(fd);
+}
+
+static void chan_flag(struct chan *ch, uint32_t bit, int on)
+{
+	if (on)
+		atomic_fetch_or(&ch->sh->flags, bit);
+	else
+		atomic_fetch_and(&ch->sh->flags, ~bit);
+}
+
+/* The last holder of a shm socket closes it: the peer gets everything we
+ * wrote, then EOF; its writes get EPIPE. SO_LINGER {1, 0} is an abort:
+ * both rings reset (TCP sends RST too). o: the fd's option notes. */
+static void last_close(int fd, struct chan *ch, unsigned o)
+{
+	struct chan_sh *sh = ch->sh;
+	struct linger lg = { 0, 0 };
+	socklen_t len = sizeof(lg);
+	int saved = errno;
+
+	if ((o & FDO_KNOWN) ? !!(o & FDO_LINGER0) :
+	    (syscall(SYS_getsockopt, fd, SOL_SOCKET, SO_LINGER, &lg, &len) == 0 &&
+	     lg.l_onoff && lg.l_linger == 0)) {
+		sbp_ring_reset(&sh->tx, SBP_RESET_APP);
+		if (atomic_load(&sh->flags) & CH_RX_ATTACHED)
+			sbp_ring_reset(&sh->rx, SBP_RESET_APP);
+		errno = saved;
+		return;
+	}
+	if (lock_if_free(&sh->tx_lock)) {
+		close_tx(fd, sh);
+		pthread_mutex_unlock(&sh->tx_lock);
+	}
+	rx_try_attach(fd, ch);
+	if (lock_if_free(&sh->rx_lock)) {
+		if (atomic_load(&sh->flags) & CH_RX_ATTACHED) {
+			sbp_ring_close_reader(&sh->rx);
+			if (sbp_ring_peer_waiting(&sh->rx))
+				ctl_doorbell(fd);
+		}
+		pthread_mutex_unlock(&sh->rx_lock);
+	}
+	/* Unread doorbells would make close() send RST. */
+	ctl_drain(fd, ch);
+	errno = saved;
+}
+
+/* The old occupant of an fd number is gone (a new socket got the number, or
+ * dup2 replaced it): drop our state for it. closing: by close() (or dup2),
+ * so a last holder closes the channel. */
+static void fd_forget(int fd, int closing)
+{
+	unsigned o = fdo_get(fd);
+	uint64_t v = fdt_xchg(fd, K_UNKNOWN);
+	int k = FD_KIND(v);
+
+	if (o)
+		fdo_set(fd, 0);
+	if (k == K_SHM || k == K_CONNECTING)
+		ep_forget_fd(fd);
+	if (k == K_EPOLL) {
+		ep_free(FD_PTR(v));
+	} else if (k == K_SHM) {
+		struct chan *ch = FD_PTR(v);
+
+		if (atomic_fetch_sub(&ch->nfds, 1) == 1 && closing && !atomic_load(&ch->shared))
+			last_close(fd, ch, o);
+		chan_put(ch);
+	}
+}
+
+/* newfd now names what oldfd names. */
+static void fd_copy(int oldfd, int newfd)
+{
+	struct chan *ch;
+	int k = fd_class(oldfd, &ch);
+
+	fdo_set(newfd, fdo_get(oldfd));
+
+	if (k == K_SHM) {
+		atomic_fetch_add(&ch->nfds, 1);
+		fdt_store(newfd, (uint64_t)(uintptr_t)ch | K_SHM);   /* the reference moves to the table */
+	} else if (k == K_EPOLL) {
+		fdt_store(newfd, K_UNKNOWN);
+	} else {
+		fdt_store(newfd, (uint64_t)k);
+	}
+}
+
+void mark_all_shared(void)
+{
+	int hi = fdt_max();
+
+	for (int fd = 0; fd < hi; fd++) {
+		uint64_t v = fdt_load(fd);
+
+		if (FD_KIND(v) == K_SHM)
+			atomic_store(&((struct chan *)FD_PTR(v))->shared, 1);
+	}
+}
+
+/* The kind of fd as the table has it, probing if needed (no reference kept). */
+static int fd_kind_now(int fd)
+{
+	struct chan *ch;
+	int k = fd_class(fd, &ch);
+
+	if (ch)
+		chan_put(ch);
+	return k;
+}
+
+static int is_tcp_socket(int domain, int type, int proto)
+{
+	return (domain == AF_INET || domain == AF_INET6) && (type & 0xf) == SOCK_STREAM &&
+	       (proto == 0 || proto == IPPROTO_TCP);
+}
+
+void sock_created(int fd, int domain, int type, int proto)
+{
+	int saved = errno;
+
+	fd_forget(fd, 0);
+	if (is_tcp_socket(domain, type, proto)) {
+		fdt_store(fd, K_TCP);
+		fdo_set(fd, FDO_KNOWN | ((type & SOCK_NONBLOCK) ? FDO_NONBLOCK : 0));
+	} else {
+		fdt_store(fd, K_PLAIN);
+	}
+	errno = saved;
+}
+
+/* Mark the socket so the BPF handshake offers the shm tier, then connect. */
+int sock_connect(int fd, const struct sockaddr *addr, socklen_t len)
+{
+	int r, saved;
+
+	if (fd_kind_now(fd) != K_TCP || !addr || addr->sa_family == AF_UNSPEC)
+		return REAL(connect)(fd, addr, len);
+	if (!sbp_shm_usable()) {
+		fdt_cas(fd, K_TCP, K_PLAIN);
+		return REAL(connect)(fd, addr, len);
+	}
+	r = sk_mark(fd);
+	if (r < 0) {
+		DBG("fd %d: cannot mark the socket (%s): tcp tier", fd, strerror(-r));
+		fdt_cas(fd, K_TCP, K_PLAIN);
+		return REAL(connect)(fd, addr, len);
+	}
+	r = REAL(connect)(fd, addr, len);
+	saved = errno;
+	if (r == 0) {
+		if (fdt_cas(fd, K_TCP, K_BUSY))
+			resolve_established(fd, 0);
+	} else if (errno == EINPROGRESS || errno == EINTR || errno == EALREADY) {
+		fdt_cas(fd, K_TCP, K_CONNECTING);
+	}
+	errno = saved;
+	return r;
+}
+
+int sock_listen(int fd, int backlog)
+{
+	if (fd_kind_now(fd) == K_TCP && sbp_shm_usable()) {
+		int rc = sk_mark(fd);
+
+		if (rc == 0)
+			fdt_cas(fd, K_TCP, K_LISTEN);
+		else
+			DBG("fd %d: cannot mark the listener (%s)", fd, strerror(-rc));
+	}
+	return REAL(listen)(fd, backlog);
+}
+
+int sock_accepted(int lfd, int nfd, int flags)
+{
+	int saved = errno;
+	unsigned lo;
+
+	fd_forget(nfd, 0);
+	/* an accepted socket inherits the listener's options, not O_NONBLOCK */
+	lo = fdo_get(lfd);
+	if (lo & FDO_KNOWN)
+		fdo_set(nfd, FDO_KNOWN | (lo & (FDO_NODELAY | FDO_CORK | FDO_LINGER0)) |
+			     ((flags & SOCK_NONBLOCK) ? FDO_NONBLOCK : 0));
+	if (fd_kind_now(lfd) == K_LISTEN) {
+		fdt_store(nfd, K_BUSY);
+		resolve_established(nfd, 0);
+	} else {
+		fdt_store(nfd, K_PLAIN);
+	}
+	errno = saved;
+	return nfd;
+}
+
+int sock_close(int fd)
+{
+	if (fdt_load(fd) == FD_INTERNAL)
+		return 0;       /* ours (sk_state, arena, an epoll shadow): keep it */
+	fd_forget(fd, 1);
+	return REAL(close)(fd);
+}
+
+/* close_range/closefrom: our own fds survive; the rest go through close(). */
+int sock_close_range(unsigned int first, unsigned int last, int flags)
+{
+	unsigned int hi = (unsigned int)fdt_max();
+
+	for (unsigned int fd = first; fd <= last && fd < hi; fd++) {
+		if (fdt_load((int)fd) != FD_INTERNAL) {
+			fd_forget((int)fd, 1);
+			continue;
+		}
+		/* split the range around our fd */
+		if (fd > first)
+			syscall(SYS_close_range, first, fd - 1, flags);
+		first = fd + 1;
+		if (fd == UINT_MAX)
+			return 0;
+	}
+	if (first > last)
+		return 0;
+	return (int)syscall(SYS_close_range, first, last, flags);
+}
+
+int sock_shutdown(int fd, struct chan *ch, int how)
+{
+	struct chan_sh *sh = ch->sh;
+
+	/* The ring flags first: when the peer sees our FIN on TCP, it must
+	 * also see the ring's FIN, or it would take it for a dead peer. */
+	if (how == SHUT_WR || how == SHUT_RDWR) {
+		atomic_fetch_or(&sh->flags, CH_SHUT_WR);
+		if (lock_if_free(&sh->tx_lock)) {
+			close_tx(fd, sh);
+			pthread_mutex_unlock(&sh->tx_lock);
+		} else {
+			/* A writer sleeps holding the lock: it closes the ring
+			 * itself when it sees CH_SHUT_WR. Flags are atomic. */
+			sbp_ring_close_writer(&sh->tx);
+		}
+	}
+	if (how == SHUT_RD || how == SHUT_RDWR)
+		atomic_fetch_or(&sh->flags, CH_SHUT_RD);
+	return REAL(shutdown)(fd, how);
+}
+
+void sock_duped(int oldfd, int newfd)
+{
+	int saved = errno;
+
+	fd_forget(newfd, 0);
+	fd_copy(oldfd, newfd);
+	errno = saved;
+}
+
+int sock_dup_onto(int oldfd, int newfd, int flags, int three)
+{
+	int r, saved;
+
+	if (oldfd == newfd)
+		return three ? REAL(dup3)(oldfd, newfd, flags) : REAL(dup2)(oldfd, newfd);
+	if (fdt_load(newfd) == FD_INTERNAL) {
+		errno = EBUSY;  /* we hold that number (Linux says EBUSY for a racing dup2) */
+		return -1;
+	}
+	/* newfd is closed by dup2: say goodbye while it still names its file;
+	 * but only if oldfd is valid (else dup2 fails and closes nothing). */
+	if (syscall(SYS_fcntl, oldfd, F_GETFD, 0) < 0) {
+		errno = EBADF;
+		return -1;
+	}
+	fd_forget(newfd, 1);
+	r = three ? REAL(dup3)(oldfd, newfd, flags) : REAL(dup2)(oldfd, newfd);
+	saved = errno;
+	if (r >= 0)
+		fd_copy(oldfd, newfd);
+	errno = saved;
+	return r;
+}
+
+int sock_fcntl(int (*real)(int, int, void *), int fd, int cmd, void *arg)
+{
+	struct chan *ch;
+	int r, k;
+
+	switch (cmd) {
+	case F_DUPFD:
+	case F_DUPFD_CLOEXEC:
+		r = real(fd, cmd, arg);
+		if (r >= 0)
+			sock_duped(fd, r);
+		return r;
+	case F_SETFL:
+		k = fd_class(fd, &ch);
+		r = real(fd, cmd, arg);
+		if (r == 0)
+			fdo_update(fd, FDO_NONBLOCK, (int)(intptr_t)arg & O_NONBLOCK);
+		if (k == K_SHM) {
+			if (r == 0)
+				chan_flag(ch, CH_NONBLOCK, (int)(intptr_t)arg & O_NONBLOCK);
+			chan_put(ch);
+		}
+		return r;
+	default:
+		return real(fd, cmd, arg);
+	}
+}
+
+#ifndef SIOCOUTQNSD
+#define SIOCOUTQNSD 0x894B
+#endif
+
+int sock_ioctl(int fd, unsigned long req, void *arg)
+{
+	struct chan *ch;
+	struct chan_sh *sh;
+	int r = 0;
+
+	if (fd_class(fd, &ch) != K_SHM) {
+		r = REAL(ioctl)(fd, req, arg);
+		if (r == 0 && req == FIONBIO && arg)
+			fdo_update(fd, FDO_NONBLOCK, *(int *)arg);
+		return r;
+	}
+	sh = ch->sh;
+	switch (req) {
+	case FIONREAD:          /* == SIOCINQ */
+		rx_try_attach(fd, ch);
+		*(int *)arg = (atomic_load(&sh->flags) & CH_RX_ATTACHED) ?
+			      (int)sbp_ring_readable(&sh->rx) : 0;
+		break;
+	case TIOCOUTQ:          /* == SIOCOUTQ */
+	case SIOCOUTQNSD:
+		*(int *)arg = (int)sbp_ring_readable(&sh->tx);
+		break;
+	case FIONBIO:
+		r = REAL(ioctl)(fd, req, arg);
+		if (r == 0) {
+			fdo_update(fd, FDO_NONBLOCK, *(int *)arg);
+			chan_flag(ch, CH_NONBLOCK, *(int *)arg);
+		}
+		break;
+	default:
+		r = REAL(ioctl)(fd, req, arg);
+	}
+	chan_put(ch);
+	return r;
+}
+
+/* TCP options that would hold doorbells back are the app's business only:
+ * remembered for getsockopt, never applied to the control connection. */
+static uint32_t virtual_tcp_opt(int level, int name)
+{
+	if (level != IPPROTO_TCP)
+		return 0;
+	return name == TCP_NODELAY ? CH_APP_NODELAY : name == TCP_CORK ? CH_APP_CORK : 0;
+}
+
+int sock_setsockopt(int fd, int level, int name, const void *val, socklen_t len)
+{
+	uint32_t bit = virtual_tcp_opt(level, name);
+	struct chan *ch;
+	int r;
+
+	if (bit && val && len >= sizeof(int) && FD_KIND(fdt_load(fd)) == K_SHM &&
+	    fd_class(fd, &ch) == K_SHM) {
+		chan_flag(ch, bit, *(const int *)val);
+		chan_put(ch);
+		return 0;
+	}
+	r = REAL(setsockopt)(fd, level, name, val, len);
+	if (r == 0 && val) {
+		int e = errno;
+
+		if (bit && len >= sizeof(int))
+			fdo_update(fd, bit == CH_APP_NODELAY ? FDO_NODELAY : FDO_CORK, *(const int *)val);
+		else if (level == SOL_SOCKET && name == SO_LINGER && len >= sizeof(struct linger))
+			fdo_update(fd, FDO_LINGER0, ((const struct linger *)val)->l_onoff &&
+						    !((const struct linger *)val)->l_linger);
+		errno = e;
+	}
+	return r;
+}
+
+void sock_getsockopt_done(int fd, int level, int name, void *val, socklen_t *len)
+{
+	struct chan *ch;
+	int saved = errno;
+
+	if (virtual_tcp_opt(level, name) && val && len && *len >= sizeof(int) &&
+	    FD_KIND(fdt_load(fd)) == K_SHM && fd_class(fd, &ch) == K_SHM) {
+		*(int *)val = !!(atomic_load(&ch->sh->flags) & virtual_tcp_opt(level, name));
+		chan_put(ch);
+	}
+	/* SO_ERROR is how a non-blocking connect learns it is done: settle the
+	 * fd's tier now (fd_class does it on the way). */
+	if (level == SOL_SOCKET && name == SO_ERROR && FD_KIND(fdt_load(fd)) == K_CONNECTING)
+		fd_kind_now(fd);
+	errno = saved;
+}
+
+/* Each fd an SCM_RIGHTS message of m carries. */
+static void for_each_passed_fd(const struct msghdr *m, void (*fn)(int fd))
+{
+	struct cmsghdr *c;
+
+	if (!g.enabled || !m->msg_control || m->msg_controllen < sizeof(struct cmsghdr))
+		return;
+	for (c = CMSG_FIRSTHDR((struct msghdr *)m); c; c = CMSG_NXTHDR((struct msghdr *)m, c)) {
+		if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+			continue;
+		for (size_t i = 0; (i + 1) * sizeof(int) <= c->cmsg_len - CMSG_LEN(0); i++) {
+			int fd;
+
+			memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
+			fn(fd);
+		}
+	}
+}
+
+/* fds that arrive in SCM_RIGHTS are new to us whatever the table says. */
+static void forget_received(int fd)
+{
+	fdt_store(fd, K_UNKNOWN);
+}
+
+/* A shm socket handed to another process: it now has two holders. */
+static void share_sent(int fd)
+{
+	uint64_t v = fdt_load(fd);
+
+	if (FD_KIND(v) == K_SHM)
+		atomic_store(&((struct chan *)FD_PTR(v))->shared, 1);
+}
+
+void note_received_fds(const struct msghdr *m)
+{
+	int saved = errno;
+
+	for_each_passed_fd(m, forget_received);
+	errno = saved;
+}
+
+void note_sent_fds(const struct msghdr *m)
+{
+	for_each_passed_fd(m, share_sent);
+}

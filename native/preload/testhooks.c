@@ -1,0 +1,61 @@
+// SPDX-License-Identifier: GPL-2.0
+/* testhooks.c: hooks for the tests only: the arm delay that holds a lost
+ * wake-up's window open, and the exports that tell a test an fd's tier. */
+#include <stdlib.h>
+#include <time.h>
+
+#include "channel.h"
+#include "fdtable.h"
+#include "setup.h"
+#include "testhooks.h"
+
+/* Tests only (SHMBYPASS_TEST_ARM_DELAY_NS): sleep this long between the
+ * last look at the rings and arming them, so a peer that frees room or
+ * sends data meanwhile is certain to do it inside that window (the window
+ * is otherwise a few hundred ns; the lost wake-up it hid showed only under
+ * load). Read once at load; 0 costs one predictable branch per sleep. */
+static int64_t test_arm_delay_ns;
+
+__attribute__((constructor)) static void test_hooks_init(void)
+{
+	const char *v = getenv("SHMBYPASS_TEST_ARM_DELAY_NS");
+
+	if (v && *v)
+		test_arm_delay_ns = strtoll(v, NULL, 10);
+}
+
+void test_arm_delay(void)
+{
+	if (unlikely(test_arm_delay_ns > 0)) {
+		struct timespec ts = { test_arm_delay_ns / 1000000000, test_arm_delay_ns % 1000000000 };
+		int saved = errno;
+
+		nanosleep(&ts, NULL);
+		errno = saved;
+	}
+}
+
+/* For tests and tools (ctypes): 2 if fd is a healthy shm-tier socket here,
+ * -1 if its channel was reset, 0 otherwise. Never probes or sets anything up. */
+EXPORT int shmbypass_fd_tier(int fd)
+{
+	uint64_t v = fdt_load(fd);
+
+	if (!g.enabled || FD_KIND(v) != K_SHM)
+		return 0;
+	return (atomic_load(&((struct chan *)FD_PTR(v))->sh->flags) & CH_BROKEN) ? -1 : SBP_TIER_SHM;
+}
+
+/* For tests (ctypes): the slots of a shm-tier fd; 0, or -1 if it is not one. */
+EXPORT int shmbypass_fd_slots(int fd, unsigned int *tx, unsigned int *rx)
+{
+	uint64_t v = fdt_load(fd);
+	struct chan_sh *sh;
+
+	if (!g.enabled || FD_KIND(v) != K_SHM)
+		return -1;
+	sh = ((struct chan *)FD_PTR(v))->sh;
+	*tx = sh->tx_idx;
+	*rx = sh->rx_idx;
+	return 0;
+}

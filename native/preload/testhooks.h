@@ -1,0 +1,10 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/* testhooks.h: hooks for the tests only. */
+#ifndef SBP_PRELOAD_TESTHOOKS_H
+#define SBP_PRELOAD_TESTHOOKS_H
+
+/* Sleep SHMBYPASS_TEST_ARM_DELAY_NS between a waiter's last look at the
+ * rings and arming them (tests/test_apps_shm.py). */
+void test_arm_delay(void);
+
+#endif

@@ -1,0 +1,280 @@
+// SPDX-License-Identifier: GPL-2.0
+/* wait.c: how a blocking call of one channel waits: the spin before any
+ * syscall, then futex sleeps in slices (or, in doorbell mode, sleeps on the
+ * TCP socket), looking at the TCP side between them; timeouts and signals. */
+#include <sched.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include "channel.h"
+#include "control.h"
+#include "fdtable.h"
+#include "setup.h"
+#include "wait.h"
+
+int sbp_restartable(void)
+{
+	/* EINTR is rare: ask the kernel about every handler rather than track
+	 * sigaction()/signal() (glibc's signal() calls sigaction internally,
+	 * out of our reach). */
+	for (int sig = 1; sig < 65; sig++) {
+		struct {
+			void *handler;
+			unsigned long flags;
+			void *restorer;
+			uint64_t mask;
+		} ka;
+
+		if (syscall(SYS_rt_sigaction, sig, NULL, &ka, 8) < 0)
+			continue;
+		if (ka.handler != (void *)SIG_DFL && ka.handler != (void *)SIG_IGN &&
+		    !(ka.flags & SA_RESTART))
+			return 0;
+	}
+	return 1;
+}
+
+int64_t sock_timeout_ns(int fd, int optname)
+{
+	struct timeval tv = { 0, 0 };
+	socklen_t len = sizeof(tv);
+	int saved = errno;
+
+	if (syscall(SYS_getsockopt, fd, SOL_SOCKET, optname, &tv, &len) < 0)
+		tv.tv_sec = tv.tv_usec = 0;
+	errno = saved;
+	if (!tv.tv_sec && !tv.tv_usec)
+		return -1;
+	return (int64_t)tv.tv_sec * 1000000000 + (int64_t)tv.tv_usec * 1000;
+}
+
+/* Blocking calls sleep on the ring's futex word (one per direction, so a
+ * reader and a writer thread never steal each other's wake-up). A futex
+ * cannot say that the peer process died; its TCP socket can. So the sleep
+ * is cut in slices (10 ms, doubling to 1 s while nothing happens) and the
+ * TCP socket is looked at between them. */
+#define SLICE_MIN_NS    10000000
+#define SLICE_MAX_NS    1000000000
+#define ATTACH_WAIT_NS  10000000
+
+/* Doorbell mode (no futex across VMs): spin, arm, and sleep on the TCP
+ * socket plus this direction's kick eventfd (another thread that eats a
+ * doorbell meant for us kicks it). Where no doorbell can come (the peer's
+ * TCP side is shut), look in slices backing off to 20 ms. */
+static int kick_fd(struct chan_sh *sh, int dir)
+{
+	int k = sh->kick[dir];
+
+	if (k < 0) {
+		k = (int)syscall(SYS_eventfd2, 0, EFD_CLOEXEC | EFD_NONBLOCK);
+		if (k >= 0)
+			k = sbp_internal_fd(k);
+		sh->kick[dir] = k;      /* under the direction lock */
+	}
+	return k;
+}
+
+static int doorbell_wait(int fd, struct chan *ch, int dir, int64_t deadline)
+{
+	struct chan_sh *sh = ch->sh;
+	_Atomic uint32_t *sleeping = dir ? &sh->tx_sleeping : &sh->rx_sleeping;
+	int64_t left = -1, sleep_ns = -1;
+	uint32_t f = atomic_load(&sh->flags);
+	struct pollfd p[2];
+	int rc, attached = dir || (f & CH_RX_ATTACHED);
+
+	if (deadline != DL_NONE) {
+		left = deadline - now_ns();
+		if (left <= 0)
+			return -ETIMEDOUT;
+	}
+	/* SYNC POINT: "sleeping" before the ring is armed: whoever eats the
+	 * doorbell that the arming brings sees it and kicks us. */
+	p[1].fd = kick_fd(sh, dir);
+	p[1].events = POLLIN;
+	atomic_store(sleeping, 1);
+	if (attached) {
+		rc = dir ? sbp_ring_wait_writable(&sh->tx, left) : sbp_ring_wait_readable(&sh->rx, left);
+		if (rc == 0 || rc == -ETIMEDOUT) {
+			atomic_store(sleeping, 0);
+			return rc;      /* else -EAGAIN: armed, sleep */
+		}
+	} else {
+		sleep_ns = ATTACH_WAIT_NS;
+	}
+	p[0].fd = fd;
+	p[0].events = POLLIN | POLLRDHUP;
+	p[0].revents = p[1].revents = 0;
+	f = atomic_load(&sh->flags);
+	if ((f & (CH_TCP_EOF | CH_TCP_RST | CH_SHUT_RD)) || (dir && peer_tx_shut(ch))) {
+		if (dir && !(f & (CH_TCP_EOF | CH_TCP_RST | CH_SHUT_WR))) {
+			int64_t t = now_ns();
+
+			if (t - sh->last_probe_ns > 200000000) {
+				sh->last_probe_ns = t;
+				ctl_doorbell(fd);
+			}
+		}
+		if (sh->slice_ns[dir] < 50000)
+			sh->slice_ns[dir] = 50000;
+		sleep_ns = sh->slice_ns[dir];
+		if (sh->slice_ns[dir] < 20000000)
+			sh->slice_ns[dir] *= 2;
+		p[0].events = 0;
+		if (f & (CH_TCP_EOF | CH_TCP_RST))
+			p[0].fd = -1;
+	} else {
+		sh->slice_ns[dir] = 0;
+	}
+	if (left >= 0 && (sleep_ns < 0 || sleep_ns > left))
+		sleep_ns = left;
+	rc = sys_ppoll(p, 2, sleep_ns, NULL);
+	atomic_store(sleeping, 0);
+	if (rc > 0 && p[1].revents) {
+		uint64_t v;
+
+		syscall(SYS_read, p[1].fd, &v, sizeof(v));
+	}
+	if (rc > 0 && p[0].revents && p[0].fd >= 0)
+		ctl_drain(fd, ch);
+	if (attached)           /* how long the doorbell took: the spin's calibration */
+		sbp_ring_note_wakeup(dir ? &sh->tx : &sh->rx);
+	if (rc < 0 && errno == EINTR)
+		return -EINTR;
+	if (sh->slice_ns[dir] && (dir ? sbp_ring_writable(&sh->tx) : sbp_ring_readable(&sh->rx)))
+		sh->slice_ns[dir] = 50000;      /* it moved: stay quick */
+	return 0;
+}
+
+static int futex_wait_sliced(int fd, struct chan *ch, int dir, int64_t deadline)
+{
+	struct chan_sh *sh = ch->sh;
+	_Atomic uint32_t *sleeping = dir ? &sh->tx_sleeping : &sh->rx_sleeping;
+	int64_t left = -1, slice;
+	uint32_t f = atomic_load(&sh->flags);
+	int rc;
+
+	if (deadline != DL_NONE) {
+		left = deadline - now_ns();
+		if (left <= 0)
+			return -ETIMEDOUT;
+	}
+	if (!dir && !(f & CH_RX_ATTACHED)) {
+		/* The peer has not formatted the ring yet: its hello doorbell
+		 * wakes us (retry now and then anyway). */
+		struct pollfd p = { fd, POLLIN | POLLRDHUP, 0 };
+
+		slice = left >= 0 && left < ATTACH_WAIT_NS ? left : ATTACH_WAIT_NS;
+		atomic_store(sleeping, 1);
+		rc = sys_ppoll(&p, 1, slice, NULL);
+		atomic_store(sleeping, 0);
+		if (rc > 0)
+			ctl_drain(fd, ch);
+		if (rc < 0 && errno == EINTR)
+			return -EINTR;
+		return 0;
+	}
+	if (sh->slice_ns[dir] < SLICE_MIN_NS)
+		sh->slice_ns[dir] = SLICE_MIN_NS;
+	slice = sh->slice_ns[dir];
+	if (left >= 0 && left < slice)
+		slice = left;
+	atomic_store(sleeping, 1);
+	rc = dir ? sbp_ring_wait_writable(&sh->tx, slice) : sbp_ring_wait_readable(&sh->rx, slice);
+	atomic_store(sleeping, 0);
+	if (rc == 0) {
+		sh->slice_ns[dir] = SLICE_MIN_NS;
+		return 0;
+	}
+	if (rc == -EINTR)
+		return -EINTR;
+	/* A slice went by: is the peer still there? */
+	if (sh->slice_ns[dir] < SLICE_MAX_NS)
+		sh->slice_ns[dir] *= 2;
+	if (dir && peer_tx_shut(ch) && !(f & (CH_TCP_EOF | CH_TCP_RST | CH_SHUT_WR))) {
+		/* The peer shut its side: if it has died since, only a byte
+		 * from us makes its kernel answer (RST). A live peer eats it
+		 * as a doorbell. */
+		ctl_doorbell(fd);
+	}
+	ctl_check(fd, ch);
+	if (deadline != DL_NONE && now_ns() >= deadline)
+		return -ETIMEDOUT;
+	return 0;
+}
+
+int chan_wait(int fd, struct chan *ch, int dir, int64_t deadline)
+{
+	if (g.doorbell)
+		return doorbell_wait(fd, ch, dir, deadline);
+	return futex_wait_sliced(fd, ch, dir, deadline);
+}
+
+/* The spin of a blocking wait, before the work (TCP look, timeout
+ * look-up) that precedes a sleep. Counts as asleep for non-blocking
+ * callers of the same direction, as the spin inside chan_wait does. */
+int ring_spin(struct sbp_ring *r, _Atomic uint32_t *sleeping, int dir)
+{
+	int rc;
+
+	atomic_store_explicit(sleeping, 1, memory_order_relaxed);
+	rc = dir ? sbp_ring_spin_writable(r) : sbp_ring_spin_readable(r);
+	atomic_store_explicit(sleeping, 0, memory_order_relaxed);
+	return rc;
+}
+
+/* Spin until the peer's ring can be attached. Its CPU is unknown: after a
+ * short pure spin, yield between looks so a peer on our CPU gets to run.
+ * The budget adapts per process like the ring's spin: a hit restores it
+ * (up to the ring spin budget), a miss halves it (down to 1/32), so a
+ * program whose peers accept late (a backlog) stops spinning for nothing. */
+static _Atomic uint32_t attach_budget_ns = UINT32_MAX;
+
+int attach_spin(int fd, struct chan *ch)
+{
+	uint32_t budget = atomic_load_explicit(&attach_budget_ns, memory_order_relaxed);
+	int64_t start, t;
+
+	if (budget > g.spin_ns)
+		budget = g.spin_ns;
+	if (!budget)
+		return -EAGAIN;
+	start = now_ns();
+	for (;;) {
+		for (int i = 0; i < 16; i++) {
+			if (rx_try_attach(fd, ch)) {
+				if (budget < g.spin_ns)
+					atomic_store_explicit(&attach_budget_ns, budget * 2,
+							      memory_order_relaxed);
+				return 0;
+			}
+			if (atomic_load(&ch->sh->flags) & CH_BROKEN)
+				return -EPROTO;
+			cpu_relax();
+		}
+		t = now_ns();
+		if (t - start >= (int64_t)budget)
+			break;
+		if (t - start >= 2000)
+			sched_yield();
+	}
+	if (budget / 2 >= g.spin_ns / 32)
+		atomic_store_explicit(&attach_budget_ns, budget / 2, memory_order_relaxed);
+	return -EAGAIN;
+}
+
+/* A socket with a timeout is never restarted (socket(7)); else it is when
+ * every handler asked for SA_RESTART. */
+int restart_ok(int64_t deadline)
+{
+	return deadline == DL_NONE && sbp_restartable();
+}
+
+int64_t deadline_for(int fd, int opt)
+{
+	int64_t t = sock_timeout_ns(fd, opt);
+
+	return t < 0 ? DL_NONE : now_ns() + t;
+}
