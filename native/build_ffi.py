@@ -1,16 +1,18 @@
 """cffi (API mode) builder for shmbypass._native.
 
 One extension module holds the C the Python side calls: the libbpf binding
-(libbpf.cdef, libbpf_shim.c) and the shared-memory ring (ring.cdef, ring.c).
+(libbpf.cdef, libbpf_shim.c), the shared-memory ring (ring.cdef, ring.c,
+ring_wait.c) and the region (region.cdef, region.c).
 Declarations live in the .cdef files; `...` lets the compiler fill in
 constants and struct layouts.
 """
+import glob
 import os
 
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PARTS = ["libbpf", "bypass", "ring", "region"]  # each: <part>.cdef, optional <part>.c / <part>.h
+PARTS = ["libbpf", "bypass", "ring", "region"]  # each: <part>.cdef, optional <part>.h, <part>.c, <part>_*.c
 BPF_DIR = os.path.join(HERE, "..", "bpf")  # bypass.h lives with the BPF programs
 
 CFLAGS = ["-O2", "-g", "-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter",
@@ -26,9 +28,8 @@ for part in PARTS:
         ffibuilder.cdef(f.read())
     if any(os.path.exists(os.path.join(d, part + ".h")) for d in (HERE, BPF_DIR)):
         includes.append(f'#include "{part}.h"')
-    for c in (part + ".c", part + "_shim.c"):
-        if os.path.exists(os.path.join(HERE, c)):
-            sources.append(os.path.relpath(os.path.join(HERE, c)))
+    found = [os.path.join(HERE, part + ".c")] + sorted(glob.glob(os.path.join(HERE, part + "_*.c")))
+    sources += [os.path.relpath(p) for p in found if os.path.exists(p)]
 
 ffibuilder.set_source(
     "shmbypass._native",

@@ -93,7 +93,7 @@ struct sbp_ring {
 	int armed_read;         /* that wait was for readable (1) or writable (0) */
 };
 
-/* The shared header, for reference (only ring.c touches it). */
+/* The shared header, for reference (only ring.c and ring_wait.c touch it). */
 struct sbp_ring_hdr {
 	/* cache line 0: read-mostly */
 	uint64_t magic;
@@ -144,6 +144,36 @@ uint32_t sbp_ring_reset_reason(const struct sbp_ring *r);
 /* 1 if a call would return -EPROTO now. */
 int  sbp_ring_corrupt(const struct sbp_ring *r);
 
+void sbp_ring_close_writer(struct sbp_ring *r);  /* FIN: reader drains then gets 0 */
+void sbp_ring_close_reader(struct sbp_ring *r);  /* writer then gets -EPIPE */
+void sbp_ring_reset(struct sbp_ring *r, uint32_t reason);  /* both sides: -ECONNRESET */
+
+/* Zero-copy access, for callers that move the bytes themselves (pread into
+ * the ring, write a pipe from it). One writer / one reader, as above.
+ *
+ * Writer: sbp_ring_reserve() describes up to max bytes of free space as at
+ * most two pieces of the data area (two when it wraps; unused pieces are
+ * NULL/0). Returns the bytes described, -EAGAIN full (max > 0), -EPIPE,
+ * -ECONNRESET, -EPROTO, -EINVAL (iov NULL). Fill a prefix of it, then
+ * sbp_ring_commit(n) publishes n bytes (n <= what was reserved; 0 is a
+ * no-op) and wakes the reader like a write: check sbp_ring_peer_waiting().
+ * Commit returns n, or -EPROTO if head moved since the reserve (only the
+ * writer moves it), -EINVAL if n exceeds the room, -EPIPE/-ECONNRESET.
+ *
+ * Reader: sbp_ring_peek_iov() describes up to max readable bytes the same
+ * way: bytes, 0 = EOF, -EAGAIN empty, -ECONNRESET, -EPROTO. Then
+ * sbp_ring_consume(n) gives n of them back (n <= available): n, -EPROTO if
+ * tail moved since the peek, -EINVAL if n is more than is there.
+ *
+ * The pieces point into shared memory: the peer (or a hostile process) may
+ * change the bytes under you, never the bounds. */
+ssize_t sbp_ring_reserve(struct sbp_ring *r, struct iovec iov[2], size_t max);
+ssize_t sbp_ring_commit(struct sbp_ring *r, size_t n);
+ssize_t sbp_ring_peek_iov(struct sbp_ring *r, struct iovec iov[2], size_t max);
+ssize_t sbp_ring_consume(struct sbp_ring *r, size_t n);
+
+/* ---- waiting and waking (ring_wait.c) --------------------------------- */
+
 /* Block until the ring is readable (data, EOF, reset or corrupt: the next
  * read will not return -EAGAIN). Adaptive bounded spin first, then arm
  * reader_waiting, full fence, re-check, futex sleep.
@@ -171,10 +201,6 @@ int  sbp_ring_arm_readable(struct sbp_ring *r);
 int  sbp_ring_arm_writable(struct sbp_ring *r);
 void sbp_ring_disarm_readable(struct sbp_ring *r);
 void sbp_ring_disarm_writable(struct sbp_ring *r);
-
-void sbp_ring_close_writer(struct sbp_ring *r);  /* FIN: reader drains then gets 0 */
-void sbp_ring_close_reader(struct sbp_ring *r);  /* writer then gets -EPIPE */
-void sbp_ring_reset(struct sbp_ring *r, uint32_t reason);  /* both sides: -ECONNRESET */
 
 void sbp_ring_set_spin(struct sbp_ring *r, uint32_t spin_ns);  /* 0 = never spin */
 /* Cross-VM: futex wakes cannot cross a VM boundary. With on, wait_* never
@@ -220,29 +246,5 @@ void sbp_ring_set_wait_words(struct sbp_ring *r, uint32_t *reader_waiting, uint3
  * wish lives in bits SBP_WAIT_ROOM_SHIFT.. of the writer's waiting word. */
 #define SBP_WAIT_ROOM_SHIFT 8
 int  sbp_ring_arm_writable_min(struct sbp_ring *r, size_t min_room);
-
-/* Zero-copy access, for callers that move the bytes themselves (pread into
- * the ring, write a pipe from it). One writer / one reader, as above.
- *
- * Writer: sbp_ring_reserve() describes up to max bytes of free space as at
- * most two pieces of the data area (two when it wraps; unused pieces are
- * NULL/0). Returns the bytes described, -EAGAIN full (max > 0), -EPIPE,
- * -ECONNRESET, -EPROTO, -EINVAL (iov NULL). Fill a prefix of it, then
- * sbp_ring_commit(n) publishes n bytes (n <= what was reserved; 0 is a
- * no-op) and wakes the reader like a write: check sbp_ring_peer_waiting().
- * Commit returns n, or -EPROTO if head moved since the reserve (only the
- * writer moves it), -EINVAL if n exceeds the room, -EPIPE/-ECONNRESET.
- *
- * Reader: sbp_ring_peek_iov() describes up to max readable bytes the same
- * way: bytes, 0 = EOF, -EAGAIN empty, -ECONNRESET, -EPROTO. Then
- * sbp_ring_consume(n) gives n of them back (n <= available): n, -EPROTO if
- * tail moved since the peek, -EINVAL if n is more than is there.
- *
- * The pieces point into shared memory: the peer (or a hostile process) may
- * change the bytes under you, never the bounds. */
-ssize_t sbp_ring_reserve(struct sbp_ring *r, struct iovec iov[2], size_t max);
-ssize_t sbp_ring_commit(struct sbp_ring *r, size_t n);
-ssize_t sbp_ring_peek_iov(struct sbp_ring *r, struct iovec iov[2], size_t max);
-ssize_t sbp_ring_consume(struct sbp_ring *r, size_t n);
 
 #endif

@@ -3,7 +3,8 @@
  * The ring and region C API under AddressSanitizer + UBSan
  * (tests/test_ring.py builds and runs it):
  *   gcc -fsanitize=address,undefined -fno-sanitize-recover=all -D_GNU_SOURCE \
- *       -Inative native/tests/ring_asan.c native/ring.c native/region.c -lpthread
+ *       -Inative native/tests/ring_asan.c native/ring.c native/ring_wait.c native/region.c \
+ *       -lpthread
  * Every slot and every buffer is a heap block of exactly its size, so any
  * access outside it is caught. Prints "ring_asan: ok" and exits 0 on success.
  */
