@@ -43,7 +43,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from shmbypass import __version__, manager, paths
+from shmbypass import __version__, manager, paths, region
 
 # ----------------------------------------------------------------- the matrix
 
@@ -782,7 +782,7 @@ class Runner:
         # The tier's ring size: a bigger ring switches less often on one
         # core, and the comparison is of the tier's overhead, not of sizes.
         argv = [self.ringbench, "--mode", test.kind, "--size", str(test.size),
-                "--slot-size", str(manager.DEFAULT_SLOT_SIZE)]
+                "--slot-size", str(region.TIER_SLOT_SIZE)]
         if test.kind == "rtt":
             iters = int(secs * 1e9 / pace) if pace else int(secs * 1e9 / 5000)
             argv += ["--iters", str(max(200, min(iters, 20_000_000))),

@@ -3,12 +3,12 @@ import argparse
 import os
 import sys
 
-from shmbypass import __version__, paths
+from shmbypass import __version__, bench, doctor, manager, metrics, paths, programs, status
 from shmbypass.errors import ShmbypassError
+from shmbypass.vm import cli as vm_cli
 
 
 def cmd_up(args) -> int:
-    from shmbypass import manager, programs
     if args.without:
         os.environ[programs.WITHOUT_ENV] = args.without
     inst = paths.Instance.current()
@@ -28,7 +28,6 @@ def cmd_up(args) -> int:
 
 
 def cmd_down(args) -> int:
-    from shmbypass import manager
     inst = paths.Instance.current()
     how = manager.down(inst, drain_timeout=args.drain_timeout, force=args.force)
     if how is not None:
@@ -39,7 +38,6 @@ def cmd_down(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from shmbypass import manager
     argv = args.command
     if argv and argv[0] == "--":
         argv = argv[1:]
@@ -47,14 +45,12 @@ def cmd_run(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from shmbypass import status
     st = status.status(paths.Instance.current())
     print(status.to_json(st) if args.json else status.render(st))
     return 0
 
 
 def cmd_doctor(args) -> int:
-    from shmbypass import doctor
     lines = doctor.check()
     for ln in lines:
         print(ln.render())
@@ -70,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("up", help="load, pin and attach the bypass")
     p.add_argument("--cgroup", help="cgroup v2 directory to attach to (default: <cgroup2>/<instance>)")
-    p.add_argument("--backend", choices=["arena", "shm", "ivshmem"],
+    p.add_argument("--backend", choices=["arena", "posix", "ivshmem"],
                    help="shared-memory region backend (ivshmem: in a VM of a pair, the region "
                         "the host formatted)")
     p.add_argument("--part", type=int, metavar="N",
@@ -104,14 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("doctor", help="check what this kernel and system support")
     p.set_defaults(func=cmd_doctor)
 
-    # Subcommands that live in their own modules.
-    for mod in ("bench", "vm", "metrics"):
-        try:
-            module = __import__(f"shmbypass.{mod}", fromlist=["add_parser"])
-        except ImportError:
-            continue
-        if hasattr(module, "add_parser"):
-            module.add_parser(sub)
+    # Subcommands that live in their own modules and packages.
+    bench.add_parser(sub)
+    vm_cli.add_parser(sub)
+    metrics.add_parser(sub)
     return ap
 
 

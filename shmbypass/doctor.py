@@ -4,7 +4,8 @@ import os
 import subprocess
 from dataclasses import dataclass
 
-from shmbypass import features, manager, paths, programs, shmtier, vm
+from shmbypass import features, manager, paths, programs, shmtier
+from shmbypass.region import ivshmem
 
 
 @dataclass
@@ -45,7 +46,7 @@ def check() -> list[Line]:
     arena = manager.arena_feature()
     out.append(Line("arena", arena.ok, arena.detail + ("" if arena.ok else
                                                          "; the shm tier uses POSIX shm"), False))
-    devs = vm.find_ivshmem()
+    devs = ivshmem.find_ivshmem()
     out.append(Line("ivshmem", bool(devs), f"ivshmem PCI device at {devs[0]}" if devs else
                     "no ivshmem PCI device (only a VM of an IVSHMEM pair has one)", False))
     ok, why = _preloads(paths.tool("libshmbypass-guard.so"),

@@ -15,6 +15,14 @@ class FeatureMissing(ShmbypassError):
     """The kernel or the system lacks something shmbypass needs."""
 
 
+class VMError(ShmbypassError):
+    """A failure of the VM pair (shmbypass.vm); str() is a one-line message."""
+
+
+class GuestDied(VMError):
+    """A guest of the VM pair is gone (its QEMU exited or was killed)."""
+
+
 def oserror(err: int, what: str) -> OSError:
     """An OSError for a negative or positive errno, naming what failed."""
     err = abs(err)

@@ -6,13 +6,15 @@ sockhash and sockops to the cgroup (through a pinned link).
 `down`: stop redirecting, let the kernel queues drain, then unpin everything
 and remove the cgroup. Live connections carry on over plain TCP.
 """
+import glob
 import os
+import re
 import shutil
 import signal
 import subprocess
 import time
 
-from shmbypass import bpf, drain, features, paths, programs, region, slots
+from shmbypass import bpf, drain, features, paths, programs, region, shmtier, slots
 from shmbypass._native import lib
 from shmbypass.errors import ShmbypassError
 
@@ -27,15 +29,11 @@ def is_up(inst: paths.Instance) -> bool:
     return os.path.exists(inst.pin(LINK)) and all(os.path.exists(inst.pin(m)) for m in MAPS)
 
 
-# The shm tier's region, per instance: 128 rings of 256 KiB (33 MiB).
-DEFAULT_SLOTS = 128
-DEFAULT_SLOT_SIZE = 4096 + (256 << 10)
-
-
 def _make_region(inst: paths.Instance, backend: str | None, slot_count: int | None,
                  part: int | None = None) -> dict:
-    """Create the instance's region; an arena that this kernel cannot make
-    falls back to POSIX shm, with the reason recorded."""
+    """Create the instance's region (slots of region.TIER_SLOT_SIZE); an
+    arena that this kernel cannot make falls back to POSIX shm, with the
+    reason recorded."""
     if backend == "ivshmem":  # VM pairs: join the host's region, use our part
         return region.ivshmem_state(slot_count, part)
     note = ""
@@ -43,12 +41,12 @@ def _make_region(inst: paths.Instance, backend: str | None, slot_count: int | No
         probe = arena_feature()
         if not probe.ok:
             note = f"arena backend unavailable ({probe.detail}); using POSIX shm"
-            backend = "shm"
+            backend = "posix"
         else:
             backend = "arena"
     region.remove(inst.name, inst.pin_dir)  # a killed run's leftovers
-    r = region.Region.format(backend, instance=inst.name, slot_count=slot_count,
-                             slot_size=DEFAULT_SLOT_SIZE, pin_dir=inst.pin_dir)
+    r = region.format(backend, instance=inst.name, slot_count=slot_count,
+                      slot_size=region.TIER_SLOT_SIZE, pin_dir=inst.pin_dir)
     try:
         path = r.name
         rid = r.region_id
@@ -107,7 +105,7 @@ def up(inst: paths.Instance, cgroup: str | None = None, slot_count: int | None =
             bpf.pin(obj.prog_fd("sbp_msg"), inst.pin("prog_msg"))
             state["features"] = _load_optional(inst)
             # The shm tier's region and slot free list (before sockops runs).
-            n = DEFAULT_SLOTS if slot_count is None else slot_count
+            n = slots.DEFAULT_SLOTS if slot_count is None else slot_count
             if backend == "ivshmem":  # the host set the geometry: our whole part unless --slots
                 state["region"] = _make_region(inst, backend, slot_count, part)
                 n = state["region"]["slot_count"]
@@ -259,7 +257,6 @@ def run(inst: paths.Instance, argv: list[str], tier: str = "shm") -> int:
     up(inst)
     env = dict(os.environ, SHMBYPASS_INSTANCE=inst.name)
     if tier == "shm":
-        from shmbypass import shmtier
         env.update(shmtier.preload_env(inst))
     # Every tier gets the guard against tcp_bpf's spurious EAGAIN
     # (native/guard.c); statically linked programs go without it.
@@ -316,8 +313,6 @@ class InGroup:
 def sweep_dead(prefix: str) -> list[str]:
     """Take down instances named <prefix>...<pid>... whose owner pid is gone
     (left by a killed test or bench run): pins, cgroup, run dir, region."""
-    import glob
-    import re
     names = set()
     for pattern in (os.path.join(paths.BPFFS, prefix + "*"), f"/run/{prefix}*",
                     os.path.join(paths.cgroup2_root() or "/nonexistent", prefix + "*")):

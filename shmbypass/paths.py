@@ -10,6 +10,8 @@ import os
 from dataclasses import dataclass
 
 PKG_DIR = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(PKG_DIR)  # the checkout (the VM pair's guests mount it)
+BUILD_DIR = os.path.join(ROOT, "build")
 BPF_DIR = os.environ.get("SHMBYPASS_BPF_DIR", os.path.join(PKG_DIR, "_bpf"))
 BIN_DIR = os.path.join(PKG_DIR, "_bin")
 BPFFS = os.environ.get("SHMBYPASS_BPFFS", "/sys/fs/bpf")

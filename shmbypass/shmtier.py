@@ -10,8 +10,9 @@ stays out of the way: every call goes straight to libc.
 Environment the library reads:
 
 ``SHMBYPASS_INSTANCE``  the instance (pin dir /sys/fs/bpf/<instance>)
-``SHMBYPASS_REGION``    ``<backend>:<path>``: ``shm:/<name>`` (POSIX shm) or
-                        ``arena:/sys/fs/bpf/<instance>/arena`` (pinned arena)
+``SHMBYPASS_REGION``    ``<backend>:<path>``: ``shm:/<name>`` (the posix
+                        backend: POSIX shm), ``arena:/sys/fs/bpf/<instance>/arena``
+                        (pinned arena) or ``ivshmem:<BAR2 file>``
 ``SHMBYPASS_DEBUG=1``   one line on stderr per decision (tier, fallback reason)
 ``SHMBYPASS_SPIN_NS``   spin budget of a blocking call before it sleeps (the
                         ring's adaptive spin, default 30000)
@@ -46,8 +47,11 @@ def region_spec(inst: paths.Instance) -> str | None:
     backend, path = region.get("backend"), region.get("path")
     if not backend or not path:
         return None
-    if backend == "shm" and not path.startswith("/"):
-        path = "/" + path
+    if backend == "posix":
+        # The interposer on main still spells the posix backend `shm:`.
+        backend = "shm"
+        if not path.startswith("/"):
+            path = "/" + path
     return f"{backend}:{path}"
 
 

@@ -17,7 +17,9 @@ from shmbypass import bpf, paths
 from shmbypass._native import ffi, lib
 from shmbypass.errors import ShmbypassError
 
-DEFAULT_SLOTS = 256
+# The pool of one instance: 128 slots, two per connection (64 connections
+# in the shm tier at once; `up --slots N` changes it).
+DEFAULT_SLOTS = 128
 # Longer than any request socket can live after its last SYN-ACK
 # (TCP_RTO_MAX is 120 s): a reservation must not expire while the peer may
 # still complete the handshake with it.

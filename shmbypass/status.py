@@ -4,7 +4,7 @@ import json
 import os
 import socket
 
-from shmbypass import bpf, manager, paths
+from shmbypass import bpf, manager, paths, region
 from shmbypass._native import lib
 
 TIERS = {lib.SBP_TIER_TCP: "tcp", lib.SBP_TIER_KERNEL: "kernel", lib.SBP_TIER_SHM: "shm"}
@@ -101,40 +101,32 @@ def connections(inst: paths.Instance) -> list[dict]:
     return rows
 
 
-# struct sbp_ring_hdr (native/ring.h): generation at 8, head at 64, tail at 128.
-_GEN, _HEAD, _TAIL = 8, 64, 128
-
-
 def _ring_bytes(inst: paths.Instance, rows: list[dict]) -> None:
     """Byte counts of shm-tier connections, read from their rings: bytes_tx
     is what this end wrote into its ring, bytes_rx what it read from its
     peer's (both monotonic, kept in the ring header)."""
     spec = inst.load_state().get("region") or {}
-    if not rows or spec.get("backend") not in ("shm", "arena"):
+    if not rows or spec.get("backend") not in ("posix", "arena"):
         return
-    from shmbypass import region
     try:
-        reg = region.Region.open(spec["backend"], instance=inst.name, pin_dir=inst.pin_dir)
+        reg = region.open(spec["backend"], instance=inst.name, pin_dir=inst.pin_dir)
     except (OSError, ValueError):
         return  # counts stay 0; the tier is still right
     with reg:
         for row in rows:
             tx_slot, tx_gen, rx_slot, rx_gen = row.pop("rings")
-            row["bytes_tx"] = _ring_word(reg, tx_slot, tx_gen, _HEAD)
-            row["bytes_rx"] = _ring_word(reg, rx_slot, rx_gen, _TAIL)
+            row["bytes_tx"] = _ring_word(reg, tx_slot, tx_gen, "head")
+            row["bytes_rx"] = _ring_word(reg, rx_slot, rx_gen, "tail")
 
 
-def _ring_word(reg, slot: int, gen: int, off: int) -> int:
+def _ring_word(reg, slot: int, gen: int, field: str) -> int:
+    """head or tail of a slot's ring (struct sbp_ring_hdr), 0 if the slot
+    moved on to another connection."""
     try:
-        view = reg.slot(slot)
+        hdr = reg.ring_header(slot)
     except (IndexError, ValueError):
         return 0
-    try:
-        if int.from_bytes(view[_GEN:_GEN + 8], "little") != gen:
-            return 0  # the slot moved on to another connection
-        return int.from_bytes(view[off:off + 8], "little")
-    finally:
-        view.release()
+    return getattr(hdr, field) if hdr.generation == gen else 0
 
 
 def counters(inst: paths.Instance) -> dict[str, int]:

@@ -2,7 +2,7 @@
 
 One suite, every region backend. A :class:`Backend` makes a region and, for
 two-process tests, a peer: for ``anon`` a forked child (the only way to share
-an anonymous mapping), for ``shm`` and ``arena`` a fresh interpreter running
+an anonymous mapping), for ``posix`` and ``arena`` a fresh interpreter running
 this file, which opens the region by name like any other process would
 (so the arena's map-at-the-same-address path is exercised for real).
 
@@ -25,7 +25,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from shmbypass import paths  # noqa: E402
-from shmbypass.region import Region, remove  # noqa: E402
+from shmbypass import region as regions  # noqa: E402
+from shmbypass.region import remove  # noqa: E402
 from shmbypass.ring import RingEmpty, RingFull  # noqa: E402
 
 SMALL_SLOT = 4096 + 65536        # 64 KiB rings: many wrap-arounds
@@ -55,16 +56,16 @@ class Backend:
         self.kind = kind
         self.instance = f"sbt-ring-{os.getpid()}-{next(_counter)}"
         self.pin_dir = os.path.join(paths.BPFFS, self.instance)
-        self.region = Region.format(kind, instance=self.instance, pin_dir=self.pin_dir,
+        self.region = regions.format(kind, instance=self.instance, pin_dir=self.pin_dir,
                                     slot_count=slot_count, slot_size=slot_size)
         self.peers = []
 
     def open_again(self):
         """A second, independent mapping of the same region (None for anon
         and arena: an arena maps at one address per process)."""
-        if self.kind != "shm":
+        if self.kind != "posix":
             return None
-        return Region.open("shm", instance=self.instance, pin_dir=self.pin_dir)
+        return regions.open("posix", instance=self.instance, pin_dir=self.pin_dir)
 
     def spawn(self, role, fork=False, **kw):
         """A peer running role; fork=True forks even for named backends
@@ -251,7 +252,7 @@ def _run_role(region, role, kw, out):
 
 
 def _main(spec):
-    region = Region.open(spec["kind"], instance=spec["instance"], pin_dir=spec["pin_dir"])
+    region = regions.open(spec["kind"], instance=spec["instance"], pin_dir=spec["pin_dir"])
     try:
         _run_role(region, spec["role"], spec["kw"], sys.stdout)
     finally:

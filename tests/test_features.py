@@ -178,7 +178,7 @@ def test_features_turned_off_by_name():
                                             "detail": st["features"][name]["detail"]}
             assert "turned off (SHMBYPASS_WITHOUT)" in st["features"][name]["detail"]
         state = it.inst.load_state()
-        assert state["region"]["backend"] == "shm"
+        assert state["region"]["backend"] == "posix"
         assert "arena backend unavailable (turned off" in it.up.stderr
         both_tiers_work(it)
 

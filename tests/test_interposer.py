@@ -29,7 +29,7 @@ import time
 import pytest
 
 from shmbypass import manager, shmtier
-from shmbypass.region import Region
+from shmbypass import region
 from apps import free_port, need   # a missing app fails the test: setup installs them
 from conftest import assert_slots_back, new_instance
 
@@ -55,7 +55,7 @@ class Setup:
             if not probe:
                 pytest.skip(f"arena backend: {probe.reason}")
         slot_count = SLOTS if mode in ("arena", "posix", "bell") else 0
-        backend = {"arena": "arena", "posix": "shm", "bell": "shm"}.get(mode, "shm")
+        backend = "arena" if mode == "arena" else "posix"
         manager.up(self.inst, slot_count=slot_count, backend=backend)
         try:
             if mode == "tcp":
@@ -378,7 +378,7 @@ def test_hostile_ring_writer(setups, what):
         cli = peer(su, "client", "corrupt", port, SHMBYPASS_DEBUG=1)
         tx, rx = map(int, srv.wait_for("SLOTS ").split())
         time.sleep(0.2)                 # some bytes go back and forth first
-        reg = Region.open("shm", instance=su.inst.name)
+        reg = region.open("posix", instance=su.inst.name)
         try:
             for slot in (tx, rx):
                 h = ffi.cast("struct sbp_ring_hdr *", reg.slot_ptr(slot))

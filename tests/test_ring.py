@@ -18,13 +18,13 @@ import pytest
 import ring_conformance as rc
 from shmbypass import region as regmod
 from shmbypass._native import ffi, lib
-from shmbypass.region import Region, RegionCorrupt, RegionExists, RegionNotFound, \
+from shmbypass.region import RegionCorrupt, RegionExists, RegionNotFound, \
     RegionVersionMismatch
 from shmbypass.ring import (READER_CLOSED, RESET, WRITER_CLOSED, Ring, RingClosed, RingCorrupt,
                             RingEmpty, RingFull, RingNotReady, RingReset, capacity_for)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BACKENDS = ["anon", "shm", "arena"]
+BACKENDS = ["anon", "posix", "arena"]
 OFF = {f: ffi.offsetof("struct sbp_ring_hdr", f)
        for f in ("magic", "generation", "capacity", "version", "flags", "reset_reason",
                  "head", "tail", "writer_waiting", "reader_waiting")}
@@ -409,35 +409,35 @@ def test_region_header_checks(be):
     try:
         base.version = 99
         with pytest.raises(RegionVersionMismatch):
-            be.region._check()
+            be.region.check()
         ffi.buffer(base, 4096)[:] = saved
         for field, value in (("slot_count", 10 ** 6), ("slot_size", 12345), ("region_size", 1),
                              ("hdr_size", 0), ("nparts", 99)):
             setattr(base, field, value)
             with pytest.raises(RegionCorrupt):
-                be.region._check()
+                be.region.check()
             ffi.buffer(base, 4096)[:] = saved
         base.parts[0].slot_count = 5                                        # past the end
         assert lib.sbp_region_check(base, size, info) == -errno.EPROTO
         ffi.buffer(base, 4096)[:] = saved
         base.magic = b"GARBAGE!"
         with pytest.raises(RegionCorrupt):
-            be.region._check()
+            be.region.check()
     finally:
         ffi.buffer(base, 4096)[:] = saved
-    be.region._check()
+    be.region.check()
     parts = ffi.new("struct sbp_region_part[2]", [(0, 2, 1), (2, 2, 2)])
     assert lib.sbp_region_set_parts(base, size, parts, 2) == 0
-    be.region._check()
+    be.region.check()
     assert be.region.info.parts == ((0, 2, 1), (2, 2, 2))
     overlap = ffi.new("struct sbp_region_part[2]", [(0, 3, 1), (2, 2, 2)])
     assert lib.sbp_region_set_parts(base, size, overlap, 2) == -errno.EINVAL
 
 
-@pytest.mark.parametrize("be", ["shm", "arena"], indirect=True)
+@pytest.mark.parametrize("be", ["posix", "arena"], indirect=True)
 def test_region_open_by_name(be):
     with pytest.raises(RegionExists):
-        Region.format(be.kind, instance=be.instance, pin_dir=be.pin_dir, slot_count=4,
+        regmod.format(be.kind, instance=be.instance, pin_dir=be.pin_dir, slot_count=4,
                       slot_size=rc.SMALL_SLOT)
     w = be.region.ring(3, 11, create=True)
     w.write(b"across processes")
@@ -450,7 +450,7 @@ def test_region_open_by_name(be):
 
 
 def test_region_destroy_leaves_nothing():
-    for kind in ("shm", "arena"):
+    for kind in ("posix", "arena"):
         if kind == "arena" and not regmod.arena_supported():
             continue
         b = rc.Backend(kind)
@@ -459,7 +459,7 @@ def test_region_destroy_leaves_nothing():
         assert not b.leftovers()
         assert not os.path.exists(b.pin_dir)
         with pytest.raises(RegionNotFound):
-            Region.open(kind, instance=b.instance, pin_dir=b.pin_dir)
+            regmod.open(kind, instance=b.instance, pin_dir=b.pin_dir)
 
 
 def test_arena_probe_has_a_reason():
@@ -468,7 +468,7 @@ def test_arena_probe_has_a_reason():
     assert isinstance(reason, str) and reason
     assert bool(probe) == ok
     backend, why = regmod.default_backend()
-    assert backend == ("arena" if ok else "shm") and why
+    assert backend == ("arena" if ok else "posix") and why
 
 
 def test_ring_on_plain_buffer():

@@ -48,7 +48,7 @@ def test_100k_sequential_and_1000_concurrent():
     if os.geteuid() != 0:
         pytest.fail("the test suite must run as root")
     inst = new_instance("stress")
-    manager.up(inst, slot_count=SLOTS, backend="shm")
+    manager.up(inst, slot_count=SLOTS, backend="posix")
     procs = []
     try:
         srv = run_peer(inst, ["manyserver", str(SEQ + NOPEN + 1), str(NOPEN)])

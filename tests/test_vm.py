@@ -13,12 +13,18 @@ import time
 
 import pytest
 
-from shmbypass import vm
+from shmbypass import paths
+from shmbypass._native import lib
+from shmbypass.errors import GuestDied
+from shmbypass.region import ivshmem
+from shmbypass.vm import qemu
+from shmbypass.vm import status as vmstatus
+from shmbypass.vm.pair import VMPair
 from guest_echo import ECHO_SERVER
 
 pytestmark = pytest.mark.vm
 
-PY = os.path.join(vm.ROOT, ".venv", "bin", "python")  # the project's venv, seen by the guests over 9p
+PY = os.path.join(paths.ROOT, ".venv", "bin", "python")  # the project's venv, seen by the guests over 9p
 GARBAGE = b"\xa5not a region\x5a" * 4096  # 64 KiB of garbage at offset 0, written before boot
 BAR_OFFSET = 8 << 20  # where the BAR test writes: past the garbage
 
@@ -61,7 +67,7 @@ def _state(pid):
 
 @pytest.fixture(scope="module")
 def pair():
-    p = vm.VMPair(region_init=GARBAGE)
+    p = VMPair(region_init=GARBAGE)
     try:
         p.boot()
         yield p
@@ -79,11 +85,11 @@ def pair():
 def test_status_of_zero_and_short_files(tmp_path):
     zero = tmp_path / "zero"
     zero.write_bytes(bytes(1 << 20))
-    rep = vm.region_status(str(zero))
+    rep = vmstatus.region_status(str(zero))
     assert rep["state"] == "empty"
     short = tmp_path / "short"
     short.write_bytes(b"SHMBYPRG")
-    assert vm.region_status(str(short))["state"] == "garbage"
+    assert vmstatus.region_status(str(short))["state"] == "garbage"
 
 
 def test_status_reads_a_formatted_region(tmp_path):
@@ -96,18 +102,18 @@ def test_status_reads_a_formatted_region(tmp_path):
     struct.pack_into("<IIQ", buf, 64, 0, 2, 0xA)
     struct.pack_into("<IIQ", buf, 80, 2, 1, 0xB)
     off = 4096 + 2 * slot
-    struct.pack_into("<QQQIII", buf, off, vm.RING_MAGIC, 7, 1 << 20, 1, 0x1, 0)
+    struct.pack_into("<QQQIII", buf, off, lib.SBP_RING_MAGIC, 7, 1 << 20, 1, 0x1, 0)
     struct.pack_into("<Q", buf, off + 64, 5000)
     struct.pack_into("<Q", buf, off + 128, 1000)
     f = tmp_path / "region"
     f.write_bytes(bytes(buf))
-    rep = vm.region_status(str(f))
+    rep = vmstatus.region_status(str(f))
     assert rep["state"] == "ok", rep["problem"]
     assert rep["header"]["region_id"] == "000000001234abcd"
     assert [c["slot"] for c in rep["channels"]] == [2]
     c = rep["channels"][0]
     assert (c["part"], c["generation"], c["queued"], c["state"]) == (1, 7, 4000, "fin")
-    text = vm.render_status(rep)
+    text = vmstatus.render_status(rep)
     assert "1 live channel" in text and "ivshmem" in text
 
 
@@ -115,7 +121,7 @@ def test_status_agrees_with_the_native_ring(tmp_path):
     """A region and a ring made by the real C code (region.py/ring.py), read
     back by the host view."""
     region = pytest.importorskip("shmbypass.region", reason="native ring/region part not built")
-    reg = region.Region.anonymous(slot_count=3, region_id=0xFEED)
+    reg = region.anonymous(slot_count=3, region_id=0xFEED)
     try:
         r = reg.ring(1, generation=42, create=True)
         r.write(b"x" * 5000)
@@ -126,7 +132,7 @@ def test_status_agrees_with_the_native_ring(tmp_path):
         f.write_bytes(bytes(reg._mm))
     finally:
         reg.close()
-    rep = vm.region_status(str(f))
+    rep = vmstatus.region_status(str(f))
     assert rep["state"] == "ok", rep["problem"]
     assert rep["header"]["region_id"] == f"{0xFEED:016x}"
     (c,) = rep["channels"]
@@ -135,21 +141,21 @@ def test_status_agrees_with_the_native_ring(tmp_path):
     raw = bytearray(f.read_bytes())
     raw[20] ^= 0x10  # slot_size
     f.write_bytes(bytes(raw))
-    assert vm.region_status(str(f))["state"] == "garbage"
+    assert vmstatus.region_status(str(f))["state"] == "garbage"
 
 
 def test_open_ivshmem_bar_without_device(tmp_path):
-    with pytest.raises(vm.IvshmemNotFound, match="no ivshmem PCI device"):
-        vm.open_ivshmem_bar(pci_root=str(tmp_path))
+    with pytest.raises(ivshmem.IvshmemNotFound, match="no ivshmem PCI device"):
+        ivshmem.open_ivshmem_bar(pci_root=str(tmp_path))
 
 
 def test_killed_launcher_leaves_nothing():
     """SIGKILL the launcher mid-boot: its QEMUs die with it (PDEATHSIG) and
     the next launcher's sweep removes the region file and run dir."""
-    code = "from shmbypass import vm; import time; vm.VMPair().boot(); time.sleep(600)"
-    launcher = subprocess.Popen([sys.executable, "-c", code], cwd=vm.ROOT,
+    code = "from shmbypass.vm.pair import VMPair; import time; VMPair().boot(); time.sleep(600)"
+    launcher = subprocess.Popen([sys.executable, "-c", code], cwd=paths.ROOT,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    name = f"{vm.RUN_PREFIX}{launcher.pid}-1"
+    name = f"{qemu.RUN_PREFIX}{launcher.pid}-1"
     region = f"/dev/shm/{name}"
     try:
         end = time.monotonic() + 60
@@ -161,7 +167,7 @@ def test_killed_launcher_leaves_nothing():
         launcher.kill()
         launcher.wait()
     assert not _wait_gone(started), "QEMU outlived its launcher"
-    vm.sweep_stale()
+    qemu.sweep_stale()
     assert not os.path.exists(region)
     assert not os.path.exists(f"/run/{name}")
 
@@ -172,7 +178,7 @@ def test_status_reports_garbage(pair):
     """The region was filled with garbage before boot: the host says so, and
     so does each guest looking at its BAR."""
     res = subprocess.run([sys.executable, "-m", "shmbypass", "vm", "status", pair.region_path],
-                         capture_output=True, text=True, cwd=vm.ROOT)
+                         capture_output=True, text=True, cwd=paths.ROOT)
     assert res.returncode == 2, res.stderr
     assert "garbage" in res.stdout and "bad magic" in res.stdout
     for g in "AB":
@@ -183,7 +189,7 @@ def test_status_reports_garbage(pair):
 
 def test_both_guests_see_ivshmem(pair):
     for g in "AB":
-        r = pair.run(g, f"{PY} -c 'from shmbypass import vm; m, size, dev = vm.open_ivshmem_bar(); "
+        r = pair.run(g, f"{PY} -c 'from shmbypass.region import ivshmem; m, size, dev = ivshmem.open_ivshmem_bar(); "
                         f"print(size, dev)'", timeout=60, check=True)
         size, dev = r.out.split()
         assert int(size) == pair.region_size
@@ -192,9 +198,9 @@ def test_both_guests_see_ivshmem(pair):
 
 def test_bar_bytes_cross_guests_and_host(pair):
     token = os.urandom(16).hex()
-    pair.run("A", f"{PY} -c 'from shmbypass import vm; m, _, _ = vm.open_ivshmem_bar(); "
+    pair.run("A", f"{PY} -c 'from shmbypass.region import ivshmem; m, _, _ = ivshmem.open_ivshmem_bar(); "
                   f"m[{BAR_OFFSET}:{BAR_OFFSET + 32}] = b\"{token}\"'", timeout=60, check=True)
-    r = pair.run("B", f"{PY} -c 'from shmbypass import vm; m, _, _ = vm.open_ivshmem_bar(); "
+    r = pair.run("B", f"{PY} -c 'from shmbypass.region import ivshmem; m, _, _ = ivshmem.open_ivshmem_bar(); "
                       f"print(m[{BAR_OFFSET}:{BAR_OFFSET + 32}].decode())'", timeout=60, check=True)
     assert r.out.strip() == token
     with open(pair.region_path, "rb") as f:
@@ -240,14 +246,14 @@ def test_project_python_in_guest(pair):
     r = pair.run("A", f"{PY} -c 'import shmbypass, sys; print(shmbypass.__file__, sys.prefix)'",
                  timeout=60, check=True)
     path, prefix = r.out.split()
-    assert path == os.path.join(vm.ROOT, "shmbypass", "__init__.py")
-    assert prefix == os.path.join(vm.ROOT, ".venv")
+    assert path == os.path.join(paths.ROOT, "shmbypass", "__init__.py")
+    assert prefix == os.path.join(paths.ROOT, ".venv")
 
 
 def test_region_absent_from_one_guest():
     """A pair where only A gets the ivshmem device, left unformatted: A
     sees an empty region, B says it has none, and the link still works."""
-    with vm.VMPair(ivshmem=("A",), region_size=16 << 20, region_format=False) as p:
+    with VMPair(ivshmem=("A",), region_size=16 << 20, region_format=False) as p:
         a = p.run("A", f"{PY} -m shmbypass.vm status ivshmem", timeout=60)
         assert a.rc == 0 and "not formatted" in a.out, a  # a zero-filled region: empty
         b = p.run("B", f"{PY} -m shmbypass.vm status ivshmem", timeout=60)
@@ -309,7 +315,7 @@ def test_kill_guest_b_mid_transfer(pair):
         pytest.fail("the transfer never started")
     pair.kill("B")
     assert not pair.alive("B")
-    with pytest.raises(vm.GuestDied):
+    with pytest.raises(GuestDied):
         sink.wait(30)
     res = client.wait(200)
     assert res.rc == 0 and not res.timed_out, res
@@ -336,4 +342,4 @@ def test_arena_on_a_kernel_without_it(pair):
         assert up.rc == 0 and down.rc == 0, (up, down)
         assert "arena backend unavailable (" in up.err and "using POSIX shm" in up.err, up
         assert len(up.err.strip().splitlines()) == 1, up.err
-        assert "region shm:/sbt-noarena-region" in up.out, up.out
+        assert "region posix:/sbt-noarena-region" in up.out, up.out

@@ -25,12 +25,15 @@ import time
 
 import pytest
 
-from shmbypass import paths, region, shmtier, vm
+from shmbypass import paths, region, shmtier
+from shmbypass.errors import GuestDied
+from shmbypass.vm import status as vmstatus
+from shmbypass.vm.pair import VMPair
 from guest_echo import ECHO_SERVER
 
 pytestmark = pytest.mark.vm
 
-PY = os.path.join(vm.ROOT, ".venv", "bin", "python")
+PY = os.path.join(paths.ROOT, ".venv", "bin", "python")
 INST = "sbt-vm"
 ENV = {"SHMBYPASS_INSTANCE": INST}
 for _var in ("SHMBYPASS_BPF_DIR", "SHMBYPASS_PRELOAD"):  # other builds, passed on to the guests
@@ -180,7 +183,7 @@ def _echo(pair, port, wrap, size=256 << 10):
 def test_host_formats_one_part_per_guest(tmp_path):
     f = tmp_path / "region"
     f.write_bytes(bytes(16 << 20))
-    rep = vm.format_region_file(str(f), region_id=0x5EED)
+    rep = vmstatus.format_region_file(str(f), region_id=0x5EED)
     assert rep["state"] == "ok" and rep["header"]["backend"] == "ivshmem"
     assert rep["region_id"] == 0x5EED
     (pa, pb) = rep["parts"]
@@ -209,7 +212,7 @@ def test_refused_regions_say_why_in_one_line(tmp_path, monkeypatch, damage, word
     f = tmp_path / "region"
     f.write_bytes(bytes(8 << 20))
     if damage != "zeros":
-        vm.format_region_file(str(f))
+        vmstatus.format_region_file(str(f))
     raw = bytearray(f.read_bytes())
     if damage == "garbage":
         raw[:len(GARBAGE)] = GARBAGE
@@ -228,30 +231,24 @@ def test_host_view_marks_channels_of_a_gone_guest_dead(tmp_path):
     the file decides live or dead."""
     f = tmp_path / "region"
     f.write_bytes(bytes(8 << 20))
-    rep = vm.format_region_file(str(f))
+    rep = vmstatus.format_region_file(str(f))
     first_b = rep["parts"][1]["first_slot"]
-    fd = os.open(f, os.O_RDWR)
-    import mmap
-    mm = mmap.mmap(fd, 0)
-    os.close(fd)
-    reg = region.Region("ivshmem", len(mm), str(f))
-    reg._adopt_mmap(mm)
+    reg = region.open_ivshmem(str(f))
     try:
-        reg._check()
         reg.ring(1, generation=3, create=True).write(b"a" * 100)      # A -> B
         w = reg.ring(first_b, generation=5, create=True)              # B -> A
         w.write(b"b" * 300)
         reg.ring(first_b, generation=5).read(100)
     finally:
         reg.close()
-    rep = vm.region_status(str(f))  # nobody maps it: liveness unknown
+    rep = vmstatus.region_status(str(f))  # nobody maps it: liveness unknown
     chans = {c["slot"]: c for c in rep["channels"]}
     assert (chans[1]["writer"], chans[1]["reader"], chans[1]["state"]) == ("A", "B", "live")
     assert (chans[first_b]["writer"], chans[first_b]["head"], chans[first_b]["tail"]) == ("B", 300, 100)
-    vm.apply_liveness(rep, {"A": 1})  # only A's QEMU still maps it
+    vmstatus.apply_liveness(rep, {"A": 1})  # only A's QEMU still maps it
     assert {c["state"] for c in rep["channels"]} == {"dead"}
     assert [p["alive"] for p in rep["parts"]] == [True, False]
-    text = vm.render_status(rep)
+    text = vmstatus.render_status(rep)
     assert "0 live channel(s), 2 dead" in text and "guest B, GONE" in text and "B>A" in text
 
 
@@ -301,7 +298,7 @@ def test_region_absent_from_one_guest():
     """B has no ivshmem device: its manager says so and comes up for TCP;
     A joins the region. Their connection is plain TCP, data intact, and A
     records why not shm."""
-    with vm.VMPair(ivshmem=("A",), region_size=16 << 20) as p:
+    with VMPair(ivshmem=("A",), region_size=16 << 20) as p:
         ups = _both(p, f"{PY} -m shmbypass up --backend ivshmem")
         for g in "AB":
             assert ups[g].rc == 0, ups[g]
@@ -322,7 +319,7 @@ def test_region_absent_from_one_guest():
 
 @pytest.fixture(scope="module")
 def pair():
-    p = vm.VMPair(region_init=GARBAGE)  # garbage before boot; formatted after the refusal test
+    p = VMPair(region_init=GARBAGE)  # garbage before boot; formatted after the refusal test
     try:
         p.boot()
         yield p
@@ -338,7 +335,7 @@ def joined(pair):
     checks, done here if it did not run (a -k selection), so no test needs
     an earlier one."""
     if not getattr(pair, "region_id", None):
-        pair.region_id = vm.format_region_file(pair.region_path)["region_id"]
+        pair.region_id = vmstatus.format_region_file(pair.region_path)["region_id"]
         ups = _both(pair, f"{PY} -m shmbypass up --backend ivshmem")
         assert all(u.rc == 0 for u in ups.values()), ups
     return pair
@@ -354,7 +351,7 @@ def test_garbage_region_refused_tcp_still_works(pair):
         st = _state(pair, g)["region"]
         assert (st["region_id"], st["slot_count"], st["path"]) == (0, 0, None)
     res = subprocess.run([sys.executable, "-m", "shmbypass", "vm", "status", pair.region_path],
-                         capture_output=True, text=True, cwd=vm.ROOT)
+                         capture_output=True, text=True, cwd=paths.ROOT)
     assert res.returncode == 2 and "garbage" in res.stdout, res
     try:
         rows = _echo(pair, 7020, _wrap())
@@ -368,7 +365,7 @@ def test_garbage_region_refused_tcp_still_works(pair):
 def test_host_formats_guests_join_their_parts(pair):
     """The host formats the region (the guests run and have it mapped: the
     same memory); each guest's pool is exactly its own part."""
-    rid = vm.format_region_file(pair.region_path)["region_id"]
+    rid = vmstatus.format_region_file(pair.region_path)["region_id"]
     pair.region_id = rid
     ups = _both(pair, f"{PY} -m shmbypass up --backend ivshmem")
     parts = {}
@@ -386,11 +383,11 @@ def test_host_formats_guests_join_their_parts(pair):
         first, n = parts[g]["first_slot"], parts[g]["slot_count"]
         assert free == list(range(first, first + n))
         assert (cfg["region_id"], cfg["slot_count"], cfg["first_slot"]) == (rid, n, first)
-    rep = vm.region_status(pair.region_path)
+    rep = vmstatus.region_status(pair.region_path)
     assert rep["state"] == "ok"
     assert [(p["guest"], p["alive"]) for p in rep["parts"]] == [("A", True), ("B", True)]
     text = subprocess.run([sys.executable, "-m", "shmbypass", "vm", "status", pair.region_path],
-                          capture_output=True, text=True, cwd=vm.ROOT, check=True).stdout
+                          capture_output=True, text=True, cwd=paths.ROOT, check=True).stdout
     assert f"id {rid:016x}" in text and "guest A, mapped" in text and "guest B, mapped" in text
 
 
@@ -466,7 +463,7 @@ def test_unmodified_programs_in_the_shm_tier(joined):
     rows = _echo(joined, 7040, RUN_SHM, size=4 << 20)
     (ra,), (rb,) = rows["A"], rows["B"]
     assert ra["tier"] == rb["tier"] == "shm", rows
-    rep = vm.region_status(joined.region_path)
+    rep = vmstatus.region_status(joined.region_path)
     dirs = {f"{c['writer']}>{c['reader']}" for c in rep["channels"] if c["head"] >= 4 << 20}
     assert dirs == {"A>B", "B>A"}, rep["channels"]
 
@@ -586,7 +583,7 @@ def test_closed_writers_slot_waits_for_the_peer_vm(joined):
         sent_n, sent_h = connection(0)
         free, refs, _ = _pool(joined, "A")
         assert (free, refs) == (part - 1, 1), "A's slot left the pool while B had not read"
-        chans = [c for c in vm.region_status(joined.region_path)["channels"]
+        chans = [c for c in vmstatus.region_status(joined.region_path)["channels"]
                  if c["writer"] == "A" and c["head"] == size]
         assert [(c["state"], c["queued"]) for c in chans] == [("fin", size)], chans
     finally:
@@ -665,7 +662,7 @@ def test_kill_guest_b_host_sees_channels_dead(joined):
     jobs = {g: joined.start(g, f"{PY} - {size}", stdin=RAW_RING, env=ENV, timeout=120)
             for g, size in (("A", 1000), ("B", 3000))}
     slots_ = {g: int(job.wait(180).check().out) for g, job in jobs.items()}
-    rep = vm.region_status(joined.region_path)
+    rep = vmstatus.region_status(joined.region_path)
     chans = {c["slot"]: c for c in rep["channels"]}
     assert (chans[slots_["A"]]["state"], chans[slots_["A"]]["writer"], chans[slots_["A"]]["head"]) == ("live", "A", 1000)
     assert (chans[slots_["B"]]["state"], chans[slots_["B"]]["writer"], chans[slots_["B"]]["head"]) == ("live", "B", 3000)
@@ -681,14 +678,14 @@ def test_kill_guest_b_host_sees_channels_dead(joined):
         else:
             pytest.fail("the transfer never started")
     joined.kill("B")
-    rep = vm.region_status(joined.region_path)
+    rep = vmstatus.region_status(joined.region_path)
     chans = {c["slot"]: c for c in rep["channels"]}
     assert chans[slots_["A"]]["state"] == chans[slots_["B"]]["state"] == "dead"
     assert chans[slots_["B"]]["dead"] == ["B"] and rep["parts"][1]["alive"] is False
     if client is not None:
         res = client.wait(200)
         assert not res.timed_out and res.out.startswith("ERROR"), res  # reset/EPIPE/timeout, no hang
-        with pytest.raises(vm.GuestDied):
+        with pytest.raises(GuestDied):
             sink.wait(30)
-        live = [c for c in vm.region_status(joined.region_path)["channels"] if c["state"] == "live"]
+        live = [c for c in vmstatus.region_status(joined.region_path)["channels"] if c["state"] == "live"]
         assert not live, live
