@@ -21,6 +21,7 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 #include "bypass.h"
+#include "shared.h"
 
 #define AF_INET 2
 #define AF_INET6 10
@@ -28,15 +29,6 @@
 /* sbp_conn.peer of an active socket that sent before its peer paired (see
  * handle_msg): the pairing was lost, the connection stays on TCP. */
 #define PEER_RACED (~0ULL)
-#define ENOENT 2
-#define EINVAL 22
-#define ENOMEM 12
-#define EBUSY 16
-#define ENOSPC 28
-#define ENOMSG 42
-#define EPROTO 71
-#define ESTALE 116
-#define EAGAIN 11
 
 #define CLOCK_MONOTONIC 1
 #define SOL_TCP 6
@@ -57,19 +49,7 @@ struct {
 	__type(value, __u64);
 } sock_hash SEC(".maps");
 
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, SBP_MAX_CONNS);
-	__type(key, __u64);		/* socket cookie */
-	__type(value, struct sbp_conn);
-} conns SEC(".maps");
 
-struct {
-	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
-	__uint(map_flags, BPF_F_NO_PREALLOC | BPF_F_CLONE);
-	__type(key, int);
-	__type(value, struct sbp_sk);
-} sk_state SEC(".maps");
 
 /* Handshakes a listener of the group answered, by 4-tuple as the active end
  * sees it. The active end enters the sockhash only if its SYN was answered
@@ -99,12 +79,6 @@ struct {
 	__type(value, __u64);		/* the active socket's cookie */
 } pending SEC(".maps");
 
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, SBP_CNT__MAX);
-	__type(key, __u32);
-	__type(value, __u64);
-} counters SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -112,6 +86,23 @@ struct {
 	__type(key, __u32);
 	__type(value, struct sbp_config);
 } settings SEC(".maps");
+
+/* Connection policy by the server's port and address (the listener's end):
+ * excluded connections stay on TCP with reason policy-excluded. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u16);		/* host byte order */
+	__type(value, __u8);		/* SBP_POLICY_EXCLUDE / INCLUDE */
+} policy_ports SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 1024);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct sbp_net_key);
+	__type(value, __u8);
+} policy_nets SEC(".maps");
 
 /* ---- shm-tier negotiation maps ---- */
 
@@ -171,35 +162,7 @@ struct {
 	__type(value, struct sbp_sweeper);
 } sweeper SEC(".maps");
 
-/* Errors the programs hit, keyed by source line; tests assert it is empty. */
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 64);
-	__type(key, __u32);
-	__type(value, struct sbp_error);
-} errors SEC(".maps");
 
-static __always_inline void count(__u32 idx, __u64 n)
-{
-	__u64 *v = bpf_map_lookup_elem(&counters, &idx);
-
-	if (v)
-		*v += n;
-}
-
-static __always_inline void report(__u32 line, long err)
-{
-	struct sbp_error e = { .err = err, .count = 1 }, *old;
-
-	old = bpf_map_lookup_elem(&errors, &line);
-	if (old) {
-		old->err = err;
-		__sync_fetch_and_add(&old->count, 1);
-	} else {
-		bpf_map_update_elem(&errors, &line, &e, BPF_NOEXIST);
-	}
-}
-#define REPORT(err) report(__LINE__, (err))
 
 static __always_inline int draining(void)
 {
@@ -1045,6 +1008,48 @@ static __always_inline int peer_in_group(struct sbp_conn_key *key)
 	return 1;
 }
 
+/* Does the policy keep this connection (key: as built by make_key, the
+ * passive end is "b") off both tiers? */
+static __always_inline int policy_excluded(const struct sbp_conn_key *k)
+{
+	struct sbp_net_key nk = { .prefixlen = 128 };
+	struct sbp_policy *p;
+	__u16 port = k->b_port;
+	__u32 zero = 0;
+	__u8 *act;
+
+	p = bpf_map_lookup_elem(&policy, &zero);
+	act = bpf_map_lookup_elem(&policy_ports, &port);
+	if (act ? *act == SBP_POLICY_EXCLUDE : p && (p->flags & SBP_POLICY_PORTS_ONLY))
+		return 1;
+	__builtin_memcpy(nk.ip, k->b_ip, sizeof(nk.ip));
+	act = bpf_map_lookup_elem(&policy_nets, &nk);
+	return act ? *act == SBP_POLICY_EXCLUDE : p && (p->flags & SBP_POLICY_NETS_ONLY);
+}
+
+/* One host, shm tier: both ends asked (SBP_SO_ASK: the child carries its
+ * listener's request, the exact listening socket the SYN reached), so the
+ * pair is put in the shm tier and neither end in the sockhash. Nothing
+ * was on the wire and nothing is allocated: the interposers bring their
+ * memory to each other (docs/NEGOTIATION.md). Called by the passive end
+ * with the active end's row. */
+static __always_inline void shm_pair(struct sbp_conn *c, __u64 cookie, struct sbp_conn *pc,
+				     __u64 peer_cookie)
+{
+	c->tier = SBP_TIER_SHM;
+	c->peer = peer_cookie;
+	c->reason = SBP_REASON_NONE;
+	pc->tier = SBP_TIER_SHM;
+	pc->reason = SBP_REASON_NONE;
+	pc->shm_reason = SBP_REASON_NONE;
+	/* Its sk_msg may have claimed the handshake race meanwhile: that
+	 * only sent its bytes over TCP, where the shm tier starts anyway. */
+	pc->peer = cookie;
+	bpf_map_delete_elem(&sock_hash, &peer_cookie);
+	bpf_map_delete_elem(&pending, &c->key);
+	count(SBP_CNT_SHM, 2);
+}
+
 static __always_inline void handle_established(struct bpf_sock_ops *skops, int active)
 {
 	struct sbp_conn c = {}, *pc, *mine;
@@ -1071,9 +1076,19 @@ static __always_inline void handle_established(struct bpf_sock_ops *skops, int a
 		return;
 	}
 	st->cookie = cookie;
+	c.asked = st->asked;
+	c.owner = st->owner;
+	__builtin_memcpy(c.inbox, st->inbox, SBP_INBOX_LEN);
 
-	/* The shm tier first: its data goes through the ring, so such a
-	 * socket never enters the sockhash. */
+	if (policy_excluded(&c.key)) {
+		c.reason = SBP_REASON_POLICY_EXCLUDED;
+		if (bpf_map_update_elem(&conns, &cookie, &c, BPF_NOEXIST))
+			count(SBP_CNT_TABLE_FULL, 1);
+		return;
+	}
+
+	/* The shm tier of VM pairs first: its data goes through the ring, so
+	 * such a socket never enters the sockhash. */
 	if (active ? shm_active(skops, st) : shm_passive(skops, st, &c.key, c.netns)) {
 		c.tier = SBP_TIER_SHM;
 		c.tx_slot = st->tx_slot;
@@ -1130,6 +1145,13 @@ static __always_inline void handle_established(struct bpf_sock_ops *skops, int a
 		/* The connecting end is not in the group (or is remote). */
 		c.reason = SBP_REASON_PEER_NOT_CAPABLE;
 		count(SBP_CNT_UNPAIRED_PASSIVE, 1);
+		if (bpf_map_update_elem(&conns, &cookie, &c, BPF_NOEXIST))
+			count(SBP_CNT_TABLE_FULL, 1);
+		return;
+	}
+
+	if ((c.asked & SBP_ASK_SHM) && (pc->asked & SBP_ASK_SHM)) {
+		shm_pair(&c, cookie, pc, *peer);
 		if (bpf_map_update_elem(&conns, &cookie, &c, BPF_NOEXIST))
 			count(SBP_CNT_TABLE_FULL, 1);
 		return;
@@ -1250,7 +1272,7 @@ int sbp_msg(struct sk_msg_md *msg)
 	if (!st)
 		return SK_PASS;
 	c = bpf_map_lookup_elem(&conns, &st->cookie);
-	if (!c)
+	if (!c || c->tier == SBP_TIER_SHM)
 		return SK_PASS;
 	if (c->tx_dir == SBP_DIR_UNDECIDED) {
 		/* SYNC POINT: pairs with the compare-and-swap in

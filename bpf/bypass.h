@@ -53,6 +53,59 @@ enum sbp_dir {
 	SBP_DIR_TCP = 2,
 };
 
+/* ---- asking for the shm tier: the socket options of bpf/ask.bpf.c ----
+ *
+ * A program in the bypass group asks with setsockopt(fd, SOL_SHMBYPASS,
+ * SBP_SO_ASK, &struct sbp_ask, sizeof) and learns what BPF decided with
+ * getsockopt(fd, SOL_SHMBYPASS, SBP_SO_INFO, &struct sbp_info, &len). The
+ * cgroup sockopt programs answer both and keep the kernel out (outside the
+ * group the kernel says ENOPROTOOPT: no bypass here). BPF records who asked
+ * (uid, gid, tgid, cgroup) itself: it acts only on what it computed. The
+ * inbox token is the one thing a program gives that BPF stores; BPF only
+ * relays it to the peer (docs/NEGOTIATION.md, "Trust"). */
+#define SOL_SHMBYPASS 0x5342	/* "SB": a level no protocol uses */
+#define SBP_SO_ASK 1		/* set: struct sbp_ask */
+#define SBP_SO_INFO 2		/* get: struct sbp_info */
+#define SBP_SO_UPGRADED 3	/* set: __u32 SBP_UP_* bits, shown by status only */
+#define SBP_ASK_VERSION 1
+#define SBP_INBOX_LEN 16	/* random token: names the asker's inbox socket */
+
+#define SBP_ASK_SHM 1u		/* flags: the shm tier (memory through the inbox) */
+
+struct sbp_ask {
+	__u32 version;		/* SBP_ASK_VERSION */
+	__u32 flags;		/* SBP_ASK_* */
+	__u8 inbox[SBP_INBOX_LEN];
+};
+
+/* Who asked, as the kernel reported it at the moment of the call. */
+struct sbp_ident {
+	__u32 uid;
+	__u32 gid;
+	__u32 tgid;		/* process id (0: nobody asked yet) */
+	__u32 pad;
+	__u64 cgroup;		/* cgroup v2 id */
+};
+
+#define SBP_ROLE_ACTIVE 1	/* it connected */
+#define SBP_ROLE_PASSIVE 2	/* it was accepted */
+
+/* SBP_SO_UPGRADED bits: which directions the interposer moved to rings. */
+#define SBP_UP_TX 1u
+#define SBP_UP_RX 2u
+
+struct sbp_info {
+	__u32 version;		/* SBP_ASK_VERSION */
+	__u32 tier;		/* enum sbp_tier */
+	__u32 reason;		/* enum sbp_reason: why not shm */
+	__u32 role;		/* SBP_ROLE_* (0: not established) */
+	__u64 cookie;		/* this socket */
+	__u64 peer_cookie;	/* the peer socket (0: none) */
+	struct sbp_ident self;	/* the caller, as recorded now */
+	struct sbp_ident peer;	/* who asked for the peer socket */
+	__u8 peer_inbox[SBP_INBOX_LEN];
+};
+
 /* One established socket of the bypass group, keyed by socket cookie. */
 struct sbp_conn {
 	struct sbp_conn_key key;
@@ -70,6 +123,10 @@ struct sbp_conn {
 	__u32 rx_slot;
 	__u64 tx_gen;
 	__u64 rx_gen;
+	__u32 asked;		/* SBP_ASK_* of its owner */
+	__u32 upgraded;		/* SBP_UP_*: as the interposer reported (status) */
+	struct sbp_ident owner;
+	__u8 inbox[SBP_INBOX_LEN];
 };
 
 /* Per-socket state in a SK_STORAGE map (sk_state). User space (the
@@ -97,6 +154,11 @@ struct sbp_sk {
 	__u64 rx_gen;
 	__u64 region_id;
 	__u64 cookie;		/* own socket cookie: sk_msg cannot ask for it */
+	/* Written by bpf/ask.bpf.c only (the kernel's identity of the caller): */
+	__u32 asked;		/* SBP_ASK_* of the last SBP_SO_ASK */
+	__u32 pad;
+	struct sbp_ident owner;	/* who asked (a child starts with its listener's) */
+	__u8 inbox[SBP_INBOX_LEN];
 };
 
 /* ---- shm-tier negotiation (docs/NEGOTIATION.md) ---- */
@@ -179,6 +241,34 @@ struct sbp_resv {
 	__u32 peer_gen;
 	__u32 pad;
 	__u64 region_id;
+};
+
+/* Policy: who may pair in the shm tier (ARRAY `policy` + HASH `allowed`). */
+#define SBP_POLICY_ANY_USER 1u	/* every user may (else root + `allowed`) */
+#define SBP_POLICY_PORTS_ONLY 2u	/* bypass only ports marked INCLUDE */
+#define SBP_POLICY_NETS_ONLY 4u	/* bypass only server addresses marked INCLUDE */
+
+/* Values of the `policy_ports` (server port) and `policy_nets` (server
+ * address, LPM trie over the v4-mapped IPv6 form) maps. */
+#define SBP_POLICY_EXCLUDE 1
+#define SBP_POLICY_INCLUDE 2
+
+struct sbp_net_key {
+	__u32 prefixlen;	/* of the 128-bit address */
+	__u32 ip[4];
+};
+
+struct sbp_policy {
+	__u32 flags;		/* SBP_POLICY_* */
+	__u32 pad;
+};
+
+#define SBP_ALLOW_UID 1
+#define SBP_ALLOW_GID 2
+
+struct sbp_allow_key {
+	__u32 kind;		/* SBP_ALLOW_UID or SBP_ALLOW_GID */
+	__u32 id;
 };
 
 struct sbp_config {

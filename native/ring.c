@@ -58,6 +58,11 @@ static inline bool positions_ok(struct sbp_ring *r, uint64_t head, uint64_t tail
 
 int sbp_ring_format(void *slot, size_t slot_size, uint64_t generation)
 {
+	return sbp_ring_format_at(slot, slot_size, generation, 0);
+}
+
+int sbp_ring_format_at(void *slot, size_t slot_size, uint64_t generation, uint64_t start)
+{
 	struct sbp_ring_hdr *h = slot;
 	uint64_t cap = sbp_ring_capacity_for(slot_size);
 
@@ -71,8 +76,12 @@ int sbp_ring_format(void *slot, size_t slot_size, uint64_t generation)
 	STORE(&h->version, SBP_RING_VERSION);
 	STORE(&h->flags, 0);
 	STORE(&h->reset_reason, 0);
-	STORE(&h->head, 0);
-	STORE(&h->tail, 0);
+	STORE(&h->next_kind, 0);
+	STORE(&h->next_start, 0);
+	STORE(&h->next_bells, 0);
+	STORE(&h->next_area, 0);
+	STORE(&h->head, start);
+	STORE(&h->tail, start);
 	STORE(&h->writer_waiting, 0);
 	STORE(&h->reader_waiting, 0);
 	STORE(&h->writer_cpu, 0);
@@ -121,6 +130,7 @@ int sbp_ring_attach(struct sbp_ring *r, void *slot, size_t slot_size, uint64_t g
 	r->writer_waiting = &h->writer_waiting;
 	r->spin_max_ns = SBP_RING_SPIN_DEFAULT_NS;
 	r->spin_ns = SBP_RING_SPIN_DEFAULT_NS;
+	r->seen_head = r->seen_tail = tail;     /* a ring may start at any position */
 	if (!positions_ok(r, head, tail)) {
 		memset(r, 0, sizeof(*r));
 		return -EPROTO;
@@ -170,7 +180,7 @@ static int writer_view(struct sbp_ring *r, uint64_t *head, uint64_t *tail)
 	flags = LOAD_ACQ(&h->flags);
 	if (flags & SBP_RING_RESET)
 		return -ECONNRESET;
-	if (flags & (SBP_RING_READER_CLOSED | SBP_RING_WRITER_CLOSED))
+	if (flags & (SBP_RING_READER_CLOSED | SBP_RING_WRITER_CLOSED | SBP_RING_LINKED))
 		return -EPIPE;
 	*head = LOAD(&h->head);         /* ours, but checked like the rest */
 	/* SYNC POINT: writer acquires tail: the reader is done with the bytes below it. */
@@ -259,6 +269,8 @@ static ssize_t empty_ring(uint32_t flags, int asked)
 {
 	if (flags & SBP_RING_RESET)
 		return -ECONNRESET;
+	if (flags & SBP_RING_LINKED)
+		return SBP_RING_GO_NEXT;
 	if (flags & SBP_RING_WRITER_CLOSED)
 		return 0;
 	return asked ? -EAGAIN : 0;
@@ -382,7 +394,7 @@ static void set_flag(struct sbp_ring *r, uint32_t bit, uint32_t reason)
 	 * visible to whoever acquires the flag. */
 	__atomic_fetch_or(&h->flags, bit, __ATOMIC_RELEASE);
 	r->peer_waiting = 0;
-	if (bit & (SBP_RING_WRITER_CLOSED | SBP_RING_RESET)) {
+	if (bit & (SBP_RING_WRITER_CLOSED | SBP_RING_RESET | SBP_RING_LINKED)) {
 		ring_wake(r, r->reader_waiting);
 		peer |= r->peer_waiting;
 	}
@@ -391,6 +403,67 @@ static void set_flag(struct sbp_ring *r, uint32_t bit, uint32_t reason)
 		peer |= r->peer_waiting;
 	}
 	r->peer_waiting = peer;
+}
+
+uint64_t sbp_ring_head_pos(const struct sbp_ring *r)
+{
+	return r->seen_head;
+}
+
+uint64_t sbp_ring_tail_pos(const struct sbp_ring *r)
+{
+	return r->seen_tail;
+}
+
+void sbp_ring_link(struct sbp_ring *r, uint32_t kind, uint32_t area, uint64_t bells)
+{
+	struct sbp_ring_hdr *h;
+
+	if (!line0_ok(r))
+		return;
+	h = H(r);
+	STORE(&h->next_kind, kind);
+	STORE(&h->next_area, area);
+	STORE(&h->next_bells, bells);
+	STORE(&h->next_start, LOAD(&h->head));
+	/* SYNC POINT: the link fields before the flag (set_flag releases);
+	 * a linked ring is "readable": its reader is woken like by a write. */
+	set_flag(r, SBP_RING_LINKED, 0);
+}
+
+int sbp_ring_next(struct sbp_ring *r, struct sbp_ring_next *out)
+{
+	uint64_t head, tail;
+	uint32_t flags;
+	int rc;
+
+	rc = reader_view(r, &head, &tail, &flags);
+	if (rc < 0)
+		return rc;
+	if (!(flags & SBP_RING_LINKED) || head != tail)
+		return -EAGAIN;
+	out->kind = LOAD(&H(r)->next_kind);
+	out->area = LOAD(&H(r)->next_area);
+	out->start = LOAD(&H(r)->next_start);
+	out->bells = LOAD(&H(r)->next_bells);
+	if (out->start != head || (out->kind != SBP_NEXT_RING && out->kind != SBP_NEXT_TCP))
+		return -EPROTO;
+	return 0;
+}
+
+void sbp_ring_moved(struct sbp_ring *r)
+{
+	set_flag(r, SBP_RING_READER_MOVED, 0);
+}
+
+int sbp_ring_reusable(void *slot, size_t slot_size, uint64_t generation)
+{
+	struct sbp_ring_hdr *h = slot;
+
+	(void)slot_size;
+	/* Never formatted for this connection, or the reader left it. */
+	return LOAD_ACQ(&h->magic) != SBP_RING_MAGIC || LOAD(&h->generation) != generation ||
+	       (LOAD_ACQ(&h->flags) & SBP_RING_READER_MOVED);
 }
 
 void sbp_ring_close_writer(struct sbp_ring *r)

@@ -48,6 +48,16 @@
 #define SBP_RING_WRITER_CLOSED  0x1u   /* FIN: reader drains, then read() returns 0 */
 #define SBP_RING_READER_CLOSED  0x2u   /* writer gets -EPIPE */
 #define SBP_RING_RESET          0x4u   /* both sides get -ECONNRESET */
+#define SBP_RING_LINKED         0x8u   /* the stream goes on elsewhere (next_*) */
+#define SBP_RING_READER_MOVED   0x10u  /* the reader followed the link: reusable */
+
+/* Where a linked ring's stream continues (next_kind). */
+#define SBP_NEXT_RING 1u               /* another ring (next_area) of the same stream */
+#define SBP_NEXT_TCP  2u               /* the TCP connection, after next_bells doorbells */
+
+/* A reader that drained a linked ring gets this instead of -EAGAIN: read
+ * sbp_ring_next() and go on there. */
+#define SBP_RING_GO_NEXT        (-EXDEV)
 
 /* bits of the waiting words: how the sleeping side wants to be woken */
 #define SBP_WAIT_FUTEX      0x1u       /* FUTEX_WAKE on the word */
@@ -102,7 +112,11 @@ struct sbp_ring_hdr {
 	uint32_t version;
 	uint32_t flags;         /* SBP_RING_* */
 	uint32_t reset_reason;
-	uint32_t pad0[7];
+	uint32_t next_kind;     /* SBP_NEXT_*: valid once SBP_RING_LINKED is set */
+	uint64_t next_start;    /* stream position where the next part begins (= head) */
+	uint64_t next_bells;    /* SBP_NEXT_TCP: doorbells sent on TCP before the payload */
+	uint32_t next_area;     /* SBP_NEXT_RING: which area (caller's numbering) */
+	uint32_t pad0;
 	/* cache line 1: written by the writer */
 	uint64_t head;
 	uint32_t writer_waiting;
@@ -201,6 +215,28 @@ int  sbp_ring_arm_readable(struct sbp_ring *r);
 int  sbp_ring_arm_writable(struct sbp_ring *r);
 void sbp_ring_disarm_readable(struct sbp_ring *r);
 void sbp_ring_disarm_writable(struct sbp_ring *r);
+
+/* A stream that moves between rings and TCP (stream.h). The writer formats
+ * a ring at any stream position; it links a ring it stops writing to the
+ * next part (wakes the reader like a write) and writes there; a reader that
+ * drained a linked ring gets SBP_RING_GO_NEXT and reads the link. */
+int  sbp_ring_format_at(void *slot, size_t slot_size, uint64_t generation, uint64_t start);
+uint64_t sbp_ring_head_pos(const struct sbp_ring *r);   /* the writer's position */
+uint64_t sbp_ring_tail_pos(const struct sbp_ring *r);   /* the reader's position */
+void sbp_ring_link(struct sbp_ring *r, uint32_t kind, uint32_t area, uint64_t bells);
+struct sbp_ring_next {
+	uint32_t kind;
+	uint32_t area;          /* untrusted: the caller checks its range */
+	uint64_t start;         /* == the drained ring's final position */
+	uint64_t bells;         /* untrusted */
+};
+/* 0 and *out if linked and drained; -EAGAIN not (yet); -EPROTO a link that
+ * does not fit (start is not where this ring ended). */
+int  sbp_ring_next(struct sbp_ring *r, struct sbp_ring_next *out);
+/* The reader moved on: the writer may format this ring again. */
+void sbp_ring_moved(struct sbp_ring *r);
+/* The writer's view of a ring it linked earlier: may it be formatted again? */
+int  sbp_ring_reusable(void *slot, size_t slot_size, uint64_t generation);
 
 void sbp_ring_set_spin(struct sbp_ring *r, uint32_t spin_ns);  /* 0 = never spin */
 /* Cross-VM: futex wakes cannot cross a VM boundary. With on, wait_* never

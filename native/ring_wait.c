@@ -67,7 +67,7 @@ static bool read_ready(const struct sbp_ring *r)
 
 	if (!line0_ok(r))
 		return true;
-	if (LOAD_ACQ(&H(r)->flags) & (SBP_RING_WRITER_CLOSED | SBP_RING_RESET))
+	if (LOAD_ACQ(&H(r)->flags) & (SBP_RING_WRITER_CLOSED | SBP_RING_RESET | SBP_RING_LINKED))
 		return true;
 	head = LOAD_ACQ(&H(r)->head);
 	tail = LOAD(&H(r)->tail);

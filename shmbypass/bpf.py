@@ -44,6 +44,14 @@ class BpfObject:
         for name in skip_programs:
             lib.bpf_program__set_autoload(self._prog(name), False)
 
+    def reuse_map(self, name: str, pin_path: str) -> None:
+        """Use an existing (pinned) map for this object's map `name`."""
+        fd = get_pinned(pin_path)
+        try:
+            _check(lib.bpf_map__reuse_fd(self._map(name), fd), f"reuse map {name}")
+        finally:
+            os.close(fd)  # libbpf keeps its own dup
+
     def load(self) -> None:
         lib.sbp_libbpf_log_clear()
         err = lib.bpf_object__load(self._obj)

@@ -3,7 +3,7 @@ import argparse
 import os
 import sys
 
-from shmbypass import __version__, bench, doctor, manager, metrics, paths, programs, status
+from shmbypass import __version__, bench, doctor, manager, metrics, paths, policy, programs, status
 from shmbypass.errors import ShmbypassError
 from shmbypass.vm import cli as vm_cli
 
@@ -12,8 +12,15 @@ def cmd_up(args) -> int:
     if args.without:
         os.environ[programs.WITHOUT_ENV] = args.without
     inst = paths.Instance.current()
+    allow = policy.Policy(
+        any_user=args.allow_any_user, users=[policy.uid_of(u) for u in args.allow_user],
+        groups=[policy.gid_of(g) for g in args.allow_group],
+        exclude_ports=[policy.port_of(p) for p in args.exclude_port],
+        include_ports=[policy.port_of(p) for p in args.include_port],
+        exclude_nets=[policy.checked_net(n) for n in args.exclude_net],
+        include_nets=[policy.checked_net(n) for n in args.include_net])
     if manager.up(inst, cgroup=args.cgroup, slot_count=args.slots, backend=args.backend,
-                  part=args.part):
+                  part=args.part, allow=allow):
         region = inst.load_state().get("region", {})
         if region.get("note"):
             print(f"shmbypass: {region['note']}", file=sys.stderr)
@@ -77,6 +84,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--without", metavar="FEATURE[,FEATURE]",
                    help="optional features not to use, as if the kernel refused them "
                         "(drain, drain-tcp, arena; also SHMBYPASS_WITHOUT)")
+    p.add_argument("--allow-user", action="append", default=[], metavar="USER",
+                   help="this user may use the shm tier (repeat; root always may)")
+    p.add_argument("--allow-group", action="append", default=[], metavar="GROUP",
+                   help="members of this group (as primary group) may use the shm tier")
+    p.add_argument("--allow-any-user", action="store_true",
+                   help="every user in the bypass group may use the shm tier")
+    p.add_argument("--exclude-port", action="append", default=[], metavar="PORT",
+                   help="connections to this server port stay on TCP (repeat)")
+    p.add_argument("--include-port", action="append", default=[], metavar="PORT",
+                   help="bypass only connections to these server ports (repeat)")
+    p.add_argument("--exclude-net", action="append", default=[], metavar="ADDR[/LEN]",
+                   help="connections to these server addresses stay on TCP (repeat)")
+    p.add_argument("--include-net", action="append", default=[], metavar="ADDR[/LEN]",
+                   help="bypass only connections to these server addresses (repeat)")
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("down", help="detach and unpin everything; live connections go on over TCP")

@@ -14,15 +14,19 @@ import signal
 import subprocess
 import time
 
-from shmbypass import bpf, drain, features, paths, programs, region, shmtier, slots
+from shmbypass import bpf, drain, features, paths, policy, programs, region, shmtier, slots
 from shmbypass._native import lib
 from shmbypass.errors import ShmbypassError
 
 MAPS = ("sock_hash", "conns", "pending", "counters", "settings", "errors", "sk_state",
-        *slots.MAPS)
+        *policy.MAPS, *slots.MAPS)
 LINK = "link_sockops"
-# Where each optional program is pinned when the kernel took it.
-OPTIONAL_PINS = {"drain": drain.PIN_SOCKMAP, "drain-tcp": drain.PIN_TCP}
+# Where each optional program goes when the kernel took it: pinned (the
+# drain iterators, run by `down`), or attached to the cgroup through a
+# pinned link (the ask programs).
+OPTIONAL_PINS = {"sbp_drain": drain.PIN_SOCKMAP, "sbp_drain_tcp": drain.PIN_TCP}
+OPTIONAL_LINKS = {"sbp_setsockopt": ("link_setsockopt", lib.BPF_CGROUP_SETSOCKOPT),
+                  "sbp_getsockopt": ("link_getsockopt", lib.BPF_CGROUP_GETSOCKOPT)}
 
 
 def is_up(inst: paths.Instance) -> bool:
@@ -63,21 +67,41 @@ def arena_feature() -> programs.Feature:
     return programs.Feature("arena", probe.ok, probe.reason)
 
 
-def _load_optional(inst: paths.Instance) -> dict:
-    """Load and pin each optional program the kernel takes; the feature
-    lines (ok or why not) go to the instance state."""
+def _load_optional(inst: paths.Instance, cgroup: str) -> dict:
+    """Load each optional program the kernel takes, then pin or attach it;
+    the feature lines (ok or why not) go to the instance state."""
     out = {}
+    pins = {m: inst.pin(m) for m in MAPS}
     for p in programs.OPTIONAL_PROGRAMS:
-        obj, feat = programs.load_optional(p)
+        obj, feat = programs.load_optional(p, pins)
         if obj:
             with obj:
-                bpf.pin(obj.prog_fd(p.prog), inst.pin(OPTIONAL_PINS[p.name]))
+                for prog in p.progs:
+                    if prog in OPTIONAL_PINS:
+                        bpf.pin(obj.prog_fd(prog), inst.pin(OPTIONAL_PINS[prog]))
+                    else:
+                        pin, attach_type = OPTIONAL_LINKS[prog]
+                        _attach_to_cgroup(obj.prog_fd(prog), cgroup, attach_type, inst.pin(pin))
         out[p.name] = feat.as_dict()
     return out
 
 
+def _attach_to_cgroup(prog_fd: int, cgroup: str, attach_type: int, pin: str) -> None:
+    """Attach through a bpf_link kept alive by its pin (unpinned: detached)."""
+    cg_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        link = bpf.link_create(prog_fd, cg_fd, attach_type)
+    finally:
+        os.close(cg_fd)
+    try:
+        bpf.pin(link, pin)
+    finally:
+        os.close(link)
+
+
 def up(inst: paths.Instance, cgroup: str | None = None, slot_count: int | None = None,
-       backend: str | None = None, part: int | None = None) -> bool:
+       backend: str | None = None, part: int | None = None,
+       allow: "policy.Policy | None" = None) -> bool:
     """Bring the bypass up; False if it already was."""
     features.require_root()
     root = features.require_cgroup2()
@@ -103,7 +127,9 @@ def up(inst: paths.Instance, cgroup: str | None = None, slot_count: int | None =
             for m in MAPS:
                 bpf.pin(obj.map_fd(m), inst.pin(m))
             bpf.pin(obj.prog_fd("sbp_msg"), inst.pin("prog_msg"))
-            state["features"] = _load_optional(inst)
+            policy.apply(inst, allow or policy.Policy())
+            state["policy"] = (allow or policy.Policy()).as_dict()
+            state["features"] = _load_optional(inst, cgroup)
             # The shm tier's region and slot free list (before sockops runs).
             n = slots.DEFAULT_SLOTS if slot_count is None else slot_count
             if backend == "ivshmem":  # the host set the geometry: our whole part unless --slots
@@ -118,15 +144,8 @@ def up(inst: paths.Instance, cgroup: str | None = None, slot_count: int | None =
                         first_slot=state["region"].get("first_slot", 0))
             # The pinned sockhash keeps the sk_msg attachment alive.
             bpf.prog_attach(obj.prog_fd("sbp_msg"), obj.map_fd("sock_hash"), lib.BPF_SK_MSG_VERDICT)
-            cg_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                link = bpf.link_create(obj.prog_fd("sbp_sockops"), cg_fd, lib.BPF_CGROUP_SOCK_OPS)
-            finally:
-                os.close(cg_fd)
-            try:
-                bpf.pin(link, inst.pin(LINK))
-            finally:
-                os.close(link)
+            _attach_to_cgroup(obj.prog_fd("sbp_sockops"), cgroup, lib.BPF_CGROUP_SOCK_OPS,
+                              inst.pin(LINK))
     except BaseException:
         _remove_pins(inst)
         _remove_region(inst)

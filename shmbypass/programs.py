@@ -21,18 +21,23 @@ WITHOUT_ENV = "SHMBYPASS_WITHOUT"
 
 @dataclass(frozen=True)
 class OptionalProgram:
-    name: str       # the feature's name (status, doctor, --without)
-    obj: str        # bpf/<obj>.bpf.c
-    prog: str       # the program in it
-    kind: str       # its section, as the kernel knows it
-    gives: str      # what is lost without it
+    name: str               # the feature's name (status, doctor, --without)
+    obj: str                # bpf/<obj>.bpf.c
+    progs: tuple[str, ...]  # the programs in it that make the feature
+    kind: str               # their section(s), as the kernel knows them
+    gives: str              # what is lost without it
+    reuse: tuple[str, ...] = ()  # core maps the object shares (by pin name)
 
 
 OPTIONAL_PROGRAMS = (
-    OptionalProgram("drain", "drain", "sbp_drain", "iter/sockmap",
+    OptionalProgram("drain", "drain", ("sbp_drain",), "iter/sockmap",
                     "`down` checks every kernel-tier socket's unread redirected bytes"),
-    OptionalProgram("drain-tcp", "drain", "sbp_drain_tcp", "iter/tcp",
+    OptionalProgram("drain-tcp", "drain", ("sbp_drain_tcp",), "iter/tcp",
                     "`down` checks unread redirected bytes in its own network namespace"),
+    OptionalProgram("ask", "ask", ("sbp_setsockopt", "sbp_getsockopt"),
+                    "cgroup/setsockopt + cgroup/getsockopt",
+                    "programs ask for the shm tier and learn its answer (without it: no shm tier)",
+                    reuse=("sk_state", "conns", "policy", "allowed", "counters", "errors")),
 )
 OPTIONAL_NAMES = tuple(p.name for p in OPTIONAL_PROGRAMS) + ("arena",)
 
@@ -80,17 +85,23 @@ def load_core() -> bpf.BpfObject:
     return obj
 
 
-def load_optional(p: OptionalProgram) -> tuple[bpf.BpfObject | None, Feature]:
-    """(the loaded object, or None; and the feature line saying why)."""
+def load_optional(p: OptionalProgram, pins: dict[str, str] | None = None
+                  ) -> tuple[bpf.BpfObject | None, Feature]:
+    """(the loaded object, or None; and the feature line saying why).
+    pins: name -> pinned path of the core maps to share (p.reuse); without
+    them (a probe) the object makes its own."""
     if p.name in turned_off():
         return None, Feature(p.name, False, f"{p.kind}: turned off ({WITHOUT_ENV})")
     path = paths.bpf_object(p.obj)
     if not os.path.exists(path):
         return None, Feature(p.name, False, f"{path} is missing: build first (make setup)")
-    others = tuple(q.prog for q in OPTIONAL_PROGRAMS if q.obj == p.obj and q.prog != p.prog)
+    others = tuple(q for o in OPTIONAL_PROGRAMS if o.obj == p.obj and o is not p
+                   for q in o.progs if q not in p.progs)
     try:
         obj = bpf.BpfObject(path, skip_programs=others)
-    except (bpf.LoadError, KeyError) as e:
+        for name in p.reuse if pins else ():
+            obj.reuse_map(name, pins[name])
+    except (OSError, KeyError) as e:
         return None, Feature(p.name, False, f"{p.kind}: cannot open {path}: {e}")
     try:
         obj.load()

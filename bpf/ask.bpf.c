@@ -1,0 +1,143 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * How a socket asks for the shm tier and learns what BPF decided: two
+ * cgroup sockopt programs on the private level SOL_SHMBYPASS (bypass.h).
+ *
+ * - SBP_SO_ASK (setsockopt): the socket asks. BPF records who asked, as the
+ *   kernel reports the caller (uid, gid, tgid, cgroup id): never what the
+ *   program claims. The inbox token is the only value taken from the
+ *   program, and BPF never acts on it, it only relays it to the peer.
+ *   Called before connect()/listen(), and by the process that accepted a
+ *   socket (a child starts with its listener's owner, a copy: BPF_F_CLONE).
+ * - SBP_SO_INFO (getsockopt): tier, reason, role, both identities, the
+ *   peer's inbox token. The shm tier is reported only if the policy allows
+ *   both the caller (now) and whoever asked for the peer socket.
+ * - SBP_SO_UPGRADED (setsockopt): which directions the interposer moved to
+ *   its rings; kept for `status`, never acted upon.
+ *
+ * The kernel never sees this level (optlen -1 / retval 0). Outside the
+ * bypass cgroup nothing answers and the kernel says ENOPROTOOPT, which
+ * tells the interposer there is no bypass here.
+ *
+ * Loaded apart from the core (an optional feature: without it the shm tier
+ * is off and the kernel tier works); its maps are the core's (shared.h).
+ */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include "bypass.h"
+#include "shared.h"
+
+char LICENSE[] SEC("license") = "GPL";
+
+static __always_inline void current_ident(struct sbp_ident *id)
+{
+	__u64 ug = bpf_get_current_uid_gid();
+
+	id->uid = (__u32)ug;
+	id->gid = (__u32)(ug >> 32);
+	id->tgid = (__u32)(bpf_get_current_pid_tgid() >> 32);
+	id->pad = 0;
+	id->cgroup = bpf_get_current_cgroup_id();
+}
+
+static __always_inline int do_ask(struct bpf_sockopt *ctx)
+{
+	struct sbp_ask *a = ctx->optval;
+	struct sbp_conn *row;
+	struct sbp_sk *st;
+
+	if ((void *)(a + 1) > ctx->optval_end || ctx->optlen < (int)sizeof(*a) ||
+	    a->version != SBP_ASK_VERSION || (a->flags & ~SBP_ASK_SHM))
+		return 0;				/* EPERM: not a request we know */
+	st = bpf_sk_storage_get(&sk_state, ctx->sk, NULL, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!st)
+		return 0;
+	st->asked = a->flags;
+	current_ident(&st->owner);
+	__builtin_memcpy(st->inbox, a->inbox, SBP_INBOX_LEN);
+	/* Established already (the accepting process asks): its row too. */
+	row = st->cookie ? bpf_map_lookup_elem(&conns, &st->cookie) : NULL;
+	if (row) {
+		row->asked = st->asked;
+		row->owner = st->owner;
+		__builtin_memcpy(row->inbox, st->inbox, SBP_INBOX_LEN);
+	}
+	return 1;
+}
+
+static __always_inline int do_upgraded(struct bpf_sockopt *ctx)
+{
+	__u32 *bits = ctx->optval;
+	struct sbp_conn *row;
+	struct sbp_sk *st;
+
+	if ((void *)(bits + 1) > ctx->optval_end)
+		return 0;
+	st = bpf_sk_storage_get(&sk_state, ctx->sk, NULL, 0);
+	row = st && st->cookie ? bpf_map_lookup_elem(&conns, &st->cookie) : NULL;
+	if (row)
+		row->upgraded = *bits & (SBP_UP_TX | SBP_UP_RX);
+	return 1;
+}
+
+SEC("cgroup/setsockopt")
+int sbp_setsockopt(struct bpf_sockopt *ctx)
+{
+	int ok;
+
+	if (ctx->level != SOL_SHMBYPASS)
+		return 1;				/* not ours: the kernel's */
+	if (!ctx->sk)
+		return 0;
+	if (ctx->optname == SBP_SO_ASK)
+		ok = do_ask(ctx);
+	else if (ctx->optname == SBP_SO_UPGRADED)
+		ok = do_upgraded(ctx);
+	else
+		return 0;
+	ctx->optlen = -1;				/* the kernel does nothing more */
+	return ok;
+}
+
+SEC("cgroup/getsockopt")
+int sbp_getsockopt(struct bpf_sockopt *ctx)
+{
+	struct sbp_info *out = ctx->optval;
+	struct sbp_conn *row, *peer = NULL;
+	struct sbp_sk *st;
+
+	if (ctx->level != SOL_SHMBYPASS || ctx->optname != SBP_SO_INFO)
+		return 1;				/* the kernel's answer stands */
+	if (!ctx->sk || (void *)(out + 1) > ctx->optval_end)
+		return 0;
+	__builtin_memset(out, 0, sizeof(*out));
+	out->version = SBP_ASK_VERSION;
+	out->reason = SBP_REASON_PEER_NOT_CAPABLE;
+	current_ident(&out->self);
+	st = bpf_sk_storage_get(&sk_state, ctx->sk, NULL, 0);
+	row = st && st->cookie ? bpf_map_lookup_elem(&conns, &st->cookie) : NULL;
+	if (row) {
+		out->cookie = st->cookie;
+		out->role = row->active ? SBP_ROLE_ACTIVE : SBP_ROLE_PASSIVE;
+		out->tier = row->tier;
+		out->reason = row->tier == SBP_TIER_SHM ? SBP_REASON_NONE
+			      : row->shm_reason ? row->shm_reason : row->reason;
+		if (row->peer && row->peer != ~0ULL) {
+			out->peer_cookie = row->peer;
+			peer = bpf_map_lookup_elem(&conns, &row->peer);
+		}
+	}
+	if (peer) {
+		out->peer = peer->owner;
+		__builtin_memcpy(out->peer_inbox, peer->inbox, SBP_INBOX_LEN);
+	}
+	/* Paired in the shm tier (bypass.bpf.c), but may these two use it? */
+	if (out->tier == SBP_TIER_SHM && row && (row->asked & SBP_ASK_SHM) &&
+	    (!peer || !ident_allowed(&out->self) || !ident_allowed(&peer->owner))) {
+		out->tier = SBP_TIER_TCP;
+		out->reason = peer ? SBP_REASON_POLICY_EXCLUDED : SBP_REASON_PEER_CLOSED;
+	}
+	ctx->optlen = sizeof(*out);
+	ctx->retval = 0;
+	return 1;
+}

@@ -1,0 +1,195 @@
+// SPDX-License-Identifier: GPL-2.0
+/* One direction of a connection across ring areas (stream.h). */
+#include <errno.h>
+#include <string.h>
+#include <sys/mman.h>
+
+#include "stream.h"
+
+uint64_t sbp_stream_gen(uint32_t block_gen, int dir)
+{
+	return (uint64_t)block_gen << 8 | (uint64_t)(dir + 1);
+}
+
+static void *area_slot(const struct sbp_stream *s, int area)
+{
+	return sbp_pair_area(&s->pi, s->base, s->block, s->dir, area);
+}
+
+static void view_init(struct sbp_stream *s)
+{
+	sbp_ring_set_spin(&s->ring, s->spin_ns);
+	sbp_ring_doorbell_mode(&s->ring, s->doorbell);
+}
+
+static void setup(struct sbp_stream *s, const struct sbp_pair_info *pi, void *base, uint32_t block,
+		  int dir, uint32_t block_gen)
+{
+	uint32_t spin = s->spin_ns;
+	int bell = s->doorbell;
+
+	memset(s, 0, sizeof(*s));
+	s->pi = *pi;
+	s->base = base;
+	s->block = block;
+	s->dir = dir;
+	s->gen = sbp_stream_gen(block_gen, dir);
+	s->spin_ns = spin;
+	s->doorbell = bell;
+}
+
+/* Format `area` at `start` and make it the ring in use. */
+static int open_area(struct sbp_stream *s, int area, uint64_t start)
+{
+	void *slot = area_slot(s, area);
+	size_t size = sbp_pair_area_slot_size(area);
+	int rc;
+
+	if (!slot)
+		return -EINVAL;
+	rc = sbp_ring_format_at(slot, size, s->gen, start);
+	if (rc == 0)
+		rc = sbp_ring_attach(&s->ring, slot, size, s->gen);
+	if (rc == 0) {
+		s->area = area;
+		view_init(s);
+	}
+	return rc;
+}
+
+int sbp_stream_writer_open(struct sbp_stream *s, const struct sbp_pair_info *pi, void *base,
+			   uint32_t block, int dir, uint32_t block_gen, uint64_t start)
+{
+	setup(s, pi, base, block, dir, block_gen);
+	return open_area(s, 0, start);
+}
+
+int sbp_stream_reader_open(struct sbp_stream *s, const struct sbp_pair_info *pi, void *base,
+			   uint32_t block, int dir, uint32_t block_gen)
+{
+	void *slot;
+	int rc;
+
+	setup(s, pi, base, block, dir, block_gen);
+	slot = area_slot(s, 0);
+	if (!slot)
+		return -EPROTO;
+	rc = sbp_ring_attach(&s->ring, slot, sbp_pair_area_slot_size(0), s->gen);
+	if (rc == 0)
+		view_init(s);
+	return rc;
+}
+
+/* Link the ring in use to `area`, formatted at our position, and switch. */
+static int move_to(struct sbp_stream *s, int area)
+{
+	struct sbp_ring old = s->ring;
+	uint64_t pos = sbp_ring_head_pos(&s->ring);
+	int rc;
+
+	rc = open_area(s, area, pos);
+	if (rc < 0) {
+		s->ring = old;
+		return rc;
+	}
+	/* SYNC POINT: the new ring is formatted before the link names it. */
+	sbp_ring_link(&old, SBP_NEXT_RING, (uint32_t)area, 0);
+	s->bell_pending |= sbp_ring_peer_waiting(&old);
+	return 1;
+}
+
+int sbp_stream_grow(struct sbp_stream *s)
+{
+	for (int a = s->area + 1; a < SBP_AREAS; a++)
+		if (sbp_ring_reusable(area_slot(s, a), sbp_pair_area_slot_size(a), s->gen))
+			return move_to(s, a);
+	return 0;
+}
+
+int sbp_stream_shrink(struct sbp_stream *s)
+{
+	unsigned char *data;
+	int old = s->area, rc;
+
+	if (old == 0 || sbp_ring_readable(&s->ring) ||
+	    !sbp_ring_reusable(area_slot(s, 0), sbp_pair_area_slot_size(0), s->gen))
+		return 0;
+	data = (unsigned char *)area_slot(s, old) + SBP_RING_HDR_SIZE;
+	rc = move_to(s, 0);
+	/* The reader has taken every byte of the old area (it was empty): only
+	 * its header is read again. Its pages go back to the system. */
+	if (rc == 1)
+		madvise(data, sbp_area_cap(old), MADV_REMOVE);
+	return rc;
+}
+
+void sbp_stream_to_tcp(struct sbp_stream *s, uint64_t bells)
+{
+	sbp_ring_link(&s->ring, SBP_NEXT_TCP, 0, bells);
+	s->bell_pending |= sbp_ring_peer_waiting(&s->ring);
+}
+
+int sbp_stream_peer_waiting(struct sbp_stream *s)
+{
+	int p = s->bell_pending || sbp_ring_peer_waiting(&s->ring);
+
+	s->bell_pending = 0;
+	return p;
+}
+
+int sbp_stream_follow(struct sbp_stream *s)
+{
+	struct sbp_ring_next nx;
+	struct sbp_ring old;
+	void *slot;
+	int rc;
+
+	rc = sbp_ring_next(&s->ring, &nx);
+	if (rc == -EAGAIN)
+		return 0;
+	if (rc < 0)
+		return rc;
+	if (nx.kind == SBP_NEXT_TCP)
+		return SBP_RING_GO_NEXT;
+	if (nx.area >= SBP_AREAS || (int)nx.area == s->area)
+		return -EPROTO;
+	slot = area_slot(s, (int)nx.area);
+	old = s->ring;
+	rc = sbp_ring_attach(&s->ring, slot, sbp_pair_area_slot_size((int)nx.area), s->gen);
+	/* The writer formats before it links: not there = not ours. */
+	if (rc < 0 || sbp_ring_tail_pos(&s->ring) != nx.start) {
+		s->ring = old;
+		return -EPROTO;
+	}
+	s->area = (int)nx.area;
+	view_init(s);
+	sbp_ring_moved(&old);
+	return 1;
+}
+
+ssize_t sbp_stream_readv(struct sbp_stream *s, const struct iovec *iov, int iovcnt, int flags)
+{
+	for (;;) {
+		ssize_t n = sbp_ring_readv(&s->ring, iov, iovcnt, flags);
+		int rc;
+
+		if (n != SBP_RING_GO_NEXT)
+			return n;
+		rc = sbp_stream_follow(s);
+		if (rc != 1)
+			return rc == 0 ? -EAGAIN : rc;
+	}
+}
+
+int sbp_stream_tcp_bells(struct sbp_stream *s, uint64_t *bells)
+{
+	struct sbp_ring_next nx;
+	int rc = sbp_ring_next(&s->ring, &nx);
+
+	if (rc < 0)
+		return rc;
+	if (nx.kind != SBP_NEXT_TCP)
+		return -EPROTO;
+	*bells = nx.bells;
+	return 0;
+}

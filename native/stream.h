@@ -1,0 +1,75 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * One direction of one connection in pair memory (pairmem.h): a byte stream
+ * written into one ring area at a time. The writer moves to a larger area
+ * when its reader falls behind (instead of sleeping, up to the largest) and
+ * back to the smallest when the stream is idle, so memory follows the data
+ * in flight; it may also hand the rest of the stream to TCP (a program
+ * without our library is about to get the socket). Each move links the old
+ * ring to the next part (ring.h: sbp_ring_link); the reader drains the old
+ * ring and follows. Stream positions are continuous across parts.
+ *
+ * The caller serialises writers and readers (one each) and owns the
+ * waiting: s->ring is the ring in use now (wait/arm/spin on it), and
+ * changes only inside these calls.
+ */
+#ifndef SHMBYPASS_STREAM_H
+#define SHMBYPASS_STREAM_H
+
+#include <stdint.h>
+#include <sys/types.h>
+#include <sys/uio.h>
+
+#include "pairmem.h"
+#include "ring.h"
+
+struct sbp_stream {
+	struct sbp_pair_info pi;        /* trusted geometry of the region */
+	void *base;                     /* the region mapping */
+	uint32_t block;
+	int dir;                        /* SBP_DIR_* */
+	uint64_t gen;                   /* ring generation of this connection and direction */
+	int area;                       /* the area in use */
+	struct sbp_ring ring;           /* view of it */
+	uint32_t spin_ns;               /* copied to each new view */
+	int doorbell;
+	int bell_pending;               /* a move found the reader armed: ring it */
+};
+
+/* The generation every ring of this block and direction is formatted with. */
+uint64_t sbp_stream_gen(uint32_t block_gen, int dir);
+
+/* Writer: format area 0 at stream position start. 0, -EINVAL. */
+int sbp_stream_writer_open(struct sbp_stream *s, const struct sbp_pair_info *pi, void *base,
+			   uint32_t block, int dir, uint32_t block_gen, uint64_t start);
+/* Reader: attach area 0 (the writer formatted it). 0, -EAGAIN not yet,
+ * -EPROTO. sbp_ring_tail_pos(&s->ring) is then where the ring part starts. */
+int sbp_stream_reader_open(struct sbp_stream *s, const struct sbp_pair_info *pi, void *base,
+			   uint32_t block, int dir, uint32_t block_gen);
+
+/* Move to the next larger free area: 1 moved, 0 already the largest (or
+ * the reader still holds the larger ones), -errno. Only when the ring is
+ * full is this worth it: the reader is behind. */
+int sbp_stream_grow(struct sbp_stream *s);
+/* Back to the smallest area if the ring is empty and larger than that: 1
+ * moved, 0 not. The memory of the area left is given back. */
+int sbp_stream_shrink(struct sbp_stream *s);
+/* The rest of the stream goes over TCP, after `bells` doorbell bytes the
+ * writer has sent there. No more ring writes after this. */
+void sbp_stream_to_tcp(struct sbp_stream *s, uint64_t bells);
+
+/* Writer: did the last write or move find the reader armed for a doorbell
+ * (sbp_ring_peer_waiting, across moves)? Clears the note. */
+int sbp_stream_peer_waiting(struct sbp_stream *s);
+
+/* Reader: like sbp_ring_readv, following links to new areas on the way.
+ * SBP_RING_GO_NEXT when the stream went on to TCP (sbp_stream_tcp_bells
+ * then says after how many doorbells). */
+ssize_t sbp_stream_readv(struct sbp_stream *s, const struct iovec *iov, int iovcnt, int flags);
+/* After SBP_RING_GO_NEXT: the writer's doorbell count; -EAGAIN/-EPROTO. */
+int sbp_stream_tcp_bells(struct sbp_stream *s, uint64_t *bells);
+/* Reader: follow a pending link to another ring now (readiness checks):
+ * 1 followed, 0 nothing to follow, SBP_RING_GO_NEXT (TCP), -EPROTO. */
+int sbp_stream_follow(struct sbp_stream *s);
+
+#endif

@@ -1,0 +1,124 @@
+"""Who may use the bypass, and which connections it leaves alone.
+
+Two kinds of rules, both enforced in BPF from what the kernel reports:
+- identity (shm tier): a connection pairs in the shm tier only if both
+  programs that asked for it run as root, as an allowed user, or in an
+  allowed group (`up --allow-user alice --allow-group web`, or
+  `--allow-any-user`); else it takes TCP with reason policy-excluded.
+- connection (both tiers): by the server's port and address
+  (`--exclude-port 22`, `--include-port 6379`, `--exclude-net 10.0.0.0/8`,
+  `--include-net ...`): an excluded connection stays on TCP with reason
+  policy-excluded. Any include rule of a kind means "only these".
+"""
+import grp
+import ipaddress
+import pwd
+from dataclasses import asdict, dataclass, field
+
+from shmbypass import bpf, paths
+from shmbypass._native import ffi, lib
+from shmbypass.errors import ShmbypassError
+
+MAPS = ("policy", "allowed", "policy_ports", "policy_nets")
+
+
+@dataclass
+class Policy:
+    any_user: bool = False
+    users: list[int] = field(default_factory=list)     # uids
+    groups: list[int] = field(default_factory=list)    # gids
+    exclude_ports: list[int] = field(default_factory=list)
+    include_ports: list[int] = field(default_factory=list)
+    exclude_nets: list[str] = field(default_factory=list)
+    include_nets: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "Policy":
+        return cls(**(d or {}))
+
+
+def uid_of(name: str) -> int:
+    try:
+        return int(name) if name.isdigit() else pwd.getpwnam(name).pw_uid
+    except KeyError:
+        raise ShmbypassError(f"--allow-user: no such user: {name}") from None
+
+
+def gid_of(name: str) -> int:
+    try:
+        return int(name) if name.isdigit() else grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise ShmbypassError(f"--allow-group: no such group: {name}") from None
+
+
+def port_of(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise ShmbypassError(f"not a TCP port: {text}")
+    return int(text)
+
+
+def net_of(text: str) -> ipaddress.IPv6Network:
+    """A network as the BPF trie holds it: IPv6, IPv4 as ::ffff:a.b.c.d/96+n."""
+    try:
+        net = ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise ShmbypassError(f"not an address or network: {text}") from None
+    if net.version == 4:
+        mapped = ipaddress.IPv6Address("::ffff:" + str(net.network_address))
+        return ipaddress.IPv6Network(f"{mapped}/{96 + net.prefixlen}")
+    return net
+
+
+def checked_net(text: str) -> str:
+    net_of(text)
+    return text
+
+
+def apply(inst: paths.Instance, p: Policy) -> None:
+    """Write the policy into the instance's maps (pinned by `up`)."""
+    flags = ((lib.SBP_POLICY_ANY_USER if p.any_user else 0) |
+             (lib.SBP_POLICY_PORTS_ONLY if p.include_ports else 0) |
+             (lib.SBP_POLICY_NETS_ONLY if p.include_nets else 0))
+    with bpf.Map.pinned(inst.pin("policy"), "uint32_t", "struct sbp_policy") as m:
+        m.update(0, {"flags": flags})
+    with bpf.Map.pinned(inst.pin("allowed"), "struct sbp_allow_key", "uint32_t") as m:
+        for k in list(m.keys()):
+            m.delete(k)
+        for uid in p.users:
+            m.update({"kind": lib.SBP_ALLOW_UID, "id": uid}, 1)
+        for gid in p.groups:
+            m.update({"kind": lib.SBP_ALLOW_GID, "id": gid}, 1)
+    with bpf.Map.pinned(inst.pin("policy_ports"), "uint16_t", "uint8_t") as m:
+        for k in list(m.keys()):
+            m.delete(k)
+        for port in p.exclude_ports:
+            m.update(port, lib.SBP_POLICY_EXCLUDE)
+        for port in p.include_ports:
+            m.update(port, lib.SBP_POLICY_INCLUDE)
+    with bpf.Map.pinned(inst.pin("policy_nets"), "struct sbp_net_key", "uint8_t") as m:
+        for k in list(m.keys()):
+            m.delete(k)
+        for text, action in [(n, lib.SBP_POLICY_EXCLUDE) for n in p.exclude_nets] + \
+                            [(n, lib.SBP_POLICY_INCLUDE) for n in p.include_nets]:
+            net = net_of(text)
+            key = ffi.new("struct sbp_net_key *")
+            key.prefixlen = net.prefixlen
+            raw = net.network_address.packed
+            for i in range(4):
+                key.ip[i] = int.from_bytes(raw[4 * i:4 * i + 4], "little")
+            m.update(key, action)
+
+
+def describe(p: Policy) -> list[str]:
+    """One line per rule, for `up` and `status`."""
+    who = "any user" if p.any_user else ", ".join(
+        ["root"] + [f"uid {u}" for u in p.users] + [f"gid {g}" for g in p.groups])
+    out = [f"shm tier allowed for: {who}"]
+    for what, items in (("excluded ports", p.exclude_ports), ("only ports", p.include_ports),
+                        ("excluded networks", p.exclude_nets), ("only networks", p.include_nets)):
+        if items:
+            out.append(f"{what}: {', '.join(str(i) for i in items)}")
+    return out
