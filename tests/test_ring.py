@@ -492,7 +492,8 @@ def test_c_api_under_asan(tmp_path):
                     "-g", "-O1", "-Wall", "-Wextra", "-Werror", "-D_GNU_SOURCE", f"-I{src}",
                     "-o", str(exe), os.path.join(src, "tests", "ring_asan.c"),
                     os.path.join(src, "ring.c"), os.path.join(src, "ring_wait.c"),
-                    os.path.join(src, "region.c"), "-lpthread"],
+                    os.path.join(src, "region.c"), os.path.join(src, "pairmem.c"),
+                    os.path.join(src, "stream.c"), "-lpthread"],
                    check=True)
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}  # ASan's runtime must come first
     env.update(ASAN_OPTIONS="detect_leaks=1:abort_on_error=0",

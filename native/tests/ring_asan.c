@@ -4,7 +4,7 @@
  * (tests/test_ring.py builds and runs it):
  *   gcc -fsanitize=address,undefined -fno-sanitize-recover=all -D_GNU_SOURCE \
  *       -Inative native/tests/ring_asan.c native/ring.c native/ring_wait.c native/region.c \
- *       -lpthread
+ *       native/pairmem.c native/stream.c -lpthread
  * Every slot and every buffer is a heap block of exactly its size, so any
  * access outside it is caught. Prints "ring_asan: ok" and exits 0 on success.
  */
@@ -15,8 +15,10 @@
 #include <string.h>
 #include <time.h>
 
+#include "pairmem.h"
 #include "region.h"
 #include "ring.h"
+#include "stream.h"
 
 #define CHECK(c) do { if (!(c)) { fprintf(stderr, "%s:%d: CHECK(%s) failed\n", \
 	__FILE__, __LINE__, #c); exit(1); } } while (0)
@@ -219,7 +221,7 @@ static void test_hostile(void)
 			sbp_ring_disarm_writable(&w);
 		}
 		CHECK(k >= 0 || k == -EAGAIN || k == -EPROTO || k == -EPIPE ||
-		      k == -ECONNRESET || k == -ETIMEDOUT);
+		      k == -ECONNRESET || k == -ETIMEDOUT || k == SBP_RING_GO_NEXT);
 		CHECK(k <= (ssize_t)cap);
 		if (k == -EPROTO)
 			eproto++;
@@ -431,11 +433,76 @@ static void test_threads(int hostile)
 	free(slot);
 }
 
+/* A stream whose area headers a hostile peer scribbles on while both
+ * sides move between areas: every call stays inside the region (a heap
+ * block of exactly its size) and returns one of its documented results. */
+static void test_stream_hostile(void)
+{
+	uint64_t size = sbp_pair_region_size(1);
+	void *base = slot_alloc(size);
+	struct sbp_pair_info pi;
+	struct sbp_stream w, r;
+	int have_r = 0;
+
+	CHECK(sbp_pair_format(base, size, 42, 1) == 0);
+	CHECK(sbp_pair_check(base, size, &pi) == 0);
+	memset(&w, 0, sizeof(w));
+	CHECK(sbp_stream_writer_open(&w, &pi, base, 0, SBP_DIR_A2P, 3, 100) == 0);
+	for (int i = 0; i < 20000; i++) {
+		size_t n = rnd() % 70000;
+		unsigned char *buf = malloc(n + 1);
+		struct iovec iov = { buf, n };
+		ssize_t k = 0;
+
+		CHECK(buf);
+		memset(buf, 0x5a, n + 1);
+		if (!have_r) {
+			memset(&r, 0, sizeof(r));
+			have_r = sbp_stream_reader_open(&r, &pi, base, 0, SBP_DIR_A2P, 3) == 0;
+		}
+		if (rnd() % 16 == 0) {
+			/* the hostile part: any area header, any link field */
+			struct sbp_ring_hdr *h = sbp_pair_area(&pi, base, 0, SBP_DIR_A2P,
+							       (int)(rnd() % SBP_AREAS));
+			switch (rnd() % 5) {
+			case 0: h->next_kind = (uint32_t)rnd(); break;
+			case 1: h->next_area = (uint32_t)(rnd() % 6); break;
+			case 2: h->next_start = rnd() % 4 ? h->head : rnd(); break;
+			case 3: h->flags ^= SBP_RING_LINKED; break;
+			default: h->head += rnd() % 3; break;
+			}
+		}
+		switch (rnd() % 7) {
+		case 0: case 1: k = sbp_ring_write(&w.ring, buf, n); break;
+		case 2: k = sbp_stream_grow(&w); break;
+		case 3: k = sbp_stream_shrink(&w); break;
+		case 4: case 5:
+			if (have_r)
+				k = sbp_stream_readv(&r, &iov, 1, rnd() & 1 ? SBP_PEEK : 0);
+			break;
+		default:
+			if (have_r)
+				k = sbp_stream_follow(&r);
+		}
+		CHECK(k >= 0 || k == -EAGAIN || k == -EPROTO || k == -EPIPE || k == -ECONNRESET ||
+		      k == -EINVAL || k == SBP_RING_GO_NEXT);
+		CHECK(k <= 70000);
+		free(buf);
+		if (k == -EPROTO && rnd() % 4 == 0) {   /* start over, as a reset would */
+			memset(&w, 0, sizeof(w));
+			CHECK(sbp_stream_writer_open(&w, &pi, base, 0, SBP_DIR_A2P, 3, 100) == 0);
+			have_r = 0;
+		}
+	}
+	free(base);
+}
+
 int main(void)
 {
 	test_basic();
 	printf("basic ok\n");
 	test_hostile();
+	test_stream_hostile();
 	printf("hostile ok\n");
 	test_region();
 	printf("region ok\n");
