@@ -20,7 +20,8 @@ Environment the library reads:
                         50000; the spin follows how long waits take, 0 = never)
 ``SHMBYPASS_DISABLE=1`` pure pass-through
 ``SHMBYPASS_PRELOAD``   (here) use another build of the library, e.g. a
-                        sanitizer build
+                        sanitizer build, or the test build with the hooks the
+                        tests use (_bin/libshmbypass-preload-test.so)
 """
 import os
 

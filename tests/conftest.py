@@ -20,6 +20,13 @@ from shmbypass import manager, paths, status
 GUARD = paths.tool("libshmbypass-guard.so")
 GUARDED = GUARD in os.environ.get("LD_PRELOAD", "")
 
+# The interposer's test build (native/Makefile: preload/testhooks.c, -DSBP_TEST)
+# has what the tests ask it (an fd's tier, SHMBYPASS_TEST_ARM_DELAY_NS); the
+# shipped library has none of it. `shmbypass run` preloads SHMBYPASS_PRELOAD,
+# so every peer the tests start gets the test build (unless another build, e.g.
+# a sanitizer one, is named already).
+os.environ.setdefault("SHMBYPASS_PRELOAD", paths.tool("libshmbypass-preload-test.so"))
+
 
 def pytest_report_header(config):
     if not GUARDED:

@@ -828,6 +828,33 @@ def test_iperf3(app_su):
         srv.stop()
 
 
+# -- the shipped library and the test build ----------------------------------------
+
+TEST_HOOKS = ("shmbypass_fd_tier", "shmbypass_fd_slots")
+
+
+def _dynamic_symbols(lib):
+    out = subprocess.run(["nm", "-D", "--defined-only", lib], capture_output=True, text=True,
+                         check=True).stdout
+    return {line.split()[-1] for line in out.splitlines() if line.strip()}
+
+
+def test_shipped_library_has_no_test_hooks():
+    """The test-only exports and SHMBYPASS_TEST_ARM_DELAY_NS exist in the test
+    build only; both builds export the same libc hooks otherwise."""
+    from shmbypass import paths
+    shipped = paths.tool(shmtier.LIBRARY)
+    test_build = paths.tool("libshmbypass-preload-test.so")
+    prod, test = _dynamic_symbols(shipped), _dynamic_symbols(test_build)
+    assert not prod & set(TEST_HOOKS), sorted(prod & set(TEST_HOOKS))
+    assert set(TEST_HOOKS) <= test
+    assert test - prod == set(TEST_HOOKS), sorted(test ^ prod)
+    for lib, has in ((shipped, False), (test_build, True)):
+        with open(lib, "rb") as f:
+            assert (b"SHMBYPASS_TEST_ARM_DELAY_NS" in f.read()) == has, lib
+    assert "socket" in prod and "epoll_wait" in prod and "splice" in prod
+
+
 # -- the same data paths under AddressSanitizer + UBSan ----------------------------
 
 @pytest.fixture(scope="module")
@@ -841,7 +868,7 @@ def san_lib(tmp_path_factory):
     if not os.path.isabs(libasan) or not os.path.exists(libasan):
         pytest.skip("libasan is not installed (gcc's sanitizer runtime)")
     pkg = tmp_path_factory.mktemp("san")
-    lib = pkg / "_bin" / "libshmbypass-preload.so"
+    lib = pkg / "_bin" / "libshmbypass-preload-test.so"   # the test build: the peers report their tier
     p = subprocess.run(["make", "-s", "-C", os.path.join(ROOT, "native"), f"PKG={pkg}",
                         "SAN=-fsanitize=address,undefined -fno-omit-frame-pointer", str(lib)],
                        capture_output=True, text=True, timeout=300)

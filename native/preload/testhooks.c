@@ -1,6 +1,8 @@
 // SPDX-License-Identifier: GPL-2.0
-/* testhooks.c: hooks for the tests only: the arm delay that holds a lost
- * wake-up's window open, and the exports that tell a test an fd's tier. */
+/* testhooks.c: hooks for the tests, built only into the test library
+ * (libshmbypass-preload-test.so, -DSBP_TEST): the arm delay that holds a
+ * lost wake-up's window open, and the exports that tell a test an fd's tier
+ * and slots. */
 #include <stdlib.h>
 #include <time.h>
 
@@ -9,11 +11,11 @@
 #include "setup.h"
 #include "testhooks.h"
 
-/* Tests only (SHMBYPASS_TEST_ARM_DELAY_NS): sleep this long between the
- * last look at the rings and arming them, so a peer that frees room or
- * sends data meanwhile is certain to do it inside that window (the window
- * is otherwise a few hundred ns; the lost wake-up it hid showed only under
- * load). Read once at load; 0 costs one predictable branch per sleep. */
+/* SHMBYPASS_TEST_ARM_DELAY_NS: sleep this long between the last look at the
+ * rings and arming them, so a peer that frees room or sends data meanwhile
+ * is certain to do it inside that window (the window is otherwise a few
+ * hundred ns; the lost wake-up it hid showed only under load). Read once
+ * at load. */
 static int64_t test_arm_delay_ns;
 
 __attribute__((constructor)) static void test_hooks_init(void)
@@ -35,7 +37,7 @@ void test_arm_delay(void)
 	}
 }
 
-/* For tests and tools (ctypes): 2 if fd is a healthy shm-tier socket here,
+/* For tests (ctypes, dlsym): 2 if fd is a healthy shm-tier socket here,
  * -1 if its channel was reset, 0 otherwise. Never probes or sets anything up. */
 EXPORT int shmbypass_fd_tier(int fd)
 {
