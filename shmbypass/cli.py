@@ -1,5 +1,6 @@
 """The shmbypass command line: up, down, run, status, doctor, bench, vm, metrics."""
 import argparse
+import json
 import os
 import sys
 
@@ -52,9 +53,24 @@ def cmd_run(args) -> int:
 
 
 def cmd_status(args) -> int:
-    st = status.status(paths.Instance.current())
-    print(status.to_json(st) if args.json else status.render(st))
-    return 0
+    inst = paths.Instance.current()
+
+    def show() -> str:
+        st = status.select(status.status(inst), tier=args.tier, port=args.port, pid=args.pid)
+        if args.json:  # under --watch: one object per line
+            return status.to_json(st) if args.watch is None else json.dumps(st)
+        return status.render(st)
+
+    if args.watch is None:
+        print(show())
+        return 0
+    import time
+    while True:  # ^C ends it (main() turns it into exit status 130)
+        out = show()
+        if not args.json and sys.stdout.isatty():
+            out = "\033[H\033[2J" + time.strftime("%H:%M:%S  ") + out  # redraw in place
+        print(out, flush=True)
+        time.sleep(args.watch)
 
 
 def cmd_doctor(args) -> int:
@@ -115,7 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("status", help="what is attached, and the tier of each connection")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true",
+                   help="machine-readable (reason codes: docs/REASONS.md)")
+    p.add_argument("--tier", choices=["tcp", "kernel", "shm"], help="only connections in this tier")
+    p.add_argument("--port", type=int, help="only connections with this local or remote port")
+    p.add_argument("--pid", type=int, help="only sockets this process holds")
+    p.add_argument("--watch", type=float, nargs="?", const=1.0, metavar="SECONDS",
+                   help="show it again every SECONDS (default 1) until ^C")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("doctor", help="check what this kernel and system support")

@@ -125,7 +125,7 @@ class Collector:
         def family(cls, name, doc, labels=()):
             return cls(name, doc, labels=["instance", *labels])
 
-        st = status.status(self.inst)
+        st = status.status(self.inst, with_owners=False)
         up = family(GaugeMetricFamily, "shmbypass_up",
                     "1 if the bypass is attached (sockops on the cgroup)")
         up.add_metric([inst["instance"]], 1 if st["attached"] else 0)

@@ -22,6 +22,35 @@ REASONS = {
     lib.SBP_REASON_POOL_EXHAUSTED: "pool-exhausted",
     lib.SBP_REASON_NO_OPTION_SPACE: "no-option-space",
 }
+# Stable reason codes (docs/REASONS.md): one per reason, never renumbered,
+# never reused. The high byte is the class (1 the peer, 2 timing, 3 a
+# resource, 4 the administrator, 5 trust domains), the next the reason in
+# its class; the low 16 bits stay 0 (room for details).
+REASON_CODES = {
+    "": 0x00000000,
+    "peer-not-capable": 0x01010000,
+    "remote-host": 0x01020000,
+    "peer-closed": 0x01030000,
+    "handshake-race": 0x02010000,
+    "table-full": 0x03010000,
+    "pool-exhausted": 0x03020000,
+    "no-option-space": 0x03030000,
+    "shutting-down": 0x04010000,
+    "policy-excluded": 0x04020000,
+    "different-region": 0x05010000,
+}
+# A reason this version has no name for (shown as reason-N): 0x7F0000NN.
+UNKNOWN_REASON = 0x7F000000
+
+
+def reason_code(reason: str) -> int:
+    if reason in REASON_CODES:
+        return REASON_CODES[reason]
+    if reason.startswith("reason-") and reason[7:].isdigit():
+        return UNKNOWN_REASON | (int(reason[7:]) & 0xFFFF)
+    return UNKNOWN_REASON | 0xFFFF
+
+
 COUNTERS = {
     lib.SBP_CNT_ESTABLISHED: "established",
     lib.SBP_CNT_PAIRED: "paired",
@@ -85,6 +114,7 @@ def connections(inst: paths.Instance) -> list[dict]:
                 "remote": b if c.active else a,
                 "tier": tier,
                 "reason": reason,
+                "reason_code": reason_code(reason),
                 "bytes_tx": c.bytes_tx,
                 "bytes_rx": 0,  # kernel tier: the peer's bytes_tx, below
                 "netns": c.netns,
@@ -144,17 +174,65 @@ def errors(inst: paths.Instance) -> dict[int, dict]:
         return {line: {"err": e.err, "count": e.count} for line, e in m.items()}
 
 
-def status(inst: paths.Instance) -> dict:
+def add_owners(rows: list[dict]) -> None:
+    """pid and command of the process holding each row's socket (the lowest
+    pid when several do: fork), and all of them in "owners"; None when no
+    process holds it (TIME_WAIT, an orphan) or it cannot be seen."""
+    from shmbypass import owners
+    try:
+        held = owners.by_cookie({r["cookie"]: r["netns"] for r in rows})
+    except (OSError, owners.NetlinkError):
+        held = {}  # no sock_diag here (e.g. a minimal guest kernel): owners unknown
+    for r in rows:
+        who = held.get(r["cookie"], [])
+        r["pid"] = who[0]["pid"] if who else None
+        r["command"] = who[0]["command"] if who else None
+        r["owners"] = who
+
+
+def status(inst: paths.Instance, with_owners: bool = True) -> dict:
+    """Everything `status` shows; with_owners=False skips the owning
+    processes (a walk of /proc: the metrics exporter does not need it)."""
     state = inst.load_state()
+    conns = connections(inst)
+    if with_owners:
+        add_owners(conns)
     return {
         "instance": inst.name,
         "attached": manager.is_up(inst),
         "cgroup": state.get("cgroup"),
-        "connections": connections(inst),
+        "connections": conns,
         "counters": counters(inst),
         "errors": {str(k): v for k, v in errors(inst).items()},
         "features": state.get("features", {}),
     }
+
+
+def _port(addr: str) -> int:
+    return int(addr.rsplit(":", 1)[1])
+
+
+def select(st: dict, tier: str | None = None, port: int | None = None,
+           pid: int | None = None) -> dict:
+    """The status with only the rows that match every filter given: tier,
+    local or remote port, a pid among the socket's owners."""
+    rows = [r for r in st["connections"]
+            if (tier is None or r["tier"] == tier)
+            and (port is None or port in (_port(r["local"]), _port(r["remote"])))
+            and (pid is None or any(o["pid"] == pid for o in r.get("owners") or ()))]
+    return {**st, "connections": rows}
+
+
+def _process(c: dict) -> str:
+    if not c.get("owners"):
+        return "-"
+    more = len(c["owners"]) - 1
+    return f"{c['pid']}/{c['command']}" + (f" (+{more})" if more else "")
+
+
+def _reason(c: dict) -> str:
+    code = c.get("reason_code", reason_code(c["reason"]))
+    return f"{c['reason']} (0x{code:08x})" if c["reason"] else ""
 
 
 def render(st: dict) -> str:
@@ -164,10 +242,13 @@ def render(st: dict) -> str:
     if conns:
         w = max(len(c["local"]) for c in conns)
         v = max(len(c["remote"]) for c in conns)
-        lines.append(f"{'LOCAL':<{w}}  {'REMOTE':<{v}}  TIER    {'TX':>12} {'RX':>12}  REASON")
+        p = max(len("PROCESS"), *(len(_process(c)) for c in conns))
+        lines.append(f"{'LOCAL':<{w}}  {'REMOTE':<{v}}  TIER    {'TX':>12} {'RX':>12}  "
+                     f"{'PROCESS':<{p}}  REASON")
         for c in conns:
             lines.append(f"{c['local']:<{w}}  {c['remote']:<{v}}  {c['tier']:<6}  "
-                         f"{c['bytes_tx']:>12} {c['bytes_rx']:>12}  {c['reason']}")
+                         f"{c['bytes_tx']:>12} {c['bytes_rx']:>12}  {_process(c):<{p}}  "
+                         f"{_reason(c)}".rstrip())
     elif st["attached"]:
         lines.append("no connections")
     off = {n: f["detail"] for n, f in st.get("features", {}).items() if not f["ok"]}

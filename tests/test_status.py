@@ -1,0 +1,200 @@
+"""`shmbypass status` like smcss and ss: stable reason codes (docs/REASONS.md),
+filters, the process holding each end (in this and other network
+namespaces), and --watch."""
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from shmbypass import manager, status
+from apps import SHMBYPASS
+from conftest import InGroup
+from netns import VethPair, enter
+from sockets import listener, pair, transfer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OLD_KEYS = {"cookie", "local", "remote", "tier", "reason", "bytes_tx", "bytes_rx", "netns", "peer"}
+
+
+def cli_status(inst, *args) -> dict:
+    p = subprocess.run(SHMBYPASS + ["status", "--json", *args], capture_output=True, text=True,
+                       env=dict(os.environ, SHMBYPASS_INSTANCE=inst.name), timeout=60)
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout)
+
+
+def port_of(sock) -> int:
+    return sock.getsockname()[1]
+
+
+# -- reason codes ---------------------------------------------------------------
+
+def documented_codes() -> dict[str, int]:
+    """reason -> code, from the table in docs/REASONS.md."""
+    with open(os.path.join(ROOT, "docs", "REASONS.md")) as f:
+        text = f.read()
+    out = {}
+    for m in re.finditer(r"^\| `0x([0-9A-F]{8})` \| (?:`([a-z-]+)`|\(none\)) \|", text, re.M):
+        out[m.group(2) or ""] = int(m.group(1), 16)
+    return out
+
+
+def test_reason_codes_are_documented_and_unique():
+    assert documented_codes() == status.REASON_CODES
+    codes = list(status.REASON_CODES.values())
+    assert len(set(codes)) == len(codes), "two reasons share a code"
+    # every reason the BPF side can report (and status's own remote-host)
+    for name in [*status.REASONS.values(), "remote-host"]:
+        assert name in status.REASON_CODES, f"reason {name!r} has no code"
+    for code in codes:
+        assert code & 0xFFFF == 0 and code >> 24 < 0x7F
+    assert status.reason_code("reason-42") == 0x7F00002A
+
+
+# -- rows: keys, codes, owners, filters -----------------------------------------
+
+def test_rows_owners_and_filters(inst):
+    outside = listener()  # not in the group: a connection to it stays on TCP
+    with InGroup(inst):
+        c, s = pair()
+        t = socket.create_connection(outside.getsockname())
+    u, _ = outside.accept()
+    try:
+        transfer(c, s, b"a" * 5000)
+        st = cli_status(inst)
+        mine = {r["local"]: r for r in st["connections"]}
+        rc = mine[f"127.0.0.1:{port_of(c)}"]
+        rs = mine[f"127.0.0.1:{port_of(s)}"]
+        rt = mine[f"127.0.0.1:{port_of(t)}"]
+        for r in (rc, rs, rt):
+            assert OLD_KEYS <= set(r), r          # JSON keeps its keys
+            assert r["pid"] == os.getpid(), r       # this process holds them all
+            assert r["command"] == open("/proc/self/comm").read().strip()
+        assert {o["fd"] for o in rc["owners"]} == {c.fileno()}
+        assert (rc["tier"], rc["reason"], rc["reason_code"]) == ("kernel", "", 0)
+        assert (rt["tier"], rt["reason"], rt["reason_code"]) == ("tcp", "peer-not-capable", 0x01010000)
+        assert rc["bytes_tx"] == rs["bytes_rx"] == 5000
+
+        assert {r["local"] for r in cli_status(inst, "--tier", "tcp")["connections"]} == {rt["local"]}
+        assert {r["local"] for r in cli_status(inst, "--tier", "kernel")["connections"]} == \
+            {rc["local"], rs["local"]}
+        by_port = cli_status(inst, "--port", str(port_of(s)))["connections"]  # local or remote
+        assert {r["local"] for r in by_port} == {rc["local"], rs["local"]}
+        assert cli_status(inst, "--pid", "1")["connections"] == []
+        assert len(cli_status(inst, "--pid", str(os.getpid()), "--tier", "tcp")["connections"]) == 1
+
+        text = subprocess.run(SHMBYPASS + ["status", "--tier", "tcp"], capture_output=True, text=True,
+                              env=dict(os.environ, SHMBYPASS_INSTANCE=inst.name)).stdout
+        line = next(ln for ln in text.splitlines() if ln.startswith(rt["local"]))
+        assert f"{os.getpid()}/" in line and "peer-not-capable (0x01010000)" in line, text
+    finally:
+        for x in (c, s, t, u, outside):
+            x.close()
+
+
+def test_owner_is_the_process_holding_the_socket(inst):
+    """A child process (under `shmbypass run`) holds the client end: --pid
+    picks its row, and its command is the child's."""
+    with InGroup(inst):
+        ls = listener()
+    env = dict(os.environ, SHMBYPASS_INSTANCE=inst.name)
+    holder = subprocess.Popen(
+        SHMBYPASS + ["run", "--tier", "kernel", "--", sys.executable, "-c",
+                     "import socket,sys; c=socket.create_connection(('127.0.0.1', int(sys.argv[1])));"
+                     "print(c.getsockname()[1], flush=True); sys.stdin.read()", str(port_of(ls))],
+        env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        cport = int(holder.stdout.readline())
+        s, _ = ls.accept()
+        rows = [r for r in cli_status(inst)["connections"] if r["local"] == f"127.0.0.1:{cport}"]
+        assert len(rows) == 1 and rows[0]["pid"] not in (None, os.getpid()), rows
+        child = rows[0]["pid"]
+        assert rows[0]["command"] == open(f"/proc/{child}/comm").read().strip()
+        picked = cli_status(inst, "--pid", str(child))["connections"]
+        assert [r["local"] for r in picked] == [f"127.0.0.1:{cport}"]
+        s.close()
+    finally:
+        holder.stdin.close()
+        holder.wait(30)
+        ls.close()
+
+
+def hold_end(inst, ns, role, ip, port, ready_w, done_r):
+    """In a forked child: join the group and namespace, make one end of a
+    connection, say its local port, hold it until the parent closes done_r."""
+    manager.join_cgroup(inst)
+    enter(ns)
+    if role == "server":
+        ls = socket.socket()
+        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        ls.bind((ip, port))
+        ls.listen()
+        os.write(ready_w, b"L\n")
+        sock, _ = ls.accept()
+    else:
+        sock = socket.socket()
+        for _ in range(200):
+            try:
+                sock.connect((ip, port))
+                break
+            except ConnectionRefusedError:
+                time.sleep(0.05)
+    os.write(ready_w, f"{sock.getsockname()[1]}\n".encode())
+    os.read(done_r, 1)
+
+
+def test_owners_in_other_network_namespaces(inst):
+    """Both ends live in namespaces of their own: sock_diag in ours cannot see
+    them, and status still names the processes."""
+    with VethPair() as v:
+        kids = []
+        done_r, done_w = os.pipe()
+        try:
+            for role, ns in (("server", v.ns[1]), ("client", v.ns[0])):
+                r, w = os.pipe()
+                pid = os.fork()
+                if pid == 0:
+                    code = 0
+                    os.close(done_w)  # or the parent's close would never reach us
+                    try:
+                        hold_end(inst, ns, role, v.ips[1], 7100, w, done_r)
+                    except BaseException:
+                        import traceback
+                        traceback.print_exc()
+                        code = 1
+                    os._exit(code)
+                os.close(w)
+                kids.append((pid, os.fdopen(r)))
+            srv_listen = kids[0][1].readline()
+            assert srv_listen == "L\n"
+            cport = int(kids[1][1].readline())
+            sport = int(kids[0][1].readline())
+            assert sport == 7100
+            rows = {r["local"]: r for r in cli_status(inst)["connections"]}
+            cli = rows[f"{v.ips[0]}:{cport}"]
+            srv = rows[f"{v.ips[1]}:7100"]
+            assert cli["pid"] == kids[1][0] and srv["pid"] == kids[0][0], (cli, srv)
+            assert cli["netns"] != srv["netns"]
+        finally:
+            os.close(done_w)
+            for pid, f in kids:
+                os.waitpid(pid, 0)
+                f.close()
+            os.close(done_r)
+
+
+def test_watch_redraws_until_interrupted(inst):
+    p = subprocess.Popen(SHMBYPASS + ["status", "--json", "--watch", "0.2"],
+                         env=dict(os.environ, SHMBYPASS_INSTANCE=inst.name),
+                         stdout=subprocess.PIPE, text=True)
+    try:
+        first, second = json.loads(p.stdout.readline()), json.loads(p.stdout.readline())
+        assert first["instance"] == second["instance"] == inst.name
+    finally:
+        p.send_signal(signal.SIGINT)
+        p.wait(30)
+    assert p.returncode == 130
