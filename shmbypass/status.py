@@ -120,6 +120,7 @@ def connections(inst: paths.Instance) -> list[dict]:
                 "netns": c.netns,
                 "peer": c.peer,
             })
+            rows[-1].update(tx_queued=None, rx_queued=None, ring_size=None)  # shm rows: below
             if tier == "shm":
                 rows[-1]["rings"] = (c.tx_slot, c.tx_gen, c.rx_slot, c.rx_gen)
     sent = {r["cookie"]: r["bytes_tx"] for r in rows}
@@ -147,6 +148,9 @@ def _ring_bytes(inst: paths.Instance, rows: list[dict]) -> None:
             tx_slot, tx_gen, rx_slot, rx_gen = row.pop("rings")
             row["bytes_tx"] = _ring_word(reg, tx_slot, tx_gen, "head")
             row["bytes_rx"] = _ring_word(reg, rx_slot, rx_gen, "tail")
+            # Fill levels, like ss's Send-Q/Recv-Q: written, not read yet.
+            row["tx_queued"], row["ring_size"] = _ring_fill(reg, tx_slot, tx_gen)
+            row["rx_queued"], _ = _ring_fill(reg, rx_slot, rx_gen)
 
 
 def _ring_word(reg, slot: int, gen: int, field: str) -> int:
@@ -157,6 +161,22 @@ def _ring_word(reg, slot: int, gen: int, field: str) -> int:
     except (IndexError, ValueError):
         return 0
     return getattr(hdr, field) if hdr.generation == gen else 0
+
+
+def _ring_fill(reg, slot: int, gen: int) -> tuple[int | None, int | None]:
+    """(bytes written and not read yet, capacity) of a slot's ring; None
+    when the slot moved on. Read from shared memory while both ends move:
+    clamped to what the ring can hold."""
+    try:
+        hdr = reg.ring_header(slot)
+    except (IndexError, ValueError):
+        return None, None
+    if hdr.generation != gen:
+        return None, None
+    cap = reg.info.ring_capacity  # ours, not the header's (shared memory)
+    tail = hdr.tail  # tail first: the head read after it is never behind it
+    head = hdr.head
+    return max(0, min(head - tail, cap)), cap
 
 
 def counters(inst: paths.Instance) -> dict[str, int]:
@@ -235,6 +255,11 @@ def _reason(c: dict) -> str:
     return f"{c['reason']} (0x{code:08x})" if c["reason"] else ""
 
 
+def _queued(c: dict, d: str) -> str:
+    n = c.get(f"{d}_queued")
+    return "-" if n is None else str(n)
+
+
 def render(st: dict) -> str:
     lines = [f"instance {st['instance']}: " + (
         f"attached to cgroup {st['cgroup']}" if st["attached"] else "not attached")]
@@ -243,12 +268,12 @@ def render(st: dict) -> str:
         w = max(len(c["local"]) for c in conns)
         v = max(len(c["remote"]) for c in conns)
         p = max(len("PROCESS"), *(len(_process(c)) for c in conns))
-        lines.append(f"{'LOCAL':<{w}}  {'REMOTE':<{v}}  TIER    {'TX':>12} {'RX':>12}  "
-                     f"{'PROCESS':<{p}}  REASON")
+        lines.append(f"{'LOCAL':<{w}}  {'REMOTE':<{v}}  TIER    {'TX':>12} {'RX':>12} "
+                     f"{'SEND-Q':>8} {'RECV-Q':>8}  {'PROCESS':<{p}}  REASON")
         for c in conns:
             lines.append(f"{c['local']:<{w}}  {c['remote']:<{v}}  {c['tier']:<6}  "
-                         f"{c['bytes_tx']:>12} {c['bytes_rx']:>12}  {_process(c):<{p}}  "
-                         f"{_reason(c)}".rstrip())
+                         f"{c['bytes_tx']:>12} {c['bytes_rx']:>12} {_queued(c, 'tx'):>8} "
+                         f"{_queued(c, 'rx'):>8}  {_process(c):<{p}}  {_reason(c)}".rstrip())
     elif st["attached"]:
         lines.append("no connections")
     off = {n: f["detail"] for n, f in st.get("features", {}).items() if not f["ok"]}

@@ -198,3 +198,61 @@ def test_watch_redraws_until_interrupted(inst):
         p.send_signal(signal.SIGINT)
         p.wait(30)
     assert p.returncode == 130
+
+
+UNREAD_PEER = r"""
+import socket, sys
+role, n = sys.argv[1], int(sys.argv[2])
+if role == "server":
+    ls = socket.socket(); ls.bind(("127.0.0.1", 0)); ls.listen()
+    print(ls.getsockname()[1], flush=True)
+    s, _ = ls.accept()
+    print("accepted", flush=True)
+    sys.stdin.readline()                   # hold the bytes unread until told
+    got = 0
+    while got < n:
+        got += len(s.recv(n - got))
+    print("read", got, flush=True)
+    sys.stdin.readline()
+else:
+    c = socket.create_connection(("127.0.0.1", int(sys.argv[3])))
+    c.sendall(b"q" * n)
+    print(c.getsockname()[1], flush=True)
+    sys.stdin.readline()
+"""
+
+
+def test_ring_fill_of_shm_connections(inst):
+    """Bytes written into a shm ring and not read yet show as the writer's
+    tx_queued and the reader's rx_queued (SEND-Q/RECV-Q), then 0 once read."""
+    n = 100_000
+    env = dict(os.environ, SHMBYPASS_INSTANCE=inst.name)
+    run = SHMBYPASS + ["run", "--tier", "shm", "--", sys.executable, "-c", UNREAD_PEER]
+    srv = subprocess.Popen(run + ["server", str(n)], env=env, stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE, text=True)
+    cli = None
+    try:
+        port = srv.stdout.readline().strip()
+        cli = subprocess.Popen(run + ["client", str(n), port], env=env, stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True)
+        cport = int(cli.stdout.readline())
+        assert srv.stdout.readline().strip() == "accepted"
+        rows = {r["local"]: r for r in cli_status(inst, "--tier", "shm")["connections"]}
+        c, s = rows[f"127.0.0.1:{cport}"], rows[f"127.0.0.1:{port}"]
+        assert (c["tx_queued"], s["rx_queued"]) == (n, n), (c, s)
+        assert (c["rx_queued"], s["tx_queued"]) == (0, 0)
+        assert c["ring_size"] >= n and c["bytes_tx"] == n and s["bytes_rx"] == 0
+        srv.stdin.write("\n")
+        srv.stdin.flush()
+        assert srv.stdout.readline().split() == ["read", str(n)]
+        rows = {r["local"]: r for r in cli_status(inst, "--port", port)["connections"]}
+        c, s = rows[f"127.0.0.1:{cport}"], rows[f"127.0.0.1:{port}"]
+        assert (c["tx_queued"], s["rx_queued"], s["bytes_rx"]) == (0, 0, n)
+        text = subprocess.run(SHMBYPASS + ["status", "--tier", "shm"], capture_output=True,
+                              text=True, env=env).stdout
+        assert "SEND-Q" in text and "RECV-Q" in text
+    finally:
+        for p in (cli, srv):
+            if p:
+                p.stdin.close()
+                p.wait(30)
