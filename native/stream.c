@@ -11,9 +11,26 @@ uint64_t sbp_stream_gen(uint32_t block_gen, int dir)
 	return (uint64_t)block_gen << 8 | (uint64_t)(dir + 1);
 }
 
-static void *area_slot(const struct sbp_stream *s, int area)
+int sbp_stream_areas_pair(struct sbp_stream_areas *a, const struct sbp_pair_info *pi, void *base,
+			  uint32_t block, int dir)
 {
-	return sbp_pair_area(&s->pi, s->base, s->block, s->dir, area);
+	memset(a, 0, sizeof(*a));
+	for (int k = 0; k < SBP_AREAS && k < SBP_STREAM_MAX_AREAS; k++) {
+		a->slot[k] = sbp_pair_area(pi, base, block, dir, k);
+		a->size[k] = sbp_pair_area_slot_size(k);
+		if (!a->slot[k])
+			return -EINVAL;
+		a->n = k + 1;
+	}
+	return 0;
+}
+
+void sbp_stream_areas_slot(struct sbp_stream_areas *a, void *slot, size_t size)
+{
+	memset(a, 0, sizeof(*a));
+	a->slot[0] = slot;
+	a->size[0] = size;
+	a->n = 1;
 }
 
 static void view_init(struct sbp_stream *s)
@@ -22,18 +39,14 @@ static void view_init(struct sbp_stream *s)
 	sbp_ring_doorbell_mode(&s->ring, s->doorbell);
 }
 
-static void setup(struct sbp_stream *s, const struct sbp_pair_info *pi, void *base, uint32_t block,
-		  int dir, uint32_t block_gen)
+static void setup(struct sbp_stream *s, const struct sbp_stream_areas *a, uint64_t gen)
 {
 	uint32_t spin = s->spin_ns;
 	int bell = s->doorbell;
 
 	memset(s, 0, sizeof(*s));
-	s->pi = *pi;
-	s->base = base;
-	s->block = block;
-	s->dir = dir;
-	s->gen = sbp_stream_gen(block_gen, dir);
+	s->a = *a;
+	s->gen = gen;
 	s->spin_ns = spin;
 	s->doorbell = bell;
 }
@@ -41,8 +54,8 @@ static void setup(struct sbp_stream *s, const struct sbp_pair_info *pi, void *ba
 /* Format `area` at `start` and make it the ring in use. */
 static int open_area(struct sbp_stream *s, int area, uint64_t start)
 {
-	void *slot = area_slot(s, area);
-	size_t size = sbp_pair_area_slot_size(area);
+	void *slot = area < s->a.n ? s->a.slot[area] : NULL;
+	size_t size = area < s->a.n ? s->a.size[area] : 0;
 	int rc;
 
 	if (!slot)
@@ -57,24 +70,21 @@ static int open_area(struct sbp_stream *s, int area, uint64_t start)
 	return rc;
 }
 
-int sbp_stream_writer_open(struct sbp_stream *s, const struct sbp_pair_info *pi, void *base,
-			   uint32_t block, int dir, uint32_t block_gen, uint64_t start)
+int sbp_stream_writer_open(struct sbp_stream *s, const struct sbp_stream_areas *a, uint64_t gen,
+			   uint64_t start)
 {
-	setup(s, pi, base, block, dir, block_gen);
+	setup(s, a, gen);
 	return open_area(s, 0, start);
 }
 
-int sbp_stream_reader_open(struct sbp_stream *s, const struct sbp_pair_info *pi, void *base,
-			   uint32_t block, int dir, uint32_t block_gen)
+int sbp_stream_reader_open(struct sbp_stream *s, const struct sbp_stream_areas *a, uint64_t gen)
 {
-	void *slot;
 	int rc;
 
-	setup(s, pi, base, block, dir, block_gen);
-	slot = area_slot(s, 0);
-	if (!slot)
+	setup(s, a, gen);
+	if (!a->n || !a->slot[0])
 		return -EPROTO;
-	rc = sbp_ring_attach(&s->ring, slot, sbp_pair_area_slot_size(0), s->gen);
+	rc = sbp_ring_attach(&s->ring, a->slot[0], a->size[0], s->gen);
 	if (rc == 0)
 		view_init(s);
 	return rc;
@@ -100,8 +110,8 @@ static int move_to(struct sbp_stream *s, int area)
 
 int sbp_stream_grow(struct sbp_stream *s)
 {
-	for (int a = s->area + 1; a < SBP_AREAS; a++)
-		if (sbp_ring_reusable(area_slot(s, a), sbp_pair_area_slot_size(a), s->gen))
+	for (int a = s->area + 1; a < s->a.n; a++)
+		if (sbp_ring_reusable(s->a.slot[a], s->a.size[a], s->gen))
 			return move_to(s, a);
 	return 0;
 }
@@ -112,14 +122,14 @@ int sbp_stream_shrink(struct sbp_stream *s)
 	int old = s->area, rc;
 
 	if (old == 0 || sbp_ring_readable(&s->ring) ||
-	    !sbp_ring_reusable(area_slot(s, 0), sbp_pair_area_slot_size(0), s->gen))
+	    !sbp_ring_reusable(s->a.slot[0], s->a.size[0], s->gen))
 		return 0;
-	data = (unsigned char *)area_slot(s, old) + SBP_RING_HDR_SIZE;
+	data = (unsigned char *)s->a.slot[old] + SBP_RING_HDR_SIZE;
 	rc = move_to(s, 0);
 	/* The reader has taken every byte of the old area (it was empty): only
 	 * its header is read again. Its pages go back to the system. */
 	if (rc == 1)
-		madvise(data, sbp_area_cap(old), MADV_REMOVE);
+		madvise(data, s->a.size[old] - SBP_RING_HDR_SIZE, MADV_REMOVE);
 	return rc;
 }
 
@@ -151,11 +161,11 @@ int sbp_stream_follow(struct sbp_stream *s)
 		return rc;
 	if (nx.kind == SBP_NEXT_TCP)
 		return SBP_RING_GO_NEXT;
-	if (nx.area >= SBP_AREAS || (int)nx.area == s->area)
+	if (nx.area >= (uint32_t)s->a.n || (int)nx.area == s->area)
 		return -EPROTO;
-	slot = area_slot(s, (int)nx.area);
+	slot = s->a.slot[nx.area];
 	old = s->ring;
-	rc = sbp_ring_attach(&s->ring, slot, sbp_pair_area_slot_size((int)nx.area), s->gen);
+	rc = sbp_ring_attach(&s->ring, slot, s->a.size[nx.area], s->gen);
 	/* The writer formats before it links: not there = not ours. */
 	if (rc < 0 || sbp_ring_tail_pos(&s->ring) != nx.start) {
 		s->ring = old;

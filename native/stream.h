@@ -23,11 +23,19 @@
 #include "pairmem.h"
 #include "ring.h"
 
+#define SBP_STREAM_MAX_AREAS 4
+
+/* The areas a stream may use: ring slots of growing size. A connection in
+ * pair memory has SBP_AREAS of them (sbp_stream_areas_pair); a slot of a
+ * shared region (a VM pair) is a stream of one area that never moves. */
+struct sbp_stream_areas {
+	void *slot[SBP_STREAM_MAX_AREAS];
+	size_t size[SBP_STREAM_MAX_AREAS];
+	int n;
+};
+
 struct sbp_stream {
-	struct sbp_pair_info pi;        /* trusted geometry of the region */
-	void *base;                     /* the region mapping */
-	uint32_t block;
-	int dir;                        /* SBP_DIR_* */
+	struct sbp_stream_areas a;      /* trusted: computed from local geometry */
 	uint64_t gen;                   /* ring generation of this connection and direction */
 	int area;                       /* the area in use */
 	struct sbp_ring ring;           /* view of it */
@@ -36,16 +44,22 @@ struct sbp_stream {
 	int bell_pending;               /* a move found the reader armed: ring it */
 };
 
-/* The generation every ring of this block and direction is formatted with. */
+/* The areas of direction dir of a block of a checked pair region; 0 or
+ * -EINVAL (block or direction out of range). */
+int sbp_stream_areas_pair(struct sbp_stream_areas *a, const struct sbp_pair_info *pi, void *base,
+			  uint32_t block, int dir);
+/* One slot of a region, as a stream that never moves. */
+void sbp_stream_areas_slot(struct sbp_stream_areas *a, void *slot, size_t size);
+/* The generation the rings of a pair-memory block's direction carry. */
 uint64_t sbp_stream_gen(uint32_t block_gen, int dir);
 
-/* Writer: format area 0 at stream position start. 0, -EINVAL. */
-int sbp_stream_writer_open(struct sbp_stream *s, const struct sbp_pair_info *pi, void *base,
-			   uint32_t block, int dir, uint32_t block_gen, uint64_t start);
+/* Writer: format area 0 with generation gen at stream position start.
+ * 0, -EINVAL. s->spin_ns and s->doorbell are kept (set them first). */
+int sbp_stream_writer_open(struct sbp_stream *s, const struct sbp_stream_areas *a, uint64_t gen,
+			   uint64_t start);
 /* Reader: attach area 0 (the writer formatted it). 0, -EAGAIN not yet,
  * -EPROTO. sbp_ring_tail_pos(&s->ring) is then where the ring part starts. */
-int sbp_stream_reader_open(struct sbp_stream *s, const struct sbp_pair_info *pi, void *base,
-			   uint32_t block, int dir, uint32_t block_gen);
+int sbp_stream_reader_open(struct sbp_stream *s, const struct sbp_stream_areas *a, uint64_t gen);
 
 /* Move to the next larger free area: 1 moved, 0 already the largest (or
  * the reader still holds the larger ones), -errno. Only when the ring is

@@ -28,14 +28,21 @@ class Region:
         self.info = ffi.new("struct sbp_pair_info *")
         assert lib.sbp_pair_check(self.base, self.size, self.info) == 0
 
+    def areas(self, block, direction):
+        a = ffi.new("struct sbp_stream_areas *")
+        assert lib.sbp_stream_areas_pair(a, self.info, self.base, block, direction) == 0
+        return a
+
     def writer(self, block=0, gen=1, start=0, direction=A2P):
         s = ffi.new("struct sbp_stream *")
-        assert lib.sbp_stream_writer_open(s, self.info, self.base, block, direction, gen, start) == 0
+        g = lib.sbp_stream_gen(gen, direction)
+        assert lib.sbp_stream_writer_open(s, self.areas(block, direction), g, start) == 0
         return s
 
     def reader(self, block=0, gen=1, direction=A2P):
         s = ffi.new("struct sbp_stream *")
-        rc = lib.sbp_stream_reader_open(s, self.info, self.base, block, direction, gen)
+        g = lib.sbp_stream_gen(gen, direction)
+        rc = lib.sbp_stream_reader_open(s, self.areas(block, direction), g)
         return s if rc == 0 else rc
 
     def area_hdr(self, block, direction, area):
@@ -172,6 +179,18 @@ def test_hostile_links_are_refused():
                                           lib.sbp_pair_area_slot_size(1), w.gen, 5) == 0
         h.flags |= lib.SBP_RING_LINKED
         assert read(rd, 10) == -71, case       # EPROTO, never a wild read
+
+
+def test_a_region_slot_is_a_stream_that_never_moves():
+    mm = mmap.mmap(-1, 4096 + 65536, mmap.MAP_SHARED)
+    a = ffi.new("struct sbp_stream_areas *")
+    lib.sbp_stream_areas_slot(a, ffi.from_buffer(mm), len(mm))
+    w, rd = ffi.new("struct sbp_stream *"), ffi.new("struct sbp_stream *")
+    assert lib.sbp_stream_writer_open(w, a, 5, 0) == 0
+    assert lib.sbp_stream_reader_open(rd, a, 5) == 0
+    assert write(w, b"x" * 70000) == 65536
+    assert lib.sbp_stream_grow(w) == 0                  # nowhere to go
+    assert read(rd, 100) == b"x" * 100
 
 
 def test_another_connections_block_is_not_attached():

@@ -440,14 +440,17 @@ static void test_stream_hostile(void)
 {
 	uint64_t size = sbp_pair_region_size(1);
 	void *base = slot_alloc(size);
+	struct sbp_stream_areas areas;
 	struct sbp_pair_info pi;
 	struct sbp_stream w, r;
+	uint64_t gen = sbp_stream_gen(3, SBP_DIR_A2P);
 	int have_r = 0;
 
 	CHECK(sbp_pair_format(base, size, 42, 1) == 0);
 	CHECK(sbp_pair_check(base, size, &pi) == 0);
+	CHECK(sbp_stream_areas_pair(&areas, &pi, base, 0, SBP_DIR_A2P) == 0);
 	memset(&w, 0, sizeof(w));
-	CHECK(sbp_stream_writer_open(&w, &pi, base, 0, SBP_DIR_A2P, 3, 100) == 0);
+	CHECK(sbp_stream_writer_open(&w, &areas, gen, 100) == 0);
 	for (int i = 0; i < 20000; i++) {
 		size_t n = rnd() % 70000;
 		unsigned char *buf = malloc(n + 1);
@@ -458,7 +461,7 @@ static void test_stream_hostile(void)
 		memset(buf, 0x5a, n + 1);
 		if (!have_r) {
 			memset(&r, 0, sizeof(r));
-			have_r = sbp_stream_reader_open(&r, &pi, base, 0, SBP_DIR_A2P, 3) == 0;
+			have_r = sbp_stream_reader_open(&r, &areas, gen) == 0;
 		}
 		if (rnd() % 16 == 0) {
 			/* the hostile part: any area header, any link field */
@@ -490,7 +493,7 @@ static void test_stream_hostile(void)
 		free(buf);
 		if (k == -EPROTO && rnd() % 4 == 0) {   /* start over, as a reset would */
 			memset(&w, 0, sizeof(w));
-			CHECK(sbp_stream_writer_open(&w, &pi, base, 0, SBP_DIR_A2P, 3, 100) == 0);
+			CHECK(sbp_stream_writer_open(&w, &areas, gen, 100) == 0);
 			have_r = 0;
 		}
 	}
