@@ -14,7 +14,7 @@ import signal
 import subprocess
 import time
 
-from shmbypass import bpf, drain, features, paths, policy, programs, region, shmtier, slots
+from shmbypass import bpf, broker, drain, launch, features, paths, policy, programs, region, shmtier, slots
 from shmbypass._native import lib
 from shmbypass.errors import ShmbypassError
 
@@ -146,13 +146,41 @@ def up(inst: paths.Instance, cgroup: str | None = None, slot_count: int | None =
             bpf.prog_attach(obj.prog_fd("sbp_msg"), obj.map_fd("sock_hash"), lib.BPF_SK_MSG_VERDICT)
             _attach_to_cgroup(obj.prog_fd("sbp_sockops"), cgroup, lib.BPF_CGROUP_SOCK_OPS,
                               inst.pin(LINK))
+        _publish(inst)
+        if allow and (allow.any_user or allow.users or allow.groups):
+            state["broker_pid"] = broker.start(inst)
+            inst.save_state(state)
     except BaseException:
+        broker.stop(state.get("broker_pid"))
         _remove_pins(inst)
         _remove_region(inst)
         _remove_cgroup(state)
         shutil.rmtree(inst.run_dir, ignore_errors=True)
         raise
     return True
+
+
+def _publish(inst: paths.Instance) -> None:
+    """What programs of every user need under the run directory: the inbox
+    directory (anyone may create an entry and send to one whose name they
+    know; nobody may list it or remove another's: mode 1733), the preload
+    libraries and the non-root launcher (readable by all, root's)."""
+    os.chmod(inst.run_dir, 0o755)
+    os.chmod(inst.state_file, 0o644)
+    inbox = os.path.join(inst.run_dir, "inbox")
+    os.makedirs(inbox, exist_ok=True)
+    os.chmod(inbox, 0o1733)
+    for sub, files in (("lib", [paths.tool(n) for n in ("libshmbypass-preload.so",
+                                                           "libshmbypass-guard.so")]),
+                       ("bin", [os.path.join(paths.PKG_DIR, "launch.py")])):
+        d = os.path.join(inst.run_dir, sub)
+        os.makedirs(d, exist_ok=True)
+        os.chmod(d, 0o755)
+        for src in files:
+            dst = os.path.join(d, "shmbypass-run" if src.endswith("launch.py") else os.path.basename(src))
+            shutil.copyfile(src, dst + ".tmp")
+            os.chmod(dst + ".tmp", 0o755)
+            os.replace(dst + ".tmp", dst)
 
 
 def _remove_region(inst: paths.Instance) -> None:
@@ -256,6 +284,7 @@ def down(inst: paths.Instance, drain_timeout: float = 10.0, force: bool = False)
         except ShmbypassError:
             set_draining(inst, False)  # a refused down changes nothing
             raise
+    broker.stop(state.get("broker_pid"))
     _remove_pins(inst)  # the link first: no new connection enters the bypass
     _remove_region(inst)
     _remove_cgroup(state)
@@ -273,6 +302,14 @@ def run(inst: paths.Instance, argv: list[str], tier: str = "shm") -> int:
     """Run argv inside the bypass group and return its exit status."""
     if not argv:
         raise ShmbypassError("run: no command given (shmbypass run -- CMD ARGS...)")
+    if os.geteuid() != 0:
+        # An administrator brought the instance up; the broker lets us in.
+        try:
+            launch.join(inst.name)
+        except SystemExit as e:
+            raise ShmbypassError(str(e).removeprefix("shmbypass: error: ")) from None
+        child_env = launch.environment(inst.name, tier)
+        return _wait_child(argv, child_env, None)
     up(inst)
     env = dict(os.environ, SHMBYPASS_INSTANCE=inst.name)
     if tier == "shm":
@@ -287,8 +324,12 @@ def run(inst: paths.Instance, argv: list[str], tier: str = "shm") -> int:
         with open(procs, "w") as f:
             f.write("0")
 
+    return _wait_child(argv, env, enter_group)
+
+
+def _wait_child(argv: list[str], env: dict, preexec) -> int:
     try:
-        child = subprocess.Popen(argv, env=env, preexec_fn=enter_group)
+        child = subprocess.Popen(argv, env=env, preexec_fn=preexec)
     except FileNotFoundError:
         raise ShmbypassError(f"run: command not found: {argv[0]}") from None
     # The child shares our terminal, so ^C reaches it directly; forward TERM.
