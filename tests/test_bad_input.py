@@ -31,9 +31,13 @@ def one_line_error(r, *words):
 def test_not_root():
     inst = new_instance()
     # A user namespace makes us uid 65534 while the files stay readable.
-    for cmd in (["up"], ["down"], ["run", "--", "true"]):
-        r = shmbypass(cmd, inst, prefix=["unshare", "--user", "--map-user=65534", "--map-group=65534"])
-        one_line_error(r, "must run as root")
+    userns = ["unshare", "--user", "--map-user=65534", "--map-group=65534"]
+    for cmd in (["up"], ["down"]):
+        one_line_error(shmbypass(cmd, inst, prefix=userns), "must run as root")
+    # run: a non-root user needs an instance an administrator opened to it
+    one_line_error(shmbypass(["run", "--", "true"], inst, prefix=userns),
+                   f"instance {inst.name} takes no non-root programs",
+                   "an administrator runs `shmbypass up --allow-user USER` first")
     assert_gone(inst)
 
 
