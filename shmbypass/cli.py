@@ -1,10 +1,12 @@
-"""The shmbypass command line: up, down, run, status, doctor, bench, vm, metrics."""
+"""The shmbypass command line: up, down, run, status, doctor, bench, vm, metrics,
+install-service."""
 import argparse
 import json
 import os
 import sys
 
-from shmbypass import __version__, bench, doctor, manager, metrics, paths, policy, programs, status
+from shmbypass import (__version__, bench, deploy, doctor, manager, metrics, paths, policy, programs,
+                       status)
 from shmbypass.errors import ShmbypassError
 from shmbypass.vm import cli as vm_cli
 
@@ -147,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_parser(sub)
     vm_cli.add_parser(sub)
     metrics.add_parser(sub)
+    deploy.add_parser(sub)
     return ap
 
 
