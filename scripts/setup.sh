@@ -22,6 +22,7 @@ APT_PKGS=(
     nginx-light curl wrk haproxy iperf3   # real applications and the sidecar bench
     qemu-system-x86 busybox-static   # the IVSHMEM VM pair (vm/, tests/test_vm.py); guest kernel via apt-get download
     prometheus            # a real server scrapes `shmbypass metrics` (tests/test_metrics.py)
+    tshark tcpdump        # read back the pcapng files shmbypass/pcap.py writes (tests/test_pcap.py)
 )
 missing=()
 for p in "${APT_PKGS[@]}"; do
