@@ -1,12 +1,11 @@
 """Connection set-up: connect + accept + close, and connect + one 64 B
 exchange + close, over loopback TCP, a Unix socket, and loopback TCP inside
 the kernel tier (this process moved into a private instance's cgroup)."""
-import os
 import socket
 
 import pytest
 
-from benchutil import InGroup
+from shmbypass.manager import InGroup
 
 
 def _listener(family, tmp_path):

@@ -11,14 +11,14 @@ import subprocess
 
 import pytest
 
-from shmbypass import paths
+from shmbypass import shmtier
+from shmbypass.bench import measure
 
-PRELOAD = paths.tool("libshmbypass-preload.so")
-PINGPONG = paths.tool("sbp-pingpong")
+PRELOAD = shmtier.library_path()
 ITERS = 20000
 
 pytestmark = pytest.mark.skipif(not os.path.exists(PRELOAD),
-                                reason=f"{PRELOAD} is not built (native/preload/, the shm tier's interposer)")
+                                reason=f"{PRELOAD} is not built (native/interpose.c, the shm tier's interposer)")
 
 
 def _plain_env():
@@ -28,7 +28,7 @@ def _plain_env():
 
 
 def _server(addr):
-    p = subprocess.Popen([PINGPONG, "server", addr, "--cpu", "0"], stdout=subprocess.PIPE, text=True,
+    p = subprocess.Popen(measure.pingpong_argv("server", addr, 0), stdout=subprocess.PIPE, text=True,
                          env=_plain_env())
     return p, json.loads(p.stdout.readline())["listening"]
 
@@ -37,9 +37,9 @@ def _rtt(addr, preload):
     env = _plain_env()
     if preload:
         env["LD_PRELOAD"] = PRELOAD
-    out = subprocess.run([PINGPONG, "client", addr, "--mode", "rtt", "--iters", str(ITERS), "--warmup", "2000",
-                          "--cpu", "0"], capture_output=True, text=True, env=env, timeout=120, check=True)
-    return json.loads(out.stdout)["mean_ns"]
+    argv = measure.pingpong_argv("client", addr, 0, False, "--mode", "rtt", "--iters", str(ITERS),
+                                 "--warmup", "2000")
+    return measure.run_json(argv, env=env)["mean_ns"]
 
 
 @pytest.mark.parametrize("transport", ["unix", "tcp-unshimmed-peer"])

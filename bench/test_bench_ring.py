@@ -1,16 +1,13 @@
 """The ring's per-operation cost from Python (cffi wrapper and raw calls),
 and the raw ring between two processes (sbp-ringbench)."""
-import json
 import mmap
 import os
-import subprocess
 
 import pytest
 
-from shmbypass import paths
-
-ring = pytest.importorskip("shmbypass.ring", reason="shmbypass.ring (the ring's Python API) is not built")
-SLOT = 4096 + (1 << 20)
+from shmbypass import ring
+from shmbypass.bench import measure
+from shmbypass.region import SLOT_SIZE_DEFAULT as SLOT
 SIZES = [64, 1024, 65536]
 
 
@@ -58,19 +55,18 @@ def test_ring_write_read_cffi(benchmark, pair, size):
 
 @pytest.mark.parametrize("placement", ["same-core", "cross-core"])
 def test_raw_ring_rtt_64(benchmark, placement):
-    """Two processes, 64 B ping-pong through two rings (C): p50 in extra_info."""
-    tool = paths.tool("sbp-ringbench")
-    if not os.access(tool, os.X_OK):
-        pytest.skip(f"{tool} is not built (native/tools/sbp-ringbench.c)")
+    """Two processes, 64 B ping-pong through two rings of the shm tier's size
+    (C, as `shmbypass bench` runs it): p50 in extra_info."""
+    if not os.access(measure.RINGBENCH, os.X_OK):
+        pytest.skip(f"{measure.RINGBENCH} is not built (native/tools/sbp-ringbench.c)")
     if os.cpu_count() < 2 and placement == "cross-core":
         pytest.skip("one CPU: no cross-core placement")
-    cpus = ["--cpu-a", "0", "--cpu-b", "0" if placement == "same-core" else "1"]
+    argv = measure.ringbench_argv("rtt", 64, iters=20000, warmup=2000, cpu_a=0,
+                                  cpu_b=0 if placement == "same-core" else 1)
     results = []
 
     def run():
-        out = subprocess.run([tool, "--mode", "rtt", "--size", "64", "--iters", "20000", "--warmup", "2000",
-                              *cpus], capture_output=True, text=True, timeout=120, check=True)
-        results.append(json.loads(out.stdout))
+        results.append(measure.run_json(argv))
 
     benchmark.pedantic(run, rounds=3, iterations=1)
     best = min(results, key=lambda x: x["p50_ns"])

@@ -5,8 +5,8 @@ import json
 import os
 import sys
 
-from shmbypass import (__version__, bench, deploy, doctor, manager, metrics, paths, policy, programs,
-                       status)
+from shmbypass import __version__, deploy, doctor, manager, metrics, paths, policy, programs, status
+from shmbypass.bench import cli as bench_cli
 from shmbypass.errors import ShmbypassError
 from shmbypass.vm import cli as vm_cli
 
@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_doctor)
 
     # Subcommands that live in their own modules and packages.
-    bench.add_parser(sub)
+    bench_cli.add_parser(sub)
     vm_cli.add_parser(sub)
     metrics.add_parser(sub)
     deploy.add_parser(sub)

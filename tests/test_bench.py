@@ -12,7 +12,9 @@ import time
 
 import pytest
 
-from shmbypass import bench, paths
+from shmbypass import paths
+from shmbypass.bench import measure, micro
+from shmbypass.bench import report as bench_report
 
 PY = sys.executable
 PINGPONG = paths.tool("sbp-pingpong")
@@ -102,17 +104,17 @@ def test_summary_is_median_of_repetitions(quick_run):
 
 def test_not_engaged_gets_no_ratio():
     """A bypass row whose connections were seen in the wrong tier: loud note, no ratio."""
-    test = bench.TESTS[0]
-    tcp = bench.Cell("tcp", "unpinned", test, reps=[_rtt(10000)])
-    bad = bench.Cell("kernel", "unpinned", test, reps=[_rtt(5000)], engaged=False, tiers_seen=["tcp", "tcp"])
-    base = bench.summarize(test, tcp.reps)
+    test = measure.TESTS[0]
+    tcp = micro.Cell("tcp", "unpinned", test, reps=[_rtt(10000)])
+    bad = micro.Cell("kernel", "unpinned", test, reps=[_rtt(5000)], engaged=False, tiers_seen=["tcp", "tcp"])
+    base = measure.summarize(test, tcp.reps)
     rows = [tcp.to_json(None), bad.to_json(base)]
     assert rows[1]["ratio_vs_tcp"] == {}
     report = {"results": rows}
-    table = bench.table_rows(report)
+    table = bench_report.table_rows(report)
     assert "BYPASS NOT ENGAGED" in table[1][-1]
     assert table[1][6] == "-"
-    assert bench.ratio(test, bench.summarize(test, bad.reps), base)["p50"] == pytest.approx(2.0)
+    assert measure.ratio(test, measure.summarize(test, bad.reps), base)["p50"] == pytest.approx(2.0)
 
 
 def _rtt(p50):
@@ -123,11 +125,11 @@ def _rtt(p50):
 def test_noise_detection():
     quiet = {"wall_s": 1.0, "client_cpu_s": 0.5, "server_cpu_s": 0.5, "machine_busy_s": 1.05,
              "machine_steal_s": 0.0}
-    assert bench.noise_of(quiet) is None
+    assert measure.noise_of(quiet) is None
     busy = dict(quiet, machine_busy_s=1.6)
-    assert "other processes" in bench.noise_of(busy)
+    assert "other processes" in measure.noise_of(busy)
     stolen = dict(quiet, machine_steal_s=0.3)
-    assert "stole" in bench.noise_of(stolen)
+    assert "stole" in measure.noise_of(stolen)
 
 
 def test_missing_transport_is_skipped_with_reason(tmp_path):
@@ -293,10 +295,10 @@ def test_results_md_keeps_the_reading(quick_run, tmp_path):
     path.write_text("# Results\n\nThe reading, written by hand.\n")
     files = {"plot": str(out / "bench.png")}
     for _ in range(2):  # regenerating replaces the generated part only
-        bench.update_results_md(str(path), report, files)
+        bench_report.update_results_md(str(path), report, files)
     text = path.read_text()
     assert text.startswith("# Results\n\nThe reading, written by hand.\n")
-    assert text.count(bench.RESULTS_MARKER) == 1
+    assert text.count(bench_report.RESULTS_MARKER) == 1
     assert "## The latest run" in text and "bench.png" in text and "kernel tier" in text
 
 

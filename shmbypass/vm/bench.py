@@ -13,6 +13,7 @@ import time
 
 from shmbypass import paths
 from shmbypass._native import lib
+from shmbypass.bench.measure import median
 from shmbypass.vm.guest_bench import TESTS as BENCH_TESTS
 from shmbypass.vm.pair import GUESTS, VMPair
 
@@ -20,12 +21,6 @@ BENCH_INSTANCE = "sbvm-bench"
 # issue 4: the bypass's 64 B RTT at least 5x lower, 64 KiB stream at least 3x
 BENCH_TARGETS = {"rtt_64": 5.0, "stream_65536": 3.0}
 
-
-
-def _median(xs):
-    xs = sorted(xs)
-    n = len(xs)
-    return None if not n else xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
 
 
 def bench_pair(seconds=2.0, reps=3, pair=None, log=None):
@@ -82,12 +77,12 @@ def bench_pair(seconds=2.0, reps=3, pair=None, log=None):
                 rs = [r for r in rows if r.get("op") == kind and r.get("size") == size]
                 key = f"{kind}_{size}"
                 if kind == "rtt":
-                    t[key] = {"p50_us": _median([r["p50_ns"] / 1e3 for r in rs]),
-                              "p99_us": _median([r["p99_ns"] / 1e3 for r in rs]),
-                              "cpu_us_per_op": _median([(r["client_cpu_s"] + r["server_cpu_s"]) * 1e6 / r["iters"]
+                    t[key] = {"p50_us": median([r["p50_ns"] / 1e3 for r in rs]),
+                              "p99_us": median([r["p99_ns"] / 1e3 for r in rs]),
+                              "cpu_us_per_op": median([(r["client_cpu_s"] + r["server_cpu_s"]) * 1e6 / r["iters"]
                                                         for r in rs if r.get("iters")])}
                 else:
-                    t[key] = {"GBps": _median([r["gbps"] for r in rs])}  # sbp-pingpong: 1e9 bytes/s
+                    t[key] = {"GBps": median([r["gbps"] for r in rs])}  # sbp-pingpong: 1e9 bytes/s
             if name == "shm" and not all(str(x).startswith("shm") for x in t["tiers"] or ["none"]):
                 rep["warnings"].append(f"the IVSHMEM bypass did not engage: A's status shows {t['tiers']}; "
                                        "its figures are TCP's")

@@ -1,8 +1,6 @@
-"""Real applications for `shmbypass bench --apps` and the sidecar scenario.
-
-Each app runs twice or three times, unmodified: over plain TCP, then with
-both ends under `shmbypass run --tier kernel` (and `--tier shm` once that
-tier exists). While it runs, `shmbypass status --json` must show its
+"""Real applications for `shmbypass bench --apps`, unmodified: each runs over
+plain TCP, then with both ends under `shmbypass run --tier kernel` and
+`--tier shm`. While it runs, `shmbypass status --json` must show its
 connections in the expected tier; if not, the entry says so loudly and gets
 no ratio.
 
@@ -10,12 +8,9 @@ no ratio.
   nginx    nginx (sendfile on) + wrk: a 1 KiB file at -c 10, a 1 MiB file at -c 1;
            then curl fetches the 1 MiB file once and its sha256 is compared
   iperf3   iperf3 -s / iperf3 -c, one stream
-  sidecar  client -> haproxy (TCP mode) -> server, first on loopback, then with
-           client, proxy and server each in its own network namespace joined by
-           veth pairs, like three pods; 64 B and 1 KiB RTT p50/p99 and
-           requests per second, one connection and 8 in parallel.
 
-Apps that are not installed are skipped with a line saying so.
+Apps that are not installed are skipped with a line saying so. The helpers
+here (ports, listeners, tier checks, ratios) serve the sidecar too.
 """
 import hashlib
 import json
@@ -26,7 +21,8 @@ import socket
 import subprocess
 import time
 
-from shmbypass.bench import BYPASS_TIERS, BenchError, Child, NotAvailable, TRANSPORT_LABELS
+from shmbypass.bench.measure import BYPASS_TIERS, TRANSPORT_LABELS
+from shmbypass.bench.runner import BenchError, Child, NotAvailable
 
 
 def free_port():
@@ -89,6 +85,20 @@ class Watch:
             time.sleep(0.1)
 
 
+def run_client(runner, transport, argv, name, port, seconds, settle=0.3):
+    """Run an app's client to its end under transport, watching the tiers of
+    the connections on port meanwhile: (its stdout, the tiers seen or None,
+    why the window was noisy or None, other processes' CPU in cores)."""
+    client = Child(runner, runner.wrap(transport, argv), f"{name} [{transport}]")
+    watch = Watch(runner, [port])
+    win = runner.window()
+    if transport in BYPASS_TIERS:
+        watch.poll(client, settle=settle)
+    text = read_all(client, 60 + 10 * seconds)
+    why, other = win.noise()
+    return text, watch.tiers, why, other
+
+
 def judge(runner, entry, transport, tiers):
     expected = BYPASS_TIERS.get(transport)
     if not expected:
@@ -126,9 +136,8 @@ def add_ratios(entries):
 
 
 def steps(runner):
-    """Progress-bar steps: one per app and sidecar topology per transport."""
-    n = len(app_transports(runner))
-    return n * ((3 if runner.args.apps else 0) + 2)
+    """Progress-bar steps: one per app and transport."""
+    return len(app_transports(runner)) * 3
 
 
 def run_apps(runner):
@@ -171,15 +180,9 @@ def redis(runner, transport, seconds):
     # Enough requests that a fast tier still runs long enough for status to see it.
     for conns, n in ((1, int(20000 * seconds)), (50, int(150000 * seconds))):
         name = f"redis-benchmark GET -c {conns}"
-        bench = Child(runner, runner.wrap(transport, [
+        text, tiers, why, other = run_client(runner, transport, [
             "redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "-t", "get", "-n", str(n),
-            "-c", str(conns), "--csv"]), f"{name} [{transport}]")
-        watch = Watch(runner, [port])
-        win = runner.window()
-        if transport in BYPASS_TIERS:
-            watch.poll(bench)
-        text = _read_all(bench, 60 + 10 * seconds)
-        why, other = win.noise()
+            "-c", str(conns), "--csv"], name, port, seconds)
         row = None
         for line in text.splitlines():
             cols = [c.strip('"') for c in line.strip().split(",")]
@@ -190,7 +193,7 @@ def redis(runner, transport, seconds):
         entry = {"name": name, "transport": transport, "metric": "rps", "higher_better": True,
                  "figures": {"rps": float(row[1]), "p50_ms": float(row[4]), "p99_ms": float(row[6]),
                              "other_cpu_cores": other}, "noisy": why}
-        judge(runner, entry, transport, watch.tiers)
+        judge(runner, entry, transport, tiers)
         out.append(entry)
     return out
 
@@ -228,15 +231,9 @@ http {{
     out = []
     for fname, conns in (("1k.bin", 10), ("1m.bin", 1)):
         name = f"wrk {fname} -c {conns}"
-        wrk = Child(runner, runner.wrap(transport, [
+        text, tiers, why, other = run_client(runner, transport, [
             "wrk", "-t1", f"-c{conns}", f"-d{max(1, int(seconds))}s", "--latency",
-            f"http://127.0.0.1:{port}/{fname}"]), f"{name} [{transport}]")
-        watch = Watch(runner, [port])
-        win = runner.window()
-        if transport in BYPASS_TIERS:
-            watch.poll(wrk)
-        text = _read_all(wrk, 60 + 10 * seconds)
-        why, other = win.noise()
+            f"http://127.0.0.1:{port}/{fname}"], name, port, seconds)
         m = re.search(r"Requests/sec:\s+([\d.]+)", text)
         if not m:
             raise BenchError(f"{name}: no Requests/sec in its output: {text.strip()[-200:]}")
@@ -254,7 +251,7 @@ http {{
         if errors:
             entry["error"] = errors.group(0)
             runner.loud(f"{name} [{transport}]: {errors.group(0)}")
-        judge(runner, entry, transport, watch.tiers)
+        judge(runner, entry, transport, tiers)
         out.append(entry)
     # wrk checks no content: fetch the 1 MiB file once more with curl, through
     # the same transport, and compare it with what nginx serves.
@@ -296,15 +293,9 @@ def iperf3(runner, transport, seconds):
     server = Child(runner, runner.wrap(transport, ["iperf3", "-s", "-1", "-B", "127.0.0.1", "-p", str(port)]),
                    f"iperf3 -s [{transport}]", stdout=False)
     wait_listen(server, port)
-    client = Child(runner, runner.wrap(transport, [
-        "iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(max(1, int(seconds))), "-J"]),
-        f"iperf3 -c [{transport}]")
-    watch = Watch(runner, [port])
-    win = runner.window()
-    if transport in BYPASS_TIERS:
-        watch.poll(client, settle=0.5)
-    text = _read_all(client, 60 + 10 * seconds)
-    why, other = win.noise()
+    text, tiers, why, other = run_client(runner, transport, [
+        "iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(max(1, int(seconds))), "-J"],
+        "iperf3 -c", port, seconds, settle=0.5)
     try:
         res = json.loads(text)
         bps = res["end"]["sum_received"]["bits_per_second"]
@@ -312,11 +303,11 @@ def iperf3(runner, transport, seconds):
         raise BenchError(f"iperf3: unexpected output ({e}): {text.strip()[-200:]}") from None
     entry = {"name": "iperf3 1 stream", "transport": transport, "metric": "gbit_s", "higher_better": True,
              "figures": {"gbit_s": bps / 1e9, "other_cpu_cores": other}, "noisy": why}
-    judge(runner, entry, transport, watch.tiers)
+    judge(runner, entry, transport, tiers)
     return [entry]
 
 
-def _read_all(child, timeout):
+def read_all(child, timeout):
     """All of a child's stdout until it exits."""
     lines = []
     try:
@@ -329,171 +320,3 @@ def _read_all(child, timeout):
     if child.p.returncode not in (0, None):
         raise BenchError(f"{child.what}: exited with status {child.p.returncode}{child.stderr_tail()}")
     return "\n".join(lines) + ("\n" + rest if rest else "")
-
-
-# ----------------------------------------------------------------- sidecar
-
-
-HAPROXY_CFG = """global
-    maxconn 4096
-    nbthread 1
-defaults
-    mode tcp
-    timeout connect 5s
-    timeout client 2m
-    timeout server 2m
-frontend fe
-    bind {faddr}:{fport}
-    default_backend be
-backend be
-    server s1 {saddr}:{sport}
-"""
-
-PARALLEL = 8
-
-
-class Pods:
-    """Three network namespaces (client, proxy, server) joined by two veth
-    pairs, made with pyroute2. Addresses exist only inside them."""
-
-    NET = ("10.211.1.", "10.211.2.")
-
-    def __init__(self, runner):
-        from pyroute2 import IPRoute, NetNS, netns
-        tag = f"sbb{os.getpid() % 10000000}"
-        self.names = {role: f"{tag}-{role}" for role in ("client", "proxy", "server")}
-        for n in self.names.values():
-            runner.netns.append(n)  # registered first: removed even if set-up fails half way
-            netns.create(n)
-        links = [("client", "proxy", self.NET[0], f"{tag}a"), ("proxy", "server", self.NET[1], f"{tag}b")]
-        with IPRoute() as ipr:
-            for left, right, _, ifn in links:
-                ipr.link("add", ifname=ifn + "0", kind="veth",
-                         peer={"ifname": ifn + "1", "net_ns_fd": self.names[right]})
-                ipr.link("set", index=ipr.link_lookup(ifname=ifn + "0")[0], net_ns_fd=self.names[left])
-        for left, right, net, ifn in links:
-            for role, ifname, host in ((left, ifn + "0", "1"), (right, ifn + "1", "2")):
-                with NetNS(self.names[role]) as ns:
-                    idx = ns.link_lookup(ifname=ifname)[0]
-                    ns.addr("add", index=idx, address=net + host, prefixlen=24)
-                    ns.link("set", index=idx, state="up")
-                    ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
-        self.proxy_front = self.NET[0] + "2"
-        self.server_addr = self.NET[1] + "2"
-
-    def enter(self, role):
-        name = self.names[role]
-
-        def preexec():
-            from pyroute2 import netns
-            netns.setns(name, flags=0)
-        return preexec
-
-
-def run_sidecar(runner):
-    if not runner.selected("sidecar", None, None):
-        return
-    haproxy = shutil.which("haproxy", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
-    if not haproxy:
-        runner.progress.say("bench: sidecar: haproxy not installed, skipped")
-        runner.sidecar.append({"name": "sidecar", "skipped": "haproxy not installed"})
-        return
-    entries = []
-    for topology in ("loopback", "netns"):
-        pods = None
-        if topology == "netns":
-            try:
-                pods = Pods(runner)
-            except Exception as e:  # noqa: BLE001 - any netns failure: say why, go on
-                runner.loud(f"sidecar across network namespaces: cannot set up the namespaces: {e}")
-                runner.sidecar.append({"name": "sidecar netns", "skipped": f"namespaces: {e}"})
-                continue
-        for transport in app_transports(runner):
-            runner.progress.set(f"sidecar {topology} [{transport}]")
-            try:
-                entries += sidecar_once(runner, haproxy, topology, transport, pods)
-            except (BenchError, NotAvailable) as e:
-                runner.loud(f"sidecar {topology} under {TRANSPORT_LABELS[transport]} failed: {e}")
-                entries.append({"name": f"sidecar {topology}", "transport": transport, "error": str(e),
-                                "figures": {}})
-            finally:
-                runner.stop_children()
-                runner.progress.step()
-        if pods:
-            runner.remove_netns()
-    add_ratios(entries)
-    runner.sidecar.extend(entries)
-
-
-def sidecar_once(runner, haproxy, topology, transport, pods):
-    def pre(role):
-        return pods.enter(role) if pods else None
-
-    seconds = runner.cfg["rtt_seconds"]
-    reps = runner.cfg["reps"]
-    saddr = pods.server_addr if pods else "127.0.0.1"
-    sport = 5101 if pods else free_port()
-    server = Child(runner, runner.wrap(transport, [runner.pingpong, "server", f"{saddr}:{sport}", "--threads"]),
-                   f"sidecar {topology} server [{transport}]", preexec=pre("server"))
-    server.read_json(timeout=30)
-    faddr = pods.proxy_front if pods else "127.0.0.1"
-    fport = 5100 if pods else free_port()
-    cfg = os.path.join(runner.tmp, f"haproxy-{topology}-{transport}.cfg")
-    with open(cfg, "w") as f:
-        f.write(HAPROXY_CFG.format(faddr=faddr, fport=fport, saddr=saddr, sport=sport))
-    proxy = Child(runner, runner.wrap(transport, [haproxy, "-q", "-db", "-f", cfg]),
-                  f"sidecar {topology} haproxy [{transport}]", preexec=pre("proxy"), stdout=False)
-    wait_listen(proxy, fport)
-
-    target = f"{faddr}:{fport}"
-    client = Child(runner, runner.wrap(transport, [runner.pingpong, "client", target, "--stdin"]),
-                   f"sidecar {topology} client [{transport}]", stdin=True, preexec=pre("client"))
-    out = []
-    tiers = None
-    for size in (64, 1024):
-        samples, noisy = [], 0
-        for _ in range(reps):
-            for attempt in range(3):
-                # The proxy reports no CPU of its own: measure the whole
-                # process tree against the machine's busy time.
-                win = runner.window()
-                client.send(f"rtt {size} {seconds} {runner.cfg['rtt_warmup']}\n")
-                r = client.read_json(60 + 20 * seconds)
-                why, _ = win.noise()
-                if not why or attempt == 2 or not runner.retry():
-                    break
-                runner.progress.say(f"bench: machine busy, repeating sidecar {topology} [{transport}] "
-                                    f"RTT {size} B: {why}")
-            noisy += bool(why)
-            samples.append(r)
-        if tiers is None and transport in BYPASS_TIERS:
-            tiers = runner.tiers_for_ports([fport, sport])
-        p50 = sorted(s["p50_ns"] for s in samples)[len(samples) // 2]
-        p99 = sorted(s["p99_ns"] for s in samples)[len(samples) // 2]
-        rps = sorted(s["iters"] / s["wall_s"] for s in samples)[len(samples) // 2]
-        cpu = sorted((s["client_cpu_s"] + s["server_cpu_s"]) / s["iters"] * 1e6 for s in samples)[len(samples) // 2]
-        entry = {"name": f"sidecar {topology} RTT {size} B", "transport": transport, "topology": topology,
-                 "metric": "p50_us", "higher_better": False,
-                 "figures": {"p50_us": p50 / 1e3, "p99_us": p99 / 1e3, "rps_1conn": rps,
-                             "cpu_us_per_req_ends": cpu}, "noisy_reps": noisy}
-        out.append(entry)
-    client.finish()
-
-    # Requests per second with PARALLEL connections at once.
-    win = runner.window()
-    clients = [Child(runner, runner.wrap(transport, [
-        runner.pingpong, "client", target, "--mode", "rtt", "--size", "64", "--duration", str(max(seconds, 0.5)),
-        "--warmup", "200"]), f"sidecar {topology} parallel client [{transport}]", preexec=pre("client"),
-        log=(i == 0)) for i in range(PARALLEL)]
-    results = [c.read_json(60 + 20 * seconds) for c in clients]
-    for c in clients:
-        c.finish()
-    rps = sum(r["iters"] / r["wall_s"] for r in results)
-    why, other = win.noise()
-    out.append({"name": f"sidecar {topology} {PARALLEL} connections 64 B", "transport": transport,
-                "topology": topology, "metric": "rps", "higher_better": True, "noisy": why,
-                "figures": {"rps": rps, "p99_us_worst": max(r["p99_ns"] for r in results) / 1e3,
-                            "other_cpu_cores": other}})
-    for e in out:
-        judge(runner, e, transport, tiers)
-    return out
