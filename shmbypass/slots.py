@@ -63,26 +63,9 @@ def setup(inst: paths.Instance, slot_count: int | None = None, region_id: int | 
     return cfg
 
 
-# The part's first slot sits in sbp_region_cfg right after slot_count: the
-# u32 that bpf/bypass.h calls `pad` until the BPF programs learn parts (then
-# `first_slot`). Written by offset so this works with either header.
-_FIRST_SLOT_OFF = ffi.offsetof("struct sbp_region_cfg", "slot_count") + 4
-
-
-def _has_first_slot_field() -> bool:
-    return "first_slot" in dict(ffi.typeof("struct sbp_region_cfg").fields)
-
-
 def _write_config(inst: paths.Instance, cfg: dict) -> None:
     val = ffi.new("struct sbp_region_cfg *", {k: cfg[k] for k in ("region_id", "resv_ttl_ns",
-                                                                   "slot_count")})
-    first = cfg.get("first_slot", 0)
-    if _has_first_slot_field():
-        val.first_slot = first
-    elif ffi.sizeof("struct sbp_region_cfg") >= _FIRST_SLOT_OFF + 4:
-        ffi.cast("uint32_t *", ffi.cast("char *", val) + _FIRST_SLOT_OFF)[0] = first
-    elif first:
-        raise ShmbypassError("this build's sbp_region_cfg has no room for a part's first slot")
+                                                                   "slot_count", "first_slot")})
     with _region_map(inst) as m:
         m.update(0, val)
 
@@ -90,11 +73,8 @@ def _write_config(inst: paths.Instance, cfg: dict) -> None:
 def config(inst: paths.Instance) -> dict:
     with _region_map(inst) as m:
         c = m.lookup(0)
-        first = (c.first_slot if _has_first_slot_field()
-                 else ffi.cast("uint32_t *", ffi.cast("char *", c) + _FIRST_SLOT_OFF)[0]
-                 if ffi.sizeof("struct sbp_region_cfg") >= _FIRST_SLOT_OFF + 4 else 0)
         return {"region_id": c.region_id, "resv_ttl_ns": c.resv_ttl_ns, "slot_count": c.slot_count,
-                "first_slot": first}
+                "first_slot": c.first_slot}
 
 
 def set_config(inst: paths.Instance, **changes) -> None:
@@ -105,21 +85,10 @@ def set_config(inst: paths.Instance, **changes) -> None:
 
 
 def free_slots(inst: paths.Instance) -> list[int]:
-    """The ids on the free list, in pop order. It drains the queue and pushes
-    everything back, so call it only while no connection is being set up."""
-    fd = bpf.get_pinned(inst.pin("free_slots"))
-    out = []
-    try:
-        val = ffi.new("uint32_t *")
-        while lib.bpf_map_lookup_and_delete_elem(fd, ffi.NULL, val) == 0:
-            out.append(val[0])
-        for slot in out:
-            val[0] = slot
-            if lib.bpf_map_update_elem(fd, ffi.NULL, val, 0) < 0:
-                raise OSError(ffi.errno, f"push slot {slot} back: {os.strerror(ffi.errno)}")
-    finally:
-        os.close(fd)
-    return out
+    """The pool's slots that no connection holds, in id order: the ones on
+    the free list (BPF pushes a slot back when its last reference goes).
+    Read from slot_state, so the free list itself is left alone."""
+    return sorted(s for s, (_, refs) in slot_states(inst).items() if refs == 0)
 
 
 def slot_states(inst: paths.Instance, count: int | None = None) -> dict[int, tuple[int, int]]:

@@ -6,12 +6,12 @@ names behind, and the next run removes them first."""
 import glob
 import itertools
 import os
-
-import sys
+import time
 
 import pytest
 
-from shmbypass import manager, paths, status
+from shmbypass import bpf, manager, paths, slots, status
+from shmbypass._native import ffi, lib
 
 # Tests move this very process into the bypass group (InGroup), as if it ran
 # under `shmbypass run`, so it needs what `run` gives every program: the guard
@@ -75,11 +75,29 @@ def inst():
 InGroup = manager.InGroup
 
 
+def free_list(instance: paths.Instance) -> list[int]:
+    """The ids on BPF's free list, in pop order. It drains the queue and
+    pushes every id back, so only a test may call it, while no connection is
+    being set up: the pool checks compare it with slots.free_slots(), which
+    counts from slot_state and leaves the queue alone."""
+    fd = bpf.get_pinned(instance.pin("free_slots"))
+    out = []
+    try:
+        val = ffi.new("uint32_t *")
+        while lib.bpf_map_lookup_and_delete_elem(fd, ffi.NULL, val) == 0:
+            out.append(val[0])
+        for slot in out:
+            val[0] = slot
+            assert lib.bpf_map_update_elem(fd, ffi.NULL, val, 0) == 0, f"push slot {slot} back"
+    finally:
+        os.close(fd)
+    return out
+
+
 def assert_slots_back(instance: paths.Instance, timeout: float = 30) -> None:
-    """Every slot of the pool is on the free list again (within `timeout`:
-    the last closes are still being processed); if not, say what holds them."""
-    import time
-    from shmbypass import slots
+    """Every slot of the pool is free again (within `timeout`: the last
+    closes are still being processed) and on the free list; if not, say what
+    holds them."""
     total = slots.config(instance)["slot_count"]
     end = time.monotonic() + timeout
     while len(slots.free_slots(instance)) != total and time.monotonic() < end:
@@ -87,6 +105,7 @@ def assert_slots_back(instance: paths.Instance, timeout: float = 30) -> None:
     free = len(slots.free_slots(instance))
     assert free == total, (f"{total - free} of {total} slots not back; reservations "
                            f"{slots.reservations(instance)[:20]}; counters {status.counters(instance)}")
+    assert sorted(free_list(instance)) == slots.free_slots(instance), "slot_state and the free list disagree"
 
 
 @pytest.fixture

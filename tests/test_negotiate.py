@@ -22,7 +22,7 @@ from pyroute2 import NetNS, netns
 
 from shmbypass import bpf, manager, paths, slots, status
 from shmbypass._native import lib
-from conftest import InGroup, assert_gone, new_instance
+from conftest import InGroup, assert_gone, free_list, new_instance
 
 SHM, TCP = lib.SBP_TIER_SHM, lib.SBP_TIER_TCP
 EXID = lib.SBP_OPT_EXID
@@ -134,10 +134,9 @@ def wait_for(cond, what, timeout=30.0):
 
 
 def pool_full(inst):
+    """Every slot unreferenced, and every id on BPF's free list."""
     n = slots.config(inst)["slot_count"]
-    free = slots.free_slots(inst)
-    refs = {s: r for s, (g, r) in slots.slot_states(inst).items() if r}
-    return sorted(free) == list(range(n)) and not refs
+    return slots.free_slots(inst) == list(range(n)) and sorted(free_list(inst)) == list(range(n))
 
 
 def assert_pool_full(inst, timeout=30.0):
