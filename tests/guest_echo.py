@@ -1,6 +1,10 @@
-"""The echo server the VM tests run in guest B (fed to the guest's python on
-stdin): 10.77.0.2:PORT, echoes one connection, then prints the byte count
-and the sha256 of what it received."""
+"""Servers the VM tests run in guest B (fed to the guest's python on stdin),
+listening on 10.77.0.2:PORT.
+
+ECHO_SERVER echoes one connection, then prints the byte count and the sha256
+of what it received. SINK_SERVER reads one connection to its end and creates
+/tmp/sink-started once 1 MiB has arrived (the tests that kill a guest wait
+for it)."""
 ECHO_SERVER = """
 import hashlib, socket, sys
 ls = socket.create_server(("10.77.0.2", int(sys.argv[1])))
@@ -16,4 +20,18 @@ while True:
     c.sendall(b)
 c.close()
 print(n, h.hexdigest())
+"""
+
+SINK_SERVER = """
+import socket, sys
+ls = socket.create_server(("10.77.0.2", int(sys.argv[1])))
+c, _ = ls.accept()
+n = 0
+while True:
+    b = c.recv(65536)
+    if not b:
+        break
+    n += len(b)
+    if n >= 1 << 20:
+        open("/tmp/sink-started", "w").close()
 """

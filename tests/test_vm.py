@@ -20,7 +20,7 @@ from shmbypass.region import ivshmem
 from shmbypass.vm import qemu
 from shmbypass.vm import status as vmstatus
 from shmbypass.vm.pair import VMPair
-from guest_echo import ECHO_SERVER
+from guest_echo import ECHO_SERVER, SINK_SERVER
 
 pytestmark = pytest.mark.vm
 
@@ -260,20 +260,6 @@ def test_region_absent_from_one_guest():
         assert b.rc == 1 and "no ivshmem PCI device" in b.err, b
         assert p.run("B", "busybox ping -c 1 -W 10 10.77.0.1", timeout=60).ok
 
-
-SINK_SERVER = """
-import socket, sys
-ls = socket.create_server(("10.77.0.2", int(sys.argv[1])))
-c, _ = ls.accept()
-n = 0
-while True:
-    b = c.recv(65536)
-    if not b:
-        break
-    n += len(b)
-    if n >= 1 << 20:
-        open("/tmp/sink-started", "w").close()
-"""
 
 # Sends until the connection breaks. TCP_USER_TIMEOUT turns "the peer's
 # machine vanished" into an error after a few seconds; the socket timeout

@@ -29,7 +29,7 @@ from shmbypass import paths, region, shmtier
 from shmbypass.errors import GuestDied
 from shmbypass.vm import status as vmstatus
 from shmbypass.vm.pair import VMPair
-from guest_echo import ECHO_SERVER
+from guest_echo import ECHO_SERVER, SINK_SERVER
 
 pytestmark = pytest.mark.vm
 
@@ -638,20 +638,6 @@ try:
 except OSError as e:  # socket.timeout (no errno) is the hang we must not see
     print("ERROR" if e.errno else "HANG", errno.errorcode.get(e.errno, e.errno), sent,
           round(time.monotonic() - t0, 1))
-"""
-
-SINK_SERVER = """
-import socket, sys
-ls = socket.create_server(("10.77.0.2", int(sys.argv[1])))
-c, _ = ls.accept()
-n = 0
-while True:
-    b = c.recv(65536)
-    if not b:
-        break
-    n += len(b)
-    if n >= 1 << 20:
-        open("/tmp/sink-started", "w").close()
 """
 
 
