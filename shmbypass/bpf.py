@@ -108,17 +108,6 @@ def prog_attach(prog_fd: int, target_fd: int, attach_type: int, flags: int = 0) 
     _check(lib.bpf_prog_attach(prog_fd, target_fd, attach_type, flags), "attach program")
 
 
-def prog_query(target_fd: int, attach_type: int) -> list[int]:
-    """Ids of the programs attached to target (e.g. a cgroup fd)."""
-    ids = ffi.new("unsigned int[64]")
-    cnt = ffi.new("unsigned int *", 64)
-    flags = ffi.new("unsigned int *")
-    ret = lib.bpf_prog_query(target_fd, attach_type, 0, flags, ids, cnt)
-    if ret < 0:
-        return []
-    return [ids[i] for i in range(cnt[0])]
-
-
 def iter_read(prog_fd: int, map_fd: int = -1) -> bytes:
     """Run an iterator program (over map_fd for a map iterator) and return
     what it wrote."""
