@@ -83,6 +83,15 @@ def capacity_for(slot_size):
     return lib.sbp_ring_capacity_for(slot_size)
 
 
+def _iovec(bufs):
+    """A struct iovec[] over cffi buffers (which the caller keeps alive)."""
+    iov = ffi.new("struct iovec[]", max(1, len(bufs)))
+    for i, b in enumerate(bufs):
+        iov[i].iov_base = b
+        iov[i].iov_len = len(b)
+    return iov
+
+
 def _ns(timeout):
     return -1 if timeout is None else max(0, int(timeout * 1e9))
 
@@ -172,11 +181,7 @@ class Ring:
     def writev(self, buffers):
         self._check()
         bufs = [ffi.from_buffer(b) for b in buffers]
-        iov = ffi.new("struct iovec[]", max(1, len(bufs)))
-        for i, b in enumerate(bufs):
-            iov[i].iov_base = b
-            iov[i].iov_len = len(b)
-        rc = lib.sbp_ring_writev(self._r, iov, len(bufs))
+        rc = lib.sbp_ring_writev(self._r, _iovec(bufs), len(bufs))
         if rc < 0:
             _raise(rc, RingFull, "writev")
         return rc
@@ -201,11 +206,7 @@ class Ring:
     def readv(self, buffers, peek=False):
         self._check()
         bufs = [ffi.from_buffer(b, require_writable=True) for b in buffers]
-        iov = ffi.new("struct iovec[]", max(1, len(bufs)))
-        for i, b in enumerate(bufs):
-            iov[i].iov_base = b
-            iov[i].iov_len = len(b)
-        rc = lib.sbp_ring_readv(self._r, iov, len(bufs), lib.SBP_PEEK if peek else 0)
+        rc = lib.sbp_ring_readv(self._r, _iovec(bufs), len(bufs), lib.SBP_PEEK if peek else 0)
         if rc < 0:
             _raise(rc, RingEmpty, "readv")
         return rc
