@@ -1,6 +1,7 @@
 # The two commands a new user types (as root, on Debian 12):
 #   make demo   installs what is missing, builds, runs loopback TCP vs the bypass
 #   make test   installs what is missing, builds, runs the whole test suite
+#   make conformance  the conformance suite alone (a part of make test), with its table
 VENV := .venv
 PY := $(VENV)/bin/python
 
@@ -12,6 +13,11 @@ demo: setup
 test: setup
 	LD_PRELOAD=$(CURDIR)/shmbypass/_bin/libshmbypass-guard.so $(PY) -m pytest tests
 
+# The differential conformance suite alone (docs/CONFORMANCE.md): every
+# scenario under loopback TCP, the kernel tier and the shm tier, then a table.
+conformance: setup
+	LD_PRELOAD=$(CURDIR)/shmbypass/_bin/libshmbypass-guard.so $(PY) -m pytest tests/conformance -q
+
 setup:
 	@bash scripts/setup.sh
 
@@ -21,4 +27,4 @@ bench: setup
 clean:
 	rm -rf build shmbypass/_bpf shmbypass/_bin shmbypass/_native*.so shmbypass/_native.c *.egg-info
 
-.PHONY: demo test setup bench clean
+.PHONY: demo test conformance setup bench clean

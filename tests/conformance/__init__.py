@@ -1,0 +1,1 @@
+"""The differential conformance suite (docs/CONFORMANCE.md)."""

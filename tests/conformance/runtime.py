@@ -1,0 +1,226 @@
+"""What a scenario program may call (tests/conformance/scenarios/*.py).
+
+A scenario program is one end of a connection, run as its own process by
+peer.py, with or without the bypass around it. It reports what a program
+can see, as lines on stdout that the harness collects even if the process
+is killed later (a hang keeps what came before it):
+
+    OBS  ["key", value]     an observable result, compared with TCP's
+    TIER ["label", "tcp", "handshake-race"]
+                            the tier a connection took and why (not compared:
+                            checked against the tier of the run, so that "same
+                            as TCP" under the shm tier proves the shm tier was
+                            used)
+
+Values are JSON: counts, byte digests, errno names, event names, wall-time
+classes. Never raw timings, ports or anything else that differs between two
+TCP runs.
+"""
+import ctypes
+import errno
+import hashlib
+import json
+import os
+import select
+import socket
+import sys
+import threading
+import time
+
+HOST = "127.0.0.1"
+PEER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peer.py")
+IMMEDIATE = 0.5     # seconds: a call that returns sooner is "immediate"
+
+
+def obs(key, value):
+    print("OBS " + json.dumps([key, value]), flush=True)
+
+
+# -- values -------------------------------------------------------------------
+
+def err_name(e: BaseException) -> str:
+    """An exception as a program sees it: the errno name (EPIPE), or the
+    exception's type for what has no errno (timeout, EOFError)."""
+    if isinstance(e, TimeoutError) and e.errno is None:
+        return "timeout"
+    if isinstance(e, OSError) and e.errno:
+        return errno.errorcode.get(e.errno, str(e.errno))
+    return type(e).__name__
+
+
+def call(fn, *args, **kw):
+    """fn's return value (bytes as `data()`), or the error name it raised."""
+    try:
+        return value(fn(*args, **kw))
+    except Exception as e:
+        return err_name(e)
+
+
+def value(v):
+    if isinstance(v, (bytes, bytearray)):
+        return data(v)
+    if isinstance(v, tuple):
+        return [value(x) for x in v]
+    return v
+
+
+def data(b) -> str | dict:
+    """Short printable byte strings as text; others as count and digest."""
+    b = bytes(b)
+    if len(b) <= 64 and all(32 <= c < 127 for c in b):
+        return b.decode()
+    return {"n": len(b), "sha256": hashlib.sha256(b).hexdigest()[:16]}
+
+
+def time_class(seconds: float) -> str:
+    return "immediate" if seconds < IMMEDIATE else "waits"
+
+
+def timed(fn, *args, **kw):
+    """[result or error name, "immediate" | "waits"]."""
+    t0 = time.monotonic()
+    r = call(fn, *args, **kw)
+    return [r, time_class(time.monotonic() - t0)]
+
+
+def pattern(size: int, seed: int = 1) -> bytes:
+    """Deterministic bytes (seed 1 and 2 differ), cheap to make in bulk."""
+    block = hashlib.sha256(bytes([seed])).digest() * 2048
+    return (block * (size // len(block) + 1))[:size]
+
+
+EVENTS = [(select.POLLIN, "IN"), (select.POLLPRI, "PRI"), (select.POLLOUT, "OUT"),
+          (select.POLLERR, "ERR"), (select.POLLHUP, "HUP"), (select.POLLRDHUP, "RDHUP"),
+          (select.POLLNVAL, "NVAL")]
+
+
+def events(mask: int) -> list[str]:
+    """poll/epoll event bits by name (EPOLLIN == POLLIN, and so on)."""
+    return [name for bit, name in EVENTS if mask & bit]
+
+
+def poll(sock, mask, timeout_s):
+    """[event names, time class] of one poll() on one socket."""
+    p = select.poll()
+    p.register(sock, mask)
+    t0 = time.monotonic()
+    ev = p.poll(timeout_s * 1000)
+    return [events(ev[0][1]) if ev else [], time_class(time.monotonic() - t0)]
+
+
+def epoll_wait(ep, timeout_s):
+    """[[event names of each ready fd], time class] of one epoll_wait()."""
+    t0 = time.monotonic()
+    ev = ep.poll(timeout_s)
+    return [[events(mask) for _, mask in ev], time_class(time.monotonic() - t0)]
+
+
+def in_thread(fn, *args, wait=10.0):
+    """fn(*args) in a thread, as `timed` reports it, or "hangs" if it has not
+    returned after `wait` seconds (the thread is left blocked)."""
+    box = []
+    t = threading.Thread(target=lambda: box.append(timed(fn, *args)), daemon=True)
+    t.start()
+    t.join(wait)
+    return box[0] if box else "hangs"
+
+
+def recv_n(sock, n: int) -> bytes:
+    """Up to n bytes, stopping at EOF."""
+    buf = bytearray()
+    while len(buf) < n:
+        b = sock.recv(min(n - len(buf), 1 << 20))
+        if not b:
+            break
+        buf += b
+    return bytes(buf)
+
+
+def recv_all(sock) -> bytes:
+    buf = bytearray()
+    while True:
+        b = sock.recv(1 << 20)
+        if not b:
+            return bytes(buf)
+        buf += b
+
+
+# -- tiers ----------------------------------------------------------------------
+
+try:
+    _fd_tier = ctypes.CDLL(None).shmbypass_fd_tier    # the interposer's test export
+    _fd_tier.argtypes = [ctypes.c_int]
+except (OSError, AttributeError):
+    _fd_tier = None
+
+
+def tier_of(sock) -> tuple[str, str]:
+    """(tier, reason) of this end of a connection: "shm" when the interposer
+    in this process moves its bytes through a ring, else what the instance's
+    BPF state says (status.connections: tier and reason), "tcp" outside any
+    instance."""
+    fd = sock if isinstance(sock, int) else sock.fileno()
+    if _fd_tier is not None:
+        t = _fd_tier(fd)
+        if t == 2:
+            return "shm", ""
+        if t == -1:
+            return "shm-broken", ""
+    name = os.environ.get("SHMBYPASS_INSTANCE")
+    if not name:
+        return "tcp", ""
+    from shmbypass import paths, status
+    s = socket.socket(fileno=os.dup(fd))
+    local, peer = s.getsockname()[1], s.getpeername()[1]
+    s.close()
+    rows = [r for r in status.connections(paths.Instance(name))
+            if r["local"].endswith(f":{local}") and r["remote"].endswith(f":{peer}")]
+    return (rows[0]["tier"], rows[0]["reason"]) if rows else ("tcp", "no-row")
+
+
+def tier(sock, label="conn"):
+    print("TIER " + json.dumps([label, *tier_of(sock)]), flush=True)
+
+
+# -- the two ends ---------------------------------------------------------------
+
+class Server:
+    """The server end: `listen()` announces the port to the harness, which
+    then starts the client; `client_done()` returns when the client program
+    has ended (the harness closes our stdin)."""
+
+    def __init__(self):
+        self.port = None
+
+    def listen(self, backlog=16, family=socket.AF_INET):
+        ls = socket.socket(family, socket.SOCK_STREAM)
+        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        ls.bind((HOST if family == socket.AF_INET else "::1", 0))
+        ls.listen(backlog)
+        self.announce(ls.getsockname()[1])
+        return ls
+
+    def accept_one(self, backlog=16):
+        """Listen, accept one connection, close the listener."""
+        ls = self.listen(backlog)
+        c, _ = ls.accept()
+        ls.close()
+        return c
+
+    def announce(self, port):
+        self.port = port
+        print(f"PORT {port}", flush=True)
+
+    def client_done(self, timeout=None):
+        r, _, _ = select.select([sys.stdin], [], [], timeout)
+        if r:
+            sys.stdin.read()
+        return bool(r)
+
+
+class Client:
+    def __init__(self, port):
+        self.port = port
+
+    def connect(self, timeout=None):
+        return socket.create_connection((HOST, self.port), timeout=timeout)

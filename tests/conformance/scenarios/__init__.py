@@ -1,0 +1,1 @@
+"""One module per scenario: a client/server program pair (docs/CONFORMANCE.md)."""

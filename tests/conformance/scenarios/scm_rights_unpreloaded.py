@@ -1,0 +1,44 @@
+"""Issue 10 case 4: a process that runs without the interposer (no
+LD_PRELOAD) receives the connected socket over SCM_RIGHTS and reads it to
+EOF: exactly the 1 MiB the server sent; the sender sees no error."""
+import os
+import socket
+import subprocess
+import sys
+
+import runtime as rt
+
+SIZE = 1 << 20
+
+
+def server(srv):
+    c = srv.accept_one()
+    rt.tier(c)
+    rt.obs("send", rt.call(c.sendall, rt.pattern(SIZE, 1)))
+    c.close()
+
+
+def client(cli):
+    a, b = socket.socketpair()
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    # started before the connection exists (subprocess.run's vfork is case 2)
+    child = subprocess.Popen([sys.executable, rt.PEER, __name__.split(".")[-1], "receiver",
+                              str(b.fileno())], env=env, pass_fds=[b.fileno()])
+    b.close()
+    s = cli.connect()
+    rt.tier(s)
+    socket.send_fds(a, [b"fd"], [s.fileno()])
+    s.close()
+    try:
+        rt.obs("receiver", child.wait(15))
+    except subprocess.TimeoutExpired:
+        child.kill()
+        rt.obs("receiver", "hangs")
+
+
+def receiver(args):
+    unix = socket.socket(fileno=int(args[0]))
+    _, fds, _, _ = socket.recv_fds(unix, 16, 1)
+    s = socket.socket(fileno=fds[0])
+    s.settimeout(10)
+    rt.obs("received", rt.call(rt.recv_all, s))

@@ -1,0 +1,35 @@
+"""splice() from a pipe into the socket."""
+import os
+import threading
+
+import runtime as rt
+
+SIZE = 1 << 20
+
+
+def server(srv):
+    c = srv.accept_one()
+    rt.tier(c)
+    r, w = os.pipe()
+    data = rt.pattern(SIZE, 1)
+    t = threading.Thread(target=_write_all, args=(w, data))
+    t.start()
+    moved = 0
+    while moved < SIZE:
+        moved += os.splice(r, c.fileno(), SIZE - moved)
+    t.join()
+    rt.obs("spliced", moved)
+    c.close()
+
+
+def _write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def client(cli):
+    s = cli.connect()
+    rt.tier(s)
+    rt.obs("recv", rt.call(rt.recv_all, s))
+    s.close()
