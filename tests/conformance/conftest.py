@@ -59,9 +59,9 @@ def pytest_terminal_summary(terminalreporter):
     tr.write_sep("=", "conformance: each tier against loopback TCP (docs/CONFORMANCE.md)")
     names = sorted({n for n, _ in _cells})
     width = max(len(n) for n in names) + 2
-    tr.write_line(f"{'scenario':<{width}}" + "".join(f"{t:<14}" for t in harness.TIERS))
+    tr.write_line(f"{'scenario':<{width}}" + "".join(f"{t:<16}" for t in harness.TIERS))
     for n in names:
-        tr.write_line(f"{n:<{width}}" + "".join(f"{_cells.get((n, t), ('-',))[0]:<14}"
+        tr.write_line(f"{n:<{width}}" + "".join(f"{_cells.get((n, t), ('-',))[0]:<16}"
                                                  for t in harness.TIERS))
     details = [(n, t, d) for (n, t), (c, d) in sorted(_cells.items()) if d]
     if details:

@@ -7,8 +7,8 @@ reason (docs/CONFORMANCE.md lists them too; a test keeps the two in step).
     limit   a documented limit of a tier (a kernel change would be needed):
             the difference is accepted, and the test fails if it goes away
 
-`case` is issue 10's case number ("10.3"), or "new: ..." for a difference
-this suite found that the issue does not name.
+`case` is issue 10's case number ("10.3"), or "new" for a difference this
+suite found that the issue does not name.
 """
 import dataclasses
 
@@ -48,9 +48,9 @@ KNOWN: dict[tuple[str, str], Known] = {
         "10.5", "splice() out of a socket does not see the redirected bytes: 0 bytes, then EOF"),
     ("splice_out_peer_open", "kernel"): _xfail(
         "10.5", "splice() out of a socket does not see the redirected bytes: it blocks"),
-    ("listen_backlog", "shm"): _xfail(
-        "new: pool", "20 clients retrying SYNs to a full listen(1) queue use up the 128-slot "
-        "pool in 3 s: later connections fall back to TCP (pool-exhausted)"),
+    ("send_after_shutdown", "kernel"): _xfail(
+        "new", "a send() after our own shutdown(SHUT_WR) succeeds and the peer reads "
+        "its bytes after our FIN; TCP fails it with EPIPE"),
     ("rcvlowat", "kernel"): _xfail(
         "10.7", "SO_RCVLOWAT ignored: readable and recv() return at 50 of 100 bytes"),
     ("rcvlowat", "shm"): _xfail(

@@ -119,8 +119,11 @@ class Program:
 
 
 def _env(inst=None) -> dict:
+    """Nothing preloaded and no instance for TCP. SHMBYPASS_PRELOAD stays:
+    tests/conftest.py names the interposer's test build (the shipped code
+    plus the shmbypass_fd_tier export that runtime.tier_of asks)."""
     env = {k: v for k, v in os.environ.items()
-           if k != "LD_PRELOAD" and not k.startswith("SHMBYPASS_")}
+           if k != "LD_PRELOAD" and not k.startswith("SHMBYPASS_") or k == "SHMBYPASS_PRELOAD"}
     if inst is not None:
         env["SHMBYPASS_INSTANCE"] = inst.name
     return env

@@ -15,8 +15,8 @@ def server(srv):
     et = select.epoll()
     et.register(c, select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET)
     c.sendall(b"g")
+    time.sleep(0.3)                             # the data and the FIN are in
     rt.obs("lt data+fin", rt.epoll_wait(lt, 5))
-    time.sleep(0.2)
     rt.obs("et data+fin", rt.epoll_wait(et, 5))
     rt.obs("et again", rt.epoll_wait(et, 0.6))
     rt.obs("data", rt.call(c.recv, 10))
