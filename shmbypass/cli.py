@@ -156,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        paths.default_instance()  # every command refuses a bad SHMBYPASS_INSTANCE first
         return args.func(args)
     except ShmbypassError as e:
         print(f"shmbypass: error: {e}", file=sys.stderr)

@@ -4,10 +4,17 @@ pins, cgroup and run directory.
 An *instance* is one independent bypass set-up. The default is named
 "shmbypass"; tests and the bench use their own names (SHMBYPASS_INSTANCE) so
 they never disturb a user's set-up.
+
+An instance name becomes a directory under bpffs, /run and the cgroup tree
+(and a /dev/shm name), whose entries `down` removes as root: so it is one
+plain path component, checked wherever a name is turned into an Instance.
 """
 import json
 import os
+import re
 from dataclasses import dataclass
+
+from shmbypass.errors import ShmbypassError
 
 PKG_DIR = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(PKG_DIR)  # the checkout (the VM pair's guests mount it)
@@ -36,13 +43,29 @@ def cgroup2_root() -> str | None:
     return None
 
 
+# Letters, digits, '_', '.', '-'; 1-64 of them; no leading '.', no "..".
+_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")
+
+
+def check_instance_name(name: str) -> str:
+    """name, if it is a safe instance name; else a ShmbypassError that says why."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
+        raise ShmbypassError(
+            f"invalid instance name {name!r} (SHMBYPASS_INSTANCE): use 1-64 letters, digits, "
+            "'_', '.' or '-', not starting with '.' and without '..'")
+    return name
+
+
 def default_instance() -> str:
-    return os.environ.get("SHMBYPASS_INSTANCE", "shmbypass")
+    return check_instance_name(os.environ.get("SHMBYPASS_INSTANCE", "shmbypass"))
 
 
 @dataclass
 class Instance:
     name: str
+
+    def __post_init__(self):
+        check_instance_name(self.name)
 
     @classmethod
     def current(cls) -> "Instance":

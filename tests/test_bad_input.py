@@ -85,3 +85,31 @@ def test_run_without_command():
     r = shmbypass(["run", "--"], inst)
     one_line_error(r, "no command given")
     assert_gone(inst)
+
+
+BAD_NAMES = ["../sbt-escape", "a/b", "..", ".", ".hidden", "a..b", "x" * 65, "", "sp ace",
+             "tab\tname", "ünï"]
+
+
+@pytest.mark.parametrize("cmd", [["up"], ["down"], ["run", "--", "true"], ["status"],
+                                 ["status", "--json"], ["doctor"], ["bench", "--quick"]])
+def test_instance_name_is_checked_by_every_command(cmd):
+    """SHMBYPASS_INSTANCE names a directory under bpffs, /run and the cgroup
+    tree whose entries `down` removes as root: a name that is not one plain
+    path component is refused, with one line, before anything is touched."""
+    from types import SimpleNamespace
+    escape = f"sbt-escape-{os.getpid()}"
+    for bad in BAD_NAMES + [f"../{escape}"]:
+        r = shmbypass(cmd, SimpleNamespace(name=bad))
+        one_line_error(r, "invalid instance name")
+    for parent in (os.path.dirname(paths.BPFFS), "/", os.path.dirname(paths.cgroup2_root())):
+        assert not os.path.exists(os.path.join(parent, escape)), parent
+
+
+def test_instance_name_in_python():
+    from shmbypass.errors import ShmbypassError
+    for bad in BAD_NAMES + ["nul\0byte"]:
+        with pytest.raises(ShmbypassError, match="invalid instance name"):
+            paths.Instance(bad)
+    for good in ("shmbypass", "sbt-1234-5", "a.b_c-D9", "x" * 64, "-dash-first"):
+        assert paths.Instance(good).pin_dir == os.path.join(paths.BPFFS, good)
