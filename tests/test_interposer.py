@@ -442,16 +442,22 @@ def eintr_prog(tmp_path_factory):
     return str(exe)
 
 
+@pytest.mark.parametrize("op", ["recv", "splice-out", "send", "sendfile", "splice-in"])
 @pytest.mark.parametrize("handler,expect", [("restart", "data"), ("norestart", "EINTR")])
-def test_signal_during_blocking_recv(su, eintr_prog, handler, expect):
-    """SA_RESTART handlers restart a blocking recv() (as the kernel does), others get EINTR."""
-    srv = Proc([eintr_prog, "server", handler], su.env())
+def test_signal_during_a_blocking_call(su, eintr_prog, handler, expect, op):
+    """A signal lands while a blocking call waits on the socket (empty, or
+    full for the sending calls) having moved no byte: with an SA_RESTART
+    handler the call goes on and moves the bytes, as the kernel restarts it;
+    without, it returns EINTR. sendfile and splice into and out of a socket
+    behave as send() and recv() do (native/tests/eintr.c)."""
+    srv = Proc([eintr_prog, "server", handler, op], su.env())
     cli = None
     try:
         port = srv.wait_for("PORT ")
-        cli = Proc([eintr_prog, "client", port], su.env())
+        cli = Proc([eintr_prog, "client", port, op], su.env())
         line = srv.wait_for("RESULT ")
-        assert line == f"{expect} hits=1", line
+        assert line == f"{expect} hits=1", (op, line)
+        assert srv.wait_for("TIER ") == str(su.expect_tier), op
         cli.finish(30)
     finally:
         for p in (srv, cli):

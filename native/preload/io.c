@@ -107,21 +107,46 @@ static int ring_error(int fd, struct chan *ch, ssize_t n, int dir)
 	return ECONNRESET;
 }
 
+/* Why the ring we write takes no more: 0 (it may), or the errno. */
+static int tx_state_err(struct chan_sh *sh, uint32_t f)
+{
+	if (f & CH_BROKEN)
+		return ECONNRESET;
+	if (f & CH_SHUT_WR) {
+		sbp_ring_close_writer(&sh->tx);     /* shutdown() may not have had the lock */
+		return EPIPE;
+	}
+	if (f & CH_PEER_GONE)
+		return EPIPE;
+	return 0;
+}
+
+/* The ring we read is empty: is the reading over? 0 (EOF), ECONNRESET, or
+ * -1 (no: wait). */
+static int rx_over(uint32_t f)
+{
+	if (f & CH_SHUT_RD)
+		return 0;               /* our SHUT_RD: EOF once empty */
+	if (f & CH_PEER_GONE)       /* what the peer wrote is delivered; then EOF or reset */
+		return (f & CH_GONE_RESET) ? ECONNRESET : 0;
+	return -1;
+}
+
 ssize_t shm_send(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, int flags)
 {
 	struct chan_sh *sh = ch->sh;
 	struct iovec v[UIO_MAXIOV];
-	int64_t deadline = 0;
+	struct blocking b = { .fd = fd, .dir = 1 };
 	size_t total, done = 0;
-	int nonblock, err = 0, first = 0, rc, spun = 0;
+	int err = 0, first = 0, rc;
 
 	rc = iov_total(iov, iovcnt, &total);
 	if (rc < 0)
 		return fail(-rc, MSG_NOSIGNAL);
 	if (flags & MSG_OOB)
 		return fail(EOPNOTSUPP, MSG_NOSIGNAL);  /* urgent data has no ring equivalent */
-	nonblock = (flags & MSG_DONTWAIT) || (atomic_load(&sh->flags) & CH_NONBLOCK);
-	if (dir_lock(&sh->tx_lock, &sh->tx_sleeping, nonblock))
+	b.nonblock = (flags & MSG_DONTWAIT) || (atomic_load(&sh->flags) & CH_NONBLOCK);
+	if (dir_lock(&sh->tx_lock, &sh->tx_sleeping, b.nonblock))
 		return fail(EAGAIN, flags);
 	memcpy(v, iov, (size_t)iovcnt * sizeof(*v));
 	iov_advance(v, &first, iovcnt, 0);
@@ -129,20 +154,8 @@ ssize_t shm_send(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, i
 		uint32_t f = atomic_load_explicit(&sh->flags, memory_order_acquire);
 		ssize_t n;
 
-		if (f & CH_BROKEN) {
-			err = ECONNRESET;
-			break;
-		}
-		if (f & CH_SHUT_WR) {
-			sbp_ring_close_writer(&sh->tx);     /* shutdown() may not have had the lock */
-			err = EPIPE;
-			break;
-		}
-		if (f & CH_PEER_GONE) {
-			err = EPIPE;
-			break;
-		}
-		if (done == total)
+		err = tx_state_err(sh, f);
+		if (err || done == total)
 			break;
 		n = sbp_ring_writev(&sh->tx, v + first, iovcnt - first);
 		if (n > 0) {
@@ -156,26 +169,10 @@ ssize_t shm_send(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, i
 			continue;
 		}
 		if (n == -EAGAIN) {
-			if (nonblock) {
+			rc = chan_block(ch, &b, done);
+			if (rc) {
 				if (!done)
-					err = EAGAIN;
-				break;
-			}
-			if (!spun) {
-				/* A reader that runs now frees room within
-				 * microseconds: spin before any syscall. */
-				spun = 1;
-				if (ring_spin(&sh->tx, &sh->tx_sleeping, 1) == 0)
-					continue;
-			}
-			if (!deadline)
-				deadline = deadline_for(fd, SO_SNDTIMEO);
-			rc = chan_wait(fd, ch, 1, deadline);
-			if (rc == -EINTR && !done && restart_ok(deadline))
-				continue;       /* SA_RESTART: the kernel would go on */
-			if (rc == -ETIMEDOUT || rc == -EINTR) {
-				if (!done)
-					err = rc == -EINTR ? EINTR : EAGAIN;
+					err = rc;
 				break;
 			}
 			continue;
@@ -210,9 +207,9 @@ ssize_t shm_recv(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, i
 {
 	struct chan_sh *sh = ch->sh;
 	struct iovec v[UIO_MAXIOV];
-	int64_t deadline = 0;
+	struct blocking b = { .fd = fd, .dir = 0 };
 	size_t total, done = 0;
-	int nonblock, peek, waitall, err = 0, first = 0, rc, drained = 0, spun = 0;
+	int peek, waitall, err = 0, first = 0, rc;
 
 	rc = iov_total(iov, iovcnt, &total);
 	if (rc < 0)
@@ -222,13 +219,13 @@ ssize_t shm_recv(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, i
 	if (flags & MSG_ERRQUEUE)
 		return fail(EAGAIN, 0);
 	peek = !!(flags & MSG_PEEK);
-	nonblock = (flags & MSG_DONTWAIT) || (atomic_load(&sh->flags) & CH_NONBLOCK);
-	waitall = (flags & MSG_WAITALL) && !nonblock && !peek;
+	b.nonblock = (flags & MSG_DONTWAIT) || (atomic_load(&sh->flags) & CH_NONBLOCK);
+	waitall = (flags & MSG_WAITALL) && !b.nonblock && !peek;
 	if (atomic_load(&sh->flags) & CH_BROKEN)
 		return fail(ECONNRESET, 0);
 	if (total == 0)
 		return 0;
-	if (dir_lock(&sh->rx_lock, &sh->rx_sleeping, nonblock))
+	if (dir_lock(&sh->rx_lock, &sh->rx_sleeping, b.nonblock))
 		return fail(EAGAIN, 0);
 	memcpy(v, iov, (size_t)iovcnt * sizeof(*v));
 	iov_advance(v, &first, iovcnt, 0);
@@ -264,68 +261,19 @@ ssize_t shm_recv(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, i
 		if (n == 0)
 			break;                          /* EOF: the peer's FIN, drained */
 		if (n == -EAGAIN) {
-			if (f & CH_SHUT_RD)
-				break;                  /* our SHUT_RD: EOF once empty */
-			if (f & CH_PEER_GONE) {
-				/* what the peer wrote is delivered; then EOF or reset */
-				if ((f & CH_GONE_RESET) && !done)
-					err = ECONNRESET;
-				break;
-			}
-			if (!spun && !nonblock && !(f & CH_RX_ATTACHED)) {
-				/* A new connection whose peer has not formatted
-				 * its ring yet: it is doing so now (accept
-				 * returned on another CPU); waiting for its
-				 * hello byte would cost a sleep and three
-				 * syscalls. The hello stays queued (close
-				 * drains it). */
-				spun = attach_spin(fd, ch) == 0 ? 0 : 1;
-				if (!spun)
+			rc = rx_over(f);
+			if (rc < 0) {
+				rc = chan_block(ch, &b, done);
+				if (!rc)
 					continue;
 			}
-			if (!spun && !nonblock && (f & CH_RX_ATTACHED)) {
-				/* A peer that answers within microseconds (a
-				 * request/response loop) is caught here, with no
-				 * syscall: the TCP look below costs more than
-				 * the whole round trip on the ring. */
-				spun = 1;
-				if (ring_spin(&sh->rx, &sh->rx_sleeping, 0) == 0)
-					continue;
-			}
-			if (!drained) {
-				/* Empty: did the TCP side end (the peer died)? Also
-				 * eats doorbells. One look per call. */
-				drained = 1;
-				ctl_drain(fd, ch);
-				continue;
-			}
-			if (nonblock) {
-				if (!done)
-					err = EAGAIN;
-				break;
-			}
-			if (!deadline)
-				deadline = deadline_for(fd, SO_RCVTIMEO);
-			rc = chan_wait(fd, ch, 0, deadline);
-			if (rc == -EINTR && !done && restart_ok(deadline))
-				continue;       /* SA_RESTART: the kernel would go on */
-			if (rc == -ETIMEDOUT || rc == -EINTR) {
-				if (!done)
-					err = rc == -EINTR ? EINTR : EAGAIN;
-				break;
-			}
-			drained = 1;                    /* chan_wait looked at TCP */
-			continue;
-		}
-		if (n == -ECONNRESET) {
 			if (!done)
-				err = ECONNRESET;
+				err = rc;
 			break;
 		}
+		rc = n == -ECONNRESET ? ECONNRESET : ring_error(fd, ch, n, 0);
 		if (!done)
-			err = ring_error(fd, ch, n, 0);
-		else
-			ring_error(fd, ch, n, 0);
+			err = rc;
 		break;
 	}
 	pthread_mutex_unlock(&sh->rx_lock);
@@ -400,24 +348,40 @@ int shm_sendmmsg(int fd, struct chan *ch, struct mmsghdr *vec, unsigned int vlen
 
 #define SPLICE_CHUNK (128u * 1024)  /* per syscall: the reader starts on it meanwhile */
 
-/* Why the ring we write takes nothing: full (0) or an errno. */
-static int tx_blocked_err(int fd, struct chan *ch)
+/* One piece of a sendfile/splice into the ring: read the source (a file at
+ * *pos, or a pipe/stream when pos is NULL) into the room reserved (piece,
+ * room bytes) and publish what came. Bytes, 0 at the end of the source, or
+ * -errno: the source's (-EAGAIN: a non-blocking source has nothing), or
+ * the ring's (a reset/close under us, or a hostile header). */
+static ssize_t fill_ring(int out, struct chan *ch, int in, off_t *pos, struct iovec piece[2],
+			 ssize_t room, int in_nonblock)
 {
 	struct chan_sh *sh = ch->sh;
-	uint32_t f = atomic_load(&sh->flags), rf;
+	ssize_t r, c;
 
-	if (f & CH_BROKEN)
-		return ECONNRESET;
-	if (f & (CH_SHUT_WR | CH_PEER_GONE))
-		return EPIPE;
-	if (sbp_ring_corrupt(&sh->tx))
-		return ring_error(fd, ch, -EPROTO, 1);
-	rf = sbp_ring_flags(&sh->tx);
-	if (rf & SBP_RING_RESET)
-		return ECONNRESET;
-	if (rf & (SBP_RING_READER_CLOSED | SBP_RING_WRITER_CLOSED))
-		return EPIPE;
-	return 0;
+	if (in_nonblock) {
+		struct pollfd p = { in, POLLIN, 0 };
+
+		if (sys_ppoll(&p, 1, 0, NULL) == 0)
+			return -EAGAIN;
+	}
+	/* Raw syscalls: readv is ours (in may be a socket of ours). */
+	r = pos ? syscall(SYS_preadv, in, piece, piece[1].iov_len ? 2 : 1, (long)*pos, 0L)
+		: syscall(SYS_readv, in, piece, piece[1].iov_len ? 2 : 1);
+	if (r <= 0)
+		return r < 0 ? -errno : 0;
+	if (r > room)
+		r = room;               /* cannot happen; never publish more */
+	c = sbp_ring_commit(&sh->tx, (size_t)r);
+	if (c != r)
+		return -(c < 0 ? ring_error(out, ch, c, 1) : ECONNRESET);
+	if (sbp_ring_peer_waiting(&sh->tx))
+		ctl_doorbell(out);
+	sh->tx_written += r;
+	if (pos)
+		*pos += r;
+	atomic_fetch_or(&sh->flags, CH_DATA);
+	return r;
 }
 
 /* Move up to count bytes from in (a file at *pos, or a pipe/stream when pos
@@ -426,77 +390,41 @@ static ssize_t into_ring(int out, struct chan *ch, int in, off_t *pos, size_t co
 			 int nonblock, int one, int in_nonblock)
 {
 	struct chan_sh *sh = ch->sh;
-	int64_t deadline = 0;
+	struct blocking b = { .fd = out, .dir = 1, .nonblock = nonblock };
 	size_t done = 0;
-	int err = 0, rc;
+	int err = 0;
 
 	if (dir_lock(&sh->tx_lock, &sh->tx_sleeping, nonblock))
 		return fail(EAGAIN, 0);
 	while (done < count) {
 		struct iovec piece[2];
 		size_t want = count - done < SPLICE_CHUNK ? count - done : SPLICE_CHUNK;
-		ssize_t room, r, c;
+		ssize_t room, r;
 
-		err = tx_blocked_err(out, ch);
+		err = tx_state_err(sh, atomic_load(&sh->flags));
 		if (err)
 			break;
 		room = sbp_ring_reserve(&sh->tx, piece, want);
 		if (room == -EAGAIN) {
-			if (nonblock || (one && done)) {
-				if (!done)
-					err = EAGAIN;
+			if (one && done)
+				break;          /* splice returns what it moved */
+			err = chan_block(ch, &b, done);
+			if (err)
 				break;
-			}
-			if (!deadline)
-				deadline = deadline_for(out, SO_SNDTIMEO);
-			rc = chan_wait(out, ch, 1, deadline);
-			if (rc == -ETIMEDOUT || rc == -EINTR) {
-				if (!done)
-					err = rc == -EINTR ? EINTR : EAGAIN;
-				break;
-			}
 			continue;
 		}
 		if (room <= 0) {
 			err = ring_error(out, ch, room ? room : -EPROTO, 1);
 			break;
 		}
-		if (in_nonblock) {
-			struct pollfd p = { in, POLLIN, 0 };
-
-			if (sys_ppoll(&p, 1, 0, NULL) == 0) {
-				if (!done)
-					err = EAGAIN;
-				break;
-			}
-		}
-		/* Raw syscalls: readv is ours (in may be a socket of ours). */
-		r = pos ? syscall(SYS_preadv, in, piece, piece[1].iov_len ? 2 : 1, (long)*pos, 0L)
-			: syscall(SYS_readv, in, piece, piece[1].iov_len ? 2 : 1);
-		if (r < 0) {
-			if (errno == EINTR && !done)
-				continue;
-			if (!done)
-				err = errno;
+		r = fill_ring(out, ch, in, pos, piece, room, in_nonblock);
+		if (r == -EINTR && !done)
+			continue;
+		if (r <= 0) {
+			err = (int)-r;  /* 0: the end of the source */
 			break;
 		}
-		if (r == 0)
-			break;                  /* end of the source */
-		if (r > room)
-			r = room;               /* cannot happen; never publish more */
-		c = sbp_ring_commit(&sh->tx, (size_t)r);
-		if (c != r) {
-			/* a reset/close under us, or a hostile header */
-			err = c < 0 ? ring_error(out, ch, c, 1) : ECONNRESET;
-			break;
-		}
-		if (sbp_ring_peer_waiting(&sh->tx))
-			ctl_doorbell(out);
-		sh->tx_written += r;
 		done += r;
-		if (pos)
-			*pos += r;
-		atomic_fetch_or(&sh->flags, CH_DATA);
 		if (one)
 			break;
 	}
@@ -535,6 +463,35 @@ ssize_t shm_sendfile(int out, struct chan *ch, int in, off_t *offset, size_t cou
 	return r;
 }
 
+/* Wait until the ring we read has bytes for a pipe: bytes described in
+ * piece (at most len), 0 at EOF, or -errno. */
+static ssize_t rx_peek(int in, struct chan *ch, struct iovec piece[2], size_t len, int nonblock)
+{
+	struct chan_sh *sh = ch->sh;
+	struct blocking b = { .fd = in, .dir = 0, .nonblock = nonblock };
+
+	for (;;) {
+		uint32_t f = atomic_load(&sh->flags);
+		ssize_t r;
+		int err;
+
+		if (f & CH_BROKEN)
+			return -ECONNRESET;
+		r = (f & CH_RX_ATTACHED) || rx_try_attach(in, ch) ?
+		    sbp_ring_peek_iov(&sh->rx, piece, len) : -EAGAIN;
+		if (r >= 0)
+			return r;
+		if (r != -EAGAIN)
+			return -(r == -ECONNRESET ? ECONNRESET : ring_error(in, ch, r, 0));
+		err = rx_over(f);
+		if (err >= 0)
+			return -err;            /* 0: EOF */
+		err = chan_block(ch, &b, 0);
+		if (err)
+			return -err;
+	}
+}
+
 /* splice from a shm socket into a pipe: write the pipe straight from the
  * readable part of the ring, consume exactly what the pipe took. */
 static ssize_t out_of_ring(int in, struct chan *ch, int out, size_t len, int nonblock,
@@ -542,82 +499,32 @@ static ssize_t out_of_ring(int in, struct chan *ch, int out, size_t len, int non
 {
 	struct chan_sh *sh = ch->sh;
 	struct iovec piece[2];
-	int64_t deadline = 0;
-	ssize_t r = 0, w;
-	int err = 0, rc, drained = 0;
+	ssize_t r, w;
+	int err = 0;
 
 	if (len > SPLICE_CHUNK)
 		len = SPLICE_CHUNK;
 	if (dir_lock(&sh->rx_lock, &sh->rx_sleeping, nonblock))
 		return fail(EAGAIN, 0);
-	for (;;) {
-		uint32_t f = atomic_load(&sh->flags);
-
-		if (f & CH_BROKEN) {
-			err = ECONNRESET;
-			break;
-		}
-		r = (f & CH_RX_ATTACHED) || rx_try_attach(in, ch) ?
-		    sbp_ring_peek_iov(&sh->rx, piece, len) : -EAGAIN;
-		if (r >= 0)
-			break;
-		if (r != -EAGAIN) {
-			if (r == -ECONNRESET)
-				err = ECONNRESET;
-			else
+	r = rx_peek(in, ch, piece, len, nonblock);
+	if (r < 0) {
+		err = (int)-r;
+	} else if (r > 0 && out_nonblock && !sys_ppoll(&(struct pollfd){ out, POLLOUT, 0 }, 1, 0, NULL)) {
+		err = EAGAIN;
+	} else if (r > 0) {
+		/* writev is ours too: raw syscall */
+		w = syscall(SYS_writev, out, piece, piece[1].iov_len ? 2 : 1);
+		if (w < 0) {
+			err = errno;
+		} else {
+			/* consume exactly what the pipe took */
+			r = sbp_ring_consume(&sh->rx, (size_t)(w > r ? r : w));
+			if (r > 0) {
+				sh->rx_consumed += r;
+				if (sbp_ring_peer_waiting(&sh->rx))
+					ctl_doorbell(in);
+			} else if (r < 0) {
 				err = ring_error(in, ch, r, 0);
-			break;
-		}
-		if (f & CH_SHUT_RD) {
-			r = 0;
-			break;
-		}
-		if (f & CH_PEER_GONE) {
-			if (f & CH_GONE_RESET)
-				err = ECONNRESET;
-			r = 0;
-			break;
-		}
-		if (!drained) {
-			drained = 1;
-			ctl_drain(in, ch);
-			continue;
-		}
-		if (nonblock) {
-			err = EAGAIN;
-			break;
-		}
-		if (!deadline)
-			deadline = deadline_for(in, SO_RCVTIMEO);
-		rc = chan_wait(in, ch, 0, deadline);
-		if (rc == -ETIMEDOUT || rc == -EINTR) {
-			err = rc == -EINTR ? EINTR : EAGAIN;
-			break;
-		}
-	}
-	if (!err && r > 0) {
-		if (out_nonblock) {
-			struct pollfd p = { out, POLLOUT, 0 };
-
-			if (sys_ppoll(&p, 1, 0, NULL) == 0)
-				err = EAGAIN;
-		}
-		if (!err) {
-			/* writev is ours too: raw syscall */
-			w = syscall(SYS_writev, out, piece, piece[1].iov_len ? 2 : 1);
-			if (w < 0) {
-				err = errno;
-			} else {
-				/* consume exactly what the pipe took */
-				r = w > r ? r : w;
-				r = sbp_ring_consume(&sh->rx, (size_t)r);
-				if (r > 0) {
-					sh->rx_consumed += r;
-					if (sbp_ring_peer_waiting(&sh->rx))
-						ctl_doorbell(in);
-				} else if (r < 0) {
-					err = ring_error(in, ch, r, 0);
-				}
 			}
 		}
 	}

@@ -14,7 +14,9 @@
 #include "setup.h"
 #include "wait.h"
 
-int sbp_restartable(void)
+/* After a signal interrupted a blocking wait: would the kernel restart the
+ * call (every installed handler has SA_RESTART)? */
+static int restartable(void)
 {
 	/* EINTR is rare: ask the kernel about every handler rather than track
 	 * sigaction()/signal() (glibc's signal() calls sigaction internally,
@@ -36,7 +38,8 @@ int sbp_restartable(void)
 	return 1;
 }
 
-int64_t sock_timeout_ns(int fd, int optname)
+/* -1 when the socket has no SO_RCVTIMEO/SO_SNDTIMEO (optname), else ns. */
+static int64_t sock_timeout_ns(int fd, int optname)
 {
 	struct timeval tv = { 0, 0 };
 	socklen_t len = sizeof(tv);
@@ -205,7 +208,9 @@ static int futex_wait_sliced(int fd, struct chan *ch, int dir, int64_t deadline)
 	return 0;
 }
 
-int chan_wait(int fd, struct chan *ch, int dir, int64_t deadline)
+/* Sleep until a wake-up (futex or doorbell) or a state change. dir 0: wait
+ * for rx data; 1: wait for tx room. 0 woken (re-check), -ETIMEDOUT, -EINTR. */
+static int chan_wait(int fd, struct chan *ch, int dir, int64_t deadline)
 {
 	if (g.doorbell)
 		return doorbell_wait(fd, ch, dir, deadline);
@@ -215,7 +220,7 @@ int chan_wait(int fd, struct chan *ch, int dir, int64_t deadline)
 /* The spin of a blocking wait, before the work (TCP look, timeout
  * look-up) that precedes a sleep. Counts as asleep for non-blocking
  * callers of the same direction, as the spin inside chan_wait does. */
-int ring_spin(struct sbp_ring *r, _Atomic uint32_t *sleeping, int dir)
+static int ring_spin(struct sbp_ring *r, _Atomic uint32_t *sleeping, int dir)
 {
 	int rc;
 
@@ -232,7 +237,7 @@ int ring_spin(struct sbp_ring *r, _Atomic uint32_t *sleeping, int dir)
  * program whose peers accept late (a backlog) stops spinning for nothing. */
 static _Atomic uint32_t attach_budget_ns = UINT32_MAX;
 
-int attach_spin(int fd, struct chan *ch)
+static int attach_spin(int fd, struct chan *ch)
 {
 	uint32_t budget = atomic_load_explicit(&attach_budget_ns, memory_order_relaxed);
 	int64_t start, t;
@@ -267,14 +272,64 @@ int attach_spin(int fd, struct chan *ch)
 
 /* A socket with a timeout is never restarted (socket(7)); else it is when
  * every handler asked for SA_RESTART. */
-int restart_ok(int64_t deadline)
+static int restart_ok(int64_t deadline)
 {
-	return deadline == DL_NONE && sbp_restartable();
+	return deadline == DL_NONE && restartable();
 }
 
-int64_t deadline_for(int fd, int opt)
+static int64_t deadline_for(int fd, int opt)
 {
 	int64_t t = sock_timeout_ns(fd, opt);
 
 	return t < 0 ? DL_NONE : now_ns() + t;
+}
+
+/* The spin before the first sleep, no syscall: a peer that answers within
+ * microseconds (a request/response loop) is caught here; the TCP look and
+ * the timeout look-up below cost more than the whole round trip on the
+ * ring. A reader whose peer has not formatted its ring yet (a new
+ * connection: accept returned on another CPU) spins until it can attach
+ * instead; waiting for its hello byte would cost a sleep and three
+ * syscalls (the hello stays queued: close drains it). 0: look again. */
+static int spin_first(struct chan *ch, struct blocking *b)
+{
+	struct chan_sh *sh = ch->sh;
+
+	if (b->dir == 0 && !(atomic_load(&sh->flags) & CH_RX_ATTACHED)) {
+		if (attach_spin(b->fd, ch) == 0)
+			return 0;       /* attached: look, then spin on the ring */
+		b->spun = 1;
+		return -EAGAIN;
+	}
+	b->spun = 1;
+	return b->dir ? ring_spin(&sh->tx, &sh->tx_sleeping, 1)
+		      : ring_spin(&sh->rx, &sh->rx_sleeping, 0);
+}
+
+int chan_block(struct chan *ch, struct blocking *b, size_t done)
+{
+	int rc;
+
+	if (!b->nonblock && !b->spun && spin_first(ch, b) == 0)
+		return 0;
+	if (b->dir == 0 && !b->looked) {
+		/* Empty: did the TCP side end (the peer died)? Also eats
+		 * doorbells. One look per call. */
+		b->looked = 1;
+		ctl_drain(b->fd, ch);
+		return 0;
+	}
+	if (b->nonblock)
+		return EAGAIN;
+	if (!b->deadline)
+		b->deadline = deadline_for(b->fd, b->dir ? SO_SNDTIMEO : SO_RCVTIMEO);
+	rc = chan_wait(b->fd, ch, b->dir, b->deadline);
+	if (rc == -EINTR && !done && restart_ok(b->deadline))
+		return 0;               /* SA_RESTART: the kernel would go on */
+	if (rc == -ETIMEDOUT)
+		return EAGAIN;
+	if (rc == -EINTR)
+		return EINTR;
+	b->looked = 1;                  /* chan_wait looked at TCP */
+	return 0;
 }

@@ -1,30 +1,30 @@
 /* SPDX-License-Identifier: GPL-2.0 */
-/* wait.h: how a blocking call of one channel waits (spin, sleep, timeouts,
- * signals). */
+/* wait.h: how a call of one channel waits when its ring is full or empty. */
 #ifndef SBP_PRELOAD_WAIT_H
 #define SBP_PRELOAD_WAIT_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #include "channel.h"
 
-/* After a signal interrupted a blocking wait: would the kernel restart the
- * call (every installed handler has SA_RESTART)? */
-int sbp_restartable(void);
-/* -1 when the socket has no SO_RCVTIMEO/SO_SNDTIMEO, else ns. */
-int64_t sock_timeout_ns(int fd, int optname);
-/* Sleep on the TCP socket of a channel until a doorbell or a state change.
- * dir 0: wait for rx data; 1: wait for tx room. 0 woken (re-check),
- * -ETIMEDOUT, -EINTR. Call with the direction lock held. */
-int chan_wait(int fd, struct chan *ch, int dir, int64_t deadline);
-/* The spin of a blocking wait, before the work (TCP look, timeout look-up)
- * that precedes a sleep: 0 ready, -EAGAIN the budget ran out. */
-int ring_spin(struct sbp_ring *r, _Atomic uint32_t *sleeping, int dir);
-/* Spin until the peer's ring can be attached: 0, -EAGAIN, -EPROTO (broken). */
-int attach_spin(int fd, struct chan *ch);
-/* Would the kernel restart a call interrupted with this deadline? */
-int restart_ok(int64_t deadline);
-/* The deadline SO_RCVTIMEO/SO_SNDTIMEO (opt) sets from now, or DL_NONE. */
-int64_t deadline_for(int fd, int opt);
+/* One call's waiting, across the passes of its loop. */
+struct blocking {
+	int fd;
+	int dir;                /* 0: waits for data (rx); 1: for room (tx) */
+	int nonblock;           /* O_NONBLOCK, MSG_DONTWAIT, SPLICE_F_NONBLOCK */
+	int spun;               /* the spin before the first sleep is over */
+	int looked;             /* a reader looked at the TCP side */
+	int64_t deadline;       /* 0: SO_RCVTIMEO/SO_SNDTIMEO not looked up yet */
+};
+
+/* The call found its ring full (dir 1) or empty (dir 0) and has nothing
+ * else to report. Returns 0: look at the ring again; else the errno the
+ * call ends with if it has moved no byte (EAGAIN: non-blocking, or
+ * SO_*TIMEO ran out; EINTR: a signal, and the kernel would not restart
+ * the call). done: bytes the call has moved so far (a call that moved
+ * some is never restarted, it returns them). Call with the direction
+ * lock held. The one copy of this logic for send/recv/sendfile/splice. */
+int chan_block(struct chan *ch, struct blocking *b, size_t done);
 
 #endif
