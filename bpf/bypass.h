@@ -1,6 +1,8 @@
 /* SPDX-License-Identifier: GPL-2.0 */
-/* Types shared by bpf/bypass.bpf.c and the manager (shmbypass/maps.py mirrors
- * these layouts with ctypes; keep both in sync, tests check the sizes). */
+/* Types shared by the BPF programs (bpf/), the interposer
+ * (native/preload/) and the manager, which reads them through the cffi
+ * module (native/bypass.cdef; its `...` makes the compiler check the
+ * layouts against this header). */
 #ifndef SHMBYPASS_BYPASS_H
 #define SHMBYPASS_BYPASS_H
 
@@ -30,21 +32,42 @@ enum sbp_tier {
 	SBP_TIER_SHM = 2,
 };
 
-/* Why a connection is not (or no longer) bypassed. Names in shmbypass/status.py. */
+/* Why a connection is not (or no longer) bypassed, and the name `shmbypass
+ * status` and the interposer's log give it: the one table of reasons,
+ * X(enum, name). The BPF programs use the enum only; user space gets the
+ * names through sbp_reason_name() (C) and the cffi module (status.py).
+ * AWAITING_PEER shows as peer-not-capable: the peer was never seen. */
+#define SBP_REASONS(X)								\
+	X(SBP_REASON_NONE, "none")						\
+	X(SBP_REASON_AWAITING_PEER, "peer-not-capable")	/* active side, peer not seen yet */ \
+	X(SBP_REASON_PEER_NOT_CAPABLE, "peer-not-capable") /* peer outside the group (or remote) */ \
+	X(SBP_REASON_HANDSHAKE_RACE, "handshake-race")	/* data on TCP before both ends paired */ \
+	X(SBP_REASON_TABLE_FULL, "table-full")					\
+	X(SBP_REASON_DRAINING, "shutting-down")		/* `shmbypass down` in progress */ \
+	X(SBP_REASON_PEER_CLOSED, "peer-closed")				\
+	X(SBP_REASON_POLICY_EXCLUDED, "policy-excluded")			\
+	X(SBP_REASON_DIFFERENT_REGION, "different-region") /* shm: the ends map different regions */ \
+	X(SBP_REASON_POOL_EXHAUSTED, "pool-exhausted")	/* shm: no free slot (or SYN cookies) */ \
+	X(SBP_REASON_NO_OPTION_SPACE, "no-option-space") /* shm: no room for our SYN option */
+
 enum sbp_reason {
-	SBP_REASON_NONE = 0,
-	SBP_REASON_AWAITING_PEER,	/* active side, peer not seen yet */
-	SBP_REASON_PEER_NOT_CAPABLE,	/* peer outside the bypass group (or remote) */
-	SBP_REASON_HANDSHAKE_RACE,	/* data was sent on TCP before both ends were paired */
-	SBP_REASON_TABLE_FULL,
-	SBP_REASON_DRAINING,		/* `shmbypass down` in progress */
-	SBP_REASON_PEER_CLOSED,
-	SBP_REASON_POLICY_EXCLUDED,
-	SBP_REASON_DIFFERENT_REGION,	/* shm: the ends map different regions */
-	SBP_REASON_POOL_EXHAUSTED,	/* shm: no free slot (or SYN-cookie mode) */
-	SBP_REASON_NO_OPTION_SPACE,	/* shm: the SYN had no room for our option */
+#define SBP_REASON_ENUM(e, name) e,
+	SBP_REASONS(SBP_REASON_ENUM)
+#undef SBP_REASON_ENUM
 	SBP_REASON__MAX,
 };
+
+#ifndef __bpf__
+/* The name of a reason; NULL if r is none of them. */
+static inline const char *sbp_reason_name(__u32 r)
+{
+#define SBP_REASON_NAME(e, name) [e] = name,
+	static const char *const names[SBP_REASON__MAX] = { SBP_REASONS(SBP_REASON_NAME) };
+#undef SBP_REASON_NAME
+
+	return r < SBP_REASON__MAX ? names[r] : (const char *)0;
+}
+#endif
 
 /* Direction state, decided once at the first send (see handle_msg). */
 enum sbp_dir {

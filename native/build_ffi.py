@@ -8,6 +8,7 @@ constants and struct layouts.
 """
 import glob
 import os
+import re
 
 from cffi import FFI
 
@@ -18,7 +19,17 @@ BPF_DIR = os.path.join(HERE, "..", "bpf")  # bypass.h lives with the BPF program
 CFLAGS = ["-O2", "-g", "-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter",
           "-Wno-missing-field-initializers", "-Wno-unused-function"]
 
+
+def reason_cdef():
+    """enum sbp_reason's constants, from the one table of reasons (bpf/bypass.h,
+    SBP_REASONS), so that no list of them is written twice."""
+    with open(os.path.join(BPF_DIR, "bypass.h")) as f:
+        names = re.findall(r"X\((SBP_REASON_\w+),", f.read())
+    return "".join(f"#define {n} ...\n" for n in names + ["SBP_REASON__MAX"])
+
+
 ffibuilder = FFI()
+ffibuilder.cdef(reason_cdef())
 sources, includes = [], []
 for part in PARTS:
     cdef = os.path.join(HERE, part + ".cdef")

@@ -5,23 +5,13 @@ import os
 import socket
 
 from shmbypass import bpf, manager, paths, region
-from shmbypass._native import lib
+from shmbypass._native import ffi, lib
 
 TIERS = {lib.SBP_TIER_TCP: "tcp", lib.SBP_TIER_KERNEL: "kernel", lib.SBP_TIER_SHM: "shm"}
-REASONS = {
-    lib.SBP_REASON_NONE: "",
-    lib.SBP_REASON_AWAITING_PEER: "peer-not-capable",
-    lib.SBP_REASON_PEER_NOT_CAPABLE: "peer-not-capable",
-    lib.SBP_REASON_HANDSHAKE_RACE: "handshake-race",
-    lib.SBP_REASON_TABLE_FULL: "table-full",
-    lib.SBP_REASON_DRAINING: "shutting-down",
-    lib.SBP_REASON_PEER_CLOSED: "peer-closed",
-    lib.SBP_REASON_POLICY_EXCLUDED: "policy-excluded",
-    # shm-tier negotiation (docs/NEGOTIATION.md)
-    lib.SBP_REASON_DIFFERENT_REGION: "different-region",
-    lib.SBP_REASON_POOL_EXHAUSTED: "pool-exhausted",
-    lib.SBP_REASON_NO_OPTION_SPACE: "no-option-space",
-}
+# The names come from the one table of reasons (bpf/bypass.h, SBP_REASONS);
+# a row that is bypassed shows none.
+REASONS = {r: ffi.string(lib.sbp_reason_name(r)).decode() for r in range(lib.SBP_REASON__MAX)}
+REASONS[lib.SBP_REASON_NONE] = ""
 # Stable reason codes (docs/REASONS.md): one per reason, never renumbered,
 # never reused. The high byte is the class (1 the peer, 2 timing, 3 a
 # resource, 4 the administrator, 5 trust domains), the next the reason in

@@ -21,7 +21,7 @@ import pytest
 from pyroute2 import NetNS, netns
 
 from shmbypass import bpf, manager, paths, slots, status
-from shmbypass._native import lib
+from shmbypass._native import ffi, lib
 from conftest import InGroup, assert_gone, free_list, new_instance
 
 SHM, TCP = lib.SBP_TIER_SHM, lib.SBP_TIER_TCP
@@ -232,6 +232,17 @@ def handshake(segs, client_port):
     synack = [o for sp, dp, f, *_, o in segs if dp == client_port and f & (SYN | ACK) == SYN | ACK]
     assert syn and synack, segs
     return syn[0], synack[0]
+
+
+def test_reason_names_come_from_one_table():
+    """bpf/bypass.h's SBP_REASONS names every reason once (sbp_reason_name in
+    C and through cffi); status shows those names, none for a bypassed row."""
+    names = [ffi.string(lib.sbp_reason_name(r)).decode() for r in range(lib.SBP_REASON__MAX)]
+    assert all(names) and lib.sbp_reason_name(lib.SBP_REASON__MAX) == ffi.NULL
+    assert status.REASONS == {r: "" if r == lib.SBP_REASON_NONE else n for r, n in enumerate(names)}
+    assert names[lib.SBP_REASON_AWAITING_PEER] == names[lib.SBP_REASON_PEER_NOT_CAPABLE] \
+        == "peer-not-capable"
+    assert names[lib.SBP_REASON_DRAINING] == "shutting-down"
 
 
 # -- both ends marked ------------------------------------------------------------

@@ -29,27 +29,6 @@ static int tcp_state(int fd)
 	return rc < 0 ? -1 : ti.tcpi_state;
 }
 
-/* Why BPF left a marked socket out of the shm tier (bpf/bypass.h; the
- * names `shmbypass status` uses). */
-static const char *reason_name(uint32_t r)
-{
-	static const char *names[] = {
-		[SBP_REASON_NONE] = "none",
-		[SBP_REASON_AWAITING_PEER] = "peer-not-capable",
-		[SBP_REASON_PEER_NOT_CAPABLE] = "peer-not-capable",
-		[SBP_REASON_HANDSHAKE_RACE] = "handshake-race",
-		[SBP_REASON_TABLE_FULL] = "table-full",
-		[SBP_REASON_DRAINING] = "shutting-down",
-		[SBP_REASON_PEER_CLOSED] = "peer-closed",
-		[SBP_REASON_POLICY_EXCLUDED] = "policy-excluded",
-		[SBP_REASON_DIFFERENT_REGION] = "different-region",
-		[SBP_REASON_POOL_EXHAUSTED] = "pool-exhausted",
-		[SBP_REASON_NO_OPTION_SPACE] = "no-option-space",
-	};
-
-	return r < sizeof(names) / sizeof(names[0]) && names[r] ? names[r] : "other";
-}
-
 void resolve_established(int fd, int rediscovered)
 {
 	struct sbp_sk st;
@@ -67,8 +46,8 @@ void resolve_established(int fd, int rediscovered)
 		return;
 	}
 	if (st.tier != SBP_TIER_SHM) {
-		DBG("fd %d: not in the shm tier: %s (reason %u)", fd, reason_name(st.reason),
-		    st.reason);
+		DBG("fd %d: not in the shm tier: %s (reason %u)", fd,
+		    sbp_reason_name(st.reason) ?: "other", st.reason);
 		fdt_store(fd, K_PLAIN);
 		return;
 	}
