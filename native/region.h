@@ -7,8 +7,8 @@
  * computed from that local copy only.
  *
  * slot_size: a multiple of 4096, >= 8 KiB; the ring in it gets the largest
- * power of two that fits after its 4 KiB header (the default slot is
- * 4 KiB + 1 MiB, so the ring holds 1 MiB).
+ * power of two that fits after its 4 KiB header (the default slot, the shm
+ * tier's, is 4 KiB + 256 KiB, so the ring holds 256 KiB).
  */
 #ifndef SHMBYPASS_REGION_H
 #define SHMBYPASS_REGION_H
@@ -21,12 +21,12 @@
 #define SBP_REGION_HDR_SIZE     4096u
 #define SBP_REGION_MIN_SLOT     8192u
 #define SBP_REGION_MAX_SLOT     (SBP_REGION_HDR_SIZE + (1u << 30))
-#define SBP_SLOT_SIZE_DEFAULT   (4096u + (1u << 20))
+#define SBP_SLOT_SIZE_DEFAULT   (4096u + (256u << 10))   /* the shm tier's slots */
 #define SBP_REGION_MAX_PARTS    16u
 
 /* backend ids kept in the header (informational) */
 #define SBP_BACKEND_ANON        0u
-#define SBP_BACKEND_SHM         1u
+#define SBP_BACKEND_POSIX       1u      /* POSIX shm */
 #define SBP_BACKEND_ARENA       2u
 #define SBP_BACKEND_IVSHMEM     3u
 

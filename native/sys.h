@@ -51,38 +51,6 @@ static inline void cpu_relax(void)
 	__builtin_ia32_pause();
 #elif defined(__aarch64__)
 	__asm__ __volatile__("yield");
-static inline int sys_epoll_ctl(int epfd, int op, int fd, struct epoll_event *ev)
-{
-	return (int)syscall(SYS_epoll_ctl, epfd, op, fd, ev);
-}
-
-/* epoll_pwait2 (ns resolution), or epoll_pwait where the kernel lacks it. */
-static inline int sys_epoll_wait_ns(int epfd, struct epoll_event *evs, int max, int64_t ns,
-				    const sigset_t *mask)
-{
-	struct timespec ts, *tp = NULL;
-	long r;
-
-	if (ns >= 0) {
-		ts.tv_sec = ns / NS_PER_S;
-		ts.tv_nsec = ns % NS_PER_S;
-		tp = &ts;
-	}
-	r = syscall(SYS_epoll_pwait2, epfd, evs, max, tp, mask, 8);
-	if (r < 0 && errno == ENOSYS)
-		r = syscall(SYS_epoll_pwait, epfd, evs, max,
-			    ns < 0 ? -1 : (int)((ns + 999999) / 1000000), mask, 8);
-	return (int)r;
-}
-
-/* Private anonymous memory (no malloc in the interposer); NULL on failure. */
-static inline void *anon_alloc(size_t bytes)
-{
-	void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-
-	return p == MAP_FAILED ? NULL : p;
-}
-
 #endif
 }
 

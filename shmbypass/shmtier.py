@@ -10,9 +10,10 @@ stays out of the way: every call goes straight to libc.
 Environment the library reads:
 
 ``SHMBYPASS_INSTANCE``  the instance (pin dir /sys/fs/bpf/<instance>)
-``SHMBYPASS_REGION``    ``<backend>:<path>``: ``shm:/<name>`` (the posix
-                        backend: POSIX shm), ``arena:/sys/fs/bpf/<instance>/arena``
-                        (pinned arena) or ``ivshmem:<BAR2 file>``
+``SHMBYPASS_REGION``    ``<backend>:<path>``: ``posix:/<name>`` (POSIX shm; the
+                        library still accepts its old name ``shm:/<name>``),
+                        ``arena:/sys/fs/bpf/<instance>/arena`` (pinned arena)
+                        or ``ivshmem:<BAR2 file>``
 ``SHMBYPASS_DEBUG=1``   one line on stderr per decision (tier, fallback reason)
 ``SHMBYPASS_SPIN_NS``   spin budget of a blocking call before it sleeps (the
                         ring's adaptive spin, default 30000)

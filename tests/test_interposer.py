@@ -230,6 +230,19 @@ def test_integrity_both_ways(su):
     check_tier(su, cres)
 
 
+@pytest.mark.parametrize("name", ["posix", "shm"])
+def test_region_spec_names_the_posix_backend(setups, name):
+    """SHMBYPASS_REGION=posix:/<name> maps the POSIX shm region; `shm:`, the
+    backend's old name, is still accepted."""
+    su = get_setup(setups, "posix")
+    backend, path = su.spec.split(":", 1)
+    assert backend in ("posix", "shm"), su.spec
+    sres, cres = run_pair(su, "integrity", [65536], [65536],
+                          env={"SHMBYPASS_REGION": f"{name}:{path}"})
+    assert cres["echo_ok"] == [True] and sres["digests"] == cres["digests"]
+    check_tier(su, sres, cres)
+
+
 def test_flags_and_options(su):
     sres, cres = run_pair(su, "flags")
     assert sres["peek"] == "hello" and sres["fionread"] == 11 and sres["after_peek"] == "hello world"

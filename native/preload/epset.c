@@ -156,7 +156,9 @@ void ep_free(void *p)
 	munmap(ep, sizeof(*ep));
 }
 
-void ep_forget_fd(int fd)
+/* fn(ep, r) for the registration of fd in each set that has one, with the
+ * list and the set locked. */
+static void for_each_reg_of(int fd, void (*fn)(struct ep *ep, struct epreg *r))
 {
 	pthread_mutex_lock(&ep_list_lock);
 	for (struct ep *ep = ep_list; ep; ep = ep->next) {
@@ -165,38 +167,42 @@ void ep_forget_fd(int fd)
 		pthread_mutex_lock(&ep->lock);
 		r = ep_find(ep, fd);
 		if (r)
-			ep_remove(ep, r);
+			fn(ep, r);
 		pthread_mutex_unlock(&ep->lock);
 	}
 	pthread_mutex_unlock(&ep_list_lock);
 }
 
+void ep_forget_fd(int fd)
+{
+	for_each_reg_of(fd, ep_remove);
+}
+
+/* A registration made while its socket was connecting, now established. */
+static void reg_established(struct ep *ep, struct epreg *r)
+{
+	uint64_t v;
+	struct chan *ch;
+
+	if (r->ch)
+		return;
+	v = fdt_load(r->fd);
+	ch = FD_PTR(v);
+	if (FD_KIND(v) == K_SHM && chan_tryget(ch)) {
+		/* from the kernel's set (direct, while connecting) to ours */
+		sys_epoll_ctl(ep->epfd, EPOLL_CTL_DEL, r->fd, NULL);
+		r->ch = ch;
+		r->fresh = 1;
+		shadow_add(ep, r);
+	} else {
+		/* plain TCP after all: the kernel's registration stays */
+		ep_remove(ep, r);
+	}
+}
+
 void ep_fd_became_shm(int fd)
 {
-	pthread_mutex_lock(&ep_list_lock);
-	for (struct ep *ep = ep_list; ep; ep = ep->next) {
-		struct epreg *r;
-
-		pthread_mutex_lock(&ep->lock);
-		r = ep_find(ep, fd);
-		if (r && !r->ch) {
-			uint64_t v = fdt_load(fd);
-			struct chan *ch = FD_PTR(v);
-
-			if (FD_KIND(v) == K_SHM && chan_tryget(ch)) {
-				/* from the kernel's set (direct, while connecting) to ours */
-				sys_epoll_ctl(ep->epfd, EPOLL_CTL_DEL, fd, NULL);
-				r->ch = ch;
-				r->fresh = 1;
-				shadow_add(ep, r);
-			} else {
-				/* plain TCP after all: the kernel's registration stays */
-				ep_remove(ep, r);
-			}
-		}
-		pthread_mutex_unlock(&ep->lock);
-	}
-	pthread_mutex_unlock(&ep_list_lock);
+	for_each_reg_of(fd, reg_established);
 }
 
 void ep_atfork_child(void)

@@ -417,14 +417,21 @@ EXPORT int dup3(int oldfd, int newfd, int flags)
 	return sock_dup_onto(oldfd, newfd, flags, 1);
 }
 
+/* The one argument after `last` of fcntl/ioctl, an int or a pointer: taken
+ * as a pointer, as glibc passes it on. */
+#define ONE_VARARG(last, arg)                                   \
+	do {                                                    \
+		va_list ap;                                     \
+		va_start(ap, last);                             \
+		arg = va_arg(ap, void *);                       \
+		va_end(ap);                                     \
+	} while (0)
+
 EXPORT int fcntl(int fd, int cmd, ...)
 {
-	va_list ap;
 	void *arg;
 
-	va_start(ap, cmd);
-	arg = va_arg(ap, void *);
-	va_end(ap);
+	ONE_VARARG(cmd, arg);
 	if (!g.enabled)
 		return REAL(fcntl)(fd, cmd, arg);
 	return sock_fcntl(REAL(fcntl), fd, cmd, arg);
@@ -433,12 +440,9 @@ EXPORT int fcntl(int fd, int cmd, ...)
 EXPORT int fcntl64(int fd, int cmd, ...)
 {
 	int (*real)(int, int, void *) = REAL(fcntl64) ? REAL(fcntl64) : REAL(fcntl);
-	va_list ap;
 	void *arg;
 
-	va_start(ap, cmd);
-	arg = va_arg(ap, void *);
-	va_end(ap);
+	ONE_VARARG(cmd, arg);
 	if (!g.enabled)
 		return real(fd, cmd, arg);
 	return sock_fcntl(real, fd, cmd, arg);
@@ -446,12 +450,9 @@ EXPORT int fcntl64(int fd, int cmd, ...)
 
 EXPORT int ioctl(int fd, unsigned long req, ...)
 {
-	va_list ap;
 	void *arg;
 
-	va_start(ap, req);
-	arg = va_arg(ap, void *);
-	va_end(ap);
+	ONE_VARARG(req, arg);
 	return sock_ioctl(fd, req, arg);
 }
 

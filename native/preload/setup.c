@@ -133,27 +133,35 @@ void setup_init(void)
 		DBG("disabled (%s)", g.region_spec[0] ? "SHMBYPASS_DISABLE" : "SHMBYPASS_REGION unset");
 }
 
-/* Map a whole region (a POSIX shm segment, or an ivshmem BAR2 file) from
- * an open fd, anywhere; the fd is closed. */
-static int map_region_fd(int fd)
+/* Map all of an open fd (MAP_SHARED), anywhere, if it holds at least min
+ * bytes; the fd is closed. 0, -errno, or -EPROTO (too small). */
+static int map_all(int fd, size_t min, void **addr, size_t *size)
 {
 	struct stat st;
 	void *p;
+	int err;
 
-	if (fstat(fd, &st) < 0 || st.st_size < (off_t)SBP_REGION_HDR_SIZE) {
+	if (fstat(fd, &st) < 0 || st.st_size < (off_t)min) {
 		syscall(SYS_close, fd);
 		return -EPROTO;
 	}
 	p = mmap(NULL, st.st_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+	err = errno;
 	syscall(SYS_close, fd);
 	if (p == MAP_FAILED)
-		return -errno;
-	g.region = p;
-	g.region_size = st.st_size;
+		return -err;
+	*addr = p;
+	*size = st.st_size;
 	return 0;
 }
 
-static int map_region_shm(const char *name)
+/* Map a whole region (a POSIX shm segment, or an ivshmem BAR2 file). */
+static int map_region_fd(int fd)
+{
+	return map_all(fd, SBP_REGION_HDR_SIZE, &g.region, &g.region_size);
+}
+
+static int map_region_posix(const char *name)
 {
 	int fd = shm_open(name, O_RDWR | O_CLOEXEC, 0);
 
@@ -203,24 +211,11 @@ static int map_region_file(const char *path)
  * third field of SHMBYPASS_REGION=arena:<pin>:<name>). */
 static int map_wake(const char *name)
 {
-	struct stat st;
-	void *p;
-	int fd;
+	int fd = shm_open(name, O_RDWR | O_CLOEXEC, 0);
 
-	fd = shm_open(name, O_RDWR | O_CLOEXEC, 0);
 	if (fd < 0)
 		return -errno;
-	if (fstat(fd, &st) < 0 || st.st_size < (off_t)sbp_region_wake_size(g.info.slot_count)) {
-		syscall(SYS_close, fd);
-		return -EPROTO;
-	}
-	p = mmap(NULL, st.st_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-	syscall(SYS_close, fd);
-	if (p == MAP_FAILED)
-		return -errno;
-	g.wake = p;
-	g.wake_size = st.st_size;
-	return 0;
+	return map_all(fd, sbp_region_wake_size(g.info.slot_count), &g.wake, &g.wake_size);
 }
 
 /* The BPF side hands out slots of the region it was told about (the
@@ -264,19 +259,77 @@ static int bpf_region_differs(const char *spec)
 	return 0;
 }
 
-static int shm_init(void)
+/* ivshmem: the peer is another VM. Waits spin up to about a doorbell's
+ * cost (ring.h, sbp_ring_set_bell_cost), which under TCG is far more than
+ * the one-host default; so do poll/epoll waits (unless set explicitly). */
+static void doorbell_defaults(void)
 {
-	char path[300];
-	const char *spec = g.region_spec, *colon = strchr(spec, ':');
+	char tmp[32];
+
+	g.doorbell = 1;
+	copy_env(tmp, sizeof(tmp), "SHMBYPASS_SPIN_NS", NULL);
+	if (!tmp[0])
+		g.spin_ns = SBP_RING_SPIN_DOORBELL_MAX_NS;
+	copy_env(tmp, sizeof(tmp), "SHMBYPASS_EPOLL_SPIN_NS", NULL);
+	if (!tmp[0])
+		g.epoll_spin_ns = SBP_RING_SPIN_DOORBELL_MAX_NS;
+}
+
+/* arena:<pin>[:<wake segment>]: the arena, and the companion segment of
+ * futex words ("/<instance>-wake" unless named). 0, -errno (mapping), or
+ * 1 (refused, the reason logged). */
+static int map_arena_spec(const char *rest)
+{
+	char path[300], wname[160], *third;
 	int rc;
 
-	if (!colon) {
-		WARN("shm tier off: SHMBYPASS_REGION=%s is not <backend>:<path>", spec);
-		return -1;
+	snprintf(path, sizeof(path), "%s", rest);
+	third = strchr(path, ':');
+	if (third)
+		*third++ = 0;
+	rc = map_region_arena(path);
+	if (rc < 0)
+		return rc;
+	if (third && *third)
+		snprintf(wname, sizeof(wname), "%s", third);
+	else
+		snprintf(wname, sizeof(wname), "/%s-wake", g.instance);
+	if (sbp_region_check(g.region, g.region_size, &g.info) == 0 && (rc = map_wake(wname)) < 0) {
+		WARN("shm tier off: arena region needs its wake segment %s: %s", wname, strerror(-rc));
+		return 1;
 	}
+	return 0;
+}
+
+/* Map the region SHMBYPASS_REGION=<backend>:<path> names: 0, -errno
+ * (mapping), or 1 (refused, the reason logged). Backends: posix (POSIX
+ * shm; `shm:` is its old name, still accepted), ivshmem, arena. */
+static int map_region(const char *spec)
+{
+	const char *colon = strchr(spec, ':');     /* shm_init checked there is one */
+
+	if (!strncmp(spec, "posix:", 6) || !strncmp(spec, "shm:", 4))
+		return map_region_posix(colon + 1);
+	if (!strncmp(spec, "ivshmem:", 8)) {
+		doorbell_defaults();
+		return map_region_file(colon + 1);
+	}
+	if (!strncmp(spec, "arena:", 6))
+		return map_arena_spec(colon + 1);
+	WARN("shm tier off: unknown region backend in SHMBYPASS_REGION=%s", spec);
+	return 1;
+}
+
+/* The pinned sk_state map: 0, or -1 (the reason said or, if the instance
+ * is simply not up, said only with SHMBYPASS_DEBUG). */
+static int open_sk_state(void)
+{
+	char path[300];
+	int fd;
+
 	snprintf(path, sizeof(path), "%s/sk_state", g.pin_dir);
-	rc = bpf_obj_get(path);
-	if (rc < 0) {
+	fd = bpf_obj_get(path);
+	if (fd < 0) {
 		/* Permission denied: this user may not use the instance (its
 		 * pins and region are root's, mode 0600 by default): say so, the
 		 * program's connections are plain TCP. Absent: not up, quietly. */
@@ -288,49 +341,24 @@ static int shm_init(void)
 			    strerror(errno));
 		return -1;
 	}
-	g.map_fd = sbp_internal_fd(rc);
-	if (!strncmp(spec, "shm:", 4)) {
-		rc = map_region_shm(colon + 1);
-	} else if (!strncmp(spec, "ivshmem:", 8)) {
-		char tmp[32];
+	g.map_fd = sbp_internal_fd(fd);
+	return 0;
+}
 
-		rc = map_region_file(colon + 1);
-		g.doorbell = 1;
-		/* The peer is another VM: waits spin up to about a doorbell's
-		 * cost (ring.h, sbp_ring_set_bell_cost), which under TCG is far
-		 * more than the one-host default; so do poll/epoll waits. */
-		copy_env(tmp, sizeof(tmp), "SHMBYPASS_SPIN_NS", NULL);
-		if (!tmp[0])
-			g.spin_ns = SBP_RING_SPIN_DOORBELL_MAX_NS;
-		copy_env(tmp, sizeof(tmp), "SHMBYPASS_EPOLL_SPIN_NS", NULL);
-		if (!tmp[0])
-			g.epoll_spin_ns = SBP_RING_SPIN_DOORBELL_MAX_NS;
-	} else if (!strncmp(spec, "arena:", 6)) {
-		char *third;
+static int shm_init(void)
+{
+	const char *spec = g.region_spec;
+	int rc;
 
-		snprintf(path, sizeof(path), "%s", colon + 1);
-		third = strchr(path, ':');
-		if (third)
-			*third++ = 0;
-		rc = map_region_arena(path);
-		if (rc == 0) {
-			char wname[160];
-
-			if (third && *third)
-				snprintf(wname, sizeof(wname), "%s", third);
-			else
-				snprintf(wname, sizeof(wname), "/%s-wake", g.instance);
-			if (sbp_region_check(g.region, g.region_size, &g.info) == 0 &&
-			    (rc = map_wake(wname)) < 0) {
-				WARN("shm tier off: arena region needs its wake segment %s: %s", wname,
-				     strerror(-rc));
-				return -1;
-			}
-		}
-	} else {
-		WARN("shm tier off: unknown region backend in SHMBYPASS_REGION=%s", spec);
+	if (!strchr(spec, ':')) {
+		WARN("shm tier off: SHMBYPASS_REGION=%s is not <backend>:<path>", spec);
 		return -1;
 	}
+	if (open_sk_state() < 0)
+		return -1;
+	rc = map_region(spec);
+	if (rc > 0)
+		return -1;
 	if (rc < 0) {
 		WARN("shm tier off: cannot map region %s: %s", spec, strerror(-rc));
 		return -1;

@@ -89,6 +89,7 @@
 #include <unistd.h>
 
 #include "sys.h"
+#include "tool.h"
 
 #define HELLO_MAGIC 0x50504253u /* "SBPP" little-endian */
 #define STATS_MAGIC 0x54534253u /* "SBST" */
@@ -173,12 +174,7 @@ static struct machine machine_now(void)
 
 static void pin_cpu(int cpu)
 {
-	cpu_set_t set;
-	if (cpu < 0)
-		return;
-	CPU_ZERO(&set);
-	CPU_SET(cpu, &set);
-	if (sched_setaffinity(0, sizeof(set), &set) < 0)
+	if (pin_to_cpu(cpu) < 0)
 		die("sched_setaffinity");
 }
 

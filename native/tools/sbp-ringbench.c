@@ -11,7 +11,7 @@
  * Usage
  *   sbp-ringbench [--mode rtt|stream] [--size BYTES] [--iters N] [--warmup N]
  *                 [--bytes N] [--warmup-bytes N] [--cpu-a N] [--cpu-b M]
- *                 [--region anon|shm] [--slot-size BYTES] [--spin-ns NS]
+ *                 [--region anon|posix] [--slot-size BYTES] [--spin-ns NS]
  *
  *   --mode rtt        ping-pong: A sends --size bytes, B echoes them, A waits
  *                     for all of them. --iters round trips (default 100000)
@@ -27,10 +27,10 @@
  *   --cpu-a N         pin A (the measuring side) to CPU N (default: unpinned)
  *   --cpu-b M         pin B to CPU M
  *   --region anon     anonymous MAP_SHARED mapping inherited by fork (default)
- *   --region shm      POSIX shm segment /sbp-ringbench-<pid>; B unmaps the
+ *   --region posix    POSIX shm segment /sbp-ringbench-<pid>; B unmaps the
  *                     inherited mapping and maps it again by name; unlinked
  *                     at the end
- *   --slot-size BYTES slot size (default 4 KiB + 1 MiB: a 1 MiB ring)
+ *   --slot-size BYTES slot size (default 4 KiB + 256 KiB, the shm tier's: a 256 KiB ring)
  *   --spin-ns NS      upper bound of the adaptive spin before sleeping
  *                     (default: the ring's, 30000; 0 = sleep at once)
  *
@@ -63,12 +63,13 @@
 #include "region.h"
 #include "ring.h"
 #include "sys.h"
+#include "tool.h"
 
 struct opts {
 	int stream;
 	uint64_t size, iters, warmup, bytes, warmup_bytes;
 	int cpu_a, cpu_b;
-	int shm;
+	int posix;              /* --region posix */
 	uint64_t slot_size;
 	int64_t spin_ns;
 };
@@ -101,13 +102,7 @@ static uint64_t cpu_ns(void)
 
 static void pin(int cpu)
 {
-	cpu_set_t set;
-
-	if (cpu < 0)
-		return;
-	CPU_ZERO(&set);
-	CPU_SET(cpu, &set);
-	if (sched_setaffinity(0, sizeof(set), &set) < 0)
+	if (pin_to_cpu(cpu) < 0)
 		fail("cannot pin to CPU %s", strerror(errno));
 }
 
@@ -231,11 +226,9 @@ static int cmp_u64(const void *a, const void *b)
 	return x < y ? -1 : x > y;
 }
 
-int main(int argc, char **argv)
+/* The command line into *o (exits on a bad one; 0 after --help). */
+static void parse_opts(int argc, char **argv, struct opts *o)
 {
-	struct opts o = { .cpu_a = -1, .cpu_b = -1, .iters = 100000, .warmup = 10000,
-			  .bytes = 1ULL << 30, .warmup_bytes = 64ULL << 20,
-			  .slot_size = SBP_SLOT_SIZE_DEFAULT, .spin_ns = -1 };
 	static const struct option longopts[] = {
 		{ "mode", required_argument, 0, 'm' }, { "size", required_argument, 0, 's' },
 		{ "iters", required_argument, 0, 'i' }, { "warmup", required_argument, 0, 'w' },
@@ -245,174 +238,229 @@ int main(int argc, char **argv)
 		{ "spin-ns", required_argument, 0, 'p' }, { "help", no_argument, 0, 'h' },
 		{ 0, 0, 0, 0 } };
 	int c, have_size = 0;
-	char shm_name[64] = "";
 
 	while ((c = getopt_long(argc, argv, "h", longopts, NULL)) != -1) {
 		switch (c) {
 		case 'm':
 			if (strcmp(optarg, "rtt") && strcmp(optarg, "stream"))
 				fail("--mode is rtt or stream, not %s", optarg);
-			o.stream = !strcmp(optarg, "stream");
+			o->stream = !strcmp(optarg, "stream");
 			break;
-		case 's': o.size = num(optarg, "--size"); have_size = 1; break;
-		case 'i': o.iters = num(optarg, "--iters"); break;
-		case 'w': o.warmup = num(optarg, "--warmup"); break;
-		case 'b': o.bytes = num(optarg, "--bytes"); break;
-		case 'W': o.warmup_bytes = num(optarg, "--warmup-bytes"); break;
-		case 'A': o.cpu_a = (int)num(optarg, "--cpu-a"); break;
-		case 'B': o.cpu_b = (int)num(optarg, "--cpu-b"); break;
+		case 's': o->size = num(optarg, "--size"); have_size = 1; break;
+		case 'i': o->iters = num(optarg, "--iters"); break;
+		case 'w': o->warmup = num(optarg, "--warmup"); break;
+		case 'b': o->bytes = num(optarg, "--bytes"); break;
+		case 'W': o->warmup_bytes = num(optarg, "--warmup-bytes"); break;
+		case 'A': o->cpu_a = (int)num(optarg, "--cpu-a"); break;
+		case 'B': o->cpu_b = (int)num(optarg, "--cpu-b"); break;
 		case 'r':
-			if (strcmp(optarg, "anon") && strcmp(optarg, "shm"))
-				fail("--region is anon or shm, not %s", optarg);
-			o.shm = !strcmp(optarg, "shm");
+			/* shm: the posix backend's old name */
+			if (strcmp(optarg, "anon") && strcmp(optarg, "posix") && strcmp(optarg, "shm"))
+				fail("--region is anon or posix, not %s", optarg);
+			o->posix = strcmp(optarg, "anon") != 0;
 			break;
-		case 'S': o.slot_size = num(optarg, "--slot-size"); break;
-		case 'p': o.spin_ns = (int64_t)num(optarg, "--spin-ns"); break;
+		case 'S': o->slot_size = num(optarg, "--slot-size"); break;
+		case 'p': o->spin_ns = (int64_t)num(optarg, "--spin-ns"); break;
 		default:
 			fprintf(stderr, "usage: see the comment at the top of native/tools/sbp-ringbench.c\n");
-			return c == 'h' ? 0 : 1;
+			exit(c == 'h' ? 0 : 1);
 		}
 	}
 	if (!have_size)
-		o.size = o.stream ? 65536 : 64;
-	if (o.size == 0 || o.size > (1u << 30) || o.iters == 0 || o.bytes == 0)
+		o->size = o->stream ? 65536 : 64;
+	if (o->size == 0 || o->size > (1u << 30) || o->iters == 0 || o->bytes == 0)
 		fail("%s", "--size, --iters and --bytes must be positive");
-	if (o.slot_size > SBP_REGION_MAX_SLOT)
+	if (o->slot_size > SBP_REGION_MAX_SLOT)
 		fail("%s", "--slot-size too large");
+}
 
-	/* The region: header + two slots. */
-	size_t size = SBP_REGION_HDR_SIZE + 2 * o.slot_size;
+/* The region (header + two slots, size bytes), both rings formatted; for
+ * --region posix a segment named name. */
+static void *make_region(const struct opts *o, size_t size, const char *name,
+			 struct sbp_region_info *info)
+{
 	void *base;
-	int fd = -1;
 
-	if (o.shm) {
-		snprintf(shm_name, sizeof(shm_name), "/sbp-ringbench-%d", (int)getpid());
-		fd = shm_open(shm_name, O_RDWR | O_CREAT | O_EXCL, 0600);
+	if (o->posix) {
+		int fd = shm_open(name, O_RDWR | O_CREAT | O_EXCL, 0600);
+
 		if (fd < 0 || ftruncate(fd, (off_t)size) < 0)
-			fail("shm segment: %s", strerror(errno));
+			fail("posix shm segment: %s", strerror(errno));
 		base = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
 	} else {
 		base = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
 	}
-	struct control *ctl = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
-	if (base == MAP_FAILED || ctl == MAP_FAILED)
+	if (base == MAP_FAILED)
 		fail("mmap: %s", strerror(errno));
-	struct sbp_region_info info;
-	if (sbp_region_format(base, size, (uint32_t)o.slot_size, 1) != 0 ||
-	    sbp_region_check(base, size, &info) != 0)
+	if (sbp_region_format(base, size, (uint32_t)o->slot_size, 1) != 0 ||
+	    sbp_region_check(base, size, info) != 0)
 		fail("%s", "bad --slot-size (a multiple of 4096, at least 8192)");
-	if (!o.stream && o.size > info.ring_capacity)
+	if (!o->stream && o->size > info->ring_capacity)
 		fail("%s", "rtt --size must not exceed the ring capacity (raise --slot-size)");
 	for (uint32_t s = 0; s < 2; s++)
-		sbp_ring_format(sbp_region_slot(&info, base, s), info.slot_size, 1);
+		sbp_ring_format(sbp_region_slot(info, base, s), info->slot_size, 1);
+	return base;
+}
 
-	pid_t pid = fork();
-	if (pid < 0)
-		fail("fork: %s", strerror(errno));
-	if (pid == 0) {
-		alarm(600);
-		pin(o.cpu_b);
-		if (o.shm) {   /* a mapping of our own, made by name */
-			munmap(base, size);
-			int f = shm_open(shm_name, O_RDWR, 0);
-			base = f < 0 ? MAP_FAILED : mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, f, 0);
-			if (base == MAP_FAILED)
-				fail("B: map shm: %s", strerror(errno));
-			close(f);
-			if (sbp_region_check(base, size, &info) != 0)
-				fail("%s", "B: bad region header");
-		}
-		ctl->b_mapped = 1;
-		side_b(base, &info, &o, ctl);
-		_exit(0);
-	}
+/* Side B in the forked child: --region posix maps the segment again by
+ * name (a mapping of its own), then echoes (side_b). Does not return. */
+static void run_b(void *base, size_t size, const char *name, struct sbp_region_info *info,
+		  const struct opts *o, struct control *ctl)
+{
 	alarm(600);
-	pin(o.cpu_a);
-	if (o.shm) {   /* once B has its own mapping, the name can go */
-		while (!ctl->b_mapped && waitpid(pid, NULL, WNOHANG) == 0)
-			usleep(100);
-		shm_unlink(shm_name);
+	pin(o->cpu_b);
+	if (o->posix) {
+		int f;
+
+		munmap(base, size);
+		f = shm_open(name, O_RDWR, 0);
+		base = f < 0 ? MAP_FAILED : mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, f, 0);
+		if (base == MAP_FAILED)
+			fail("B: map posix shm: %s", strerror(errno));
+		close(f);
+		if (sbp_region_check(base, size, info) != 0)
+			fail("%s", "B: bad region header");
 	}
+	ctl->b_mapped = 1;
+	side_b(base, info, o, ctl);
+	_exit(0);
+}
 
-	struct sbp_ring out, in;
-	char *buf = malloc(o.size);
-	uint64_t *samples = o.stream ? NULL : malloc(o.iters * sizeof(uint64_t));
-	if (!buf || (!o.stream && !samples))
-		fail("%s", "out of memory");
-	memset(buf, 0x5a, o.size);
-	attach(&out, base, &info, 0, &o);
-	attach(&in, base, &info, 1, &o);
+/* total bytes from buf in writes of at most chunk. */
+static void send_bytes(struct sbp_ring *out, char *buf, uint64_t total, uint64_t chunk)
+{
+	for (uint64_t left = total; left; ) {
+		uint64_t n = left < chunk ? left : chunk;
 
+		send_all(out, buf, n);
+		left -= n;
+	}
+}
+
+/* What side A measured. */
+struct result {
 	uint64_t t0, t1, c0, c1, ops;
+	uint64_t *samples;      /* rtt: one round trip each */
+};
+
+/* Side A: round trips of o->size bytes (rtt), or o->bytes streamed to B
+ * and one byte back (stream); warm-ups first. */
+static void run_a(struct sbp_ring *out, struct sbp_ring *in, const struct opts *o,
+		  char *buf, struct result *res)
+{
 	char ack;
-	if (!o.stream) {
-		for (uint64_t i = 0; i < o.warmup; i++) {
-			send_all(&out, buf, o.size);
-			recv_all(&in, buf, o.size);
+
+	if (!o->stream) {
+		for (uint64_t i = 0; i < o->warmup; i++) {
+			send_all(out, buf, o->size);
+			recv_all(in, buf, o->size);
 		}
-		c0 = cpu_ns();
-		t0 = now_ns();
-		uint64_t prev = t0;
-		for (uint64_t i = 0; i < o.iters; i++) {
-			send_all(&out, buf, o.size);
-			recv_all(&in, buf, o.size);
+		res->c0 = cpu_ns();
+		res->t0 = now_ns();
+		uint64_t prev = res->t0;
+		for (uint64_t i = 0; i < o->iters; i++) {
+			send_all(out, buf, o->size);
+			recv_all(in, buf, o->size);
 			uint64_t t = now_ns();
-			samples[i] = t - prev;
+			res->samples[i] = t - prev;
 			prev = t;
 		}
-		t1 = prev;
-		c1 = cpu_ns();
-		ops = o.iters;
-	} else {
-		for (uint64_t left = o.warmup_bytes; left; ) {
-			uint64_t n = left < o.size ? left : o.size;
-			send_all(&out, buf, n);
-			left -= n;
-		}
-		recv_all(&in, &ack, 1);
-		c0 = cpu_ns();
-		t0 = now_ns();
-		for (uint64_t left = o.bytes; left; ) {
-			uint64_t n = left < o.size ? left : o.size;
-			send_all(&out, buf, n);
-			left -= n;
-		}
-		recv_all(&in, &ack, 1);
-		t1 = now_ns();
-		c1 = cpu_ns();
-		ops = (o.bytes + o.size - 1) / o.size;
+		res->t1 = prev;
+		res->c1 = cpu_ns();
+		res->ops = o->iters;
+		return;
 	}
+	send_bytes(out, buf, o->warmup_bytes, o->size);
+	recv_all(in, &ack, 1);
+	res->c0 = cpu_ns();
+	res->t0 = now_ns();
+	send_bytes(out, buf, o->bytes, o->size);
+	recv_all(in, &ack, 1);
+	res->t1 = now_ns();
+	res->c1 = cpu_ns();
+	res->ops = (o->bytes + o->size - 1) / o->size;
+}
 
-	int status;
-	if (waitpid(pid, &status, 0) < 0 || !WIFEXITED(status) || WEXITSTATUS(status) || !ctl->b_done)
-		fail("%s", "side B failed");
+/* One JSON line on stdout. */
+static void report(const struct opts *o, struct result *res, uint64_t b_cpu_ns, uint64_t capacity)
+{
+	double wall_s = (double)(res->t1 - res->t0) / 1e9;
+	double cpu_a = (double)(res->c1 - res->c0) / 1e9, cpu_b = (double)b_cpu_ns / 1e9;
+	uint64_t *samples = res->samples;
 
-	double wall_s = (double)(t1 - t0) / 1e9;
-	double cpu_a = (double)(c1 - c0) / 1e9, cpu_b = (double)ctl->b_cpu_ns / 1e9;
-	printf("{\"tool\": \"sbp-ringbench\", \"op\": \"%s\", \"size\": %" PRIu64, o.stream ? "stream" : "rtt", o.size);
-	if (!o.stream) {
+	printf("{\"tool\": \"sbp-ringbench\", \"op\": \"%s\", \"size\": %" PRIu64, o->stream ? "stream" : "rtt", o->size);
+	if (!o->stream) {
 		double sum = 0;
-		for (uint64_t i = 0; i < o.iters; i++)
+		for (uint64_t i = 0; i < o->iters; i++)
 			sum += (double)samples[i];
-		qsort(samples, o.iters, sizeof(*samples), cmp_u64);
-#define PCT(p) samples[(uint64_t)((double)(o.iters - 1) * (p))]
+		qsort(samples, o->iters, sizeof(*samples), cmp_u64);
+#define PCT(p) samples[(uint64_t)((double)(o->iters - 1) * (p))]
 		printf(", \"iters\": %" PRIu64 ", \"warmup\": %" PRIu64 ", \"p50_ns\": %" PRIu64
 		       ", \"p99_ns\": %" PRIu64 ", \"p999_ns\": %" PRIu64 ", \"mean_ns\": %.1f"
 		       ", \"min_ns\": %" PRIu64 ", \"max_ns\": %" PRIu64,
-		       o.iters, o.warmup, PCT(0.50), PCT(0.99), PCT(0.999), sum / (double)o.iters,
-		       samples[0], samples[o.iters - 1]);
+		       o->iters, o->warmup, PCT(0.50), PCT(0.99), PCT(0.999), sum / (double)o->iters,
+		       samples[0], samples[o->iters - 1]);
 #undef PCT
 	} else {
 		printf(", \"bytes\": %" PRIu64 ", \"warmup_bytes\": %" PRIu64 ", \"gbps\": %.4f, \"gbit_s\": %.3f",
-		       o.bytes, o.warmup_bytes, (double)o.bytes / wall_s / 1e9, (double)o.bytes * 8 / wall_s / 1e9);
+		       o->bytes, o->warmup_bytes, (double)o->bytes / wall_s / 1e9, (double)o->bytes * 8 / wall_s / 1e9);
 	}
 	printf(", \"wall_s\": %.6f, \"cpu_a_s\": %.6f, \"cpu_b_s\": %.6f, \"cpu_s\": %.6f"
 	       ", \"cpu_ns_per_op\": %.1f, \"cpu_a\": %d, \"cpu_b\": %d, \"region\": \"%s\""
 	       ", \"spin_ns\": %" PRId64 ", \"capacity\": %" PRIu64 "}\n",
-	       wall_s, cpu_a, cpu_b, cpu_a + cpu_b, (cpu_a + cpu_b) * 1e9 / (double)ops,
-	       o.cpu_a, o.cpu_b, o.shm ? "shm" : "anon",
-	       o.spin_ns >= 0 ? o.spin_ns : (int64_t)SBP_RING_SPIN_DEFAULT_NS, info.ring_capacity);
+	       wall_s, cpu_a, cpu_b, cpu_a + cpu_b, (cpu_a + cpu_b) * 1e9 / (double)res->ops,
+	       o->cpu_a, o->cpu_b, o->posix ? "posix" : "anon",
+	       o->spin_ns >= 0 ? o->spin_ns : (int64_t)SBP_RING_SPIN_DEFAULT_NS, capacity);
+}
+
+int main(int argc, char **argv)
+{
+	struct opts o = { .cpu_a = -1, .cpu_b = -1, .iters = 100000, .warmup = 10000,
+			  .bytes = 1ULL << 30, .warmup_bytes = 64ULL << 20,
+			  .slot_size = SBP_SLOT_SIZE_DEFAULT, .spin_ns = -1 };
+	struct sbp_region_info info;
+	struct result res = { 0 };
+	struct sbp_ring out, in;
+	char name[64] = "";
+	size_t size;
+	void *base;
+	char *buf;
+	int status;
+
+	parse_opts(argc, argv, &o);
+	size = SBP_REGION_HDR_SIZE + 2 * o.slot_size;
+	snprintf(name, sizeof(name), "/sbp-ringbench-%d", (int)getpid());
+	base = make_region(&o, size, name, &info);
+	struct control *ctl = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+	if (ctl == MAP_FAILED)
+		fail("mmap: %s", strerror(errno));
+
+	pid_t pid = fork();
+	if (pid < 0)
+		fail("fork: %s", strerror(errno));
+	if (pid == 0)
+		run_b(base, size, name, &info, &o, ctl);
+	alarm(600);
+	pin(o.cpu_a);
+	if (o.posix) {   /* once B has its own mapping, the name can go */
+		while (!ctl->b_mapped && waitpid(pid, NULL, WNOHANG) == 0)
+			usleep(100);
+		shm_unlink(name);
+	}
+
+	buf = malloc(o.size);
+	res.samples = o.stream ? NULL : malloc(o.iters * sizeof(uint64_t));
+	if (!buf || (!o.stream && !res.samples))
+		fail("%s", "out of memory");
+	memset(buf, 0x5a, o.size);
+	attach(&out, base, &info, 0, &o);
+	attach(&in, base, &info, 1, &o);
+	run_a(&out, &in, &o, buf, &res);
+
+	if (waitpid(pid, &status, 0) < 0 || !WIFEXITED(status) || WEXITSTATUS(status) || !ctl->b_done)
+		fail("%s", "side B failed");
+	report(&o, &res, ctl->b_cpu_ns, info.ring_capacity);
 	free(buf);
-	free(samples);
+	free(res.samples);
 	return 0;
 }

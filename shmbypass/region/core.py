@@ -18,7 +18,7 @@ TIER_SLOT_SIZE = 4096 + (256 << 10)
 HDR_SIZE = lib.SBP_REGION_HDR_SIZE
 PAGE = 4096
 # The backend ids kept in the header (SBP_BACKEND_*), by name.
-BACKEND_IDS = {"anon": lib.SBP_BACKEND_ANON, "posix": lib.SBP_BACKEND_SHM,
+BACKEND_IDS = {"anon": lib.SBP_BACKEND_ANON, "posix": lib.SBP_BACKEND_POSIX,
                "arena": lib.SBP_BACKEND_ARENA, "ivshmem": lib.SBP_BACKEND_IVSHMEM}
 BACKEND_NAMES = {v: k for k, v in BACKEND_IDS.items()}
 
