@@ -90,6 +90,8 @@ static ssize_t read_exact(int fd, void *buf, size_t n)
 	return got;
 }
 
+/* long: one check after another, each a block with its comment, in the
+ * order of the output (a script, not an algorithm). */
 int main(void)
 {
 	int (*tier)(int) = (int (*)(int))dlsym(RTLD_DEFAULT, "shmbypass_fd_tier");
