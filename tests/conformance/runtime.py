@@ -27,6 +27,8 @@ import sys
 import threading
 import time
 
+from stream_peer import pattern, recv_n  # noqa: F401  (tests/: deterministic bytes; n bytes or to EOF)
+
 HOST = "127.0.0.1"
 PEER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peer.py")
 IMMEDIATE = 0.5     # seconds: a call that returns sooner is "immediate"
@@ -83,12 +85,6 @@ def timed(fn, *args, **kw):
     return [r, time_class(time.monotonic() - t0)]
 
 
-def pattern(size: int, seed: int = 1) -> bytes:
-    """Deterministic bytes (seed 1 and 2 differ), cheap to make in bulk."""
-    block = hashlib.sha256(bytes([seed])).digest() * 2048
-    return (block * (size // len(block) + 1))[:size]
-
-
 EVENTS = [(select.POLLIN, "IN"), (select.POLLPRI, "PRI"), (select.POLLOUT, "OUT"),
           (select.POLLERR, "ERR"), (select.POLLHUP, "HUP"), (select.POLLRDHUP, "RDHUP"),
           (select.POLLNVAL, "NVAL")]
@@ -123,17 +119,6 @@ def in_thread(fn, *args, wait=10.0):
     t.start()
     t.join(wait)
     return box[0] if box else "hangs"
-
-
-def recv_n(sock, n: int) -> bytes:
-    """Up to n bytes, stopping at EOF."""
-    buf = bytearray()
-    while len(buf) < n:
-        b = sock.recv(min(n - len(buf), 1 << 20))
-        if not b:
-            break
-        buf += b
-    return bytes(buf)
 
 
 def recv_all(sock) -> bytes:

@@ -10,7 +10,7 @@ import runtime as rt
 
 SIZE = 1 << 20
 BUSYBOX = "/bin/busybox"
-WAIT = 10
+WAIT = 6
 
 
 def server(srv):

@@ -13,7 +13,7 @@ TRIES, CHURN, SIZE = 3, 400, 64 << 10
 
 def server(srv):
     ls = srv.listen(backlog=512)
-    ls.settimeout(10)                       # a client that broke off is not waited for
+    ls.settimeout(6)                        # a client that broke off is not waited for
     for i in range(TRIES):
         c, _ = ls.accept()                  # the half-closed one comes first
         if i == 0:
@@ -34,6 +34,6 @@ def client(cli):
         time.sleep(0.1)                     # and the server's FIN
         for _ in range(CHURN):
             cli.connect().close()
-        s.settimeout(10)
+        s.settimeout(6)
         rt.obs(f"try {i}", rt.call(rt.recv_all, s))
         s.close()

@@ -40,5 +40,5 @@ def receiver(args):
     unix = socket.socket(fileno=int(args[0]))
     _, fds, _, _ = socket.recv_fds(unix, 16, 1)
     s = socket.socket(fileno=fds[0])
-    s.settimeout(10)
+    s.settimeout(6)
     rt.obs("received", rt.call(rt.recv_all, s))

@@ -17,7 +17,7 @@ def server(srv):
 def client(cli):
     s = cli.connect()
     rt.tier(s)
-    rt.obs("spliced", rt.in_thread(splice_all, s, None))
+    rt.obs("spliced", rt.in_thread(splice_all, s, None, wait=6))
 
 
 def splice_all(s, limit):

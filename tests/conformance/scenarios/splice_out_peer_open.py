@@ -16,5 +16,5 @@ def server(srv):
 def client(cli):
     s = cli.connect()
     rt.tier(s)
-    rt.obs("spliced", rt.in_thread(splice_all, s, SIZE))
+    rt.obs("spliced", rt.in_thread(splice_all, s, SIZE, wait=6))
     s.sendall(b"done")
