@@ -49,11 +49,8 @@ def region_spec(inst: paths.Instance) -> str | None:
     backend, path = region.get("backend"), region.get("path")
     if not backend or not path:
         return None
-    if backend == "posix":
-        # The interposer on main still spells the posix backend `shm:`.
-        backend = "shm"
-        if not path.startswith("/"):
-            path = "/" + path
+    if backend == "posix" and not path.startswith("/"):
+        path = "/" + path
     return f"{backend}:{path}"
 
 

@@ -175,7 +175,7 @@ def test_daemonset_and_opt_in_agree():
         assert lib.startswith("/run/shmbypass/lib/") and os.path.basename(lib) in script
         assert os.path.exists(paths.tool(os.path.basename(lib))), lib  # files the build makes
     assert penv["SHMBYPASS_INSTANCE"] == env["SHMBYPASS_INSTANCE"]
-    assert penv["SHMBYPASS_REGION"] == "shm:" + posix.segment_name(env["SHMBYPASS_INSTANCE"])
+    assert penv["SHMBYPASS_REGION"] == "posix:" + posix.segment_name(env["SHMBYPASS_INSTANCE"])
     pm = host_mounts(pspec, app)
     assert pm["/run/shmbypass"] == {"host": "/run/shmbypass", "ro": True}
     inst = paths.Instance(env["SHMBYPASS_INSTANCE"])
