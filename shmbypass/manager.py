@@ -35,7 +35,7 @@ def is_up(inst: paths.Instance) -> bool:
 
 def _make_region(inst: paths.Instance, backend: str | None, slot_count: int | None,
                  part: int | None = None) -> dict:
-    """Create the instance's region (slots of region.TIER_SLOT_SIZE); an
+    """Create the instance's region (slots of region.SLOT_SIZE_DEFAULT); an
     arena that this kernel cannot make falls back to POSIX shm, with the
     reason recorded."""
     if backend == "ivshmem":  # VM pairs: join the host's region, use our part
@@ -50,7 +50,7 @@ def _make_region(inst: paths.Instance, backend: str | None, slot_count: int | No
             backend = "arena"
     region.remove(inst.name, inst.pin_dir)  # a killed run's leftovers
     r = region.format(backend, instance=inst.name, slot_count=slot_count,
-                      slot_size=region.TIER_SLOT_SIZE, pin_dir=inst.pin_dir)
+                      slot_size=region.SLOT_SIZE_DEFAULT, pin_dir=inst.pin_dir)
     try:
         path = r.name
         rid = r.region_id

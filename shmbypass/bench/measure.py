@@ -11,7 +11,7 @@ import subprocess
 from dataclasses import dataclass
 
 from shmbypass import paths
-from shmbypass.region import TIER_SLOT_SIZE
+from shmbypass.region import SLOT_SIZE_DEFAULT
 
 PINGPONG = paths.tool("sbp-pingpong")
 RINGBENCH = paths.tool("sbp-ringbench")
@@ -83,7 +83,7 @@ def pingpong_line(test, cfg):
 
 
 def ringbench_argv(kind, size, *, iters=None, nbytes=None, warmup=2000, cpu_a=None, cpu_b=None,
-                   slot_size=TIER_SLOT_SIZE):
+                   slot_size=SLOT_SIZE_DEFAULT):
     """sbp-ringbench: the raw ring between two processes, no sockets. Its
     rings are the shm tier's size by default: a bigger ring switches less
     often on one core, and the comparison is of the tier's overhead, not of

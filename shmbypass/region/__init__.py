@@ -23,7 +23,7 @@ from shmbypass import paths
 from shmbypass.region import arena, posix
 from shmbypass.region.anon import anonymous
 from shmbypass.region.arena import ArenaProbe, ArenaUnsupported, arena_supported
-from shmbypass.region.core import (HDR_SIZE, SLOT_SIZE_DEFAULT, TIER_SLOT_SIZE, Region, RegionCorrupt,
+from shmbypass.region.core import (HDR_SIZE, SLOT_SIZE_DEFAULT, Region, RegionCorrupt,
                                    RegionError, RegionExists, RegionInfo, RegionMapError,
                                    RegionNotFound, RegionVersionMismatch)
 from shmbypass.region.ivshmem import (IvshmemNotFound, RegionNoPart, RegionNotFormatted,
@@ -34,7 +34,7 @@ __all__ = [
     "RegionExists", "RegionNotFound", "RegionMapError", "ArenaUnsupported", "ArenaProbe",
     "RegionNotFormatted", "RegionNoPart", "IvshmemNotFound", "arena_supported", "default_backend",
     "format", "open", "anonymous", "remove", "format_ivshmem_file", "open_ivshmem", "pick_part",
-    "ivshmem_state", "BACKENDS", "HDR_SIZE", "SLOT_SIZE_DEFAULT", "TIER_SLOT_SIZE",
+    "ivshmem_state", "BACKENDS", "HDR_SIZE", "SLOT_SIZE_DEFAULT",
 ]
 
 # The backends a region can be made with by name (ivshmem's is the host's file).

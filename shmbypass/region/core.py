@@ -11,10 +11,9 @@ from dataclasses import dataclass
 from shmbypass._native import ffi, lib
 from shmbypass.ring import Ring
 
+# The shm tier's slots (one host and VM pairs; native/region.h): 256 KiB
+# rings, so 128 slots (64 connections) take 33 MiB.
 SLOT_SIZE_DEFAULT = lib.SBP_SLOT_SIZE_DEFAULT
-# The shm tier's slots (one host and VM pairs): 256 KiB rings, so 128 slots
-# (64 connections) take 33 MiB.
-TIER_SLOT_SIZE = 4096 + (256 << 10)
 HDR_SIZE = lib.SBP_REGION_HDR_SIZE
 PAGE = 4096
 # The backend ids kept in the header (SBP_BACKEND_*), by name.

@@ -16,7 +16,7 @@ import secrets
 
 from shmbypass._native import ffi, lib
 from shmbypass.errors import ShmbypassError
-from shmbypass.region.core import (HDR_SIZE, TIER_SLOT_SIZE, Region, RegionCorrupt, RegionError,
+from shmbypass.region.core import (HDR_SIZE, SLOT_SIZE_DEFAULT, Region, RegionCorrupt, RegionError,
                                    RegionVersionMismatch)
 
 IVSHMEM_VENDOR = 0x1AF4
@@ -132,7 +132,7 @@ def _map_file(path):
         os.close(fd)
 
 
-def format_ivshmem_file(path, guests=GUESTS, slot_size=TIER_SLOT_SIZE, region_id=None):
+def format_ivshmem_file(path, guests=GUESTS, slot_size=SLOT_SIZE_DEFAULT, region_id=None):
     """Host side: format the (existing, sized) file behind an ivshmem region
     with one part per guest, slots split evenly. Returns its RegionInfo."""
     mm, size = _map_file(path)
