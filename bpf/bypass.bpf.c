@@ -22,6 +22,7 @@
 #include <bpf/bpf_endian.h>
 #include "bypass.h"
 #include "shared.h"
+#include "capture.h"
 
 #define AF_INET 2
 #define AF_INET6 10
@@ -170,6 +171,14 @@ static __always_inline int draining(void)
 	struct sbp_config *cfg = bpf_map_lookup_elem(&settings, &zero);
 
 	return cfg && cfg->draining;
+}
+
+static __always_inline __u32 capturing(void)
+{
+	__u32 zero = 0;
+	struct sbp_config *cfg = bpf_map_lookup_elem(&settings, &zero);
+
+	return cfg ? cfg->capture : 0;
 }
 
 /* Addresses as IPv6; IPv4 becomes ::ffff:a.b.c.d, the same form an IPv6
@@ -1313,6 +1322,7 @@ int sbp_msg(struct sk_msg_md *msg)
 	__sync_fetch_and_add(&c->bytes_tx, size);
 	count(SBP_CNT_MSG_REDIRECT, 1);
 	count(SBP_CNT_BYTES_REDIRECT, size);
+	capture_send(msg, capturing());
 	return SK_PASS;
 pass:
 	count(SBP_CNT_MSG_PASS, 1);

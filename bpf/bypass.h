@@ -296,7 +296,7 @@ struct sbp_allow_key {
 
 struct sbp_config {
 	__u32 draining;		/* 1: redirect nothing new, let queues drain */
-	__u32 pad;
+	__u32 capture;		/* 1: a capture runs (bpf/capture.h) */
 };
 
 enum sbp_counter {
@@ -314,6 +314,8 @@ enum sbp_counter {
 	SBP_CNT_SHM_FALLBACK,	/* marked sockets that did not */
 	SBP_CNT_RESV_EXPIRED,	/* SYN-ACK reservations the timer returned */
 	SBP_CNT_SLOT_PARKED,	/* closed sockets' slots held for a peer VM */
+	SBP_CNT_CAPTURE_DROPPED,	/* capture records lost (ring full, send too long) */
+	SBP_CNT_CAPTURE_DROPPED_BYTES,	/* their data bytes */
 	SBP_CNT__MAX,
 };
 

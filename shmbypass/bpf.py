@@ -52,6 +52,10 @@ class BpfObject:
         finally:
             os.close(fd)  # libbpf keeps its own dup
 
+    def set_max_entries(self, name: str, n: int) -> None:
+        """Size a map of this object before load (e.g. a ring buffer's bytes)."""
+        _check(lib.bpf_map__set_max_entries(self._map(name), n), f"size map {name}")
+
     def load(self) -> None:
         lib.sbp_libbpf_log_clear()
         err = lib.bpf_object__load(self._obj)
@@ -215,6 +219,30 @@ def prog_info(fd: int) -> dict:
     _check(lib.bpf_obj_get_info_by_fd(fd, info, n), "get program info")
     return {"id": info.id, "name": ffi.string(info.name).decode(errors="replace"),
             "run_cnt": info.run_cnt, "run_time_ns": info.run_time_ns}
+
+
+def prog_map_fd(prog_fd: int, name: str) -> int:
+    """An fd of its own (the caller closes it) for the map `name` that a
+    loaded program uses, found by the program's map ids: for a map nobody
+    pinned, whose life should end with its users (a capture's program
+    array, bpf/capture.h)."""
+    info = ffi.new("struct bpf_prog_info *")
+    n = ffi.new("uint32_t *", ffi.sizeof(info[0]))
+    _check(lib.bpf_obj_get_info_by_fd(prog_fd, info, n), "get program info")
+    count = info.nr_map_ids
+    ids = ffi.new("uint32_t[]", max(count, 1))
+    info = ffi.new("struct bpf_prog_info *", {"nr_map_ids": count,
+                                              "map_ids": int(ffi.cast("uintptr_t", ids))})
+    n[0] = ffi.sizeof(info[0])
+    _check(lib.bpf_obj_get_info_by_fd(prog_fd, info, n), "get program info")
+    for map_id in ids[0:min(count, info.nr_map_ids)]:
+        fd = _check(lib.bpf_map_get_fd_by_id(map_id), f"open map {map_id}")
+        minfo = ffi.new("struct bpf_map_info *")
+        n[0] = ffi.sizeof(minfo[0])
+        if lib.bpf_obj_get_info_by_fd(fd, minfo, n) == 0 and ffi.string(minfo.name).decode() == name:
+            return fd
+        os.close(fd)
+    raise KeyError(f"program {prog_fd} uses no map {name}")
 
 
 def link_prog_fd(link_fd: int) -> int:

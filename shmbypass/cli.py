@@ -1,5 +1,5 @@
-"""The shmbypass command line: up, down, run, status, doctor, bench, vm, metrics,
-install-service."""
+"""The shmbypass command line: up, down, run, status, doctor, capture, bench, vm,
+metrics, install-service."""
 import argparse
 import json
 import os
@@ -7,6 +7,7 @@ import sys
 
 from shmbypass import __version__, deploy, doctor, manager, metrics, paths, policy, programs, status
 from shmbypass.bench import cli as bench_cli
+from shmbypass.capture import cli as capture_cli
 from shmbypass.errors import ShmbypassError
 from shmbypass.vm import cli as vm_cli
 
@@ -101,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shm-tier ring slots in the pool, two per connection (default 128)")
     p.add_argument("--without", metavar="FEATURE[,FEATURE]",
                    help="optional features not to use, as if the kernel refused them "
-                        "(drain, drain-tcp, arena; also SHMBYPASS_WITHOUT)")
+                        "(drain, drain-tcp, ask, capture, arena; also SHMBYPASS_WITHOUT)")
     p.add_argument("--allow-user", action="append", default=[], metavar="USER",
                    help="this user may use the shm tier (repeat; root always may)")
     p.add_argument("--allow-group", action="append", default=[], metavar="GROUP",
@@ -146,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_doctor)
 
     # Subcommands that live in their own modules and packages.
+    capture_cli.add_parser(sub)
     bench_cli.add_parser(sub)
     vm_cli.add_parser(sub)
     metrics.add_parser(sub)

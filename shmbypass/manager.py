@@ -16,6 +16,7 @@ import time
 
 from shmbypass import bpf, broker, drain, launch, features, paths, policy, programs, region, shmtier, slots
 from shmbypass._native import lib
+from shmbypass.capture import control as capture
 from shmbypass.errors import ShmbypassError
 
 MAPS = ("sock_hash", "conns", "pending", "counters", "settings", "errors", "sk_state",
@@ -74,7 +75,9 @@ def _load_optional(inst: paths.Instance, cgroup: str) -> dict:
     pins = {m: inst.pin(m) for m in MAPS}
     for p in programs.OPTIONAL_PROGRAMS:
         obj, feat = programs.load_optional(p, pins)
-        if obj:
+        if obj and p.on_demand:
+            obj.close()  # the command that uses it loads its own (shmbypass capture)
+        elif obj:
             with obj:
                 for prog in p.progs:
                     if prog in OPTIONAL_PINS:
@@ -111,6 +114,7 @@ def up(inst: paths.Instance, cgroup: str | None = None, slot_count: int | None =
         raise ShmbypassError(f"{paths.bpf_object(programs.CORE_OBJECT)} is missing: build first "
                              "(make setup)")
     if is_up(inst):
+        capture.reset_if_stale(inst)  # a capture that was killed left its flags on
         return False
     # Leftovers of an interrupted up/down: clear them and start over.
     _remove_pins(inst)
@@ -170,6 +174,7 @@ def _publish(inst: paths.Instance) -> None:
     inbox = os.path.join(inst.run_dir, "inbox")
     os.makedirs(inbox, exist_ok=True)
     os.chmod(inbox, 0o1733)
+    capture.publish(inst)
     for sub, files in (("lib", [paths.tool(n) for n in ("libshmbypass-preload.so",
                                                            "libshmbypass-guard.so")]),
                        ("bin", [os.path.join(paths.PKG_DIR, "launch.py")])):

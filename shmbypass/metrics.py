@@ -58,6 +58,11 @@ COUNTER_METRICS = {
                      "SYN-ACK slot reservations returned to the pool by the timer", {}),
     "slot_parked": ("shmbypass_slots_parked",
                     "Slots of closed sockets held for a peer VM that may still read them", {}),
+    "capture_dropped": ("shmbypass_capture_dropped_records",
+                        "Kernel-tier capture records lost (ring buffer full, or a send too long)",
+                        {}),
+    "capture_dropped_bytes": ("shmbypass_capture_dropped_bytes",
+                              "Bytes of the kernel-tier capture records that were lost", {}),
 }
 
 

@@ -27,6 +27,7 @@ class OptionalProgram:
     kind: str               # their section(s), as the kernel knows them
     gives: str              # what is lost without it
     reuse: tuple[str, ...] = ()  # core maps the object shares (by pin name)
+    on_demand: bool = False  # loaded by the command that uses it, only probed at `up`
 
 
 OPTIONAL_PROGRAMS = (
@@ -38,6 +39,11 @@ OPTIONAL_PROGRAMS = (
                     "cgroup/setsockopt + cgroup/getsockopt",
                     "programs ask for the shm tier and learn its answer (without it: no shm tier)",
                     reuse=("sk_state", "conns", "policy", "allowed", "counters", "errors")),
+    OptionalProgram("capture", "capture", ("sbp_capture_msg", "sbp_capture_ops"),
+                    "sk_msg + sockops with a ring buffer and bpf_loop",
+                    "`shmbypass capture` (a pcap of bypassed connections)",
+                    reuse=("sk_state", "conns", "policy", "allowed", "counters", "errors"),
+                    on_demand=True),
 )
 OPTIONAL_NAMES = tuple(p.name for p in OPTIONAL_PROGRAMS) + ("arena",)
 
@@ -85,11 +91,11 @@ def load_core() -> bpf.BpfObject:
     return obj
 
 
-def load_optional(p: OptionalProgram, pins: dict[str, str] | None = None
-                  ) -> tuple[bpf.BpfObject | None, Feature]:
+def load_optional(p: OptionalProgram, pins: dict[str, str] | None = None,
+                  size: dict[str, int] | None = None) -> tuple[bpf.BpfObject | None, Feature]:
     """(the loaded object, or None; and the feature line saying why).
     pins: name -> pinned path of the core maps to share (p.reuse); without
-    them (a probe) the object makes its own."""
+    them (a probe) the object makes its own. size: map -> max_entries."""
     if p.name in turned_off():
         return None, Feature(p.name, False, f"{p.kind}: turned off ({WITHOUT_ENV})")
     path = paths.bpf_object(p.obj)
@@ -101,6 +107,8 @@ def load_optional(p: OptionalProgram, pins: dict[str, str] | None = None
         obj = bpf.BpfObject(path, skip_programs=others)
         for name in p.reuse if pins else ():
             obj.reuse_map(name, pins[name])
+        for name, n in (size or {}).items():
+            obj.set_max_entries(name, n)
     except (OSError, KeyError) as e:
         return None, Feature(p.name, False, f"{p.kind}: cannot open {path}: {e}")
     try:

@@ -56,6 +56,8 @@ COUNTERS = {
     lib.SBP_CNT_SHM_FALLBACK: "shm_fallback",
     lib.SBP_CNT_RESV_EXPIRED: "resv_expired",
     lib.SBP_CNT_SLOT_PARKED: "slot_parked",
+    lib.SBP_CNT_CAPTURE_DROPPED: "capture_dropped",
+    lib.SBP_CNT_CAPTURE_DROPPED_BYTES: "capture_dropped_bytes",
 }
 
 

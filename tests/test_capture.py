@@ -1,0 +1,413 @@
+"""`shmbypass capture` (docs/CAPTURE.md): a pcap of what bypassed
+connections carry, read back by the real tools.
+
+The oracle is what the applications sent (sha256), and for redis the same
+run over plain TCP captured by tcpdump on lo. Every test checks that the
+traffic really was in the kernel tier (BPF counters), so none could pass
+with the bypass off: a kernel-tier connection's payload is on no
+interface, and a capture that saw none of it would have no bytes to give
+back."""
+import os
+import random
+import signal
+import socket
+import subprocess
+import threading
+import time
+
+from shmbypass import bpf, manager, status
+from shmbypass.capture import control
+from shmbypass._native import ffi, lib
+from apps import SHMBYPASS, Server, free_port, need, run_in, wait_port
+from conftest import InGroup
+from sockets import listener, recv_exact, sha
+from test_pcap import expert_problems, follow, segments, tcpdump
+
+
+class Capture:
+    """`shmbypass capture -w PATH ARGS` in the background: on once entered,
+    stopped with SIGINT (what ^C does) at exit; .summary is its last line."""
+
+    def __init__(self, inst, path, *args):
+        self.path, self.summary = str(path), None
+        env = dict(os.environ, SHMBYPASS_INSTANCE=inst.name)
+        self.proc = subprocess.Popen(SHMBYPASS + ["capture", "-w", self.path, *args], env=env,
+                                     stderr=subprocess.PIPE, text=True)
+        line = self.proc.stderr.readline()
+        if "capturing" not in line:
+            self.proc.kill()
+            raise AssertionError(line + self.proc.stderr.read())
+
+    def stop(self, sig=signal.SIGINT) -> str:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        rest = self.proc.stderr.read()
+        assert self.proc.wait(60) == (0 if sig == signal.SIGINT else -sig), rest
+        self.summary = rest.strip().splitlines()[-1] if rest.strip() else ""
+        return self.summary
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.proc.poll() is None:
+            self.stop()
+
+
+class Tcpdump:
+    """tcpdump on lo (the real packets), to a file or as text."""
+
+    def __init__(self, expr, path=None):
+        need("tcpdump")
+        args = ["tcpdump", "-i", "lo", "-nn", "-S", "-U", "-l", "--immediate-mode", "-B", "65536"] + (["-w", str(path)] if path else [])
+        self.proc = subprocess.Popen(args + [expr], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True)
+        lines = []
+        while not any("listening on" in ln for ln in lines):
+            lines.append(self.proc.stderr.readline())
+            assert lines[-1] and len(lines) < 5, lines
+
+    def stop(self) -> list[str]:
+        time.sleep(0.2)  # -U: packets are written as they come; let the last ones land
+        self.proc.send_signal(signal.SIGINT)
+        out, err = self.proc.communicate(timeout=30)
+        self.complete = "0 packets dropped by kernel" in err.splitlines()
+        return out.splitlines()
+
+
+def streams(path) -> list[tuple[tuple[str, str], bytes, bytes]]:
+    """Every TCP stream in the file: (nodes, client's bytes, server's bytes)."""
+    segs = segments(path)
+    return [follow(path, i) for i in range(max((s["stream"] for s in segs), default=-1) + 1)]
+
+
+def kernel_bytes(inst) -> int:
+    return status.counters(inst)["bytes_redirect"]
+
+
+def test_kernel_tier_connection_reads_back_exactly(inst, tmp_path):
+    """Sends of many sizes both ways (1 B to 3 MiB, the largest spans 768
+    records), a half close, then close: tshark gives back each side's bytes
+    exactly, with no expert warning; the handshake has the ISNs tcpdump saw
+    on lo, and the data's sequence numbers continue from them."""
+    rng = random.Random(13)
+    path = tmp_path / "k.pcapng"
+    sizes_c = [1, 7, 4095, 4096, 4097, 65536, 3 << 20, 100]
+    sizes_s = [5, 12000, 1 << 20, 1]
+    with InGroup(inst):
+        ls = listener()
+    port = ls.getsockname()[1]
+    real = Tcpdump(f"tcp port {port} and tcp[tcpflags] & (tcp-syn|tcp-fin) != 0")  # few packets
+    before = kernel_bytes(inst)
+    with Capture(inst, path) as cap:
+        with InGroup(inst):
+            c = socket.create_connection(("127.0.0.1", port))
+        s, _ = ls.accept()
+        cport = c.getsockname()[1]
+        sent = [bytearray(), bytearray()]
+        for i in range(max(len(sizes_c), len(sizes_s))):
+            for src, dst, sizes, buf in ((c, s, sizes_c, sent[0]), (s, c, sizes_s, sent[1])):
+                if i < len(sizes):
+                    data = rng.randbytes(sizes[i])
+                    t = threading.Thread(target=src.sendall, args=(data,))
+                    t.start()
+                    assert recv_exact(dst, len(data)) == data
+                    t.join()
+                    buf += data
+        rows = [r for r in status.connections(inst) if str(port) in r["local"] + r["remote"]]
+        assert {r["tier"] for r in rows} == {"kernel"}, rows
+        c.shutdown(socket.SHUT_WR)
+        assert s.recv(1) == b""
+        s.close()
+        c.close()
+        time.sleep(0.2)
+        summary = cap.stop()
+    ls.close()
+    lines = real.stop()
+    assert kernel_bytes(inst) - before == sum(map(len, sent))
+    assert "nothing dropped" in summary, summary
+
+    [(nodes, got_c, got_s)] = streams(path)
+    assert nodes == (f"127.0.0.1:{cport}", f"127.0.0.1:{port}")
+    assert sha(got_c) == sha(bytes(sent[0])) and sha(got_s) == sha(bytes(sent[1]))
+    assert expert_problems(path) == []
+    # The real handshake, as tcpdump saw it on lo: SYN, SYN-ACK (two lines).
+    syn = next(ln for ln in lines if "Flags [S]," in ln)
+    synack = next(ln for ln in lines if "Flags [S.]," in ln)
+    client_isn = int(syn.split("seq ")[1].split(",")[0])
+    server_isn = int(synack.split("seq ")[1].split(",")[0])
+    segs = segments(path)
+    assert (segs[0]["seq"], segs[0]["flags"]) == (client_isn, 0x02)
+    assert (segs[1]["seq"], segs[1]["ack"]) == (server_isn, (client_isn + 1) % 2**32)
+    data = [x for x in segs if x["len"]]
+    first_c = next(x for x in data if x["sport"] != port)
+    first_s = next(x for x in data if x["sport"] == port)
+    assert first_c["seq"] == (client_isn + 1) % 2**32 and first_s["seq"] == (server_isn + 1) % 2**32
+    fins = [x for x in segs if x["flags"] & 0x01]
+    assert [x["seq"] for x in fins] == [(client_isn + 1 + len(sent[0])) % 2**32,
+                                        (server_isn + 1 + len(sent[1])) % 2**32]
+    # Segments end where the application's sends did (PSH), split at the MSS.
+    pushed = [x for x in data if x["flags"] & 0x08]
+    assert len(pushed) >= len(sizes_c) + len(sizes_s)
+    assert len(tcpdump(path)) == len(segs)
+
+
+def test_redis_benchmark_matches_plain_tcp(inst, tmp_path):
+    """redis-benchmark (one client, so every connection's bytes are the
+    same in every run) against a fresh redis-server: once over plain TCP,
+    captured by tcpdump on lo, once in the kernel tier, captured by
+    shmbypass. The same streams, both directions, byte for byte."""
+    need("redis-server", "redis-benchmark", "tshark")
+    bench = ["-c", "1", "-n", "300", "-t", "ping,set,get,lpush,lrange_100", "-q"]
+
+    def redis(port):
+        return ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no", "--dir", str(tmp_path)]
+
+    def digests(path):
+        return sorted((len(a), len(b), sha(a), sha(b)) for _, a, b in streams(path))
+
+    plain = tmp_path / "plain.pcap"
+    for _ in range(5):  # tcpdump drops packets when the machine is busy: until it did not
+        port = free_port()
+        srv = subprocess.Popen(redis(port), stdout=subprocess.DEVNULL)
+        try:
+            wait_port(port, proc=srv)
+            dump = Tcpdump(f"tcp port {port}", plain)
+            r = subprocess.run(["redis-benchmark", "-p", str(port)] + bench, capture_output=True,
+                               timeout=120)
+            assert r.returncode == 0, r.stderr
+            dump.stop()
+        finally:
+            srv.terminate()
+            srv.wait(10)
+        if dump.complete:
+            break
+    assert dump.complete, "tcpdump dropped packets of the plain TCP run five times"
+
+    port = free_port()
+    path = tmp_path / "bypass.pcapng"
+    before = status.counters(inst)
+    with Server(inst, redis(port), port, tier="kernel"):
+        with Capture(inst, path, "port", str(port)) as cap:
+            r = run_in(inst, ["redis-benchmark", "-p", str(port)] + bench, timeout=120)
+            assert r.returncode == 0, r.stderr
+            time.sleep(0.2)
+            summary = cap.stop()
+    after = status.counters(inst)
+    assert after["paired"] - before["paired"] >= 5
+    assert "nothing dropped" in summary, summary
+    want = digests(plain)
+    assert len(want) >= 6
+    # The Server's readiness probe connected too (no bytes either way).
+    assert [d for d in digests(path) if d[:2] != (0, 0)] == want
+    assert expert_problems(path) == []
+    tcpdump(path)
+
+
+NGINX_CONF = """daemon off; master_process on; worker_processes 1; user root;
+pid {tmp}/nginx.pid; error_log {tmp}/error.log;
+events {{ worker_connections 64; }}
+http {{ access_log off; sendfile on; tcp_nopush on;
+  client_body_temp_path {tmp}; proxy_temp_path {tmp}; fastcgi_temp_path {tmp};
+  uwsgi_temp_path {tmp}; scgi_temp_path {tmp};
+  server {{ listen 127.0.0.1:{port}; root {www}; }} }}
+"""
+
+
+def test_nginx_sendfile_1mib(inst, tmp_path):
+    """nginx sends a 1 MiB file with sendfile (spliced pages, not a copy)
+    to curl, in the kernel tier: the response body in the capture is the
+    file."""
+    need("nginx", "curl", "tshark")
+    port = free_port()
+    www = tmp_path / "www"
+    www.mkdir()
+    body = os.urandom(1 << 20)
+    (www / "f.bin").write_bytes(body)
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(tmp=tmp_path, port=port, www=www))
+    path = tmp_path / "nginx.pcap"  # classic pcap, for a change
+    before = kernel_bytes(inst)
+    with Server(inst, ["nginx", "-c", str(conf), "-p", str(tmp_path)], port, tier="kernel"):
+        with Capture(inst, path, "host", "127.0.0.1", "and", "port", str(port)) as cap:
+            r = run_in(inst, ["curl", "-sSf", "-o", str(tmp_path / "got"),
+                              f"http://127.0.0.1:{port}/f.bin"], timeout=60)
+            assert r.returncode == 0, r.stderr
+            time.sleep(0.2)
+            summary = cap.stop()
+    assert (tmp_path / "got").read_bytes() == body
+    assert kernel_bytes(inst) - before > len(body)
+    assert "nothing dropped" in summary, summary
+    got = [(a, b) for _, a, b in streams(path) if a]
+    assert len(got) == 1
+    request, response = got[0]
+    assert request.startswith(b"GET /f.bin HTTP/1.1\r\n")
+    head, _, rest = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK") and b"Content-Length: 1048576" in head
+    assert sha(rest) == sha(body)
+    assert expert_problems(path) == []
+    assert tcpdump(path)
+
+
+def test_filter_and_tier(inst, tmp_path):
+    """Two servers: `port A` keeps A's connection only; `tier shm` keeps
+    none of them (they are in the kernel tier); a connection outside the
+    group (plain TCP: tcpdump sees it) is never in a capture."""
+    with InGroup(inst):
+        la, lb = listener(), listener()
+    lo = listener()  # outside the group
+    pa, pb = la.getsockname()[1], lb.getsockname()[1]
+
+    def traffic():
+        for ls in (la, lb, lo):
+            if ls is lo:
+                c = socket.create_connection(ls.getsockname())
+            else:
+                with InGroup(inst):
+                    c = socket.create_connection(ls.getsockname())
+            s, _ = ls.accept()
+            c.sendall(b"to %d" % ls.getsockname()[1])
+            assert recv_exact(s, 8)
+            c.close()
+            s.close()
+        time.sleep(0.2)
+
+    got = {}
+    try:
+        for name, words in (("a", ["port", str(pa)]), ("shm", ["tier", "shm"]),
+                            ("kernel", ["tier", "kernel", "and", "host", "::ffff:127.0.0.1"])):
+            with Capture(inst, tmp_path / f"{name}.pcapng", *words) as cap:
+                traffic()
+                assert "nothing dropped" in cap.stop(), cap.summary
+            got[name] = sorted(a for _, a, _ in streams(cap.path))
+    finally:
+        for ls in (la, lb, lo):
+            ls.close()
+    assert got["a"] == [b"to %d" % pa]
+    assert got["shm"] == []
+    assert got["kernel"] == sorted([b"to %d" % pa, b"to %d" % pb])
+
+
+def test_full_ring_drops_are_counted_never_waited_for(inst, tmp_path):
+    """A 1 MiB ring buffer and 64 MiB sent at once: the sender never waits
+    for the capture, the summary counts what did not fit (and the status
+    counters too), and the pcap has a gap where those bytes were, not a
+    shift: every byte it has is at its own sequence number."""
+    path = tmp_path / "drops.pcapng"
+    data = os.urandom(1 << 20) * 64
+    with Capture(inst, path, "-B", "1024") as cap:
+        with InGroup(inst):
+            ls = listener()
+            c = socket.create_connection(ls.getsockname())
+        s, _ = ls.accept()
+        t = threading.Thread(target=c.sendall, args=(data,))
+        t.start()
+        assert sha(recv_exact(s, len(data))) == sha(data)
+        t.join()
+        c.close()
+        s.close()
+        ls.close()
+        time.sleep(0.2)
+        summary = cap.stop()
+    assert "kernel-tier records" in summary, summary
+    lost = int(summary.split("dropped: ")[1].split()[0])
+    assert lost > 0
+    assert status.counters(inst)["capture_dropped"] >= lost
+    need("tshark")
+    out = subprocess.run(["tshark", "-r", str(path), "-Y", "tcp.len > 0", "-T", "fields",
+                          "-e", "tcp.seq_raw", "-e", "tcp.payload"], capture_output=True, text=True,
+                         timeout=300).stdout.split()
+    syn = segments(path)[0]
+    assert syn["flags"] == 0x02
+    got = 0
+    for seq, payload in zip(out[::2], out[1::2]):
+        off = (int(seq) - syn["seq"] - 1) % 2**32
+        chunk = bytes.fromhex(payload)
+        assert data[off:off + len(chunk)] == chunk, off
+        got += len(chunk)
+    assert 0 < got < len(data)
+    assert "Previous segment" in " ".join(expert_problems(path))
+
+
+def sockops_programs(cgroup_fd) -> int:
+    ids, cnt = ffi.new("unsigned int[8]"), ffi.new("unsigned int *", 8)
+    assert lib.bpf_prog_query(cgroup_fd, lib.BPF_CGROUP_SOCK_OPS, 0, ffi.NULL, ids, cnt) == 0
+    return cnt[0]
+
+
+def test_killed_capture_leaves_nothing_attached(inst, tmp_path):
+    """kill -9 of a capture: the kernel empties the program array (its fd
+    was the lease) and drops its sockops link; the flags it left on are
+    reset by the next `up` (which every `shmbypass run` calls)."""
+    cap = Capture(inst, tmp_path / "killed.pcapng")
+    cg = os.open(inst.cgroup, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert sockops_programs(cg) == 2
+        cap.stop(signal.SIGKILL)
+        time.sleep(0.2)
+        assert sockops_programs(cg) == 1
+    finally:
+        os.close(cg)
+    core = bpf.get_pinned(inst.pin("prog_msg"))
+    try:
+        with bpf.Map(bpf.prog_map_fd(core, "capture_msg"), "uint32_t", "uint32_t") as progs:
+            assert progs.lookup(0) is None
+    finally:
+        os.close(core)
+    with bpf.Map.pinned(inst.pin("settings"), "uint32_t", "struct sbp_config") as m:
+        assert m.lookup(0).capture == 1  # left on by the kill
+        # Sends go on, uncaptured, while it is (the tail call finds no program).
+        with InGroup(inst):
+            ls = listener()
+            c = socket.create_connection(ls.getsockname())
+        s, _ = ls.accept()
+        c.sendall(b"x" * 1000)
+        assert recv_exact(s, 1000) == b"x" * 1000
+        for x in (c, s, ls):
+            x.close()
+        assert manager.up(inst) is False
+        assert m.lookup(0).capture == 0
+    with open(control.ctl_path(inst), "rb") as f:
+        assert control.CTL.unpack(f.read())[2] == 0
+    # A new capture starts (the lock died with the killed one).
+    Capture(inst, tmp_path / "again.pcapng").stop()
+
+
+def test_one_capture_at_a_time(inst, tmp_path):
+    with Capture(inst, tmp_path / "one.pcapng"):
+        env = dict(os.environ, SHMBYPASS_INSTANCE=inst.name)
+        r = subprocess.run(SHMBYPASS + ["capture", "-w", str(tmp_path / "two.pcapng")], env=env,
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1 and "another capture" in r.stderr, r.stderr
+
+
+def test_count_and_duration_stop_it(inst, tmp_path):
+    env = dict(os.environ, SHMBYPASS_INSTANCE=inst.name)
+    r = subprocess.run(SHMBYPASS + ["capture", "-w", str(tmp_path / "d.pcapng"), "--duration", "0.5"],
+                       env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "0 packets" in r.stderr, r.stderr
+    out = tmp_path / "c.pcapng"
+    proc = subprocess.Popen(SHMBYPASS + ["capture", "-w", str(out), "-c", "5"], env=env,
+                            stderr=subprocess.PIPE, text=True)
+    assert "capturing" in proc.stderr.readline()
+    with InGroup(inst):
+        ls = listener()
+        c = socket.create_connection(ls.getsockname())
+    s, _ = ls.accept()
+    for _ in range(10):
+        c.sendall(b"ping")
+        recv_exact(s, 4)
+    assert proc.wait(30) == 0, proc.stderr.read()
+    assert "5 packets" in proc.stderr.read()
+    assert len(segments(out)) == 5
+    for x in (c, s, ls):
+        x.close()
+
+
+def test_turned_off_capture_says_why(inst, tmp_path):
+    env = dict(os.environ, SHMBYPASS_INSTANCE=inst.name, SHMBYPASS_WITHOUT="capture")
+    r = subprocess.run(SHMBYPASS + ["capture", "-w", str(tmp_path / "x.pcapng")], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1, r.stderr
+    assert "capture is not available here: " in r.stderr and "turned off" in r.stderr
