@@ -7,6 +7,7 @@ traffic really was in the kernel tier (BPF counters), so none could pass
 with the bypass off: a kernel-tier connection's payload is on no
 interface, and a capture that saw none of it would have no bytes to give
 back."""
+import ctypes
 import os
 import random
 import signal
@@ -15,8 +16,10 @@ import subprocess
 import threading
 import time
 
+import pytest
+
 from shmbypass import bpf, manager, status
-from shmbypass.capture import control
+from shmbypass.capture import control, session
 from shmbypass._native import ffi, lib
 from apps import SHMBYPASS, Server, free_port, need, run_in, wait_port
 from conftest import InGroup
@@ -411,3 +414,280 @@ def test_turned_off_capture_says_why(inst, tmp_path):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1, r.stderr
     assert "capture is not available here: " in r.stderr and "turned off" in r.stderr
+
+
+# ---- the shm tier: the interposer's side (native/preload/capture.c) ------------------
+#
+# The interposer's data path is being rewritten (issue 12), so these tests
+# play its part: they make shm-tier connections the way it does (both ends
+# ask: BPF pairs them in the shm tier) and call capture_data() as its send
+# path will, from native/preload/capture.c built on its own.
+
+SHM = lib.SBP_TIER_SHM
+
+
+def ask(s):
+    a = ffi.new("struct sbp_ask *", {"version": lib.SBP_ASK_VERSION, "flags": lib.SBP_ASK_SHM})
+    s.setsockopt(lib.SOL_SHMBYPASS, lib.SBP_SO_ASK, bytes(ffi.buffer(a)))
+
+
+def info(s):
+    raw = s.getsockopt(lib.SOL_SHMBYPASS, lib.SBP_SO_INFO, ffi.sizeof("struct sbp_info"))
+    i = ffi.new("struct sbp_info *")
+    ffi.memmove(i, raw, len(raw))
+    return i
+
+
+def shm_pair(inst):
+    """(client, server, client cookie, server cookie) of a shm-tier connection."""
+    with InGroup(inst):
+        ls = socket.socket()
+        ask(ls)
+        ls.bind(("127.0.0.1", 0))
+        ls.listen()
+        c = socket.socket()
+        ask(c)
+        c.connect(ls.getsockname())
+        s, _ = ls.accept()
+        ask(s)
+    ls.close()
+    ci, si = info(c), info(s)
+    assert (ci.tier, si.tier) == (SHM, SHM)
+    return c, s, ci.cookie, si.cookie
+
+
+@pytest.fixture(scope="module")
+def capture_so(tmp_path_factory):
+    """native/preload/capture.c alone, as a shared library with its
+    symbols visible."""
+    out = tmp_path_factory.mktemp("capture_so") / "libcapture.so"
+    native = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "native")
+    subprocess.run(["gcc", "-O2", "-g", "-Wall", "-Wextra", "-Werror", "-D_GNU_SOURCE",
+                    f"-I{native}", "-fPIC", "-shared", "-o", str(out),
+                    os.path.join(native, "preload", "capture.c"), "-lpthread"], check=True)
+    return out
+
+
+class Interposer:
+    """A fresh copy of the library (its own globals: capture_init runs once
+    per copy) for one instance."""
+
+    def __init__(self, so, inst, tmp_path):
+        copy = tmp_path / f"libcapture-{inst.name}.so"
+        copy.write_bytes(so.read_bytes())
+        os.environ["SHMBYPASS_INSTANCE"] = inst.name  # capture_init reads it
+        try:
+            self.lib = ctypes.CDLL(str(copy))
+        finally:
+            del os.environ["SHMBYPASS_INSTANCE"]
+        self.lib.capture_data.argtypes = [ctypes.c_uint64, ctypes.c_int, ctypes.c_uint64,
+                                          ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+
+    def init(self, inst):
+        os.environ["SHMBYPASS_INSTANCE"] = inst.name
+        try:
+            self.lib.capture_init()
+        finally:
+            del os.environ["SHMBYPASS_INSTANCE"]
+
+    def on(self) -> bool:
+        word = ctypes.c_void_p.in_dll(self.lib, "capture_word").value
+        return ctypes.c_uint32.from_address(word).value != 0
+
+    def send(self, cookie, offset, *pieces, rx=False):
+        """capture_data() of these pieces as one send (an iovec each)."""
+        iov = (Iovec * len(pieces))()
+        keep = [ctypes.create_string_buffer(p, len(p)) for p in pieces]
+        for v, b, p in zip(iov, keep, pieces):
+            v.iov_base, v.iov_len = ctypes.addressof(b), len(p)
+        self.lib.capture_data(cookie, lib.SBP_CAP_RX if rx else lib.SBP_CAP_TX, offset, iov,
+                              len(pieces), sum(map(len, pieces)))
+
+
+class Iovec(ctypes.Structure):
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+
+def payloads(path):
+    """(stream, source port, offset, bytes) of every data segment of flows
+    whose handshake is in the file (tshark's relative sequence numbers count
+    from the ISN: offset = relative seq - 1)."""
+    need("tshark")
+    out = subprocess.run(["tshark", "-r", str(path), "-T", "fields", "-e", "tcp.stream",
+                          "-e", "tcp.srcport", "-e", "tcp.seq", "-e", "tcp.payload"],
+                         capture_output=True, text=True, timeout=300, check=True).stdout
+    rows = []
+    for line in out.splitlines():
+        st, sport, seq, data = (line.split("\t") + [""])[:4]
+        if data:
+            rows.append((int(st), int(sport), int(seq) - 1, bytes.fromhex(data)))
+    return rows
+
+
+def test_shm_tier_sends_read_back(inst, tmp_path, capture_so):
+    """capture_on() is off until a capture runs and off again after it;
+    sends (several iovecs, both directions, 1 B to 1 MiB: records of 64 KiB
+    at most) come back byte for byte in a flow with the real handshake and
+    FINs, and no expert warning."""
+    ip = Interposer(capture_so, inst, tmp_path)
+    assert not ip.on()
+    ip.init(inst)
+    assert not ip.on()
+    rng = random.Random(5)
+    path = tmp_path / "shm.pcapng"
+    with Capture(inst, path, "tier", "shm") as cap:
+        assert ip.on()
+        c, s, cc, sc = shm_pair(inst)
+        sent = {cc: bytearray(), sc: bytearray()}
+        for size in (1, 100, 4096, 70000, 1 << 20, 3):
+            for cookie in (cc, sc):
+                data = rng.randbytes(size)
+                ip.send(cookie, len(sent[cookie]), data[:size // 3], data[size // 3:])
+                sent[cookie] += data
+        c.close()
+        s.close()
+        time.sleep(0.3)
+        summary = cap.stop()
+    assert not ip.on()
+    assert "nothing dropped" in summary, summary
+    [(nodes, got_c, got_s)] = streams(path)
+    assert sha(got_c) == sha(bytes(sent[cc])) and sha(got_s) == sha(bytes(sent[sc]))
+    assert expert_problems(path) == []
+    segs = segments(path)
+    assert segs[0]["flags"] == 0x02 and [x for x in segs if x["flags"] & 0x01]  # SYN .. FINs
+
+
+def test_shm_tier_threads_and_full_rings(inst, tmp_path, capture_so):
+    """Eight threads of one process write into its one ring (64 KiB: -B
+    256) as fast as they can: every byte is either in the pcap at its own
+    sequence number or counted as dropped, never both, never elsewhere."""
+    ip = Interposer(capture_so, inst, tmp_path)
+    ip.init(inst)
+    streams_data = {}
+    path = tmp_path / "threads.pcapng"
+
+    def writer(cookie, seed):
+        rng = random.Random(seed)
+        data = rng.randbytes(3 << 20)
+        streams_data[cookie] = data
+        off = 0
+        while off < len(data):
+            n = rng.choice((1, 17, 1000, 4096, 30000))
+            ip.send(cookie, off, data[off:off + n])
+            off += n
+
+    with Capture(inst, path, "-B", "256") as cap:
+        pairs = [shm_pair(inst) for _ in range(4)]
+        threads = [threading.Thread(target=writer, args=(cookie, i))
+                   for i, p in enumerate(pairs) for cookie in p[2:]]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for c, s, _, _ in pairs:
+            c.close()
+            s.close()
+        time.sleep(0.3)
+        summary = cap.stop()
+    total = sum(map(len, streams_data.values()))
+    dropped = 0
+    if "shm-tier records" in summary:
+        dropped = int(summary.split("shm-tier records (")[1].split()[0])
+    assert "refused" not in summary and "kernel-tier" not in summary, summary
+    # Each segment's bytes are its direction's at its relative sequence
+    # number (streams are random: a match elsewhere is impossible).
+    got = 0
+    for st, sport, seq, chunk in payloads(path):
+        assert any(d[seq:seq + len(chunk)] == chunk for d in streams_data.values()), (st, seq)
+        got += len(chunk)
+    assert got + dropped == total, (got, dropped, total)
+
+
+def _ring_files(inst, pid=None):
+    d = os.path.join(inst.run_dir, control.RING_DIR)
+    return [os.path.join(d, n) for n in os.listdir(d) if pid is None or n.startswith(f"{pid}-")]
+
+
+def _in_child(fn):
+    """Run fn in a forked child; its exit status."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            fn()
+            os._exit(0)
+        except BaseException:
+            os._exit(1)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def test_shm_rings_are_untrusted(inst, tmp_path, capture_so):
+    """Next to a process whose records are good: a process of another user
+    writing records for root's connection (refused: a ring speaks for its
+    owner's connections only), a process that wrecks its own ring after
+    writing (its records lost and counted, nothing else), a file that is not
+    a ring and a symlink (ignored). The capture goes on and the good bytes
+    are all there."""
+    import mmap
+    import struct
+    ip = Interposer(capture_so, inst, tmp_path)
+    ip.init(inst)
+    path = tmp_path / "hostile.pcapng"
+    with Capture(inst, path) as cap:
+        c, s, cc, sc = shm_pair(inst)
+        good = os.urandom(300000)
+
+        def other_user():
+            os.setgid(65534)
+            os.setuid(65534)
+            ip.send(cc, 0, b"forged by nobody" * 100)
+
+        def wrecker():
+            ip.send(sc, 0, b"x" * 5000)
+            [ring] = _ring_files(inst, os.getpid())
+            with open(ring, "r+b") as f, mmap.mmap(f.fileno(), 0) as m:
+                struct.pack_into("<Q", m, 64, 1 << 62)           # head far past the tail
+                struct.pack_into("<IIQ", m, 4096, 0xFFFFFFF0, 0, 0)  # a first slot of 4 GiB
+
+        assert _in_child(other_user) == 0
+        assert _in_child(wrecker) == 0
+        d = os.path.join(inst.run_dir, control.RING_DIR)
+        with open(os.path.join(d, "1-1-abc"), "wb") as f:
+            f.write(b"\xff" * 100)
+        os.symlink("/etc/passwd", os.path.join(d, "2-1-abd"))
+        for i in range(0, len(good), 7000):
+            ip.send(cc, i, good[i:i + 7000])
+        c.close()
+        s.close()
+        time.sleep(0.3)
+        summary = cap.stop()
+    assert "records refused" in summary and "shm-tier records" in summary, summary
+    [(_, got_c, got_s)] = streams(path)
+    assert got_c == good
+    assert got_s == b""  # the wrecked ring's 5000 bytes are lost (and counted)
+
+
+def test_shm_side_of_a_killed_capture(inst, tmp_path, capture_so):
+    """A capture killed with -9: its lease runs out and the interposers
+    stop writing (the flag word may stay on until `up` resets it)."""
+    ip = Interposer(capture_so, inst, tmp_path)
+    ip.init(inst)
+    cap = Capture(inst, tmp_path / "killed.pcapng")
+    c, s, cc, _ = shm_pair(inst)
+    ip.send(cc, 0, b"before the kill")
+    [ring] = _ring_files(inst, os.getpid())
+
+    def head():
+        with open(ring, "rb") as f:
+            f.seek(64)
+            return int.from_bytes(f.read(8), "little")
+
+    cap.stop(signal.SIGKILL)
+    assert ip.on()  # the word is left on...
+    h = head()
+    time.sleep(session.LEASE_NS / 1e9 + 0.2)  # ...but the lease from its last renewal ran out
+    ip.send(cc, 15, b"after the lease")
+    assert head() == h
+    assert manager.up(inst) is False
+    assert not ip.on()
+    c.close()
+    s.close()

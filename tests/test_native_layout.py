@@ -26,6 +26,7 @@ LEVELS = {
     "channel": 3,
     "setup": 2,
     "fdtable": 1,
+    "capture": 0.5,  # includes nothing of the interposer: anything may call it
 }
 
 

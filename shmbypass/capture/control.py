@@ -12,7 +12,7 @@ from shmbypass._native import ffi, lib
 CTL_FILE = "capture"        # /run/<instance>/capture: struct sbp_cap_ctl
 RING_DIR = "capture.d"      # the interposers' rings
 CTL = struct.Struct("<IIIIQQ")  # struct sbp_cap_ctl
-RING_BYTES = 4 << 20        # each process's ring (shm tier)
+RING_BYTES = 4 << 20        # each process's ring (shm tier), at most
 assert CTL.size == ffi.sizeof("struct sbp_cap_ctl")
 
 

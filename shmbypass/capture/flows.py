@@ -178,10 +178,18 @@ class Flows:
             self.stats.unknown += 1
             self.stats.unknown_bytes += len(payload)
             return
-        if ring is not None and (c.tier != lib.SBP_TIER_SHM or c.uid != ring.uid):
-            self.stats.refused += 1  # not a connection of that ring's owner
-            return
         flow = self.flows[c.key]
+        if ring is not None:
+            # An interposer's ring speaks only for shm-tier connections its
+            # own user asked for. (An active end's own record may say tcp:
+            # it was written before its peer paired; the flow knows.)
+            tier = flow.tier
+            if tier is None:
+                row = self.lookup(cookie)
+                tier = row.tier if row else None
+            if tier != lib.SBP_TIER_SHM or c.uid != ring.uid:
+                self.stats.refused += 1
+                return
         if flow.tier is None:
             self.decide(flow, lib.SBP_TIER_SHM if ring else lib.SBP_TIER_KERNEL)
         d = pcap.C2S if c.active else pcap.S2C

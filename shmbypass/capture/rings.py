@@ -76,7 +76,7 @@ class ProcRing:
                                             size):
             self.mm.close()
             raise ValueError(f"{path}: not ready or not of this capture")
-        self.pos = struct.unpack_from("<Q", self.mm, OFF_HEAD)[0]  # where the reader starts
+        self.pos = 0  # a ring is made for one capture: its first record is at 0
         self.stuck_since = 0
         self.lost = self.lost_bytes = 0  # what this reader skipped
 

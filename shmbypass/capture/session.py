@@ -110,7 +110,10 @@ class Session:
         gen = (control.CTL.unpack_from(self.ctl)[3] + 1) & 0xFFFFFFFF or 1
         self.procs = ProcRings(inst, gen)
         self.undo.append(lambda: self.procs.close(remove=True))
-        struct.pack_into("<IQQ", self.ctl, 12, gen, control.RING_BYTES, time.monotonic_ns() + LEASE_NS)
+        # Each process's ring: a quarter of the kernel tier's buffer, at
+        # most control.RING_BYTES (there may be many processes).
+        per_proc = max(lib.SBP_CAPRING_MIN, min(control.RING_BYTES, size // 4))
+        struct.pack_into("<IQQ", self.ctl, 12, gen, per_proc, time.monotonic_ns() + LEASE_NS)
         struct.pack_into("<I", self.ctl, 8, 1)
         self.undo.append(lambda: struct.pack_into("<I", self.ctl, 8, 0))
 
