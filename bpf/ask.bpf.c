@@ -105,6 +105,7 @@ int sbp_getsockopt(struct bpf_sockopt *ctx)
 	struct sbp_info *out = ctx->optval;
 	struct sbp_conn *row, *peer = NULL;
 	struct sbp_sk *st;
+	int vm;
 
 	if (ctx->level != SOL_SHMBYPASS || ctx->optname != SBP_SO_INFO)
 		return 1;				/* the kernel's answer stands */
@@ -131,8 +132,22 @@ int sbp_getsockopt(struct bpf_sockopt *ctx)
 		out->peer = peer->owner;
 		__builtin_memcpy(out->peer_inbox, peer->inbox, SBP_INBOX_LEN);
 	}
+	/* A VM pair's handshake gave slots (sk_state says so); else, on
+	 * one host, the peers bring memory (also when a VM peer's pool ran
+	 * out and both ends turned out to be here). */
+	vm = st && st->tier == SBP_TIER_SHM;
+	if (row && row->tier == SBP_TIER_SHM) {
+		out->mem = vm ? SBP_MEM_SLOTS : SBP_MEM_INBOX;
+		if (vm) {
+			out->tx_slot = st->tx_slot;
+			out->rx_slot = st->rx_slot;
+			out->tx_gen = st->tx_gen;
+			out->rx_gen = st->rx_gen;
+			out->region_id = st->region_id;
+		}
+	}
 	/* Paired in the shm tier (bypass.bpf.c), but may these two use it? */
-	if (out->tier == SBP_TIER_SHM && row && (row->asked & SBP_ASK_SHM) &&
+	if (out->tier == SBP_TIER_SHM && row && !vm &&
 	    (!peer || !ident_allowed(&out->self) || !ident_allowed(&peer->owner))) {
 		out->tier = SBP_TIER_TCP;
 		out->reason = peer ? SBP_REASON_POLICY_EXCLUDED : SBP_REASON_PEER_CLOSED;

@@ -11,8 +11,10 @@
  * Going the other way (redirect, then TCP when draining or when the peer
  * left the map) is safe: the redirected bytes are older and are read first.
  *
- * Shm tier negotiation (docs/NEGOTIATION.md): a socket whose sk_state.flags
- * has SBP_SK_WANT_SHM carries a TCP experimental option on its SYN with the
+ * Shm tier negotiation (docs/NEGOTIATION.md): on one host, two ends that
+ * both asked (bpf/ask.bpf.c) are paired at PASSIVE_ESTABLISHED from BPF
+ * state alone (shm_pair). Toward a configured peer VM (vm_peers), a socket
+ * that asked carries a TCP experimental option on its SYN with the
  * slot it took from the free list; a marked listener answers in the SYN-ACK
  * with its own slot. Both ends know their tier before connect()/accept()
  * return, and a connection in the shm tier never enters the sockhash.
@@ -129,6 +131,16 @@ struct {
 	__type(value, struct sbp_region_cfg);
 } region SEC(".maps");
 
+/* VM pairs: the addresses of the peer VM (`up --vm-peer`). Only toward
+ * these does a socket that asked carry the TCP option; on one host the two
+ * ends pair from BPF state alone and nothing goes on the wire. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 64);
+	__type(key, struct sbp_vm_peer);
+	__type(value, __u8);
+} vm_peers SEC(".maps");
+
 /* Marked listeners: (netns, port) -> number of marked listening sockets. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -218,6 +230,15 @@ static __always_inline void remote_ip(struct bpf_sock_ops *skops, __u32 ip[4])
 	__u32 ip4 = CTX_READ(skops->remote_ip4);
 
 	to_ip6(skops->family, ip4, ip6, ip);
+}
+
+/* Is the remote end of this socket a configured peer VM? */
+static __always_inline int remote_is_vm_peer(struct bpf_sock_ops *skops)
+{
+	struct sbp_vm_peer k;
+
+	remote_ip(skops, k.ip);
+	return bpf_map_lookup_elem(&vm_peers, &k) != NULL;
 }
 
 static __always_inline void make_key(struct bpf_sock_ops *skops, int active,
@@ -575,7 +596,7 @@ static __always_inline void handle_listen(struct bpf_sock_ops *skops)
 	long err;
 
 	st = sk ? bpf_sk_storage_get(&sk_state, sk, NULL, 0) : NULL;
-	if (!st || !(st->flags & SBP_SK_WANT_SHM))
+	if (!st || !(st->asked & SBP_ASK_SHM))
 		return;
 	listen_key(skops, &k);
 	n = bpf_map_lookup_elem(&listeners, &k);
@@ -613,7 +634,11 @@ static __always_inline void handle_connect(struct bpf_sock_ops *skops)
 	__u32 slot, gen;
 
 	st = sk ? bpf_sk_storage_get(&sk_state, sk, NULL, 0) : NULL;
-	if (!st || !(st->flags & SBP_SK_WANT_SHM))
+	if (!st || !(st->asked & SBP_ASK_SHM))
+		return;
+	/* Only toward a peer VM: on one host pairing needs no option. */
+	st->vm = remote_is_vm_peer(skops);
+	if (!st->vm)
 		return;
 	if (st->held)
 		REPORT(-EBUSY);		/* connect() again without TCP_CLOSE? */
@@ -647,7 +672,7 @@ static __always_inline void syn_opt_len(struct bpf_sock_ops *skops)
 	long err;
 
 	st = sk ? bpf_sk_storage_get(&sk_state, sk, NULL, 0) : NULL;
-	if (!st || !(st->flags & SBP_SK_WANT_SHM))
+	if (!st || !st->vm)
 		return;
 	err = bpf_reserve_hdr_opt(skops, SBP_OPT_LEN, 0);
 	if (err == -ENOSPC)
@@ -664,7 +689,7 @@ static __always_inline void syn_opt_write(struct bpf_sock_ops *skops)
 	long err;
 
 	st = sk ? bpf_sk_storage_get(&sk_state, sk, NULL, 0) : NULL;
-	if (!st || !(st->flags & SBP_SK_WANT_SHM))
+	if (!st || !st->vm)
 		return;
 	if (st->held & SBP_HELD_TX)
 		opt_fill(&o, 0, st->tx_slot, (__u32)st->tx_gen, st->region_id);
@@ -690,7 +715,7 @@ static __always_inline void synack_opt_len(struct bpf_sock_ops *skops)
 	struct sbp_opt o;
 	long err;
 
-	if (!listener_marked(skops))
+	if (!listener_marked(skops) || !remote_is_vm_peer(skops))
 		return;
 	err = opt_load(skops, 1, &o);
 	if (err) {
@@ -727,7 +752,7 @@ static __always_inline void synack_opt_write(struct bpf_sock_ops *skops)
 	__u32 status, slot, gen;
 	long err;
 
-	if (!listener_marked(skops))
+	if (!listener_marked(skops) || !remote_is_vm_peer(skops))
 		return;
 	err = opt_load(skops, 1, &o);
 	if (err) {
@@ -887,7 +912,7 @@ static __always_inline int shm_active(struct bpf_sock_ops *skops, struct sbp_sk 
 	struct sbp_opt o;
 	long err;
 
-	if (!(st->flags & SBP_SK_WANT_SHM))
+	if (!st->vm)
 		return 0;
 	st->tier = SBP_TIER_TCP;
 	if (!(st->held & SBP_HELD_TX))
@@ -941,13 +966,12 @@ static __always_inline int shm_passive(struct bpf_sock_ops *skops, struct sbp_sk
 	key.conn = *ck;
 	key.conn.b_isn = 0;
 	key.netns = netns;
-	if (st->flags & SBP_SK_WANT_SHM) {
-		st->tier = SBP_TIER_TCP;
-		st->reason = SBP_REASON_PEER_NOT_CAPABLE;
-	}
 	r = bpf_map_lookup_elem(&reservations, &key);
 	if (!r)
-		return 0;
+		return 0;		/* not a VM pair's handshake */
+	st->vm = 1;
+	st->tier = SBP_TIER_TCP;
+	st->reason = SBP_REASON_PEER_NOT_CAPABLE;
 	if (r->state == SBP_RESV_DECLINED) {
 		st->reason = r->reason;
 		bpf_map_delete_elem(&reservations, &key);
@@ -1109,7 +1133,7 @@ static __always_inline void handle_established(struct bpf_sock_ops *skops, int a
 			count(SBP_CNT_TABLE_FULL, 1);
 		return;
 	}
-	if (st->flags & SBP_SK_WANT_SHM) {
+	if (st->vm) {
 		c.shm_reason = st->reason;
 		count(SBP_CNT_SHM_FALLBACK, 1);
 	}
@@ -1217,7 +1241,7 @@ static __always_inline void handle_close(struct bpf_sock_ops *skops)
 			park_tx_slot(skops, st);
 			release_slots(st);
 		}
-		if (skops->args[0] == BPF_TCP_LISTEN && (st->flags & SBP_SK_WANT_SHM))
+		if (skops->args[0] == BPF_TCP_LISTEN && (st->asked & SBP_ASK_SHM))
 			forget_listener(skops);
 	}
 

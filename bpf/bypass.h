@@ -127,7 +127,18 @@ struct sbp_info {
 	struct sbp_ident self;	/* the caller, as recorded now */
 	struct sbp_ident peer;	/* who asked for the peer socket */
 	__u8 peer_inbox[SBP_INBOX_LEN];
+	/* A VM pair (mem == SBP_MEM_SLOTS): the region slots of the handshake */
+	__u32 mem;		/* SBP_MEM_* */
+	__u32 tx_slot;
+	__u32 rx_slot;
+	__u32 pad;
+	__u64 tx_gen;
+	__u64 rx_gen;
+	__u64 region_id;
 };
+
+#define SBP_MEM_INBOX 1	/* one host: the ends bring their memory (inbox) */
+#define SBP_MEM_SLOTS 2	/* a VM pair: slots of the shared region */
 
 /* One established socket of the bypass group, keyed by socket cookie. */
 struct sbp_conn {
@@ -152,24 +163,20 @@ struct sbp_conn {
 	__u8 inbox[SBP_INBOX_LEN];
 };
 
-/* Per-socket state in a SK_STORAGE map (sk_state). User space (the
- * interposer) sets `flags` on its own socket fd before connect()/listen()
- * and never writes the value again (an update replaces the whole value, and
- * `held` is how BPF knows which slots to give back); an accepted socket
- * starts with a copy of its listener's value (BPF_F_CLONE). The BPF
- * programs fill in the rest. `tier` is SBP_TIER_SHM once the handshake put
- * the connection in the shm tier, else SBP_TIER_TCP (whether the kernel
- * tier then redirects it is in the `conns` row). */
-#define SBP_SK_WANT_SHM 1u
+/* Per-socket state in a SK_STORAGE map (sk_state), written by BPF only:
+ * bpf/ask.bpf.c records who asked (SBP_SO_ASK), sockops the rest. An
+ * accepted socket starts with a copy of its listener's value (BPF_F_CLONE).
+ * `tier` is SBP_TIER_SHM once a VM pair's handshake put the connection in
+ * the shm tier (one-host pairs are in the `conns` rows). */
 
 /* sbp_sk.held: which slot references this socket owns (BPF only). */
 #define SBP_HELD_TX 1u
 #define SBP_HELD_RX 2u
 
 struct sbp_sk {
-	__u32 flags;		/* SBP_SK_*, written by user space */
-	__u32 tier;		/* enum sbp_tier, written by BPF */
-	__u32 reason;		/* enum sbp_reason: why not shm (if flags asked) */
+	__u32 vm;		/* 1: this socket's peer is a VM (option and slots) */
+	__u32 tier;		/* enum sbp_tier */
+	__u32 reason;		/* enum sbp_reason: why not shm (if it asked) */
 	__u32 tx_slot;		/* shm tier: ring this socket writes */
 	__u32 rx_slot;		/* shm tier: ring this socket reads */
 	__u32 held;		/* SBP_HELD_*: slot references to drop at close */
@@ -207,6 +214,11 @@ struct sbp_opt {
 	__u32 gen;		/* that slot's generation */
 	__u64 region_id;	/* 0 unless status is 0 */
 } __attribute__((packed));
+
+/* A peer VM's address (HASH vm_peers), as IPv6 (IPv4 v4-mapped). */
+struct sbp_vm_peer {
+	__u32 ip[4];
+};
 
 /* The region the slots belong to (ARRAY `region`, one entry; the manager
  * fills it at `up`). */

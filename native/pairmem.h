@@ -37,11 +37,15 @@
 #define SBP_AREAS               4               /* per direction */
 #define SBP_PAIR_MAX_BLOCKS     4096u
 
-/* Data capacity of area k: 16 KiB, 128 KiB, 1 MiB, 8 MiB. The largest holds
- * more than loopback TCP buffers before a writer blocks (~4 MiB here). */
+/* Data capacity of area k: 16 KiB (an idle or request/response connection),
+ * 256 KiB (a stream whose reader keeps up: what the raw ring is fastest
+ * with here), 1 MiB, 8 MiB (more than loopback TCP buffers before a writer
+ * blocks, ~4 MiB here). */
 static inline uint64_t sbp_area_cap(int k)
 {
-	return (uint64_t)16384 << (3 * k);
+	static const uint64_t cap[SBP_AREAS] = { 16u << 10, 256u << 10, 1u << 20, 8u << 20 };
+
+	return k >= 0 && k < SBP_AREAS ? cap[k] : 0;
 }
 
 /* Direction numbers inside a block. */
@@ -51,6 +55,14 @@ static inline uint64_t sbp_area_cap(int k)
 /* block_hdr.done bits: this end is finished with the block */
 #define SBP_DONE_ACTIVE  1u
 #define SBP_DONE_PASSIVE 2u
+
+/* block_hdr.state: generation << 32 | one of these, changed by CAS so that
+ * the active end attaching and the passive end withdrawing cannot both win. */
+#define SBP_BLOCK_FREE      0u
+#define SBP_BLOCK_OFFERED   1u  /* the passive end sent it to its peer */
+#define SBP_BLOCK_ATTACHED  2u  /* the active end took it */
+#define SBP_BLOCK_WITHDRAWN 3u  /* the passive end closed before it was taken */
+#define SBP_BLOCK_STATE(gen, st) ((uint64_t)(gen) << 32 | (st))
 
 struct sbp_pair_hdr {
 	char magic[8];
@@ -62,9 +74,10 @@ struct sbp_pair_hdr {
 };
 
 struct sbp_block_hdr {
-	uint32_t gen;                   /* bumped by the allocator at each reuse */
+	uint64_t state;                 /* SBP_BLOCK_STATE(gen, SBP_BLOCK_*) */
 	uint32_t done;                  /* SBP_DONE_* (atomic or) */
-	uint64_t active_cookie;
+	uint32_t pad;
+	uint64_t active_cookie;         /* the connection it was offered for */
 	uint64_t passive_cookie;
 };
 

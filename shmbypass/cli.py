@@ -24,14 +24,18 @@ def cmd_up(args) -> int:
         exclude_nets=[policy.checked_net(n) for n in args.exclude_net],
         include_nets=[policy.checked_net(n) for n in args.include_net])
     if manager.up(inst, cgroup=args.cgroup, slot_count=args.slots, backend=args.backend,
-                  part=args.part, allow=allow):
-        region = inst.load_state().get("region", {})
+                  part=args.part, allow=allow, vm_peers=tuple(args.vm_peer)):
+        state = inst.load_state()
+        region = state.get("region") or {}
         if region.get("note"):
             print(f"shmbypass: {region['note']}", file=sys.stderr)
-        print(f"shmbypass: up (instance {inst.name}, cgroup {inst.cgroup}, pins {inst.pin_dir}, "
-              f"region {region.get('backend')}:{region.get('path')} x{region.get('slot_count')})")
-        for name, f in inst.load_state().get("features", {}).items():
-            if not f["ok"] and name != "arena":  # arena: the region note above said why
+        vm = (f", VM-pair region {region.get('backend')}:{region.get('path')} "
+              f"x{region.get('slot_count')}" if region else "")
+        print(f"shmbypass: up (instance {inst.name}, cgroup {inst.cgroup}, pins {inst.pin_dir}{vm})")
+        for line in policy.describe(policy.Policy.from_dict(state.get("policy"))):
+            print(f"shmbypass: {line}")
+        for name, f in state.get("features", {}).items():
+            if not f["ok"]:
                 print(f"shmbypass: optional feature off: {name}: {f['detail']}", file=sys.stderr)
     else:
         print(f"shmbypass: already up (instance {inst.name})")
@@ -92,9 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("up", help="load, pin and attach the bypass")
     p.add_argument("--cgroup", help="cgroup v2 directory to attach to (default: <cgroup2>/<instance>)")
-    p.add_argument("--backend", choices=["arena", "posix", "ivshmem"],
-                   help="shared-memory region backend (ivshmem: in a VM of a pair, the region "
-                        "the host formatted)")
+    p.add_argument("--backend", choices=["posix", "ivshmem"],
+                   help="a VM pair's shared region: ivshmem (in a guest: the region the host "
+                        "formatted) or posix (the VM path on one host, for tests); one-host "
+                        "connections need none")
+    p.add_argument("--vm-peer", action="append", default=[], metavar="ADDR",
+                   help="the peer VM's address: toward it (only) sockets carry the TCP option "
+                        "that negotiates region slots (repeat)")
     p.add_argument("--part", type=int, metavar="N",
                    help="ivshmem: allocate from part N of the region (default: the part of "
                         "$SHMBYPASS_GUEST)")
@@ -102,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shm-tier ring slots in the pool, two per connection (default 128)")
     p.add_argument("--without", metavar="FEATURE[,FEATURE]",
                    help="optional features not to use, as if the kernel refused them "
-                        "(drain, drain-tcp, ask, capture, arena; also SHMBYPASS_WITHOUT)")
+                        "(drain, drain-tcp, ask, capture; also SHMBYPASS_WITHOUT)")
     p.add_argument("--allow-user", action="append", default=[], metavar="USER",
                    help="this user may use the shm tier (repeat; root always may)")
     p.add_argument("--allow-group", action="append", default=[], metavar="GROUP",

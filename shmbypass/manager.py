@@ -34,21 +34,13 @@ def is_up(inst: paths.Instance) -> bool:
     return os.path.exists(inst.pin(LINK)) and all(os.path.exists(inst.pin(m)) for m in MAPS)
 
 
-def _make_region(inst: paths.Instance, backend: str | None, slot_count: int | None,
+def _make_region(inst: paths.Instance, backend: str, slot_count: int | None,
                  part: int | None = None) -> dict:
-    """Create the instance's region (slots of region.SLOT_SIZE_DEFAULT); an
-    arena that this kernel cannot make falls back to POSIX shm, with the
-    reason recorded."""
+    """A VM pair's region: in a guest, the host's (ivshmem, our part); on one
+    host (the VM path tested without VMs), a POSIX one of slot_count slots."""
     if backend == "ivshmem":  # VM pairs: join the host's region, use our part
         return region.ivshmem_state(slot_count, part)
     note = ""
-    if backend in (None, "arena"):
-        probe = arena_feature()
-        if not probe.ok:
-            note = f"arena backend unavailable ({probe.detail}); using POSIX shm"
-            backend = "posix"
-        else:
-            backend = "arena"
     region.remove(inst.name, inst.pin_dir)  # a killed run's leftovers
     r = region.format(backend, instance=inst.name, slot_count=slot_count,
                       slot_size=region.SLOT_SIZE_DEFAULT, pin_dir=inst.pin_dir)
@@ -104,7 +96,7 @@ def _attach_to_cgroup(prog_fd: int, cgroup: str, attach_type: int, pin: str) -> 
 
 def up(inst: paths.Instance, cgroup: str | None = None, slot_count: int | None = None,
        backend: str | None = None, part: int | None = None,
-       allow: "policy.Policy | None" = None) -> bool:
+       allow: "policy.Policy | None" = None, vm_peers: tuple[str, ...] = ()) -> bool:
     """Bring the bypass up; False if it already was."""
     features.require_root()
     root = features.require_cgroup2()
@@ -134,18 +126,20 @@ def up(inst: paths.Instance, cgroup: str | None = None, slot_count: int | None =
             policy.apply(inst, allow or policy.Policy())
             state["policy"] = (allow or policy.Policy()).as_dict()
             state["features"] = _load_optional(inst, cgroup)
-            # The shm tier's region and slot free list (before sockops runs).
-            n = slots.DEFAULT_SLOTS if slot_count is None else slot_count
-            if backend == "ivshmem":  # the host set the geometry: our whole part unless --slots
-                state["region"] = _make_region(inst, backend, slot_count, part)
-                n = state["region"]["slot_count"]
-            else:
-                state["region"] = _make_region(inst, backend, max(n, 1))
-            if backend != "ivshmem":
-                state["features"]["arena"] = arena_feature().as_dict()
+            # A VM pair's region and slot pool (before sockops runs). One
+            # host needs neither: each pair of processes brings its memory.
+            if backend == "ivshmem" or vm_peers:
+                n = slots.DEFAULT_SLOTS if slot_count is None else slot_count
+                if backend == "ivshmem":  # the host set the geometry: our part unless --slots
+                    state["region"] = _make_region(inst, backend, slot_count, part)
+                    n = state["region"]["slot_count"]
+                else:
+                    state["region"] = _make_region(inst, backend or "posix", max(n, 1))
+                state["vm_peers"] = slots.set_vm_peers(inst, vm_peers)
+                inst.save_state(state)
+                slots.setup(inst, n, state["region"]["region_id"],
+                            first_slot=state["region"].get("first_slot", 0))
             inst.save_state(state)
-            slots.setup(inst, n, state["region"]["region_id"],
-                        first_slot=state["region"].get("first_slot", 0))
             # The pinned sockhash keeps the sk_msg attachment alive.
             bpf.prog_attach(obj.prog_fd("sbp_msg"), obj.map_fd("sock_hash"), lib.BPF_SK_MSG_VERDICT)
             _attach_to_cgroup(obj.prog_fd("sbp_sockops"), cgroup, lib.BPF_CGROUP_SOCK_OPS,

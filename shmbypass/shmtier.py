@@ -36,15 +36,18 @@ def library_path() -> str:
 
 
 def region_spec(inst: paths.Instance) -> str | None:
-    """``<backend>:<path>`` of the instance's region, or None.
+    """``<backend>:<path>`` of a VM pair's region, or None: one-host
+    connections need no region (each pair of processes brings its own
+    memory), only the VM-pair path does (`up --backend ivshmem`, or
+    `--vm-peer` with a POSIX region on one host, for tests).
 
-    An explicit SHMBYPASS_REGION in our environment wins (tests, experts);
-    else the region `shmbypass up --backend` recorded in the state file."""
+    An explicit SHMBYPASS_REGION in our environment wins (tests, experts)."""
     explicit = os.environ.get("SHMBYPASS_REGION")
     if explicit:
         return explicit
-    region = inst.load_state().get("region")
-    if not isinstance(region, dict):
+    state = inst.load_state()
+    region = state.get("region")
+    if not isinstance(region, dict) or not (region.get("backend") == "ivshmem" or state.get("vm_peers")):
         return None
     backend, path = region.get("backend"), region.get("path")
     if not backend or not path:

@@ -27,7 +27,7 @@ DEFAULT_RESV_TTL = 180.0
 
 # `sweeper` holds a bpf_timer: a map with timers must be pinned (a user
 # reference), or bpf_timer_init() fails with EPERM.
-MAPS = ("free_slots", "slot_state", "region", "listeners", "reservations", "sweeper")
+MAPS = ("free_slots", "slot_state", "region", "listeners", "reservations", "sweeper", "vm_peers")
 
 
 def _region_map(inst: paths.Instance) -> bpf.Map:
@@ -117,11 +117,23 @@ def listeners(inst: paths.Instance) -> dict[tuple[int, int], int]:
         return {(k.netns, k.port): v for k, v in m.items()}
 
 
-def mark(inst: paths.Instance, sock, flags: int = lib.SBP_SK_WANT_SHM) -> None:
-    """Ask for the shm tier on a socket (before connect()/listen()): what the
-    interposer does for every socket it owns."""
-    with bpf.Map.pinned(inst.pin("sk_state"), "int", "struct sbp_sk") as m:
-        m.update(sock.fileno(), {"flags": flags})
+def set_vm_peers(inst: paths.Instance, addrs) -> list[str]:
+    """The peer VM's addresses: only toward these does a socket that asked
+    carry the TCP option (vm_peers map). Returns them as written."""
+    import ipaddress
+    out = []
+    with bpf.Map.pinned(inst.pin("vm_peers"), "struct sbp_vm_peer", "uint8_t") as m:
+        for a in addrs:
+            ip = ipaddress.ip_address(a)
+            if ip.version == 4:
+                ip = ipaddress.IPv6Address("::ffff:" + str(ip))
+            key = ffi.new("struct sbp_vm_peer *")
+            raw = ip.packed
+            for i in range(4):
+                key.ip[i] = int.from_bytes(raw[4 * i:4 * i + 4], "little")
+            m.update(key, 1)
+            out.append(str(a))
+    return out
 
 
 def sk_state(inst: paths.Instance, sock) -> dict | None:
@@ -129,5 +141,5 @@ def sk_state(inst: paths.Instance, sock) -> dict | None:
         v = m.lookup(sock.fileno())
         if v is None:
             return None
-        return {f: getattr(v, f) for f in ("flags", "tier", "reason", "tx_slot", "rx_slot", "held",
+        return {f: getattr(v, f) for f in ("vm", "tier", "reason", "tx_slot", "rx_slot", "held",
                                            "tx_gen", "rx_gen", "region_id", "cookie")}

@@ -113,15 +113,45 @@ def connections(inst: paths.Instance) -> list[dict]:
                 "peer": c.peer,
             })
             rows[-1].update(tx_queued=None, rx_queued=None, ring_size=None)  # shm rows: below
-            if tier == "shm":
+            if tier == "shm" and c.tx_gen:  # a VM pair's slots
                 rows[-1]["rings"] = (c.tx_slot, c.tx_gen, c.rx_slot, c.rx_gen)
+            elif tier == "shm":
+                rows[-1]["pair"] = True
     sent = {r["cookie"]: r["bytes_tx"] for r in rows}
     for r in rows:
         if r["tier"] == "kernel":
             r["bytes_rx"] = sent.get(r["peer"], 0)
     rows.sort(key=lambda r: (r["local"], r["remote"]))
     _ring_bytes(inst, [r for r in rows if "rings" in r])
+    _pair_bytes(inst, [r for r in rows if r.pop("pair", False)])
     return rows
+
+
+def _cgroup_pids(inst: paths.Instance) -> list[int]:
+    """The processes in the instance's cgroup and below (only they can
+    hold shm-tier connections)."""
+    top, pids = inst.cgroup, []
+    if not top or not os.path.isdir(top):
+        return pids
+    for d, _, files in os.walk(top):
+        if "cgroup.procs" in files:
+            try:
+                with open(os.path.join(d, "cgroup.procs")) as f:
+                    pids += [int(x) for x in f.read().split()]
+            except OSError:
+                pass
+    return pids
+
+
+def _pair_bytes(inst: paths.Instance, rows: list[dict]) -> None:
+    """Byte counts of one-host shm-tier connections, read from the pair
+    regions their processes map (region/pair.py); 0 when not readable."""
+    if not rows:
+        return
+    from shmbypass.region import pair
+    counts = pair.ring_counts(_cgroup_pids(inst))
+    for row in rows:
+        row.update(counts.get(row["cookie"], {}))
 
 
 def _ring_bytes(inst: paths.Instance, rows: list[dict]) -> None:

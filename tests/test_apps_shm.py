@@ -149,7 +149,7 @@ from test_interposer import PY, Proc, get_setup, setups  # noqa: E402,F401  (fix
 ME = os.path.abspath(__file__)
 
 
-@pytest.fixture(params=["posix", "arena", "bell"])
+@pytest.fixture(params=["shm", "bell", "slots"])
 def su(request, setups):  # noqa: F811
     return get_setup(setups, request.param)
 

@@ -44,19 +44,24 @@ SLOTS = 64
 # -- set-ups ------------------------------------------------------------------
 
 class Setup:
-    """An instance up with its region."""
+    """An instance up for one way of running the shm tier:
+
+    ``tcp``    the library is loaded and asks, but BPF pairs nothing (the
+               instance drains): the app must see exactly TCP;
+    ``shm``    one host: each pair of processes brings its own memory;
+    ``bell``   the same in doorbell mode (SHMBYPASS_DOORBELL=1): no futex,
+               every wait sleeps on the TCP socket, as between two VMs;
+    ``slots``  the VM-pair path on one host: 127.0.0.1 is a "peer VM", the
+               handshake carries the TCP option and hands out slots of a
+               shared (POSIX) region."""
 
     def __init__(self, mode):
         self.mode = mode
         self.inst = new_instance("ipc")
-        if mode == "arena":
-            from shmbypass.region import arena_supported
-            probe = arena_supported()
-            if not probe:
-                pytest.skip(f"arena backend: {probe.reason}")
-        slot_count = SLOTS if mode in ("arena", "posix", "bell") else 0
-        backend = "arena" if mode == "arena" else "posix"
-        manager.up(self.inst, slot_count=slot_count, backend=backend)
+        if mode == "slots":
+            manager.up(self.inst, slot_count=SLOTS, backend="posix", vm_peers=("127.0.0.1",))
+        else:
+            manager.up(self.inst)
         try:
             if mode == "tcp":
                 # Keep these connections off the kernel tier too, so the
@@ -64,14 +69,17 @@ class Setup:
                 # has its own tests and its own quirks).
                 manager.set_draining(self.inst, True)
             self.spec = shmtier.region_spec(self.inst)
-            assert self.spec, f"`up` recorded no region: {self.inst.load_state()}"
+            assert bool(self.spec) == (mode == "slots"), self.inst.load_state()
         except BaseException:
             self.close()
             raise
 
     def env(self, **extra):
-        env = dict(os.environ, SHMBYPASS_INSTANCE=self.inst.name, SHMBYPASS_REGION=self.spec)
+        env = dict(os.environ, SHMBYPASS_INSTANCE=self.inst.name)
         env.pop("SHMBYPASS_DOORBELL", None)
+        env.pop("SHMBYPASS_REGION", None)
+        if self.spec:
+            env["SHMBYPASS_REGION"] = self.spec
         if self.mode == "bell":
             env["SHMBYPASS_DOORBELL"] = "1"
         env.update({k: str(v) for k, v in extra.items()})
@@ -106,7 +114,7 @@ def get_setup(setups, mode):
     return setups[mode]
 
 
-@pytest.fixture(params=["tcp", "arena", "posix", "bell"])
+@pytest.fixture(params=["tcp", "shm", "bell", "slots"])
 def su(request, setups):
     return get_setup(setups, request.param)
 
@@ -230,19 +238,6 @@ def test_integrity_both_ways(su):
     check_tier(su, cres)
 
 
-@pytest.mark.parametrize("name", ["posix", "shm"])
-def test_region_spec_names_the_posix_backend(setups, name):
-    """SHMBYPASS_REGION=posix:/<name> maps the POSIX shm region; `shm:`, the
-    backend's old name, is still accepted."""
-    su = get_setup(setups, "posix")
-    backend, path = su.spec.split(":", 1)
-    assert backend in ("posix", "shm"), su.spec
-    sres, cres = run_pair(su, "integrity", [65536], [65536],
-                          env={"SHMBYPASS_REGION": f"{name}:{path}"})
-    assert cres["echo_ok"] == [True] and sres["digests"] == cres["digests"]
-    check_tier(su, sres, cres)
-
-
 def test_flags_and_options(su):
     sres, cres = run_pair(su, "flags")
     assert sres["peek"] == "hello" and sres["fionread"] == 11 and sres["after_peek"] == "hello world"
@@ -303,10 +298,13 @@ def test_close_with_unread_data(su):
     check_tier(su, sres, cres)
 
 
-def test_exec_finds_the_connection(su):
+def test_exec_hands_over_plain_tcp(su):
+    """The server execs a new image (with the interposer) that takes over
+    the accepted socket: every byte arrives in order; the new image holds
+    no memory of the connection, so it is plain TCP there."""
     sres, cres = run_pair(su, "exec")
     assert sres["data"] == "hello" and cres["data"] == "HELLO" and cres["eof"]
-    check_tier(su, sres, cres)
+    assert sres["tier"] == 0
 
 
 def test_sendfile_and_splice(su):
@@ -362,7 +360,7 @@ def test_kill_receiver(su):
         cli = peer(su, "client", "killreceiver", port)
         assert int(cli.wait_for("TIER ")) == su.expect_tier
         srv.wait_for("READ")
-        if su.mode in ("arena", "posix", "bell"):
+        if su.mode != "tcp":
             from shmbypass import status
             rows = [r for r in status.connections(su.inst) if r["tier"] == "shm"]
             assert len(rows) >= 2, status.connections(su.inst)
@@ -383,7 +381,7 @@ def test_hostile_ring_writer(setups, what):
     against a writer that owns the memory either)."""
     import ctypes
     from shmbypass._native import ffi
-    su = get_setup(setups, "posix")
+    su = get_setup(setups, "slots")
     srv = peer(su, "server", "corrupt", SHMBYPASS_DEBUG=1)
     cli = None
     try:
@@ -478,7 +476,7 @@ def test_signal_during_a_blocking_call(su, eintr_prog, handler, expect, op):
                 p.kill()
 
 
-@pytest.mark.parametrize("mode", ["tcp", "posix"])
+@pytest.mark.parametrize("mode", ["tcp", "shm", "slots"])
 def test_many_connections_leak_nothing(setups, mode):
     """Connections in sequence and many open at once: every one works, in the
     shm tier while slots last and on TCP after (never a failed connection);
@@ -499,9 +497,11 @@ def test_many_connections_leak_nothing(setups, mode):
         assert sres["fds_after"] == sres["fds_before"], sres
         assert sum(cres["tiers"].values()) == seq + nopen
         assert set(cres["tiers"]) <= {"0", "2"} and set(sres["tiers"]) <= {"0", "2"}
-        if mode == "posix":
+        if mode == "slots":
             assert cres["tiers"].get("2", 0) > 0, cres
             assert_slots_back(su.inst)
+        elif mode == "shm":
+            assert cres["tiers"].get("2", 0) > 0, cres
         else:
             assert cres["tiers"] == {"0": seq + nopen}
     finally:
@@ -550,7 +550,7 @@ def test_one_side_unshimmed(setups, shimmed):
     """Both work, on TCP (the other end is outside the group and unmarked),
     and `status` says why."""
     from shmbypass import status
-    su = get_setup(setups, "posix")
+    su = get_setup(setups, "shm")
     sres, cres = run_pair(su, "integrity", [200_000], [200_000],
                           swrap=shimmed == "server", cwrap=shimmed == "client")
     assert cres["echo_ok"] == [True]
@@ -570,7 +570,7 @@ def test_status_shows_both_ends_in_shm(setups):
     holding their connection open: `shmbypass status --json` (the command, not
     the library's own view) shows its two ends in the shm tier, with no
     fallback reason."""
-    su = get_setup(setups, "posix")
+    su = get_setup(setups, "shm")
     with Held(su) as h:
         assert h.tier == "2"
         out = subprocess.run([PY, "-m", "shmbypass", "status", "--json"], env=su.env(),
@@ -590,7 +590,7 @@ def test_user_who_may_not_map_the_region(setups):
     records that its peer was not capable."""
     from shmbypass import status
     need("setpriv")
-    su = get_setup(setups, "posix")
+    su = get_setup(setups, "shm")
     drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
     with Held(su, prefix=drop) as h:
         assert h.tier == "0"
@@ -849,7 +849,7 @@ def test_iperf3(app_su):
 
 # -- the shipped library and the test build ----------------------------------------
 
-TEST_HOOKS = ("shmbypass_fd_tier", "shmbypass_fd_slots")
+TEST_HOOKS = ("shmbypass_fd_tier", "shmbypass_fd_slots", "shmbypass_fd_rings")
 
 
 def _dynamic_symbols(lib):

@@ -79,7 +79,7 @@ def test_layout_and_header_checks():
     r = Region(3)
     assert r.info.block_count == 3
     caps = [lib.sbp_area_cap(k) for k in range(lib.SBP_AREAS)]
-    assert caps == [16 << 10, 128 << 10, 1 << 20, 8 << 20]
+    assert caps == [16 << 10, 256 << 10, 1 << 20, 8 << 20]
     # a largest area that holds what loopback TCP buffers before a writer blocks
     assert sum(caps) > 4 << 20
     bad = ffi.new("struct sbp_pair_info *")
@@ -128,7 +128,7 @@ def test_shrink_when_idle_gives_memory_back():
     fill(w, big)
     while read(rd, 1 << 20) != -11:
         pass
-    assert w.area == 2
+    assert w.area == 2          # 16 KiB, 256 KiB, then 1 MiB
     assert lib.sbp_stream_shrink(w) == 1 and w.area == 0
     data2 = b"after shrink"
     assert write(w, data2) == len(data2)

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: GPL-2.0
 /* channel.c: a shm-tier connection's channel: its memory (allocation,
- * references, the page pool across fork), its two ring views (set up from
- * sk_state, the peer's attached once formatted), and breaking it. */
+ * references, the page pool across fork), its set-up (on TCP until the
+ * peer holds the memory, then live), its two streams, and breaking it. */
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -12,9 +12,21 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "ask.h"
 #include "channel.h"
 #include "fdtable.h"
 #include "setup.h"
+
+/* Take a direction lock if nobody holds it (a holder killed mid-call
+ * leaves the ring consistent: every ring call publishes with one store). */
+static int lock_if_free(pthread_mutex_t *m)
+{
+	int rc = pthread_mutex_trylock(m);
+
+	if (rc == EOWNERDEAD)
+		pthread_mutex_consistent(m);
+	return rc == 0 || rc == EOWNERDEAD;
+}
 
 static atomic_flag slab_lock = ATOMIC_FLAG_INIT;
 static struct chan *chan_free_list;
@@ -175,45 +187,6 @@ static uint32_t bell_seed_ns(int fd)
 								: ti.tcpi_rtt * 1000;
 }
 
-int rx_try_attach(int fd, struct chan *ch)
-{
-	struct chan_sh *sh = ch->sh;
-	struct sbp_ring tmp;
-	uint32_t zero = 0;
-	int rc;
-
-	if (atomic_load_explicit(&sh->flags, memory_order_acquire) & CH_RX_ATTACHED)
-		return 1;
-	rc = sbp_ring_attach(&tmp, sh->rx_slot, sh->slot_size, sh->rx_gen);
-	if (rc == -EAGAIN)
-		return 0;
-	/* Until the peer has formatted it, the slot holds whatever its last
-	 * user (or anyone) left there: a bad header means "not yet". The peer
-	 * formats before it sends anything on TCP, so once a byte came from
-	 * it, a bad header is corruption. */
-	if (rc == -EPROTO && !(atomic_load(&sh->flags) & CH_BELL_SEEN))
-		return 0;
-	if (rc < 0) {
-		chan_break(fd, ch, SBP_RESET_CORRUPT, "the peer's ring header is bad");
-		return 0;
-	}
-	/* Nobody touches sh->rx before CH_RX_ATTACHED says it is there, so
-	 * the one thread that wins this flag may write it. */
-	if (!atomic_compare_exchange_strong(&sh->attaching, &zero, 1))
-		return !!(atomic_load_explicit(&sh->flags, memory_order_acquire) & CH_RX_ATTACHED);
-	if (!(atomic_load(&sh->flags) & CH_RX_ATTACHED)) {
-		sbp_ring_set_spin(&tmp, g.spin_ns);
-		region_wake_words(&tmp, sh->rx_idx);
-		sbp_ring_doorbell_mode(&tmp, g.doorbell);
-		if (g.doorbell)
-			sbp_ring_set_bell_cost(&tmp, bell_seed_ns(fd));
-		sh->rx = tmp;
-		/* SYNC POINT: the view is complete before the flag says so. */
-		atomic_fetch_or_explicit(&sh->flags, CH_RX_ATTACHED, memory_order_release);
-	}
-	return 1;
-}
-
 void chan_break(int fd, struct chan *ch, uint32_t reason, const char *why)
 {
 	struct chan_sh *sh = ch->sh;
@@ -225,9 +198,10 @@ void chan_break(int fd, struct chan *ch, uint32_t reason, const char *why)
 	     atomic_load(&sh->flags) & CH_DATA ? "" : " (before any data)");
 	/* Both rings say RESET (if their headers still make sense), and the
 	 * TCP connection ends so a peer sleeping on it wakes. */
-	sbp_ring_reset(&sh->tx, reason);
-	if (atomic_load(&sh->flags) & CH_RX_ATTACHED)
-		sbp_ring_reset(&sh->rx, reason);
+	if (atomic_load(&sh->phase) == CH_LIVE)
+		sbp_ring_reset(&sh->tx.ring, reason);
+	if (atomic_load(&sh->flags) & CH_RX_OPEN)
+		sbp_ring_reset(&sh->rx.ring, reason);
 	if (fd >= 0) {
 		/* a peer asleep in poll/epoll learns from the FIN below */
 		int saved = errno;
@@ -238,10 +212,10 @@ void chan_break(int fd, struct chan *ch, uint32_t reason, const char *why)
 }
 
 /* What the app set: from our own notes when we saw the socket made, else
- * from the kernel. Doorbells are single bytes: Nagle would hold one back
- * until the peer's delayed ACK (40 ms), a cork (nginx' tcp_nopush) for
- * 200 ms. So NODELAY on, CORK off; the app's own values are kept for
- * getsockopt (its data no longer uses TCP). */
+ * from the kernel. Once our data leaves TCP, the socket carries doorbells:
+ * single bytes that Nagle would hold back until the peer's delayed ACK
+ * (40 ms) and a cork (nginx' tcp_nopush) for 200 ms. So NODELAY on, CORK
+ * off; the app's own values are kept for getsockopt. */
 static void keep_app_opts(int fd, struct chan_sh *sh)
 {
 	unsigned o = fdo_get(fd);
@@ -273,47 +247,10 @@ static void keep_app_opts(int fd, struct chan_sh *sh)
 	}
 }
 
-/* The ring we write: NULL when it is ready, else why not. A new connection
- * formats it. One found again (after exec) attaches: the ring may already
- * carry our data; it formats only if the slot still shows another
- * generation. */
-static const char *tx_ring_setup(const struct sbp_sk *st, struct chan_sh *sh, int rediscovered)
+/* The control connection where the peer is another kernel (a VM pair). */
+static void tune_ctl(int fd, struct chan_sh *sh)
 {
-	void *tx = sbp_region_slot(&g.info, g.region, st->tx_slot);
-	void *rx = sbp_region_slot(&g.info, g.region, st->rx_slot);
-	int rc;
-
-	sh->tx_slot = tx;
-	sh->rx_slot = rx;
-	if (st->region_id && st->region_id != g.info.region_id)
-		return "the handshake named another region";
-	if (!tx || !rx || st->tx_slot == st->rx_slot)
-		return "slot numbers out of range";
-	rc = rediscovered ? sbp_ring_attach(&sh->tx, tx, sh->slot_size, st->tx_gen) : -EAGAIN;
-	if (rc == -EAGAIN) {
-		if (g.wake) {
-			uint32_t *rw = sbp_region_wake_word(g.wake, g.wake_size, st->tx_slot, 0);
-			uint32_t *ww = sbp_region_wake_word(g.wake, g.wake_size, st->tx_slot, 1);
-
-			if (rw && ww)
-				*rw = *ww = 0;
-		}
-		rc = sbp_ring_format(tx, sh->slot_size, st->tx_gen);
-		if (rc == 0)
-			rc = sbp_ring_attach(&sh->tx, tx, sh->slot_size, st->tx_gen);
-	}
-	if (rc < 0)
-		return "cannot format the ring we write";
-	sbp_ring_set_spin(&sh->tx, g.spin_ns);
-	region_wake_words(&sh->tx, st->tx_slot);
-	sbp_ring_doorbell_mode(&sh->tx, g.doorbell);
-	return NULL;
-}
-
-/* The control connection where the peer may be another kernel. */
-static void tune_ctl(int fd, const struct sbp_sk *st, struct chan_sh *sh)
-{
-	if (g.part_count && (st->rx_slot < g.part_first || st->rx_slot - g.part_first >= g.part_count)) {
+	if (g.part_count && (sh->rx_part < g.part_first || sh->rx_part - g.part_first >= g.part_count)) {
 		/* The peer is another kernel (its slot is in another part), which
 		 * holds no reference on our slot: ours comes back at our socket's
 		 * TCP_CLOSE. After close() an orphan reaches it as soon as its FIN
@@ -328,7 +265,7 @@ static void tune_ctl(int fd, const struct sbp_sk *st, struct chan_sh *sh)
 		syscall(SYS_setsockopt, fd, IPPROTO_TCP, TCP_LINGER2, &linger2, sizeof(linger2));
 	}
 	if (g.doorbell) {
-		sbp_ring_set_bell_cost(&sh->tx, bell_seed_ns(fd));
+		sbp_ring_set_bell_cost(&sh->tx.ring, bell_seed_ns(fd));
 		/* A peer VM that dies sends no FIN: TCP keepalives find it. */
 		int on = 1, idle = 2, intvl = 1, cnt = 3;
 
@@ -339,32 +276,184 @@ static void tune_ctl(int fd, const struct sbp_sk *st, struct chan_sh *sh)
 	}
 }
 
-struct chan *chan_setup(int fd, const struct sbp_sk *st, int rediscovered)
+/* Start writing our ring at the byte count we sent over TCP. tx_lock held. */
+static int tx_go_live(int fd, struct chan_sh *sh)
+{
+	sh->tx.spin_ns = g.spin_ns;
+	sh->tx.doorbell = g.doorbell;
+	if (sbp_stream_writer_open(&sh->tx, &sh->tx_areas, sh->tx_gen, sh->tx_tcp) < 0)
+		return -EPROTO;
+	keep_app_opts(fd, sh);
+	sh->tx_bell_due = 1;
+	if (atomic_load(&sh->flags) & CH_SHUT_WR)
+		sbp_ring_close_writer(&sh->tx.ring);    /* our FIN went over TCP already */
+	/* SYNC POINT: the ring is formatted before anyone sends through it. */
+	atomic_store_explicit(&sh->phase, CH_LIVE, memory_order_release);
+	return 0;
+}
+
+static void upgraded(int fd, struct chan_sh *sh)
+{
+	uint32_t f = atomic_load(&sh->flags);
+
+	ask_upgraded(fd, (atomic_load(&sh->phase) == CH_LIVE ? SBP_UP_TX : 0) |
+			 ((f & CH_RX_ATTACHED) ? SBP_UP_RX : 0));
+}
+
+/* One host: the block's two directions, ours to write and the peer's. */
+static void block_streams(struct chan_sh *sh, int active)
+{
+	int txd = active ? SBP_DIR_A2P : SBP_DIR_P2A;
+
+	sbp_stream_areas_pair(&sh->tx_areas, &sh->mem.pi, sh->mem.base, sh->mem.block, txd);
+	sbp_stream_areas_pair(&sh->rx_areas, &sh->mem.pi, sh->mem.base, sh->mem.block, 1 - txd);
+	sh->tx_gen = sbp_stream_gen(sh->mem.gen, txd);
+	sh->rx_gen = sbp_stream_gen(sh->mem.gen, 1 - txd);
+	atomic_fetch_or(&sh->flags, CH_RX_KNOWN);
+}
+
+/* A VM pair: the slots of the handshake, in the region mapped at start. */
+static struct chan *setup_slots(int fd, struct chan *ch, const struct sbp_info *in)
+{
+	struct chan_sh *sh = ch->sh;
+	void *tx, *rx;
+
+	if (!sbp_region_ready()) {
+		chan_break(fd, ch, SBP_RESET_CORRUPT, "a VM pair's handshake, but no region here");
+		return ch;
+	}
+	tx = sbp_region_slot(&g.info, g.region, in->tx_slot);
+	rx = sbp_region_slot(&g.info, g.region, in->rx_slot);
+	if (!tx || !rx || in->tx_slot == in->rx_slot ||
+	    (in->region_id && in->region_id != g.info.region_id)) {
+		chan_break(fd, ch, SBP_RESET_CORRUPT, "the handshake named slots we do not have");
+		return ch;
+	}
+	sbp_stream_areas_slot(&sh->tx_areas, tx, g.info.slot_size);
+	sbp_stream_areas_slot(&sh->rx_areas, rx, g.info.slot_size);
+	sh->tx_gen = in->tx_gen;
+	sh->rx_gen = in->rx_gen;
+	sh->tx_part = in->tx_slot;
+	sh->rx_part = in->rx_slot;
+	atomic_fetch_or(&sh->flags, CH_SLOTS | CH_RX_KNOWN);
+	if (tx_go_live(fd, sh) < 0) {
+		chan_break(fd, ch, SBP_RESET_CORRUPT, "cannot format the ring we write");
+		return ch;
+	}
+	tune_ctl(fd, sh);
+	return ch;
+}
+
+struct chan *chan_setup(int fd, const struct sbp_info *in)
 {
 	struct chan *ch = chan_alloc();
 	struct chan_sh *sh;
-	const char *why;
 
 	if (!ch)
 		return NULL;
 	sh = ch->sh;
-	sh->slot_size = g.info.slot_size;
-	sh->tx_idx = st->tx_slot;
-	sh->rx_idx = st->rx_slot;
-	sh->tx_gen = st->tx_gen;
-	sh->rx_gen = st->rx_gen;
-	keep_app_opts(fd, sh);
-	why = tx_ring_setup(st, sh, rediscovered);
-	if (why) {
-		memset(&sh->tx, 0, sizeof(sh->tx));
-		chan_break(fd, ch, SBP_RESET_CORRUPT, why);
-		return ch;
+	sh->cookie = in->cookie;
+	if (in->mem == SBP_MEM_SLOTS)
+		return setup_slots(fd, ch, in);
+	if (in->role == SBP_ROLE_ACTIVE) {
+		atomic_fetch_or(&sh->flags, CH_ACTIVE);
+		return ch;              /* the offer comes to our inbox */
 	}
-	tune_ctl(fd, st, sh);
-	rx_try_attach(fd, ch);
-	if (!(atomic_load(&sh->flags) & CH_BROKEN))
-		DBG("fd %d: shm tier: tx slot %u gen %#llx, rx slot %u gen %#llx%s", fd, st->tx_slot,
-		    (unsigned long long)st->tx_gen, st->rx_slot, (unsigned long long)st->rx_gen,
-		    atomic_load(&sh->flags) & CH_RX_ATTACHED ? "" : " (peer not attached yet)");
+	if (mem_offer(fd, in, &sh->mem) < 0) {
+		chan_put(ch);
+		return NULL;            /* nothing offered: plain TCP at both ends */
+	}
+	block_streams(sh, 0);
 	return ch;
+}
+
+/* Can the active end take memory now? (Not if another process holds the
+ * socket: it could not map memory that comes now; it stays on TCP.) */
+static int have_memory(int fd, struct chan *ch, int now)
+{
+	struct chan_sh *sh = ch->sh;
+	struct mem_ref m;
+
+	if (sh->mem.base)
+		return 1;
+	if (atomic_load(&ch->shared) || mem_claim(fd, sh->cookie, now, &m) != 1)
+		return 0;
+	sh->mem = m;
+	block_streams(sh, 1);
+	return 1;
+}
+
+int chan_live_locked(int fd, struct chan *ch, int now)
+{
+	struct chan_sh *sh = ch->sh;
+	uint32_t f = atomic_load(&sh->flags);
+
+	if (atomic_load_explicit(&sh->phase, memory_order_acquire) == CH_LIVE)
+		return 1;
+	if (f & CH_BROKEN)
+		return 0;
+	if (!(f & CH_ACTIVE) && sh->mem.unsent && mem_deliver(&sh->mem) <= 0)
+		return 0;
+	if ((f & CH_ACTIVE) ? !have_memory(fd, ch, now) : !mem_taken(&sh->mem))
+		return 0;
+	if (tx_go_live(fd, sh) < 0) {
+		chan_break(fd, ch, SBP_RESET_CORRUPT, "cannot format the ring we write");
+		return 0;
+	}
+	upgraded(fd, sh);
+	DBG("fd %d: writes through its ring from byte %llu", fd, (unsigned long long)sh->tx_tcp);
+	return 1;
+}
+
+int chan_try_live(int fd, struct chan *ch)
+{
+	struct chan_sh *sh = ch->sh;
+	int live;
+
+	if (atomic_load_explicit(&sh->phase, memory_order_acquire) == CH_LIVE)
+		return 1;
+	if (!lock_if_free(&sh->tx_lock))
+		return 0;       /* a writer holds it: it goes live itself */
+	live = chan_live_locked(fd, ch, 0);
+	pthread_mutex_unlock(&sh->tx_lock);
+	return live;
+}
+
+int rx_progress(int fd, struct chan *ch)
+{
+	struct chan_sh *sh = ch->sh;
+	uint32_t f = atomic_load_explicit(&sh->flags, memory_order_acquire);
+
+	if (f & CH_RX_ATTACHED)
+		return 1;
+	if (!(f & CH_RX_KNOWN))
+		return 0;
+	if (!(f & CH_RX_OPEN)) {
+		/* Until the peer formats it, the area holds zeros or a past
+		 * connection's ring: "not yet", whatever it holds. */
+		sh->rx.spin_ns = g.spin_ns;
+		sh->rx.doorbell = g.doorbell;
+		if (sbp_stream_reader_open(&sh->rx, &sh->rx_areas, sh->rx_gen) < 0)
+			return 0;
+		if (g.doorbell)
+			sbp_ring_set_bell_cost(&sh->rx.ring, bell_seed_ns(fd));
+		sh->rx_tcp_end = sbp_ring_tail_pos(&sh->rx.ring);
+		if (sh->rx_tcp_end < sh->rx_tcp) {
+			chan_break(fd, ch, SBP_RESET_CORRUPT,
+				   "the peer's ring starts before what it sent over TCP");
+			return 0;
+		}
+		atomic_fetch_or_explicit(&sh->flags, CH_RX_OPEN, memory_order_release);
+	}
+	if (sh->rx_tcp != sh->rx_tcp_end)
+		return 0;
+	/* SYNC POINT: the view is complete before the flag says so. */
+	atomic_fetch_or_explicit(&sh->flags, CH_RX_ATTACHED, memory_order_release);
+	upgraded(fd, sh);
+	return 1;
+}
+
+void chan_done(struct chan *ch)
+{
+	mem_done(&ch->sh->mem);
 }

@@ -1,5 +1,5 @@
 /* SPDX-License-Identifier: GPL-2.0 */
-/* channel.h: the channel of a shm-tier connection (two ring views and the
+/* channel.h: the channel of a shm-tier connection (two streams and the
  * state both ends' holders share), its memory and its set-up. */
 #ifndef SBP_PRELOAD_CHANNEL_H
 #define SBP_PRELOAD_CHANNEL_H
@@ -11,19 +11,28 @@
 #include <stdint.h>
 #include <sys/types.h>
 
+#include "memory.h"
 #include "ring.h"
+#include "stream.h"
 #include "../../bpf/bypass.h"
 
 /*
- * The application's fd stays the real TCP socket. A connection the BPF
- * handshake put in the shm tier gets a *channel*: two rings in the region
- * (tx: we write, rx: we read). The TCP connection stays open as the control
- * channel: after the handshake it carries only doorbell bytes (wake-ups),
- * and its FIN/RST tell us when the peer is gone (control.c).
+ * The application's fd stays the real TCP socket. A connection BPF paired
+ * in the shm tier gets a *channel*. It starts on TCP (phase CAND): the
+ * passive end offers memory (memory.c), the active end takes it, and each
+ * end moves its own sending direction to rings as soon as the peer holds
+ * the memory: the active end when it takes the offer, the passive end when
+ * it sees that taken (phase LIVE). A reader reads TCP until the stream
+ * position where the writer's ring starts (the writer formats its ring at
+ * the byte count it sent over TCP, then rings one doorbell), then the ring.
+ * So every byte sent before either side was ready simply went over TCP, a
+ * connection whose peer never takes the memory is plain TCP, and nothing
+ * blocks waiting for the peer. Afterwards the TCP connection carries only
+ * doorbell bytes, and its FIN/RST say when the peer is gone (control.c).
  */
 
 /* Channel state flags (chan_sh.flags). */
-#define CH_RX_ATTACHED  0x0001u  /* rx ring attached (the peer formatted it) */
+#define CH_RX_ATTACHED  0x0001u  /* rx reads the ring now (the TCP part is read) */
 #define CH_NONBLOCK     0x0002u  /* O_NONBLOCK on the file description */
 #define CH_SHUT_RD      0x0004u  /* our shutdown(SHUT_RD) */
 #define CH_SHUT_WR      0x0008u  /* our shutdown(SHUT_WR) */
@@ -35,7 +44,14 @@
 #define CH_DATA         0x0200u  /* data has flowed through the rings */
 #define CH_APP_NODELAY  0x0400u  /* what the app set with TCP_NODELAY (we keep it on) */
 #define CH_APP_CORK     0x0800u  /* what the app set with TCP_CORK (never applied) */
-#define CH_BELL_SEEN    0x1000u  /* a byte came from the peer: it has formatted its ring */
+#define CH_RX_KNOWN     0x1000u  /* we know where the peer's ring is (rx_areas) */
+#define CH_RX_OPEN      0x2000u  /* the peer's ring is attached: rx_tcp_end is its start */
+#define CH_ACTIVE       0x4000u  /* we connected (the peer offers the memory) */
+#define CH_SLOTS        0x8000u  /* a VM pair: region slots, live from the start */
+
+/* chan_sh.phase */
+#define CH_CAND 0u      /* we send over TCP; the kernel watches the socket */
+#define CH_LIVE 1u      /* we send through our ring */
 
 /* Shared between the processes that hold the socket after fork(): one
  * MAP_SHARED anonymous page per channel. Locks are process-shared and
@@ -46,15 +62,22 @@ struct chan_sh {
 	_Atomic uint32_t rx_sleeping;   /* the rx lock holder is waiting for data */
 	_Atomic uint32_t tx_sleeping;   /* the tx lock holder is waiting for room */
 	_Atomic uint32_t flags;         /* CH_* */
-	_Atomic uint32_t attaching;     /* one thread attaches the rx view */
+	_Atomic uint32_t phase;         /* CH_CAND / CH_LIVE */
 	uint32_t reason;                /* CH_BROKEN: why (SBP_RESET_*, or ours) */
 	int kick[2];                    /* doorbell mode: eventfd per direction (rx, tx), or -1 */
-	struct sbp_ring rx;             /* views (guarded by the locks) */
-	struct sbp_ring tx;
-	void *rx_slot, *tx_slot;
-	uint32_t rx_idx, tx_idx;
-	uint64_t rx_gen, tx_gen;
-	size_t slot_size;
+	struct sbp_stream rx;           /* views (guarded by the locks) */
+	struct sbp_stream tx;
+	struct sbp_stream_areas rx_areas; /* where the peer's ring is (CH_RX_KNOWN) */
+	struct sbp_stream_areas tx_areas;
+	uint64_t rx_gen, tx_gen;        /* the generations both rings carry */
+	struct mem_ref mem;             /* the pair-memory block (one host), or empty */
+	uint64_t cookie;                /* our socket's cookie */
+	uint64_t tx_tcp;                /* payload bytes we sent over TCP (tx_lock) */
+	uint64_t rx_tcp;                /* payload bytes we read from TCP (rx_lock) */
+	uint64_t rx_tcp_end;            /* where the peer's TCP payload ends (CH_RX_OPEN) */
+	int tx_bell_due;                /* ring a doorbell with the first ring write */
+	int64_t tx_grown_ns;            /* when the ring we write last grew */
+	uint32_t tx_part, rx_part;      /* VM pairs: the slot numbers (tests, VM linger) */
 	uint64_t rx_consumed;           /* bytes we took from rx (epoll edge detection) */
 	uint64_t tx_written;            /* bytes we put in tx */
 	int64_t slice_ns[2];            /* chan_wait back-off when no doorbell can come */
@@ -84,16 +107,27 @@ static inline ssize_t put_ret(struct chan *ch, ssize_t r)
 	return r;
 }
 
-/* Build the channel for a socket the handshake put in the shm tier (st: its
- * sk_state). NULL only if no memory; a channel that cannot work comes back
- * broken (CH_BROKEN). rediscovered: found again after exec (attach to the
- * ring we write instead of formatting it). */
-struct chan *chan_setup(int fd, const struct sbp_sk *st, int rediscovered);
-/* 1 once the peer's ring (rx) is attached; fd -1 if unknown. */
-int rx_try_attach(int fd, struct chan *ch);
+/* A connection BPF put in the shm tier (in: its SBP_SO_INFO): the passive
+ * end offers memory, the active end waits for the offer; both on TCP for
+ * now (CH_CAND), or a VM pair's slots, live at once. NULL: not possible
+ * here (the caller keeps it plain TCP; nothing was promised yet). */
+struct chan *chan_setup(int fd, const struct sbp_info *in);
+/* A CH_CAND channel: can it go live now (the active end: an offer came;
+ * the passive end: the offer was taken)? Takes tx_lock if free (else
+ * later). 1 if it is live now. */
+int chan_try_live(int fd, struct chan *ch);
+/* The same with tx_lock held; now: look at the inbox even if it was
+ * looked at microseconds ago. */
+int chan_live_locked(int fd, struct chan *ch, int now);
+/* The rx side, with rx_lock held: once the peer's ring exists, learn where
+ * its TCP part ends; once that much was read, read the ring
+ * (CH_RX_ATTACHED). 1 if rx is on the ring now. */
+int rx_progress(int fd, struct chan *ch);
 /* Set-up failed or a ring is corrupt: both rings reset, the TCP connection
  * shut down (the peer learns it), ECONNRESET from now on. */
 void chan_break(int fd, struct chan *ch, uint32_t reason, const char *why);
+/* The last holder closes: this end is done with the memory. */
+void chan_done(struct chan *ch);
 
 /* fork(): channel pages made before it are mapped in two processes. */
 void chan_atfork_prepare(void);

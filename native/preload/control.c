@@ -1,6 +1,8 @@
 // SPDX-License-Identifier: GPL-2.0
 /* control.c: the TCP control connection of a shm-tier socket: doorbell
  * bytes out and in, and what its FIN/RST say about the peer. */
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <poll.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
@@ -8,17 +10,19 @@
 
 #include "channel.h"
 #include "control.h"
+#include "fdclass.h"
 #include "setup.h"
 
-void ctl_doorbell(int fd)
+int ctl_doorbell(int fd)
 {
 	static const char bell = 0;
-	int saved = errno;
+	int saved = errno, rc;
 
 	/* SYNC POINT: the ring was published before this syscall; the peer
 	 * re-checks the ring after it wakes on the byte. */
-	syscall(SYS_sendto, fd, &bell, 1, MSG_DONTWAIT | MSG_NOSIGNAL, NULL, 0);
+	rc = syscall(SYS_sendto, fd, &bell, 1, MSG_DONTWAIT | MSG_NOSIGNAL, NULL, 0) == 1 ? 0 : -errno;
 	errno = saved;
+	return rc;
 }
 
 int peer_tx_shut(struct chan *ch)
@@ -27,7 +31,14 @@ int peer_tx_shut(struct chan *ch)
 
 	if (f & (CH_TCP_EOF | CH_TCP_RST | CH_PEER_GONE | CH_BROKEN))
 		return 1;
-	return (f & CH_RX_ATTACHED) && (sbp_ring_flags(&ch->sh->rx) & SBP_RING_WRITER_CLOSED);
+	return (f & CH_RX_ATTACHED) && (sbp_ring_flags(&ch->sh->rx.ring) & SBP_RING_WRITER_CLOSED);
+}
+
+/* What a recv says when the connection was reset: the error itself, once;
+ * after that (a send of ours took it) only that the socket is closed. */
+static int tcp_gone(int err)
+{
+	return err == ECONNRESET || err == ETIMEDOUT || err == EPIPE || err == ENOTCONN;
 }
 
 /* The TCP connection ended (FIN or RST). If the ring we read carries no FIN,
@@ -40,19 +51,63 @@ static void note_tcp_end(int fd, struct chan *ch, uint32_t bit)
 	struct chan_sh *sh = ch->sh;
 	int fin;
 
-	rx_try_attach(fd, ch);
+	(void)fd;
 	fin = (atomic_load(&sh->flags) & CH_RX_ATTACHED) &&
-	      (sbp_ring_flags(&sh->rx) & SBP_RING_WRITER_CLOSED);
+	      (sbp_ring_flags(&sh->rx.ring) & SBP_RING_WRITER_CLOSED);
 	if (!fin || bit == CH_TCP_RST) {
 		uint32_t more = CH_PEER_GONE;
 
-		if (!fin && sbp_ring_readable(&sh->tx) > 0)
+		if (!fin && sbp_ring_readable(&sh->tx.ring) > 0)
 			more |= CH_GONE_RESET;
 		bit |= more;
 	}
 	if (!(atomic_fetch_or(&sh->flags, bit) & CH_PEER_GONE) && (bit & CH_PEER_GONE))
 		DBG("peer's socket closed (TCP %s%s)", bit & CH_TCP_RST ? "RST" : "FIN",
 		    bit & CH_GONE_RESET ? ", our data unread: ECONNRESET" : "");
+}
+
+void ctl_probe(int fd, struct chan *ch)
+{
+	struct chan_sh *sh = ch->sh;
+	int64_t t = now_ns();
+	int rc;
+
+	if (t - sh->last_probe_ns < 200000000)
+		return;
+	sh->last_probe_ns = t;
+	rc = ctl_doorbell(fd);
+	if (rc == -EPIPE || rc == -ECONNRESET)
+		note_tcp_end(fd, ch, CH_TCP_RST);
+}
+
+/* While we still read the peer's bytes from TCP, nothing there is ours to
+ * eat: only look whether the connection ended. Its FIN, once the bytes
+ * before it are read, or while bytes wait (the socket's state says so:
+ * readers still get them first, from the kernel); a reset, even with bytes
+ * waiting (a writer of ours must not wait for a reader that is gone). */
+static uint32_t tcp_part_end(int fd, struct chan *ch)
+{
+	struct chan_sh *sh = ch->sh;
+	int saved = errno, st;
+	long n;
+	char c;
+
+	n = syscall(SYS_recvfrom, fd, &c, 1, MSG_PEEK | MSG_DONTWAIT, NULL, NULL);
+	if (n < 0 && tcp_gone(errno)) {
+		note_tcp_end(fd, ch, CH_TCP_RST);
+	} else if (n > 0) {
+		st = sock_tcp_state(fd);
+		if (st == TCP_CLOSE)
+			note_tcp_end(fd, ch, CH_TCP_RST);
+		else if ((st == TCP_CLOSE_WAIT || st == TCP_LAST_ACK) && !(atomic_load(&sh->flags) & CH_SHUT_RD))
+			atomic_fetch_or(&sh->flags, CH_TCP_EOF);
+	} else if (n == 0 && !(atomic_load(&sh->flags) & CH_SHUT_RD)) {
+		/* The peer's FIN: it may only have shut its writing (a
+		 * writer of ours probes, see wait.c) */
+		atomic_fetch_or(&sh->flags, CH_TCP_EOF);
+	}
+	errno = saved;
+	return atomic_load(&sh->flags) & (CH_TCP_EOF | CH_TCP_RST);
 }
 
 uint32_t ctl_drain(int fd, struct chan *ch)
@@ -64,14 +119,11 @@ uint32_t ctl_drain(int fd, struct chan *ch)
 
 	if (f & (CH_TCP_EOF | CH_TCP_RST))
 		return f & (CH_TCP_EOF | CH_TCP_RST);
+	if (!(f & CH_RX_ATTACHED))
+		return tcp_part_end(fd, ch);
 	for (;;) {
 		long n = syscall(SYS_recvfrom, fd, buf, sizeof(buf), MSG_DONTWAIT, NULL, NULL);
 
-		if (n > 0 && !(f & CH_BELL_SEEN)) {
-			/* SYNC POINT: the peer formatted its ring before this byte */
-			atomic_fetch_or(&sh->flags, CH_BELL_SEEN);
-			f |= CH_BELL_SEEN;
-		}
 		if (n > 0 && g.doorbell) {
 			/* The bytes may have been for a sleeper of the other
 			 * direction, asleep on this socket too: kick it. */
@@ -97,7 +149,7 @@ uint32_t ctl_drain(int fd, struct chan *ch)
 		}
 		if (errno == EINTR)
 			continue;
-		if (errno == ECONNRESET || errno == ETIMEDOUT || errno == EPIPE)
+		if (tcp_gone(errno))
 			note_tcp_end(fd, ch, CH_TCP_RST);
 		break;
 	}

@@ -7,14 +7,20 @@
 
 #include "channel.h"
 
-/* One doorbell byte to the peer: never blocks, keeps errno. */
-void ctl_doorbell(int fd);
+/* One doorbell byte to the peer: never blocks, keeps errno. 0 or -errno
+ * (-EAGAIN: the socket's send buffer is full). */
+int ctl_doorbell(int fd);
 /* Consume doorbell bytes; notes FIN/RST. Returns CH_TCP_EOF/RST bits seen. */
 uint32_t ctl_drain(int fd, struct chan *ch);
 /* Look at the TCP side without waiting: FIN/RST (and doorbells) noted. */
 void ctl_check(int fd, struct chan *ch);
 /* The peer can no longer send us doorbells (its write side is shut). */
 int peer_tx_shut(struct chan *ch);
+/* A writer waiting for room while the peer's side is shut (its FIN, or
+ * its ring's): a live peer (half-closed) eats a doorbell; a dead one's
+ * kernel answers RST, which a later probe's send reports (then the peer
+ * is gone: EPIPE). At most every 200 ms. */
+void ctl_probe(int fd, struct chan *ch);
 /* Can the TCP socket still bring doorbells? */
 int ctl_usable(struct chan *ch);
 

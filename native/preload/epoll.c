@@ -114,7 +114,7 @@ int ep_ctl(int epfd, int op, int fd, struct epoll_event *ev)
 	int k, err;
 
 	k = fd_class(fd, &ch);
-	if (k != K_SHM && k != K_CONNECTING) {
+	if (k != K_SHM && k != K_PENDING) {
 		ep = ep_of(epfd);
 		if (ep && op == EPOLL_CTL_DEL) {
 			/* it was a connecting socket we tracked */
@@ -132,7 +132,7 @@ int ep_ctl(int epfd, int op, int fd, struct epoll_event *ev)
 		errno = EFAULT;
 		return -1;
 	}
-	if (k == K_CONNECTING)
+	if (k == K_PENDING)
 		return ctl_connecting(epfd, op, fd, ev);
 	if (fd == epfd) {
 		chan_put(ch);
@@ -178,8 +178,8 @@ static int ep_collect(struct ep *ep, struct epoll_event *evs, int max)
 			 * came up. Positions only grow. */
 			struct chan_sh *sh = r->ch->sh;
 			uint64_t rx = sh->rx_consumed + ((atomic_load(&sh->flags) & CH_RX_ATTACHED) ?
-							 sbp_ring_readable(&sh->rx) : 0);
-			uint64_t tx = sh->tx_written - sbp_ring_readable(&sh->tx);
+							 sbp_ring_readable(&sh->rx.ring) : 0);
+			uint64_t tx = sh->tx_written - sbp_ring_readable(&sh->tx.ring);
 			uint32_t fresh = 0;
 
 			if (r->fresh)
@@ -232,7 +232,7 @@ static int ep_arm(struct ep *ep, int64_t *cap)
 		 * wants to hear of *new* data: arming would be ready at once. */
 		et_seen = (r->events & EPOLLET) && (r->seen_mask & EPOLLIN) &&
 			  (atomic_load(&r->ch->sh->flags) & CH_RX_ATTACHED) &&
-			  sbp_ring_readable(&r->ch->sh->rx);
+			  sbp_ring_readable(&r->ch->sh->rx.ring);
 		/* Same for room: an ET writer told about room it has not
 		 * filled hears of more room only when it fills it. */
 		out_seen = (r->events & EPOLLET) && (r->seen_mask & EPOLLOUT);
@@ -333,7 +333,7 @@ static void ep_settle_connecting(struct ep *ep)
 
 		if (fd_class(fds[i], &ch) == K_SHM)
 			chan_put(ch);
-		else if (FD_KIND(fdt_load(fds[i])) != K_CONNECTING) {
+		else if (FD_KIND(fdt_load(fds[i])) != K_PENDING) {
 			/* plain after all: forget it, the kernel has it */
 			pthread_mutex_lock(&ep->lock);
 			struct epreg *r = ep_find(ep, fds[i]);

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: GPL-2.0
 /* fdclass.c: what an fd is to us: an fd seen for the first time is probed,
- * a connection that became established is settled (sk_state says shm: a
- * channel; else plain TCP). */
+ * a connection that became established is settled (BPF says shm: a
+ * channel, on TCP until it can go live; else plain TCP). */
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sched.h>
@@ -10,6 +10,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "ask.h"
 #include "channel.h"
 #include "control.h"
 #include "epset.h"
@@ -17,7 +18,7 @@
 #include "fdtable.h"
 #include "setup.h"
 
-static int tcp_state(int fd)
+int sock_tcp_state(int fd)
 {
 	struct tcp_info ti;
 	socklen_t len = sizeof(ti);
@@ -29,54 +30,65 @@ static int tcp_state(int fd)
 	return rc < 0 ? -1 : ti.tcpi_state;
 }
 
+/* Every fd naming ch that waits on the kernel (K_PENDING) now names a
+ * live channel: K_SHM, and its epoll registrations move to our sets. */
+static void fds_went_live(struct chan *ch)
+{
+	int hi = fdt_max();
+
+	for (int fd = 0; fd < hi; fd++) {
+		uint64_t v = fdt_load(fd);
+
+		if (FD_KIND(v) == K_PENDING && FD_PTR(v) == ch &&
+		    fdt_cas(fd, v, (uint64_t)(uintptr_t)ch | K_SHM))
+			ep_fd_became_shm(fd);
+	}
+}
+
 void resolve_established(int fd, int rediscovered)
 {
-	struct sbp_sk st;
+	struct sbp_info in;
 	struct chan *ch;
 	int rc;
 
-	if (!sbp_shm_usable()) {
-		fdt_store(fd, K_PLAIN);
-		return;
-	}
-	rc = sk_lookup(fd, &st);
+	(void)rediscovered;
+	rc = ask_info(fd, &in);
 	if (rc < 0) {
-		DBG("fd %d: tcp tier (no sk_state entry: %s)", fd, strerror(-rc));
+		DBG("fd %d: tcp tier (%s)", fd, strerror(-rc));
 		fdt_store(fd, K_PLAIN);
 		return;
 	}
-	if (st.tier != SBP_TIER_SHM) {
-		DBG("fd %d: not in the shm tier: %s (reason %u)", fd,
-		    sbp_reason_name(st.reason) ?: "other", st.reason);
+	/* The active end may ask before its peer is accepted: BPF pairs them
+	 * at the passive end's establishment (reason awaiting-peer until). */
+	if (in.tier != SBP_TIER_SHM &&
+	    !(in.role == SBP_ROLE_ACTIVE && in.reason == SBP_REASON_AWAITING_PEER)) {
+		DBG("fd %d: not in the shm tier: %s", fd, sbp_reason_name(in.reason) ?: "other");
 		fdt_store(fd, K_PLAIN);
 		return;
 	}
-	ch = chan_setup(fd, &st, rediscovered);
+	ch = chan_setup(fd, &in);
 	if (!ch) {
-		/* No memory for a channel: the peer expects rings, so end it. */
-		WARN("fd %d: out of memory for a shm channel: connection shut down", fd);
-		syscall(SYS_shutdown, fd, SHUT_RDWR);
+		DBG("fd %d: no memory offered: tcp", fd);
 		fdt_store(fd, K_PLAIN);
 		return;
 	}
-	/* Hello: a peer waiting to attach the ring we just formatted wakes up. */
-	if (!(atomic_load(&ch->sh->flags) & CH_BROKEN))
-		ctl_doorbell(fd);
 	atomic_store(&ch->nfds, 1);
-	if (rediscovered)
-		atomic_store(&ch->shared, 1);
-	fdt_store(fd, (uint64_t)(uintptr_t)ch | K_SHM);
-	if (!rediscovered)
+	if (atomic_load(&ch->sh->phase) == CH_LIVE) {
+		fdt_store(fd, (uint64_t)(uintptr_t)ch | K_SHM);
 		ep_fd_became_shm(fd);
+		ctl_doorbell(fd);       /* a VM peer waiting to attach wakes up */
+	} else {
+		fdt_store(fd, (uint64_t)(uintptr_t)ch | K_PENDING);
+	}
 }
 
 /* An fd we have not seen (inherited across exec, received, or made by a
- * call we do not hook): what is it? */
+ * call we do not hook): what is it? A connection that another process (or
+ * image) set up is plain TCP to us: we hold no memory for it. */
 static uint64_t probe(int fd)
 {
-	struct sbp_sk st;
 	socklen_t len = sizeof(int);
-	int proto = 0, saved = errno, state, marked;
+	int proto = 0, saved = errno;
 
 	if (syscall(SYS_getsockopt, fd, SOL_SOCKET, SO_PROTOCOL, &proto, &len) < 0) {
 		int e = errno;
@@ -85,30 +97,23 @@ static uint64_t probe(int fd)
 		return e == EBADF ? K_UNKNOWN : K_PLAIN;
 	}
 	errno = saved;
-	if (proto != IPPROTO_TCP || !sbp_shm_usable())
+	if (proto != IPPROTO_TCP)
 		return K_PLAIN;
-	state = tcp_state(fd);
-	if (sk_lookup(fd, &st) == 0 && st.tier == SBP_TIER_SHM) {
-		if (!fdt_cas(fd, K_UNKNOWN, K_BUSY))
-			return fdt_load(fd);
-		DBG("fd %d: found a shm-tier connection (inherited)", fd);
-		resolve_established(fd, 1);
-		return fdt_load(fd);
-	}
-	marked = sk_lookup(fd, &st) == 0 && (st.flags & SBP_SK_WANT_SHM);
-	switch (state) {
-	case TCP_LISTEN:
-		return marked ? K_LISTEN : K_PLAIN;
-	case TCP_SYN_SENT:
-		return marked ? K_CONNECTING : K_PLAIN;
-	case TCP_CLOSE:
-		return K_TCP;
-	default:
-		return K_PLAIN;
-	}
+	return sock_tcp_state(fd) == TCP_CLOSE ? K_TCP : K_PLAIN;
 }
 
 int fd_class(int fd, struct chan **chp)
+{
+	int k = fd_io_class(fd, chp);
+
+	if (k == K_PENDING && *chp) {
+		chan_put(*chp);         /* on TCP: the kernel's to watch */
+		*chp = NULL;
+	}
+	return k;
+}
+
+int fd_io_class(int fd, struct chan **chp)
 {
 	uint64_t v;
 
@@ -139,12 +144,27 @@ int fd_class(int fd, struct chan **chp)
 				fdt_cas(fd, K_UNKNOWN, k);
 			continue;
 		}
-		case K_CONNECTING: {
-			int s = tcp_state(fd);
+		case K_PENDING: {
+			struct chan *ch = FD_PTR(v);
+			int st;
 
-			if (s == TCP_SYN_SENT || s < 0)
-				return K_CONNECTING;
-			if (s == TCP_CLOSE) {           /* the connect failed */
+			if (ch) {
+				/* on TCP until it can go live */
+				if (!chan_tryget(ch))
+					continue;
+				if (fdt_load(fd) != v) {
+					chan_put(ch);
+					continue;
+				}
+				if (chan_try_live(fd, ch))
+					fds_went_live(ch);
+				*chp = ch;
+				return FD_KIND(fdt_load(fd)) == K_SHM ? K_SHM : K_PENDING;
+			}
+			st = sock_tcp_state(fd);
+			if (st == TCP_SYN_SENT || st < 0)
+				return K_PENDING;
+			if (st == TCP_CLOSE) {          /* the connect failed */
 				fdt_cas(fd, v, K_TCP);
 				return K_TCP;
 			}

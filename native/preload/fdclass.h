@@ -6,8 +6,14 @@
 #include "channel.h"
 
 /* What fd is (enum fd_kind); for K_SHM *chp is a referenced channel
- * (chan_put it). Probes unknown fds and finishes pending connects on the way. */
+ * (chan_put it). Probes unknown fds, finishes pending connects, and moves
+ * channels that can go live, on the way. */
 int fd_class(int fd, struct chan **chp);
+/* The TCP state (TCP_ESTABLISHED...) of a socket, -1 if not one. */
+int sock_tcp_state(int fd);
+/* The same for the data calls: a channel still on TCP (K_PENDING) comes
+ * back too (*chp set), since its bytes must be counted. */
+int fd_io_class(int fd, struct chan **chp);
 /* fd is established (connect returned, or accept): settle its kind. The
  * table entry holds K_BUSY (the caller owns it) on entry. */
 void resolve_established(int fd, int rediscovered);

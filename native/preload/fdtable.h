@@ -11,7 +11,7 @@ enum fd_kind {
 	K_UNKNOWN = 0,  /* not seen yet: probed on first use */
 	K_PLAIN = 1,    /* not ours: pass straight through */
 	K_TCP = 2,      /* a TCP socket not connected yet: mark at connect/listen */
-	K_CONNECTING = 3, /* connect() said EINPROGRESS */
+	K_PENDING = 3,  /* connecting (ptr NULL), or on TCP until it can go live (ptr = chan) */
 	K_LISTEN = 4,   /* a marked listener: accepted sockets are looked up */
 	K_SHM = 5,      /* ptr = struct chan */
 	K_EPOLL = 6,    /* ptr = struct ep (an epoll fd holding shm sockets) */

@@ -25,6 +25,7 @@
 #include "fdclass.h"
 #include "fdtable.h"
 #include "io.h"
+#include "memory.h"
 #include "poll.h"
 #include "setup.h"
 #include "sockets.h"
@@ -46,7 +47,7 @@ static void atfork_child(void)
 {
 	chan_atfork_child();
 	mark_all_shared();
-	setup_atfork_child();
+	mem_atfork_child();
 	ep_atfork_child();
 }
 
@@ -64,7 +65,7 @@ EXPORT ssize_t read(int fd, void *buf, size_t n)
 	struct iovec iov = { buf, n };
 	struct chan *ch;
 
-	if (likely(fd_class(fd, &ch) != K_SHM))
+	if (likely(fd_io_class(fd, &ch) != K_SHM && !ch))
 		return REAL(read)(fd, buf, n);
 	return put_ret(ch, shm_recv(fd, ch, &iov, 1, 0));
 }
@@ -81,7 +82,7 @@ EXPORT ssize_t write(int fd, const void *buf, size_t n)
 	struct iovec iov = { (void *)buf, n };
 	struct chan *ch;
 
-	if (likely(fd_class(fd, &ch) != K_SHM))
+	if (likely(fd_io_class(fd, &ch) != K_SHM && !ch))
 		return REAL(write)(fd, buf, n);
 	return put_ret(ch, shm_send(fd, ch, &iov, 1, 0));
 }
@@ -90,7 +91,7 @@ EXPORT ssize_t readv(int fd, const struct iovec *iov, int cnt)
 {
 	struct chan *ch;
 
-	if (likely(fd_class(fd, &ch) != K_SHM))
+	if (likely(fd_io_class(fd, &ch) != K_SHM && !ch))
 		return REAL(readv)(fd, iov, cnt);
 	return put_ret(ch, shm_recv(fd, ch, iov, cnt, 0));
 }
@@ -99,7 +100,7 @@ EXPORT ssize_t writev(int fd, const struct iovec *iov, int cnt)
 {
 	struct chan *ch;
 
-	if (likely(fd_class(fd, &ch) != K_SHM))
+	if (likely(fd_io_class(fd, &ch) != K_SHM && !ch))
 		return REAL(writev)(fd, iov, cnt);
 	return put_ret(ch, shm_send(fd, ch, iov, cnt, 0));
 }
@@ -109,7 +110,7 @@ EXPORT ssize_t recv(int fd, void *buf, size_t n, int flags)
 	struct iovec iov = { buf, n };
 	struct chan *ch;
 
-	if (likely(fd_class(fd, &ch) != K_SHM))
+	if (likely(fd_io_class(fd, &ch) != K_SHM && !ch))
 		return REAL(recv)(fd, buf, n, flags);
 	return put_ret(ch, shm_recv(fd, ch, &iov, 1, flags));
 }
@@ -126,7 +127,7 @@ EXPORT ssize_t send(int fd, const void *buf, size_t n, int flags)
 	struct iovec iov = { (void *)buf, n };
 	struct chan *ch;
 
-	if (likely(fd_class(fd, &ch) != K_SHM))
+	if (likely(fd_io_class(fd, &ch) != K_SHM && !ch))
 		return REAL(send)(fd, buf, n, flags);
 	return put_ret(ch, shm_send(fd, ch, &iov, 1, flags));
 }
@@ -138,7 +139,7 @@ EXPORT ssize_t recvfrom(int fd, void *buf, size_t n, int flags, struct sockaddr 
 	struct chan *ch;
 	ssize_t r;
 
-	if (likely(fd_class(fd, &ch) != K_SHM))
+	if (likely(fd_io_class(fd, &ch) != K_SHM && !ch))
 		return REAL(recvfrom)(fd, buf, n, flags, addr, alen);
 	r = shm_recv(fd, ch, &iov, 1, flags);
 	if (r >= 0 && addr && alen)
@@ -160,7 +161,7 @@ EXPORT ssize_t sendto(int fd, const void *buf, size_t n, int flags, const struct
 	struct iovec iov = { (void *)buf, n };
 	struct chan *ch;
 
-	if (likely(fd_class(fd, &ch) != K_SHM))
+	if (likely(fd_io_class(fd, &ch) != K_SHM && !ch))
 		return REAL(sendto)(fd, buf, n, flags, addr, alen);
 	return put_ret(ch, shm_send(fd, ch, &iov, 1, flags));   /* connected: address ignored */
 }
@@ -170,7 +171,7 @@ EXPORT ssize_t recvmsg(int fd, struct msghdr *m, int flags)
 	struct chan *ch;
 	ssize_t r;
 
-	if (likely(fd_class(fd, &ch) != K_SHM)) {
+	if (likely(fd_io_class(fd, &ch) != K_SHM && !ch)) {
 		r = REAL(recvmsg)(fd, m, flags);
 		if (r >= 0)
 			note_received_fds(m);
@@ -183,7 +184,7 @@ EXPORT ssize_t sendmsg(int fd, const struct msghdr *m, int flags)
 {
 	struct chan *ch;
 
-	if (likely(fd_class(fd, &ch) != K_SHM)) {
+	if (likely(fd_io_class(fd, &ch) != K_SHM && !ch)) {
 		note_sent_fds(m);
 		return REAL(sendmsg)(fd, m, flags);
 	}
@@ -195,7 +196,7 @@ EXPORT int recvmmsg(int fd, struct mmsghdr *vec, unsigned int vlen, int flags,
 {
 	struct chan *ch;
 
-	if (likely(fd_class(fd, &ch) != K_SHM))
+	if (likely(fd_io_class(fd, &ch) != K_SHM && !ch))
 		return REAL(recvmmsg)(fd, vec, vlen, flags, timeout);
 	return (int)put_ret(ch, shm_recvmmsg(fd, ch, vec, vlen, flags));
 }
@@ -204,7 +205,7 @@ EXPORT int sendmmsg(int fd, struct mmsghdr *vec, unsigned int vlen, int flags)
 {
 	struct chan *ch;
 
-	if (likely(fd_class(fd, &ch) != K_SHM))
+	if (likely(fd_io_class(fd, &ch) != K_SHM && !ch))
 		return REAL(sendmmsg)(fd, vec, vlen, flags);
 	return (int)put_ret(ch, shm_sendmmsg(fd, ch, vec, vlen, flags));
 }
@@ -213,7 +214,7 @@ EXPORT ssize_t sendfile(int out, int in, off_t *offset, size_t count)
 {
 	struct chan *ch;
 
-	if (likely(fd_class(out, &ch) != K_SHM))
+	if (likely(fd_io_class(out, &ch) != K_SHM && !ch))
 		return REAL(sendfile)(out, in, offset, count);
 	return put_ret(ch, shm_sendfile(out, ch, in, offset, count));
 }
@@ -222,7 +223,7 @@ EXPORT ssize_t sendfile64(int out, int in, off_t *offset, size_t count)
 {
 	struct chan *ch;
 
-	if (likely(fd_class(out, &ch) != K_SHM))
+	if (likely(fd_io_class(out, &ch) != K_SHM && !ch))
 		return REAL(sendfile64) ? REAL(sendfile64)(out, in, offset, count)
 					: REAL(sendfile)(out, in, offset, count);
 	return put_ret(ch, shm_sendfile(out, ch, in, offset, count));
@@ -232,9 +233,10 @@ EXPORT ssize_t splice(int in, off_t *off_in, int out, off_t *off_out, size_t len
 		      unsigned int flags)
 {
 	struct chan *cin, *cout;
-	int kin = fd_class(in, &cin), kout = fd_class(out, &cout);
 
-	if (likely(kin != K_SHM && kout != K_SHM))
+	fd_io_class(in, &cin);
+	fd_io_class(out, &cout);
+	if (likely(!cin && !cout))
 		return REAL(splice)(in, off_in, out, off_out, len, flags);
 	return shm_splice(in, cin, off_in, out, cout, off_out, len, flags);
 }
@@ -389,7 +391,7 @@ EXPORT int shutdown(int fd, int how)
 {
 	struct chan *ch;
 
-	if (fd_class(fd, &ch) != K_SHM)
+	if (fd_io_class(fd, &ch) != K_SHM && !ch)
 		return REAL(shutdown)(fd, how);
 	return (int)put_ret(ch, sock_shutdown(fd, ch, how));
 }

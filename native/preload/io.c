@@ -113,7 +113,7 @@ static int tx_state_err(struct chan_sh *sh, uint32_t f)
 	if (f & CH_BROKEN)
 		return ECONNRESET;
 	if (f & CH_SHUT_WR) {
-		sbp_ring_close_writer(&sh->tx);     /* shutdown() may not have had the lock */
+		sbp_ring_close_writer(&sh->tx.ring);     /* shutdown() may not have had the lock */
 		return EPIPE;
 	}
 	if (f & CH_PEER_GONE)
@@ -130,6 +130,131 @@ static int rx_over(uint32_t f)
 	if (f & CH_PEER_GONE)       /* what the peer wrote is delivered; then EOF or reset */
 		return (f & CH_GONE_RESET) ? ECONNRESET : 0;
 	return -1;
+}
+
+/* A raw sendmsg/recvmsg on the socket (not through our own hooks), with
+ * the direction marked asleep while the kernel may block, so that a
+ * non-blocking caller of the same direction does not spin on the lock. */
+static ssize_t tcp_io(int fd, struct chan *ch, struct iovec *v, int cnt, int flags, int dir)
+{
+	_Atomic uint32_t *sleeping = dir ? &ch->sh->tx_sleeping : &ch->sh->rx_sleeping;
+	struct msghdr m;
+	ssize_t n;
+
+	memset(&m, 0, sizeof(m));
+	m.msg_iov = v;
+	m.msg_iovlen = (size_t)cnt;
+	atomic_store_explicit(sleeping, 1, memory_order_relaxed);
+	n = syscall(dir ? SYS_sendmsg : SYS_recvmsg, fd, &m, flags);
+	atomic_store_explicit(sleeping, 0, memory_order_relaxed);
+	return n < 0 ? -errno : n;
+}
+
+/* Our bytes before our ring: over TCP, counted (tx_lock held). The count
+ * is where our ring will start, so every byte on TCP must pass here. */
+#define TCP_PIECE (256u << 10)     /* the most one send puts on TCP before a look */
+
+static ssize_t tcp_send(int fd, struct chan *ch, struct iovec *v, int cnt, int flags, size_t max)
+{
+	struct iovec lim[UIO_MAXIOV];
+	size_t got = 0;
+	int n_iov = 0;
+	ssize_t n;
+
+	for (int i = 0; i < cnt && got < max; i++) {
+		lim[n_iov] = v[i];
+		if (lim[n_iov].iov_len > max - got)
+			lim[n_iov].iov_len = max - got;
+		got += lim[n_iov++].iov_len;
+	}
+	n = tcp_io(fd, ch, lim, n_iov, flags | MSG_NOSIGNAL, 1);
+
+	if (n > 0)
+		ch->sh->tx_tcp += (uint64_t)n;
+	return n;
+}
+
+/* The peer's bytes before its ring (rx_lock held): read from TCP, never
+ * past where its ring starts. Once the ring exists that point is known (it
+ * was formatted at the byte count the peer sent over TCP); until then any
+ * TCP byte is payload, except those that came after the peer switched,
+ * which are doorbells: so look for the ring again after reading. */
+static ssize_t tcp_part(int fd, struct chan *ch, const struct iovec *iov, int cnt, int flags)
+{
+	struct chan_sh *sh = ch->sh;
+	struct iovec lim[UIO_MAXIOV];
+	uint64_t left = UINT64_MAX, got = 0;
+	int n_iov = 0, opened;
+	ssize_t n;
+
+	opened = !!(atomic_load(&sh->flags) & CH_RX_OPEN);
+	if (opened)
+		left = sh->rx_tcp_end - sh->rx_tcp;
+	for (int i = 0; i < cnt && got < left; i++) {
+		lim[n_iov] = iov[i];
+		if (lim[n_iov].iov_len > left - got)
+			lim[n_iov].iov_len = left - got;
+		got += lim[n_iov++].iov_len;
+	}
+	n = tcp_io(fd, ch, lim, n_iov, flags & ~MSG_WAITALL, 0);
+	if (n <= 0)
+		return n;
+	if (!opened) {
+		rx_progress(fd, ch);
+		if ((atomic_load(&sh->flags) & CH_RX_OPEN) && sh->rx_tcp + (uint64_t)n > sh->rx_tcp_end)
+			n = (ssize_t)(sh->rx_tcp_end - sh->rx_tcp);     /* the rest were doorbells */
+	}
+	if (!(flags & MSG_PEEK)) {
+		sh->rx_tcp += (uint64_t)n;
+		rx_progress(fd, ch);
+	}
+	return n;
+}
+
+/* The doorbell a switch owes: the peer may sleep on TCP until it sees our
+ * ring. (Owed again if TCP had no room for it: the peer has TCP bytes to
+ * read then, and looks for our ring when they are read.) 1 if rung. */
+static int tx_switch_bell(int fd, struct chan_sh *sh)
+{
+	if (!sh->tx_bell_due)
+		return 0;
+	if (ctl_doorbell(fd) == 0)
+		sh->tx_bell_due = 0;
+	return 1;
+}
+
+/* After a ring write: the doorbell a switch owes, or one the peer armed
+ * for. */
+static void tx_bells(int fd, struct chan_sh *sh)
+{
+	if (tx_switch_bell(fd, sh)) {
+		sbp_stream_peer_waiting(&sh->tx);
+		return;
+	}
+	if (sbp_stream_peer_waiting(&sh->tx))
+		ctl_doorbell(fd);
+}
+
+/* The ring we write is full and the spin did not help: a larger area
+ * instead of a sleep, up to 1 MiB for a non-blocking writer and to the
+ * largest for a blocking one (whose peer may be writing too: loopback TCP
+ * would buffer megabytes before either blocks). */
+static int tx_grow(struct chan_sh *sh, int nonblock)
+{
+	if (nonblock && sh->tx.area >= 2)
+		return 0;
+	if (sbp_stream_grow(&sh->tx) != 1)
+		return 0;
+	sh->tx_grown_ns = now_ns();
+	return 1;
+}
+
+/* An empty ring larger than the smallest, a second after it last grew:
+ * back to the smallest (its memory goes back to the system). */
+static void tx_shrink(struct chan_sh *sh)
+{
+	if (sh->tx.area && now_ns() - sh->tx_grown_ns > NS_PER_S)
+		sbp_stream_shrink(&sh->tx);
 }
 
 ssize_t shm_send(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, int flags)
@@ -154,21 +279,42 @@ ssize_t shm_send(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, i
 		uint32_t f = atomic_load_explicit(&sh->flags, memory_order_acquire);
 		ssize_t n;
 
+		if (atomic_load_explicit(&sh->phase, memory_order_acquire) == CH_CAND &&
+		    !(done && chan_live_locked(fd, ch, 1))) {
+			/* not live yet: plain TCP, counted, in pieces, so that a
+			 * long send moves to the ring as soon as it can */
+			n = tcp_send(fd, ch, v + first, iovcnt - first, flags, TCP_PIECE);
+			if (n > 0) {
+				done += n;
+				iov_advance(v, &first, iovcnt, n);
+				if (done < total && !b.nonblock)
+					continue;
+			} else if (!done) {
+				err = (int)-n;
+			}
+			break;
+		}
 		err = tx_state_err(sh, f);
 		if (err || done == total)
 			break;
-		n = sbp_ring_writev(&sh->tx, v + first, iovcnt - first);
+		if (done == 0 && sbp_ring_readable(&sh->tx.ring) == 0)
+			tx_shrink(sh);
+		n = sbp_ring_writev(&sh->tx.ring, v + first, iovcnt - first);
 		if (n > 0) {
 			done += n;
 			sh->tx_written += n;
-			if (sbp_ring_peer_waiting(&sh->tx))
-				ctl_doorbell(fd);
+			tx_bells(fd, sh);
 			if (!(f & CH_DATA))
 				atomic_fetch_or(&sh->flags, CH_DATA);
 			iov_advance(v, &first, iovcnt, n);
 			continue;
 		}
 		if (n == -EAGAIN) {
+			if (!b.nonblock && !b.spun && chan_spin(ch, &b) == 0)
+				continue;
+			if (tx_grow(sh, b.nonblock))
+				continue;
+			tx_switch_bell(fd, sh);
 			rc = chan_block(ch, &b, done);
 			if (rc) {
 				if (!done)
@@ -187,14 +333,15 @@ ssize_t shm_send(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, i
 }
 
 /* MSG_TRUNC on TCP: drop up to len bytes without copying them out. */
-static ssize_t ring_discard(struct sbp_ring *r, size_t len)
+static ssize_t ring_discard(struct sbp_stream *s, size_t len)
 {
 	char scratch[4096];
 	ssize_t got = 0;
 
 	while ((size_t)got < len) {
 		size_t n = len - got < sizeof(scratch) ? len - got : sizeof(scratch);
-		ssize_t k = sbp_ring_read(r, scratch, n, 0);
+		struct iovec one = { scratch, n };
+		ssize_t k = sbp_stream_readv(s, &one, 1, 0);
 
 		if (k <= 0)
 			return got ? got : k;
@@ -238,17 +385,31 @@ ssize_t shm_recv(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, i
 				err = ECONNRESET;
 			break;
 		}
-		if (!(f & CH_RX_ATTACHED) && !rx_try_attach(fd, ch))
-			n = -EAGAIN;
-		else if (flags & MSG_TRUNC)
+		if (!(f & CH_RX_ATTACHED) && !rx_progress(fd, ch)) {
+			/* the peer's bytes that went over TCP first */
+			n = tcp_part(fd, ch, v + first, iovcnt - first, flags);
+			if (n > 0) {
+				done += n;
+				if (!waitall || done == total)
+					break;
+				iov_advance(v, &first, iovcnt, n);
+				continue;
+			}
+			if (n == 0 && (atomic_load(&sh->flags) & CH_RX_ATTACHED))
+				continue;               /* it ended where the ring begins */
+			if (n < 0 && !done)
+				err = (int)-n;
+			break;                          /* EOF, or an error as TCP said it */
+		}
+		if (flags & MSG_TRUNC)
 			n = ring_discard(&sh->rx, total - done);
 		else
-			n = sbp_ring_readv(&sh->rx, v + first, iovcnt - first, peek ? SBP_PEEK : 0);
+			n = sbp_stream_readv(&sh->rx, v + first, iovcnt - first, peek ? SBP_PEEK : 0);
 		if (n > 0) {
 			done += n;
 			if (!peek) {
 				sh->rx_consumed += n;
-				if (sbp_ring_peer_waiting(&sh->rx))
+				if (sbp_ring_peer_waiting(&sh->rx.ring))
 					ctl_doorbell(fd);
 			}
 			if (!(f & CH_DATA))
@@ -372,11 +533,10 @@ static ssize_t fill_ring(int out, struct chan *ch, int in, off_t *pos, struct io
 		return r < 0 ? -errno : 0;
 	if (r > room)
 		r = room;               /* cannot happen; never publish more */
-	c = sbp_ring_commit(&sh->tx, (size_t)r);
+	c = sbp_ring_commit(&sh->tx.ring, (size_t)r);
 	if (c != r)
 		return -(c < 0 ? ring_error(out, ch, c, 1) : ECONNRESET);
-	if (sbp_ring_peer_waiting(&sh->tx))
-		ctl_doorbell(out);
+	tx_bells(out, sh);
 	sh->tx_written += r;
 	if (pos)
 		*pos += r;
@@ -404,10 +564,13 @@ static ssize_t into_ring(int out, struct chan *ch, int in, off_t *pos, size_t co
 		err = tx_state_err(sh, atomic_load(&sh->flags));
 		if (err)
 			break;
-		room = sbp_ring_reserve(&sh->tx, piece, want);
+		room = sbp_ring_reserve(&sh->tx.ring, piece, want);
 		if (room == -EAGAIN) {
 			if (one && done)
 				break;          /* splice returns what it moved */
+			if (tx_grow(sh, b.nonblock))
+				continue;
+			tx_switch_bell(out, sh);
 			err = chan_block(ch, &b, done);
 			if (err)
 				break;
@@ -434,12 +597,41 @@ static ssize_t into_ring(int out, struct chan *ch, int in, off_t *pos, size_t co
 	return fail(err, 0);
 }
 
+/* sendfile/splice into a socket that is not live yet: the kernel's call,
+ * counted. 1 and *ret if it was done so, 0 if the socket is live (tx_lock
+ * released either way). */
+static int tcp_move(int out, struct chan *ch, long nr, long a1, long a2, long a3, long a4,
+		    long a5, long a6, ssize_t *ret)
+{
+	struct chan_sh *sh = ch->sh;
+	long n;
+
+	if (atomic_load_explicit(&sh->phase, memory_order_acquire) != CH_CAND)
+		return 0;
+	pthread_mutex_lock(&sh->tx_lock);
+	if (atomic_load(&sh->phase) != CH_CAND) {
+		pthread_mutex_unlock(&sh->tx_lock);
+		return 0;
+	}
+	n = syscall(nr, a1, a2, a3, a4, a5, a6);
+	if (n > 0)
+		sh->tx_tcp += (uint64_t)n;
+	pthread_mutex_unlock(&sh->tx_lock);
+	*ret = n;
+	(void)out;
+	return 1;
+}
+
 ssize_t shm_sendfile(int out, struct chan *ch, int in, off_t *offset, size_t count)
 {
 	int nonblock = !!(atomic_load(&ch->sh->flags) & CH_NONBLOCK);
 	off_t pos;
 	ssize_t r;
 	int e;
+
+	if (tcp_move(out, ch, SYS_sendfile, out, in, (long)offset,
+		     (long)(count < TCP_PIECE ? count : TCP_PIECE), 0, 0, &r))
+		return r;
 
 	if (offset) {
 		if (*offset < 0)
@@ -463,6 +655,52 @@ ssize_t shm_sendfile(int out, struct chan *ch, int in, off_t *offset, size_t cou
 	return r;
 }
 
+/* splice out of a socket whose peer's bytes still come over TCP (rx_lock
+ * held): move only what is payload. A look first (MSG_PEEK), then where
+ * the peer's ring starts: what the look saw came before that ring's
+ * doorbell or the ring exists now (it is formatted before the doorbell). */
+static ssize_t tcp_part_splice(int in, struct chan *ch, int out, size_t len, int flags)
+{
+	struct chan_sh *sh = ch->sh;
+	struct blocking b = { .fd = in, .dir = 0 };
+	char probe[4096];
+	uint64_t left;
+	ssize_t k, n;
+	int err;
+
+	for (;;) {
+		k = syscall(SYS_recvfrom, in, probe, len < sizeof(probe) ? len : sizeof(probe),
+			    MSG_PEEK | MSG_DONTWAIT, NULL, NULL);
+		if (k > 0 || (k < 0 && errno != EAGAIN) || (flags & SPLICE_F_NONBLOCK) ||
+		    (atomic_load(&sh->flags) & CH_NONBLOCK))
+			break;
+		if (k == 0)
+			break;
+		/* nothing on TCP: the peer's ring may have begun right here */
+		if (rx_progress(in, ch))
+			return -EAGAIN;
+		err = tcp_block(&b, POLLIN | POLLRDHUP);
+		if (err)
+			return -err;
+	}
+	if (k <= 0)
+		return k < 0 ? -errno : 0;
+	rx_progress(in, ch);
+	if (atomic_load(&sh->flags) & CH_RX_OPEN) {
+		left = sh->rx_tcp_end - sh->rx_tcp;
+		if ((uint64_t)k > left)
+			k = (ssize_t)left;
+		if (k == 0)
+			return -EAGAIN;         /* only doorbells: the ring is next */
+	}
+	n = syscall(SYS_splice, in, NULL, out, NULL, (size_t)k, flags);
+	if (n < 0)
+		return -errno;
+	sh->rx_tcp += (uint64_t)n;
+	rx_progress(in, ch);
+	return n;
+}
+
 /* Wait until the ring we read has bytes for a pipe: bytes described in
  * piece (at most len), 0 at EOF, or -errno. */
 static ssize_t rx_peek(int in, struct chan *ch, struct iovec piece[2], size_t len, int nonblock)
@@ -477,8 +715,12 @@ static ssize_t rx_peek(int in, struct chan *ch, struct iovec piece[2], size_t le
 
 		if (f & CH_BROKEN)
 			return -ECONNRESET;
-		r = (f & CH_RX_ATTACHED) || rx_try_attach(in, ch) ?
-		    sbp_ring_peek_iov(&sh->rx, piece, len) : -EAGAIN;
+		r = sbp_ring_peek_iov(&sh->rx.ring, piece, len);
+		if (r == SBP_RING_GO_NEXT) {    /* the writer moved to another area */
+			if (sbp_stream_follow(&sh->rx) == 1)
+				continue;
+			r = -EPROTO;
+		}
 		if (r >= 0)
 			return r;
 		if (r != -EAGAIN)
@@ -506,6 +748,15 @@ static ssize_t out_of_ring(int in, struct chan *ch, int out, size_t len, int non
 		len = SPLICE_CHUNK;
 	if (dir_lock(&sh->rx_lock, &sh->rx_sleeping, nonblock))
 		return fail(EAGAIN, 0);
+	if (!rx_progress(in, ch)) {
+		r = tcp_part_splice(in, ch, out, len,
+				    (nonblock ? SPLICE_F_NONBLOCK : 0) | (out_nonblock ? SPLICE_F_NONBLOCK : 0));
+		if (!(r == -EAGAIN && rx_progress(in, ch))) {
+			pthread_mutex_unlock(&sh->rx_lock);
+			return r < 0 ? fail((int)-r, 0) : r;
+		}
+		/* the TCP part is over: on to the ring */
+	}
 	r = rx_peek(in, ch, piece, len, nonblock);
 	if (r < 0) {
 		err = (int)-r;
@@ -518,10 +769,10 @@ static ssize_t out_of_ring(int in, struct chan *ch, int out, size_t len, int non
 			err = errno;
 		} else {
 			/* consume exactly what the pipe took */
-			r = sbp_ring_consume(&sh->rx, (size_t)(w > r ? r : w));
+			r = sbp_ring_consume(&sh->rx.ring, (size_t)(w > r ? r : w));
 			if (r > 0) {
 				sh->rx_consumed += r;
-				if (sbp_ring_peer_waiting(&sh->rx))
+				if (sbp_ring_peer_waiting(&sh->rx.ring))
 					ctl_doorbell(in);
 			} else if (r < 0) {
 				err = ring_error(in, ch, r, 0);
@@ -551,6 +802,13 @@ ssize_t shm_splice(int in, struct chan *cin, off_t *off_in, int out, struct chan
 			chan_put(cout);
 			errno = ESPIPE;
 			return -1;
+		}
+		{
+			ssize_t r;
+
+			if (tcp_move(out, cout, SYS_splice, in, (long)off_in, out, 0,
+				     (long)(len < TCP_PIECE ? len : TCP_PIECE), flags, &r))
+				return put_ret(cout, r);
 		}
 		return put_ret(cout, into_ring(out, cout, in, off_in, len,
 					       nb || (atomic_load(&cout->sh->flags) & CH_NONBLOCK), 1,

@@ -190,7 +190,7 @@ int sets_have_shm(int nfds, fd_set *r, fd_set *w, fd_set *e)
 		if (!((r && FD_ISSET(fd, r)) || (w && FD_ISSET(fd, w)) || (e && FD_ISSET(fd, e))))
 			continue;
 		v = fdt_load(fd);
-		if (FD_KIND(v) == K_SHM || FD_KIND(v) == K_CONNECTING || FD_KIND(v) == K_UNKNOWN) {
+		if (FD_KIND(v) == K_SHM || FD_KIND(v) == K_PENDING || FD_KIND(v) == K_UNKNOWN) {
 			struct chan *ch;
 
 			if (fd_class(fd, &ch) == K_SHM) {

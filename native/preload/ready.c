@@ -10,6 +10,8 @@
  * doorbell when it publishes) and let the kernel watch the TCP socket for
  * POLLIN only. A short spin first: a peer on another CPU usually answers
  * within microseconds, and a sleep/wake costs tens. */
+#include <pthread.h>
+
 #include "channel.h"
 #include "control.h"
 #include "ready.h"
@@ -21,7 +23,53 @@
  * doorbell per 8 KiB. */
 static inline size_t tx_low_water(const struct chan_sh *sh)
 {
-	return (size_t)(sh->tx.cap / 4);
+	return (size_t)(sh->tx.ring.cap / 4);
+}
+
+/* The rx side still reads the peer's bytes from TCP: readiness as the
+ * kernel sees it (POLLIN/RDHUP/HUP/ERR of the socket), except that bytes
+ * past where the peer's ring starts are doorbells, not data. */
+static uint32_t tcp_part_mask(int fd, struct chan *ch)
+{
+	struct chan_sh *sh = ch->sh;
+	struct pollfd p = { fd, POLLIN | POLLRDHUP, 0 };
+	uint32_t m = 0;
+
+	if (sys_ppoll(&p, 1, 0, NULL) <= 0)
+		return 0;
+	m = p.revents & (IN_BITS | POLLRDHUP | POLLHUP | POLLERR);
+	if (!(m & IN_BITS) || !(atomic_load(&sh->flags) & CH_RX_OPEN))
+		return m;
+	if (sh->rx_tcp == sh->rx_tcp_end && !(p.revents & (POLLRDHUP | POLLHUP | POLLERR)))
+		m &= ~IN_BITS;          /* only doorbells: the ring decides */
+	return m;
+}
+
+/* Bring the rx view up to date: the peer's ring found, or the area it
+ * moved to followed (a drained, linked ring has nothing to arm: the data
+ * goes to the next one). Needs rx_lock: tried; a reader that holds it
+ * does this itself. 0 if the view is current, else the ring is linked and
+ * could not be followed now (report readable: the read will). */
+static int rx_look(int fd, struct chan *ch)
+{
+	struct chan_sh *sh = ch->sh;
+	int rc, attached = !!(atomic_load(&sh->flags) & CH_RX_ATTACHED);
+
+	if (attached && !(sbp_ring_flags(&sh->rx.ring) & SBP_RING_LINKED))
+		return 0;
+	rc = pthread_mutex_trylock(&sh->rx_lock);
+	if (rc == EOWNERDEAD)
+		pthread_mutex_consistent(&sh->rx_lock);
+	if (rc != 0 && rc != EOWNERDEAD)
+		return attached;
+	if (!rx_progress(fd, ch)) {
+		pthread_mutex_unlock(&sh->rx_lock);
+		return 0;
+	}
+	while (sbp_stream_follow(&sh->rx) == 1)
+		;
+	pthread_mutex_unlock(&sh->rx_lock);
+	return 0;
 }
 
 uint32_t chan_poll_mask(int fd, struct chan *ch)
@@ -30,15 +78,18 @@ uint32_t chan_poll_mask(int fd, struct chan *ch)
 	uint32_t f, m = 0, rf = 0, tf;
 	int rd_shut, wr_shut;
 
-	rx_try_attach(fd, ch);
+	if (rx_look(fd, ch))
+		m |= IN_BITS;
 	f = atomic_load_explicit(&sh->flags, memory_order_acquire);
 	if (f & CH_BROKEN)
 		return IN_BITS | OUT_BITS | POLLERR | POLLHUP | POLLRDHUP;
+	if (!(f & CH_RX_ATTACHED))
+		m |= tcp_part_mask(fd, ch);
 	if (f & CH_RX_ATTACHED) {
-		if (sbp_ring_corrupt(&sh->rx))
+		if (sbp_ring_corrupt(&sh->rx.ring))
 			return IN_BITS | OUT_BITS | POLLERR | POLLHUP | POLLRDHUP;
-		rf = sbp_ring_flags(&sh->rx);
-		if (sbp_ring_readable(&sh->rx) || (rf & (SBP_RING_WRITER_CLOSED | SBP_RING_RESET)))
+		rf = sbp_ring_flags(&sh->rx.ring);
+		if (sbp_ring_readable(&sh->rx.ring) || (rf & (SBP_RING_WRITER_CLOSED | SBP_RING_RESET)))
 			m |= IN_BITS;
 	}
 	/* like tcp_poll(): RDHUP once the peer's FIN is in, HUP when both
@@ -47,10 +98,10 @@ uint32_t chan_poll_mask(int fd, struct chan *ch)
 		  (rf & SBP_RING_WRITER_CLOSED);
 	if (rd_shut)
 		m |= IN_BITS | POLLRDHUP;
-	tf = sbp_ring_flags(&sh->tx);
-	wr_shut = (f & (CH_SHUT_WR | CH_PEER_GONE)) || sbp_ring_corrupt(&sh->tx) ||
+	tf = sbp_ring_flags(&sh->tx.ring);
+	wr_shut = (f & (CH_SHUT_WR | CH_PEER_GONE)) || sbp_ring_corrupt(&sh->tx.ring) ||
 		  (tf & (SBP_RING_READER_CLOSED | SBP_RING_RESET));
-	if (wr_shut || sbp_ring_writable(&sh->tx) >= tx_low_water(sh))
+	if (wr_shut || sbp_ring_writable(&sh->tx.ring) >= tx_low_water(sh))
 		m |= OUT_BITS;
 	if (rd_shut && wr_shut)
 		m |= POLLHUP;
@@ -67,19 +118,19 @@ int chan_arm(struct chan *ch, uint32_t events, int in_et_seen, int out_et_seen, 
 
 	if (events & IN_BITS) {
 		if (!(f & CH_RX_ATTACHED)) {
-			if (*cap < 0 || *cap > CAP_ATTACH)
-				*cap = CAP_ATTACH;
+			/* TCP bytes wake the shadow set: payload, or the
+			 * doorbell that comes with the peer's first ring write */
 		} else if (in_et_seen) {
 			if (*cap < 0 || *cap > CAP_ETIN)
 				*cap = CAP_ETIN;
-		} else if (sbp_ring_arm_readable(&sh->rx)) {
+		} else if (sbp_ring_arm_readable(&sh->rx.ring)) {
 			ready = 1;
 		}
 	}
 	if (events & OUT_BITS) {
-		if (sbp_ring_writable(&sh->tx) < tx_low_water(sh)) {
+		if (sbp_ring_writable(&sh->tx.ring) < tx_low_water(sh)) {
 			/* the reader rings once that much is free */
-			if (sbp_ring_arm_writable_min(&sh->tx, tx_low_water(sh)))
+			if (sbp_ring_arm_writable_min(&sh->tx.ring, tx_low_water(sh)))
 				ready = 1;
 			else if (peer_tx_shut(ch) && (*cap < 0 || *cap > CAP_NOBELL))
 				*cap = CAP_NOBELL;

@@ -14,7 +14,6 @@
 /* How long a waiter may sleep where no doorbell will wake it (ns): */
 #define CAP_ETIN  1000000       /* ET reader left data unread: re-check every 1 ms */
 #define CAP_NOBELL 1000000      /* no doorbell can come (TCP side shut) */
-#define CAP_ATTACH 10000000     /* peer's ring not formatted yet */
 
 /* Same values in poll and epoll (Linux uses one mask for both). */
 _Static_assert(POLLIN == EPOLLIN && POLLOUT == EPOLLOUT && POLLRDHUP == EPOLLRDHUP &&

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: GPL-2.0
 /* setup.c: the interposer's set-up: the real libc functions, the
- * environment (struct sbp_global), logging, the pinned sk_state map, and the
+ * environment (struct sbp_global), logging, and, for a VM pair, the shared
  * region (mapped once, on first need, by whichever thread gets there). */
 #include <dlfcn.h>
 #include <fcntl.h>
@@ -17,7 +17,7 @@
 #include "fdtable.h"
 #include "setup.h"
 
-struct sbp_global g = { .map_fd = -1, .arena_fd = -1 };
+struct sbp_global g;
 
 #define SBP_REAL_DEF(ret, name, ...) ret (*real_##name)(__VA_ARGS__);
 SBP_REAL_LIST(SBP_REAL_DEF)
@@ -49,49 +49,6 @@ void sbp_log(const char *fmt, ...)
 	errno = saved;
 }
 
-static int bpf_obj_get(const char *path)
-{
-	union bpf_attr a;
-
-	memset(&a, 0, sizeof(a));
-	a.pathname = (uint64_t)(uintptr_t)path;
-	a.file_flags = 0;
-	return (int)sys_bpf(BPF_OBJ_GET, &a);
-}
-
-/* 0, or -errno (-ENOENT: no storage on this socket). */
-int sk_lookup(int fd, struct sbp_sk *out)
-{
-	union bpf_attr a;
-	int key = fd, saved = errno, rc;
-
-	memset(&a, 0, sizeof(a));
-	a.map_fd = g.map_fd;
-	a.key = (uint64_t)(uintptr_t)&key;
-	a.value = (uint64_t)(uintptr_t)out;
-	rc = sys_bpf(BPF_MAP_LOOKUP_ELEM, &a) < 0 ? -errno : 0;
-	errno = saved;
-	return rc;
-}
-
-int sk_mark(int fd)
-{
-	struct sbp_sk v;
-	union bpf_attr a;
-	int key = fd, saved = errno, rc;
-
-	memset(&v, 0, sizeof(v));
-	v.flags = SBP_SK_WANT_SHM;
-	memset(&a, 0, sizeof(a));
-	a.map_fd = g.map_fd;
-	a.key = (uint64_t)(uintptr_t)&key;
-	a.value = (uint64_t)(uintptr_t)&v;
-	a.flags = BPF_ANY;
-	rc = sys_bpf(BPF_MAP_UPDATE_ELEM, &a) < 0 ? -errno : 0;
-	errno = saved;
-	return rc;
-}
-
 static void copy_env(char *dst, size_t n, const char *name, const char *dflt)
 {
 	const char *v = getenv(name);
@@ -103,6 +60,22 @@ static void copy_env(char *dst, size_t n, const char *name, const char *dflt)
 		return;
 	}
 	snprintf(dst, n, "%s", v);
+}
+
+/* ivshmem: the peer is another VM. Waits spin up to about a doorbell's
+ * cost (ring.h, sbp_ring_set_bell_cost), which under TCG is far more than
+ * the one-host default; so do poll/epoll waits (unless set explicitly). */
+static void doorbell_defaults(void)
+{
+	char tmp[32];
+
+	g.doorbell = 1;
+	copy_env(tmp, sizeof(tmp), "SHMBYPASS_SPIN_NS", NULL);
+	if (!tmp[0])
+		g.spin_ns = SBP_RING_SPIN_DOORBELL_MAX_NS;
+	copy_env(tmp, sizeof(tmp), "SHMBYPASS_EPOLL_SPIN_NS", NULL);
+	if (!tmp[0])
+		g.epoll_spin_ns = SBP_RING_SPIN_DOORBELL_MAX_NS;
 }
 
 void setup_init(void)
@@ -126,11 +99,11 @@ void setup_init(void)
 	g.epoll_spin_ns = tmp[0] ? (uint32_t)strtoul(tmp, NULL, 10) : 50000;
 	copy_env(tmp, sizeof(tmp), "SHMBYPASS_DISABLE", "0");
 
-	/* Without a region nothing can ever be in the shm tier: stay out of
-	 * the way entirely (every hook is a plain call). */
-	g.enabled = !(tmp[0] && tmp[0] != '0') && g.region_spec[0];
+	g.enabled = !(tmp[0] && tmp[0] != '0');
 	if (!g.enabled)
-		DBG("disabled (%s)", g.region_spec[0] ? "SHMBYPASS_DISABLE" : "SHMBYPASS_REGION unset");
+		DBG("disabled (SHMBYPASS_DISABLE)");
+	if (!strncmp(g.region_spec, "ivshmem:", 8))
+		doorbell_defaults();
 }
 
 /* Map all of an open fd (MAP_SHARED), anywhere, if it holds at least min
@@ -168,35 +141,6 @@ static int map_region_posix(const char *name)
 	return fd < 0 ? -errno : map_region_fd(fd);
 }
 
-static int map_region_arena(const char *path)
-{
-	uint32_t type, pages, mflags;
-	uint64_t addr;
-	void *p;
-	int fd, err = 0, rc;
-
-	fd = bpf_obj_get(path);
-	if (fd < 0)
-		return -errno;
-	rc = sbp_map_query(fd, &type, &pages, &addr, &mflags);
-	if (rc < 0 || type != SBP_BPF_MAP_TYPE_ARENA || !addr) {
-		syscall(SYS_close, fd);
-		return rc < 0 ? rc : -EPROTO;
-	}
-	/* Every process maps the arena at the address kept in map_extra (and
-	 * in the region header): the kernel refuses any other. */
-	p = sbp_map_shared(fd, addr, (size_t)pages * 4096, &err);
-	if (!p) {
-		syscall(SYS_close, fd);
-		return -err;
-	}
-	g.region = p;
-	g.region_size = (size_t)pages * 4096;
-	/* Kept: a forked child must map it again (fork does not copy the VMA). */
-	g.arena_fd = sbp_internal_fd(fd);
-	return 0;
-}
-
 /* ivshmem: the BAR2 of the ivshmem PCI device (its sysfs resource2 file),
  * shared with another VM: mapped anywhere, and no futex can wake a waiter
  * over there, so everything runs in doorbell mode. */
@@ -207,15 +151,13 @@ static int map_region_file(const char *path)
 	return fd < 0 ? -errno : map_region_fd(fd);
 }
 
-/* The arena's companion segment of futex words ("/<instance>-wake", or the
- * third field of SHMBYPASS_REGION=arena:<pin>:<name>). */
-static int map_wake(const char *name)
+static int bpf_obj_get(const char *path)
 {
-	int fd = shm_open(name, O_RDWR | O_CLOEXEC, 0);
+	union bpf_attr a;
 
-	if (fd < 0)
-		return -errno;
-	return map_all(fd, sbp_region_wake_size(g.info.slot_count), &g.wake, &g.wake_size);
+	memset(&a, 0, sizeof(a));
+	a.pathname = (uint64_t)(uintptr_t)path;
+	return (int)sys_bpf(BPF_OBJ_GET, &a);
 }
 
 /* The BPF side hands out slots of the region it was told about (the
@@ -259,171 +201,58 @@ static int bpf_region_differs(const char *spec)
 	return 0;
 }
 
-/* ivshmem: the peer is another VM. Waits spin up to about a doorbell's
- * cost (ring.h, sbp_ring_set_bell_cost), which under TCG is far more than
- * the one-host default; so do poll/epoll waits (unless set explicitly). */
-static void doorbell_defaults(void)
+/* A VM pair's region (SHMBYPASS_REGION=ivshmem:<BAR file>, or posix:<name>
+ * for tests of the VM path on one host): map it and check the header. */
+static int region_init(void)
 {
-	char tmp[32];
-
-	g.doorbell = 1;
-	copy_env(tmp, sizeof(tmp), "SHMBYPASS_SPIN_NS", NULL);
-	if (!tmp[0])
-		g.spin_ns = SBP_RING_SPIN_DOORBELL_MAX_NS;
-	copy_env(tmp, sizeof(tmp), "SHMBYPASS_EPOLL_SPIN_NS", NULL);
-	if (!tmp[0])
-		g.epoll_spin_ns = SBP_RING_SPIN_DOORBELL_MAX_NS;
-}
-
-/* arena:<pin>[:<wake segment>]: the arena, and the companion segment of
- * futex words ("/<instance>-wake" unless named). 0, -errno (mapping), or
- * 1 (refused, the reason logged). */
-static int map_arena_spec(const char *rest)
-{
-	char path[300], wname[160], *third;
+	const char *spec = g.region_spec, *colon = strchr(spec, ':');
 	int rc;
 
-	snprintf(path, sizeof(path), "%s", rest);
-	third = strchr(path, ':');
-	if (third)
-		*third++ = 0;
-	rc = map_region_arena(path);
-	if (rc < 0)
-		return rc;
-	if (third && *third)
-		snprintf(wname, sizeof(wname), "%s", third);
+	if (!colon) {
+		WARN("VM pairs off: SHMBYPASS_REGION=%s is not <backend>:<path>", spec);
+		return -1;
+	}
+	if (!strncmp(spec, "posix:", 6))
+		rc = map_region_posix(colon + 1);
+	else if (!strncmp(spec, "ivshmem:", 8))
+		rc = map_region_file(colon + 1);
 	else
-		snprintf(wname, sizeof(wname), "/%s-wake", g.instance);
-	if (sbp_region_check(g.region, g.region_size, &g.info) == 0 && (rc = map_wake(wname)) < 0) {
-		WARN("shm tier off: arena region needs its wake segment %s: %s", wname, strerror(-rc));
-		return 1;
-	}
-	return 0;
-}
-
-/* Map the region SHMBYPASS_REGION=<backend>:<path> names: 0, -errno
- * (mapping), or 1 (refused, the reason logged). Backends: posix (POSIX
- * shm; `shm:` is its old name, still accepted), ivshmem, arena. */
-static int map_region(const char *spec)
-{
-	const char *colon = strchr(spec, ':');     /* shm_init checked there is one */
-
-	if (!strncmp(spec, "posix:", 6) || !strncmp(spec, "shm:", 4))
-		return map_region_posix(colon + 1);
-	if (!strncmp(spec, "ivshmem:", 8)) {
-		doorbell_defaults();
-		return map_region_file(colon + 1);
-	}
-	if (!strncmp(spec, "arena:", 6))
-		return map_arena_spec(colon + 1);
-	WARN("shm tier off: unknown region backend in SHMBYPASS_REGION=%s", spec);
-	return 1;
-}
-
-/* The pinned sk_state map: 0, or -1 (the reason said or, if the instance
- * is simply not up, said only with SHMBYPASS_DEBUG). */
-static int open_sk_state(void)
-{
-	char path[300];
-	int fd;
-
-	snprintf(path, sizeof(path), "%s/sk_state", g.pin_dir);
-	fd = bpf_obj_get(path);
-	if (fd < 0) {
-		/* Permission denied: this user may not use the instance (its
-		 * pins and region are root's, mode 0600 by default): say so, the
-		 * program's connections are plain TCP. Absent: not up, quietly. */
-		if (errno == EACCES || errno == EPERM)
-			WARN("shm tier off: uid %d may not use instance %s (%s: %s): plain TCP",
-			     (int)getuid(), g.instance, path, strerror(errno));
-		else
-			DBG("shm tier off: no sk_state map at %s (%s): instance not up?", path,
-			    strerror(errno));
-		return -1;
-	}
-	g.map_fd = sbp_internal_fd(fd);
-	return 0;
-}
-
-static int shm_init(void)
-{
-	const char *spec = g.region_spec;
-	int rc;
-
-	if (!strchr(spec, ':')) {
-		WARN("shm tier off: SHMBYPASS_REGION=%s is not <backend>:<path>", spec);
-		return -1;
-	}
-	if (open_sk_state() < 0)
-		return -1;
-	rc = map_region(spec);
-	if (rc > 0)
-		return -1;
+		rc = -EINVAL;
 	if (rc < 0) {
-		WARN("shm tier off: cannot map region %s: %s", spec, strerror(-rc));
+		WARN("VM pairs off: cannot map region %s: %s", spec, strerror(-rc));
 		return -1;
 	}
 	rc = sbp_region_check(g.region, g.region_size, &g.info);
 	if (rc < 0) {
-		WARN("shm tier off: region %s: %s", spec,
+		WARN("VM pairs off: region %s: %s", spec,
 		     rc == -EPROTONOSUPPORT ? "header version mismatch" : "bad header");
 		munmap(g.region, g.region_size);
 		g.region = NULL;
 		return -1;
 	}
-	if (g.info.map_addr && g.info.map_addr != (uint64_t)(uintptr_t)g.region) {
-		WARN("shm tier off: region %s is mapped at %p, its header says %#llx", spec,
-		     g.region, (unsigned long long)g.info.map_addr);
-		return -1;
-	}
 	if (bpf_region_differs(spec))
 		return -1;
-	DBG("shm tier on: region %s id %#llx, %u slots of %u bytes, instance %s", spec,
+	DBG("VM pair region %s id %#llx, %u slots of %u bytes, instance %s", spec,
 	    (unsigned long long)g.info.region_id, g.info.slot_count, g.info.slot_size, g.instance);
 	return 0;
 }
 
-int sbp_shm_usable(void)
+int sbp_region_ready(void)
 {
-	int s = atomic_load_explicit(&g.shm_state, memory_order_acquire);
+	int s = atomic_load_explicit(&g.region_state, memory_order_acquire);
 
 	if (likely(s))
 		return s > 0;
-	if (!g.enabled)
+	if (!g.enabled || !g.region_spec[0])
 		return 0;
-	/* One thread sets up; the others wait (the set-up takes microseconds). */
-	if (atomic_compare_exchange_strong(&g.shm_state, &s, 2)) {
-		int ok = shm_init() == 0;
+	/* One thread maps it; the others wait (it takes microseconds). */
+	if (atomic_compare_exchange_strong(&g.region_state, &s, 2)) {
+		int ok = region_init() == 0;
 
-		atomic_store_explicit(&g.shm_state, ok ? 1 : -1, memory_order_release);
+		atomic_store_explicit(&g.region_state, ok ? 1 : -1, memory_order_release);
 		return ok;
 	}
-	while ((s = atomic_load_explicit(&g.shm_state, memory_order_acquire)) == 2)
+	while ((s = atomic_load_explicit(&g.region_state, memory_order_acquire)) == 2)
 		sched_yield();
 	return s > 0;
-}
-
-/* Arena rings keep their futex words in the companion shm segment (FUTEX_WAIT
- * on arena memory says EFAULT); both ends use the same ones. */
-void region_wake_words(struct sbp_ring *r, uint32_t slot)
-{
-	uint32_t *rw, *ww;
-
-	if (!g.wake)
-		return;
-	rw = sbp_region_wake_word(g.wake, g.wake_size, slot, 0);
-	ww = sbp_region_wake_word(g.wake, g.wake_size, slot, 1);
-	if (rw && ww)
-		sbp_ring_set_wait_words(r, rw, ww);
-}
-
-/* fork does not copy an arena's VMA: map it again, same address. */
-void setup_atfork_child(void)
-{
-	if (g.arena_fd >= 0 && g.region) {
-		int err = 0;
-
-		if (!sbp_map_shared(g.arena_fd, (uint64_t)(uintptr_t)g.region, g.region_size, &err))
-			WARN("forked child cannot map the arena again: %s", strerror(err));
-	}
 }

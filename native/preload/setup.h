@@ -91,24 +91,20 @@ void *sbp_real(const char *name, void **slot);
 /* ---- process-wide state ---------------------------------------------- */
 
 struct sbp_global {
-	int enabled;            /* 0: SHMBYPASS_DISABLE or init refused: pure pass-through */
+	int enabled;            /* 0: SHMBYPASS_DISABLE: pure pass-through */
 	int debug;
-	int doorbell;           /* no futex wake-ups (ivshmem: the peer is in another VM) */
-	_Atomic int shm_state;  /* 0 not tried, 1 usable, -1 unusable (reason logged) */
-	int map_fd;             /* pinned sk_state (kept at a high fd, O_CLOEXEC) */
-	int arena_fd;           /* arena backend: kept to re-map in forked children */
-	void *region;           /* base of the region mapping */
+	int doorbell;           /* no futex wake-ups (a VM pair: the peer is in another VM) */
+	_Atomic int region_state; /* VM pairs: 0 not tried, 1 mapped, -1 not usable (said why) */
+	void *region;           /* a VM pair's shared region (ivshmem BAR) */
 	size_t region_size;
 	struct sbp_region_info info;
-	void *wake;             /* arena: companion segment of futex words */
-	size_t wake_size;
 	uint32_t part_first;    /* this kernel's part of the region (BPF `region` map): */
 	uint32_t part_count;    /*   a peer slot outside it is another VM's (0: unknown) */
 	uint32_t spin_ns;       /* ring spin budget (SHMBYPASS_SPIN_NS) */
 	uint32_t epoll_spin_ns; /* poll/epoll spin before sleeping */
 	char instance[128];
 	char pin_dir[256];
-	char region_spec[300];  /* "<backend>:<path>" */
+	char region_spec[300];  /* "<backend>:<path>" (VM pairs) */
 };
 extern struct sbp_global g;
 
@@ -120,19 +116,8 @@ void sbp_log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
 /* Load time: resolve the real functions, read the environment. */
 void setup_init(void);
-/* In a forked child: map the arena again (fork does not copy its VMA). */
-void setup_atfork_child(void);
 
-/* Map the region and open sk_state once; 1 if the shm tier can be used. */
-int sbp_shm_usable(void);
-
-/* The socket's sk_state entry: 0, or -errno (-ENOENT: none). */
-int sk_lookup(int fd, struct sbp_sk *out);
-/* Ask the BPF handshake for the shm tier on this socket: 0 or -errno. */
-int sk_mark(int fd);
-
-/* Arena rings keep their futex words in the companion segment: point the
- * ring view at the ones of this slot (no-op for other backends). */
-void region_wake_words(struct sbp_ring *r, uint32_t slot);
+/* A VM pair's region, mapped on first need: 1 if there is one here. */
+int sbp_region_ready(void);
 
 #endif

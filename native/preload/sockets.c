@@ -28,6 +28,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "ask.h"
 #include "channel.h"
 #include "control.h"
 #include "epset.h"
@@ -50,8 +51,8 @@ static int lock_if_free(pthread_mutex_t *m)
 /* Our FIN on the ring we write; a doorbell if the peer sleeps on it. */
 static void close_tx(int fd, struct chan_sh *sh)
 {
-	sbp_ring_close_writer(&sh->tx);
-	if (sbp_ring_peer_waiting(&sh->tx))
+	sbp_ring_close_writer(&sh->tx.ring);
+	if (sbp_ring_peer_waiting(&sh->tx.ring))
 		ctl_doorbell(fd);
 }
 
@@ -71,32 +72,38 @@ static void last_close(int fd, struct chan *ch, unsigned o)
 	struct chan_sh *sh = ch->sh;
 	struct linger lg = { 0, 0 };
 	socklen_t len = sizeof(lg);
-	int saved = errno;
+	int saved = errno, live = atomic_load(&sh->phase) == CH_LIVE;
 
 	if ((o & FDO_KNOWN) ? !!(o & FDO_LINGER0) :
 	    (syscall(SYS_getsockopt, fd, SOL_SOCKET, SO_LINGER, &lg, &len) == 0 &&
 	     lg.l_onoff && lg.l_linger == 0)) {
-		sbp_ring_reset(&sh->tx, SBP_RESET_APP);
-		if (atomic_load(&sh->flags) & CH_RX_ATTACHED)
-			sbp_ring_reset(&sh->rx, SBP_RESET_APP);
+		if (live)
+			sbp_ring_reset(&sh->tx.ring, SBP_RESET_APP);
+		if (atomic_load(&sh->flags) & CH_RX_OPEN)
+			sbp_ring_reset(&sh->rx.ring, SBP_RESET_APP);
+		chan_done(ch);
 		errno = saved;
 		return;
 	}
-	if (lock_if_free(&sh->tx_lock)) {
+	if (live && lock_if_free(&sh->tx_lock)) {
 		close_tx(fd, sh);
 		pthread_mutex_unlock(&sh->tx_lock);
 	}
-	rx_try_attach(fd, ch);
 	if (lock_if_free(&sh->rx_lock)) {
-		if (atomic_load(&sh->flags) & CH_RX_ATTACHED) {
-			sbp_ring_close_reader(&sh->rx);
-			if (sbp_ring_peer_waiting(&sh->rx))
+		/* The peer may write into its ring while we still read its TCP
+		 * part: tell it nobody reads any more, as TCP's RST would. */
+		rx_progress(fd, ch);
+		if (atomic_load(&sh->flags) & CH_RX_OPEN) {
+			sbp_ring_close_reader(&sh->rx.ring);
+			if (sbp_ring_peer_waiting(&sh->rx.ring))
 				ctl_doorbell(fd);
 		}
 		pthread_mutex_unlock(&sh->rx_lock);
 	}
 	/* Unread doorbells would make close() send RST. */
-	ctl_drain(fd, ch);
+	if (atomic_load(&sh->flags) & CH_RX_ATTACHED)
+		ctl_drain(fd, ch);
+	chan_done(ch);
 	errno = saved;
 }
 
@@ -111,11 +118,11 @@ static void fd_forget(int fd, int closing)
 
 	if (o)
 		fdo_set(fd, 0);
-	if (k == K_SHM || k == K_CONNECTING)
+	if (k == K_SHM || k == K_PENDING)
 		ep_forget_fd(fd);
 	if (k == K_EPOLL) {
 		ep_free(FD_PTR(v));
-	} else if (k == K_SHM) {
+	} else if ((k == K_SHM || k == K_PENDING) && FD_PTR(v)) {
 		struct chan *ch = FD_PTR(v);
 
 		if (atomic_fetch_sub(&ch->nfds, 1) == 1 && closing && !atomic_load(&ch->shared))
@@ -128,13 +135,14 @@ static void fd_forget(int fd, int closing)
 static void fd_copy(int oldfd, int newfd)
 {
 	struct chan *ch;
-	int k = fd_class(oldfd, &ch);
+	int k = fd_io_class(oldfd, &ch);
 
 	fdo_set(newfd, fdo_get(oldfd));
 
-	if (k == K_SHM) {
+	if (ch) {
 		atomic_fetch_add(&ch->nfds, 1);
-		fdt_store(newfd, (uint64_t)(uintptr_t)ch | K_SHM);   /* the reference moves to the table */
+		/* the reference moves to the table */
+		fdt_store(newfd, (uint64_t)(uintptr_t)ch | (uint64_t)k);
 	} else if (k == K_EPOLL) {
 		fdt_store(newfd, K_UNKNOWN);
 	} else {
@@ -142,15 +150,21 @@ static void fd_copy(int oldfd, int newfd)
 	}
 }
 
+/* A table entry that names a channel (live, or on TCP until it can be). */
+static struct chan *entry_chan(uint64_t v)
+{
+	return FD_KIND(v) == K_SHM || FD_KIND(v) == K_PENDING ? FD_PTR(v) : NULL;
+}
+
 void mark_all_shared(void)
 {
 	int hi = fdt_max();
 
 	for (int fd = 0; fd < hi; fd++) {
-		uint64_t v = fdt_load(fd);
+		struct chan *ch = entry_chan(fdt_load(fd));
 
-		if (FD_KIND(v) == K_SHM)
-			atomic_store(&((struct chan *)FD_PTR(v))->shared, 1);
+		if (ch)
+			atomic_store(&ch->shared, 1);
 	}
 }
 
@@ -185,20 +199,16 @@ void sock_created(int fd, int domain, int type, int proto)
 	errno = saved;
 }
 
-/* Mark the socket so the BPF handshake offers the shm tier, then connect. */
+/* Ask BPF for the shm tier, then connect. */
 int sock_connect(int fd, const struct sockaddr *addr, socklen_t len)
 {
 	int r, saved;
 
 	if (fd_kind_now(fd) != K_TCP || !addr || addr->sa_family == AF_UNSPEC)
 		return REAL(connect)(fd, addr, len);
-	if (!sbp_shm_usable()) {
-		fdt_cas(fd, K_TCP, K_PLAIN);
-		return REAL(connect)(fd, addr, len);
-	}
-	r = sk_mark(fd);
+	r = ask_socket(fd);
 	if (r < 0) {
-		DBG("fd %d: cannot mark the socket (%s): tcp tier", fd, strerror(-r));
+		DBG("fd %d: cannot ask for the shm tier (%s): tcp", fd, strerror(-r));
 		fdt_cas(fd, K_TCP, K_PLAIN);
 		return REAL(connect)(fd, addr, len);
 	}
@@ -208,7 +218,7 @@ int sock_connect(int fd, const struct sockaddr *addr, socklen_t len)
 		if (fdt_cas(fd, K_TCP, K_BUSY))
 			resolve_established(fd, 0);
 	} else if (errno == EINPROGRESS || errno == EINTR || errno == EALREADY) {
-		fdt_cas(fd, K_TCP, K_CONNECTING);
+		fdt_cas(fd, K_TCP, K_PENDING);
 	}
 	errno = saved;
 	return r;
@@ -216,13 +226,13 @@ int sock_connect(int fd, const struct sockaddr *addr, socklen_t len)
 
 int sock_listen(int fd, int backlog)
 {
-	if (fd_kind_now(fd) == K_TCP && sbp_shm_usable()) {
-		int rc = sk_mark(fd);
+	if (fd_kind_now(fd) == K_TCP) {
+		int rc = ask_socket(fd);
 
 		if (rc == 0)
 			fdt_cas(fd, K_TCP, K_LISTEN);
 		else
-			DBG("fd %d: cannot mark the listener (%s)", fd, strerror(-rc));
+			DBG("fd %d: cannot ask for the shm tier (%s)", fd, strerror(-rc));
 	}
 	return REAL(listen)(fd, backlog);
 }
@@ -238,7 +248,9 @@ int sock_accepted(int lfd, int nfd, int flags)
 	if (lo & FDO_KNOWN)
 		fdo_set(nfd, FDO_KNOWN | (lo & (FDO_NODELAY | FDO_CORK | FDO_LINGER0)) |
 			     ((flags & SOCK_NONBLOCK) ? FDO_NONBLOCK : 0));
-	if (fd_kind_now(lfd) == K_LISTEN) {
+	/* We, not the listener's owner, will use it: say so (BPF records
+	 * who; the peer learns our inbox). */
+	if (fd_kind_now(lfd) == K_LISTEN && ask_socket(nfd) == 0) {
 		fdt_store(nfd, K_BUSY);
 		resolve_established(nfd, 0);
 	} else {
@@ -284,7 +296,9 @@ int sock_shutdown(int fd, struct chan *ch, int how)
 
 	/* The ring flags first: when the peer sees our FIN on TCP, it must
 	 * also see the ring's FIN, or it would take it for a dead peer. */
-	if (how == SHUT_WR || how == SHUT_RDWR) {
+	if ((how == SHUT_WR || how == SHUT_RDWR) && atomic_load(&sh->phase) == CH_CAND) {
+		atomic_fetch_or(&sh->flags, CH_SHUT_WR);        /* TCP says it all */
+	} else if (how == SHUT_WR || how == SHUT_RDWR) {
 		atomic_fetch_or(&sh->flags, CH_SHUT_WR);
 		if (lock_if_free(&sh->tx_lock)) {
 			close_tx(fd, sh);
@@ -292,7 +306,7 @@ int sock_shutdown(int fd, struct chan *ch, int how)
 		} else {
 			/* A writer sleeps holding the lock: it closes the ring
 			 * itself when it sees CH_SHUT_WR. Flags are atomic. */
-			sbp_ring_close_writer(&sh->tx);
+			sbp_ring_close_writer(&sh->tx.ring);
 		}
 	}
 	if (how == SHUT_RD || how == SHUT_RDWR)
@@ -381,13 +395,19 @@ int sock_ioctl(int fd, unsigned long req, void *arg)
 	sh = ch->sh;
 	switch (req) {
 	case FIONREAD:          /* == SIOCINQ */
-		rx_try_attach(fd, ch);
-		*(int *)arg = (atomic_load(&sh->flags) & CH_RX_ATTACHED) ?
-			      (int)sbp_ring_readable(&sh->rx) : 0;
+		if (!(atomic_load(&sh->flags) & CH_RX_ATTACHED)) {
+			/* the peer's TCP part: what the kernel holds, up to its end */
+			r = REAL(ioctl)(fd, req, arg);
+			if (r == 0 && (atomic_load(&sh->flags) & CH_RX_OPEN) &&
+			    (uint64_t)*(int *)arg > sh->rx_tcp_end - sh->rx_tcp)
+				*(int *)arg = (int)(sh->rx_tcp_end - sh->rx_tcp);
+			break;
+		}
+		*(int *)arg = (int)sbp_ring_readable(&sh->rx.ring);
 		break;
 	case TIOCOUTQ:          /* == SIOCOUTQ */
 	case SIOCOUTQNSD:
-		*(int *)arg = (int)sbp_ring_readable(&sh->tx);
+		*(int *)arg = (int)sbp_ring_readable(&sh->tx.ring);
 		break;
 	case FIONBIO:
 		r = REAL(ioctl)(fd, req, arg);
@@ -450,7 +470,7 @@ void sock_getsockopt_done(int fd, int level, int name, void *val, socklen_t *len
 	}
 	/* SO_ERROR is how a non-blocking connect learns it is done: settle the
 	 * fd's tier now (fd_class does it on the way). */
-	if (level == SOL_SOCKET && name == SO_ERROR && FD_KIND(fdt_load(fd)) == K_CONNECTING)
+	if (level == SOL_SOCKET && name == SO_ERROR && FD_KIND(fdt_load(fd)) == K_PENDING)
 		fd_kind_now(fd);
 	errno = saved;
 }
@@ -483,10 +503,10 @@ static void forget_received(int fd)
 /* A shm socket handed to another process: it now has two holders. */
 static void share_sent(int fd)
 {
-	uint64_t v = fdt_load(fd);
+	struct chan *ch = entry_chan(fdt_load(fd));
 
-	if (FD_KIND(v) == K_SHM)
-		atomic_store(&((struct chan *)FD_PTR(v))->shared, 1);
+	if (ch)
+		atomic_store(&ch->shared, 1);
 }
 
 void note_received_fds(const struct msghdr *m)

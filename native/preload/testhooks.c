@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <time.h>
 
+#include "ask.h"
 #include "channel.h"
 #include "fdtable.h"
 #include "setup.h"
@@ -37,15 +38,36 @@ void test_arm_delay(void)
 	}
 }
 
-/* For tests (ctypes, dlsym): 2 if fd is a healthy shm-tier socket here,
- * -1 if its channel was reset, 0 otherwise. Never probes or sets anything up. */
+/* For tests (ctypes): which directions of fd go through rings now (bit 0:
+ * what we send, bit 1: what we read); 0 for anything else. */
+EXPORT int shmbypass_fd_rings(int fd)
+{
+	uint64_t v = fdt_load(fd);
+	struct chan_sh *sh;
+
+	if (!g.enabled || (FD_KIND(v) != K_SHM && FD_KIND(v) != K_PENDING) || !FD_PTR(v))
+		return 0;
+	sh = ((struct chan *)FD_PTR(v))->sh;
+	return (atomic_load(&sh->phase) == CH_LIVE ? 1 : 0) |
+	       ((atomic_load(&sh->flags) & CH_RX_ATTACHED) ? 2 : 0);
+}
+
+/* For tests (ctypes, dlsym): 2 if fd is a healthy shm-tier connection
+ * here (BPF paired it, this process holds its channel: on TCP until both
+ * ends hold the memory, then rings; shmbypass_fd_rings says which), -1 if
+ * its channel was reset, 0 otherwise. Never probes or sets anything up. */
 EXPORT int shmbypass_fd_tier(int fd)
 {
 	uint64_t v = fdt_load(fd);
+	struct sbp_info in;
 
-	if (!g.enabled || FD_KIND(v) != K_SHM)
+	if (!g.enabled || (FD_KIND(v) != K_SHM && FD_KIND(v) != K_PENDING) || !FD_PTR(v))
 		return 0;
-	return (atomic_load(&((struct chan *)FD_PTR(v))->sh->flags) & CH_BROKEN) ? -1 : SBP_TIER_SHM;
+	if (atomic_load(&((struct chan *)FD_PTR(v))->sh->flags) & CH_BROKEN)
+		return -1;
+	if (shmbypass_fd_rings(fd))
+		return SBP_TIER_SHM;    /* rings in use (the peer may have closed since) */
+	return ask_info(fd, &in) == 0 && in.tier == SBP_TIER_SHM ? SBP_TIER_SHM : 0;
 }
 
 /* For tests (ctypes): the slots of a shm-tier fd; 0, or -1 if it is not one. */
@@ -57,7 +79,8 @@ EXPORT int shmbypass_fd_slots(int fd, unsigned int *tx, unsigned int *rx)
 	if (!g.enabled || FD_KIND(v) != K_SHM)
 		return -1;
 	sh = ((struct chan *)FD_PTR(v))->sh;
-	*tx = sh->tx_idx;
-	*rx = sh->rx_idx;
+	*tx = sh->tx_part;
+	*rx = sh->rx_part;
 	return 0;
 }
+

@@ -60,7 +60,6 @@ static int64_t sock_timeout_ns(int fd, int optname)
  * TCP socket is looked at between them. */
 #define SLICE_MIN_NS    10000000
 #define SLICE_MAX_NS    1000000000
-#define ATTACH_WAIT_NS  10000000
 
 /* Doorbell mode (no futex across VMs): spin, arm, and sleep on the TCP
  * socket plus this direction's kick eventfd (another thread that eats a
@@ -86,7 +85,7 @@ static int doorbell_wait(int fd, struct chan *ch, int dir, int64_t deadline)
 	int64_t left = -1, sleep_ns = -1;
 	uint32_t f = atomic_load(&sh->flags);
 	struct pollfd p[2];
-	int rc, attached = dir || (f & CH_RX_ATTACHED);
+	int rc;
 
 	if (deadline != DL_NONE) {
 		left = deadline - now_ns();
@@ -98,28 +97,18 @@ static int doorbell_wait(int fd, struct chan *ch, int dir, int64_t deadline)
 	p[1].fd = kick_fd(sh, dir);
 	p[1].events = POLLIN;
 	atomic_store(sleeping, 1);
-	if (attached) {
-		rc = dir ? sbp_ring_wait_writable(&sh->tx, left) : sbp_ring_wait_readable(&sh->rx, left);
-		if (rc == 0 || rc == -ETIMEDOUT) {
-			atomic_store(sleeping, 0);
-			return rc;      /* else -EAGAIN: armed, sleep */
-		}
-	} else {
-		sleep_ns = ATTACH_WAIT_NS;
+	rc = dir ? sbp_ring_wait_writable(&sh->tx.ring, left) : sbp_ring_wait_readable(&sh->rx.ring, left);
+	if (rc == 0 || rc == -ETIMEDOUT) {
+		atomic_store(sleeping, 0);
+		return rc;      /* else -EAGAIN: armed, sleep */
 	}
 	p[0].fd = fd;
 	p[0].events = POLLIN | POLLRDHUP;
 	p[0].revents = p[1].revents = 0;
 	f = atomic_load(&sh->flags);
 	if ((f & (CH_TCP_EOF | CH_TCP_RST | CH_SHUT_RD)) || (dir && peer_tx_shut(ch))) {
-		if (dir && !(f & (CH_TCP_EOF | CH_TCP_RST | CH_SHUT_WR))) {
-			int64_t t = now_ns();
-
-			if (t - sh->last_probe_ns > 200000000) {
-				sh->last_probe_ns = t;
-				ctl_doorbell(fd);
-			}
-		}
+		if (dir && !(f & (CH_TCP_RST | CH_PEER_GONE | CH_SHUT_WR)))
+			ctl_probe(fd, ch);
 		if (sh->slice_ns[dir] < 50000)
 			sh->slice_ns[dir] = 50000;
 		sleep_ns = sh->slice_ns[dir];
@@ -142,11 +131,11 @@ static int doorbell_wait(int fd, struct chan *ch, int dir, int64_t deadline)
 	}
 	if (rc > 0 && p[0].revents && p[0].fd >= 0)
 		ctl_drain(fd, ch);
-	if (attached)           /* how long the doorbell took: the spin's calibration */
-		sbp_ring_note_wakeup(dir ? &sh->tx : &sh->rx);
+	/* how long the doorbell took: the spin's calibration */
+	sbp_ring_note_wakeup(dir ? &sh->tx.ring : &sh->rx.ring);
 	if (rc < 0 && errno == EINTR)
 		return -EINTR;
-	if (sh->slice_ns[dir] && (dir ? sbp_ring_writable(&sh->tx) : sbp_ring_readable(&sh->rx)))
+	if (sh->slice_ns[dir] && (dir ? sbp_ring_writable(&sh->tx.ring) : sbp_ring_readable(&sh->rx.ring)))
 		sh->slice_ns[dir] = 50000;      /* it moved: stay quick */
 	return 0;
 }
@@ -164,28 +153,13 @@ static int futex_wait_sliced(int fd, struct chan *ch, int dir, int64_t deadline)
 		if (left <= 0)
 			return -ETIMEDOUT;
 	}
-	if (!dir && !(f & CH_RX_ATTACHED)) {
-		/* The peer has not formatted the ring yet: its hello doorbell
-		 * wakes us (retry now and then anyway). */
-		struct pollfd p = { fd, POLLIN | POLLRDHUP, 0 };
-
-		slice = left >= 0 && left < ATTACH_WAIT_NS ? left : ATTACH_WAIT_NS;
-		atomic_store(sleeping, 1);
-		rc = sys_ppoll(&p, 1, slice, NULL);
-		atomic_store(sleeping, 0);
-		if (rc > 0)
-			ctl_drain(fd, ch);
-		if (rc < 0 && errno == EINTR)
-			return -EINTR;
-		return 0;
-	}
 	if (sh->slice_ns[dir] < SLICE_MIN_NS)
 		sh->slice_ns[dir] = SLICE_MIN_NS;
 	slice = sh->slice_ns[dir];
 	if (left >= 0 && left < slice)
 		slice = left;
 	atomic_store(sleeping, 1);
-	rc = dir ? sbp_ring_wait_writable(&sh->tx, slice) : sbp_ring_wait_readable(&sh->rx, slice);
+	rc = dir ? sbp_ring_wait_writable(&sh->tx.ring, slice) : sbp_ring_wait_readable(&sh->rx.ring, slice);
 	atomic_store(sleeping, 0);
 	if (rc == 0) {
 		sh->slice_ns[dir] = SLICE_MIN_NS;
@@ -196,12 +170,8 @@ static int futex_wait_sliced(int fd, struct chan *ch, int dir, int64_t deadline)
 	/* A slice went by: is the peer still there? */
 	if (sh->slice_ns[dir] < SLICE_MAX_NS)
 		sh->slice_ns[dir] *= 2;
-	if (dir && peer_tx_shut(ch) && !(f & (CH_TCP_EOF | CH_TCP_RST | CH_SHUT_WR))) {
-		/* The peer shut its side: if it has died since, only a byte
-		 * from us makes its kernel answer (RST). A live peer eats it
-		 * as a doorbell. */
-		ctl_doorbell(fd);
-	}
+	if (dir && peer_tx_shut(ch) && !(f & (CH_TCP_RST | CH_PEER_GONE | CH_SHUT_WR)))
+		ctl_probe(fd, ch);
 	ctl_check(fd, ch);
 	if (deadline != DL_NONE && now_ns() >= deadline)
 		return -ETIMEDOUT;
@@ -230,46 +200,6 @@ static int ring_spin(struct sbp_ring *r, _Atomic uint32_t *sleeping, int dir)
 	return rc;
 }
 
-/* Spin until the peer's ring can be attached. Its CPU is unknown: after a
- * short pure spin, yield between looks so a peer on our CPU gets to run.
- * The budget adapts per process like the ring's spin: a hit restores it
- * (up to the ring spin budget), a miss halves it (down to 1/32), so a
- * program whose peers accept late (a backlog) stops spinning for nothing. */
-static _Atomic uint32_t attach_budget_ns = UINT32_MAX;
-
-static int attach_spin(int fd, struct chan *ch)
-{
-	uint32_t budget = atomic_load_explicit(&attach_budget_ns, memory_order_relaxed);
-	int64_t start, t;
-
-	if (budget > g.spin_ns)
-		budget = g.spin_ns;
-	if (!budget)
-		return -EAGAIN;
-	start = now_ns();
-	for (;;) {
-		for (int i = 0; i < 16; i++) {
-			if (rx_try_attach(fd, ch)) {
-				if (budget < g.spin_ns)
-					atomic_store_explicit(&attach_budget_ns, budget * 2,
-							      memory_order_relaxed);
-				return 0;
-			}
-			if (atomic_load(&ch->sh->flags) & CH_BROKEN)
-				return -EPROTO;
-			cpu_relax();
-		}
-		t = now_ns();
-		if (t - start >= (int64_t)budget)
-			break;
-		if (t - start >= 2000)
-			sched_yield();
-	}
-	if (budget / 2 >= g.spin_ns / 32)
-		atomic_store_explicit(&attach_budget_ns, budget / 2, memory_order_relaxed);
-	return -EAGAIN;
-}
-
 /* A socket with a timeout is never restarted (socket(7)); else it is when
  * every handler asked for SA_RESTART. */
 static int restart_ok(int64_t deadline)
@@ -287,30 +217,40 @@ static int64_t deadline_for(int fd, int opt)
 /* The spin before the first sleep, no syscall: a peer that answers within
  * microseconds (a request/response loop) is caught here; the TCP look and
  * the timeout look-up below cost more than the whole round trip on the
- * ring. A reader whose peer has not formatted its ring yet (a new
- * connection: accept returned on another CPU) spins until it can attach
- * instead; waiting for its hello byte would cost a sleep and three
- * syscalls (the hello stays queued: close drains it). 0: look again. */
-static int spin_first(struct chan *ch, struct blocking *b)
+ * ring. 0: look again. (A reader waits here only once it reads the ring:
+ * before that it reads TCP, where the kernel does the waiting.) */
+int chan_spin(struct chan *ch, struct blocking *b)
 {
 	struct chan_sh *sh = ch->sh;
 
-	if (b->dir == 0 && !(atomic_load(&sh->flags) & CH_RX_ATTACHED)) {
-		if (attach_spin(b->fd, ch) == 0)
-			return 0;       /* attached: look, then spin on the ring */
-		b->spun = 1;
-		return -EAGAIN;
-	}
 	b->spun = 1;
-	return b->dir ? ring_spin(&sh->tx, &sh->tx_sleeping, 1)
-		      : ring_spin(&sh->rx, &sh->rx_sleeping, 0);
+	return b->dir ? ring_spin(&sh->tx.ring, &sh->tx_sleeping, 1)
+		      : ring_spin(&sh->rx.ring, &sh->rx_sleeping, 0);
+}
+
+int tcp_block(struct blocking *b, short events)
+{
+	int64_t left = -1;
+	int rc;
+
+	if (!b->deadline)
+		b->deadline = deadline_for(b->fd, b->dir ? SO_SNDTIMEO : SO_RCVTIMEO);
+	if (b->deadline != DL_NONE) {
+		left = b->deadline - now_ns();
+		if (left <= 0)
+			return EAGAIN;
+	}
+	rc = sys_ppoll(&(struct pollfd){ b->fd, events, 0 }, 1, left, NULL);
+	if (rc < 0 && errno == EINTR)
+		return restart_ok(b->deadline) ? 0 : EINTR;
+	return rc == 0 ? EAGAIN : 0;
 }
 
 int chan_block(struct chan *ch, struct blocking *b, size_t done)
 {
 	int rc;
 
-	if (!b->nonblock && !b->spun && spin_first(ch, b) == 0)
+	if (!b->nonblock && !b->spun && chan_spin(ch, b) == 0)
 		return 0;
 	if (b->dir == 0 && !b->looked) {
 		/* Empty: did the TCP side end (the peer died)? Also eats

@@ -18,6 +18,10 @@ struct blocking {
 	int64_t deadline;       /* 0: SO_RCVTIMEO/SO_SNDTIMEO not looked up yet */
 };
 
+/* The spin of a blocking call before its first sleep (no syscall): 0 if
+ * the ring became ready. chan_block does it too, once per call. */
+int chan_spin(struct chan *ch, struct blocking *b);
+
 /* The call found its ring full (dir 1) or empty (dir 0) and has nothing
  * else to report. Returns 0: look at the ring again; else the errno the
  * call ends with if it has moved no byte (EAGAIN: non-blocking, or
@@ -26,5 +30,10 @@ struct blocking {
  * some is never restarted, it returns them). Call with the direction
  * lock held. The one copy of this logic for send/recv/sendfile/splice. */
 int chan_block(struct chan *ch, struct blocking *b, size_t done);
+
+/* A wait on the socket itself while the peer's bytes still come over TCP
+ * (the kernel waits, our deadline and restart rules): 0 to look again,
+ * EAGAIN at SO_RCVTIMEO/SO_SNDTIMEO, EINTR. */
+int tcp_block(struct blocking *b, short events);
 
 #endif

@@ -1,0 +1,450 @@
+// SPDX-License-Identifier: GPL-2.0
+/* memory.c: connection memory (memory.h).
+ *
+ * The passive end of a connection allocates: per peer process (named by
+ * its inbox token, which BPF relays and which no other process has) it
+ * keeps pair regions: memfds it created and sealed against shrinking and
+ * growing, mapped here and sent once to that peer. A new connection with
+ * the same peer takes a free block of them: no mmap, no fd, one datagram.
+ *
+ * The active end receives: its inbox brings offers (and a region memfd the
+ * first time); an offer is believed only after the socket's own
+ * SBP_SO_INFO says that the sender's pid (SCM_CREDENTIALS: the kernel's)
+ * is the one that asked for the peer socket and the cookies match. The
+ * memory is then checked like all shared memory (pairmem.h, stream.h).
+ *
+ * All state here is process-private and guarded by one lock; it is taken
+ * only when a connection starts or ends, never on the data path. */
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/random.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include "ask.h"
+#include "fdtable.h"
+#include "inbox.h"
+#include "memory.h"
+#include "setup.h"
+
+#define REGION_BLOCKS_FIRST 8u          /* blocks in a peer's first region */
+#define REGION_BLOCKS_MAX   256u        /* each further region doubles, up to this */
+#define MAX_REGIONS         4096        /* made + received, per process */
+#define PENDING_MAX         512         /* offers read before their socket asked */
+#define CLAIM_EVERY_NS      20000       /* inbox reads on the data path, at most */
+
+struct region {
+	void *base;
+	size_t size;
+	struct sbp_pair_info pi;
+	uint8_t token[SBP_INBOX_LEN];   /* made for this peer (ours), or 0 */
+	pid_t from;                     /* received from this pid (theirs), or 0 */
+	uint32_t cursor;                /* next block to look at (ours) */
+	int memfd;                      /* ours, until the peer has it; else -1 */
+};
+
+struct pending {
+	struct sbp_inbox_msg msg;
+	pid_t pid;
+	int used;
+};
+
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+static struct sbp_inbox inbox = { .fd = -1, .tx = -1 };
+static int inbox_state;                 /* 0 not tried, 1 open, -1 failed */
+static struct region *regions;          /* MAX_REGIONS entries, anon_alloc'd */
+static int nregions;
+static struct pending *pend;            /* PENDING_MAX entries */
+static unsigned pend_next;
+static _Atomic int64_t last_claim_ns;
+
+static void inbox_dir(char *out, size_t n)
+{
+	snprintf(out, n, "/run/%s/inbox", g.instance);
+}
+
+static int tables(void)
+{
+	if (!regions)
+		regions = anon_alloc(MAX_REGIONS * sizeof(*regions));
+	if (!pend)
+		pend = anon_alloc(PENDING_MAX * sizeof(*pend));
+	return regions && pend ? 0 : -ENOMEM;
+}
+
+static int open_inbox_locked(void)
+{
+	char dir[200];
+	int rc;
+
+	if (inbox_state)
+		return inbox_state > 0 ? 0 : -EIO;
+	inbox_dir(dir, sizeof(dir));
+	rc = tables();
+	if (rc == 0)
+		rc = sbp_inbox_open(&inbox, dir);
+	if (rc < 0) {
+		WARN("shm tier off: cannot open an inbox in %s: %s", dir, strerror(-rc));
+		inbox_state = -1;
+		return rc;
+	}
+	inbox.fd = sbp_internal_fd(inbox.fd);
+	inbox.tx = sbp_internal_fd(inbox.tx);
+	inbox_state = 1;
+	return 0;
+}
+
+int mem_inbox_token(uint8_t out[SBP_INBOX_LEN])
+{
+	int rc;
+
+	pthread_mutex_lock(&lock);
+	rc = open_inbox_locked();
+	if (rc == 0)
+		memcpy(out, inbox.token, SBP_INBOX_LEN);
+	pthread_mutex_unlock(&lock);
+	return rc;
+}
+
+static int zero_token(const uint8_t t[SBP_INBOX_LEN])
+{
+	for (int i = 0; i < SBP_INBOX_LEN; i++)
+		if (t[i])
+			return 0;
+	return 1;
+}
+
+/* ---- the passive end: regions made for a peer ------------------------------ */
+
+static int make_region(const uint8_t token[SBP_INBOX_LEN], uint32_t nblocks, struct region **out)
+{
+	uint64_t size = sbp_pair_region_size(nblocks);
+	struct region *r;
+	uint64_t id;
+	void *p;
+	int fd;
+
+	if (nregions >= MAX_REGIONS)
+		return -ENOSPC;
+	fd = (int)syscall(SYS_memfd_create, "shmbypass", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+	if (fd < 0)
+		return -errno;
+	if (ftruncate(fd, (off_t)size) < 0 ||
+	    fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) < 0)
+		goto fail;
+	p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+	if (p == MAP_FAILED)
+		goto fail;
+	if (getrandom(&id, sizeof(id), 0) != sizeof(id) || sbp_pair_format(p, size, id, nblocks) ||
+	    sbp_pair_check(p, size, &regions[nregions].pi)) {
+		munmap(p, size);
+		errno = EIO;
+		goto fail;
+	}
+	r = &regions[nregions++];
+	r->base = p;
+	r->size = size;
+	memcpy(r->token, token, SBP_INBOX_LEN);
+	r->from = 0;
+	r->cursor = 0;
+	r->memfd = sbp_internal_fd(fd);
+	*out = r;
+	return 0;
+fail:
+	syscall(SYS_close, fd);
+	return -errno;
+}
+
+/* A block of r that no connection uses: free, withdrawn, or done at both
+ * ends. Its state is set to OFFERED with the next generation. */
+static int take_block(struct region *r, uint32_t *block, uint32_t *gen)
+{
+	for (uint32_t i = 0; i < r->pi.block_count; i++) {
+		uint32_t b = (r->cursor + i) % r->pi.block_count;
+		struct sbp_block_hdr *h = sbp_pair_block(&r->pi, r->base, b);
+		uint64_t st = __atomic_load_n(&h->state, __ATOMIC_ACQUIRE);
+		uint32_t s = (uint32_t)st, g2 = (uint32_t)(st >> 32) + 1;
+
+		if (s != SBP_BLOCK_FREE && s != SBP_BLOCK_WITHDRAWN &&
+		    !(s == SBP_BLOCK_ATTACHED &&
+		      (__atomic_load_n(&h->done, __ATOMIC_ACQUIRE) & 3) == 3))
+			continue;
+		if (!g2)
+			g2 = 1;
+		/* SYNC POINT: the new generation before anything else is
+		 * written: a late attach of the old offer fails its CAS. */
+		if (!__atomic_compare_exchange_n(&h->state, &st, SBP_BLOCK_STATE(g2, SBP_BLOCK_OFFERED),
+						 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+			continue;
+		__atomic_store_n(&h->done, 0, __ATOMIC_RELEASE);
+		r->cursor = b + 1;
+		*block = b;
+		*gen = g2;
+		return 0;
+	}
+	return -ENOSPC;
+}
+
+/* The message for a block of r; the region's memfd rides along until the
+ * peer has it. lock held. 0, -EAGAIN (the peer's inbox is full), -errno. */
+static int send_offer(struct region *r, uint32_t block, uint32_t gen)
+{
+	struct sbp_block_hdr *h = sbp_pair_block(&r->pi, r->base, block);
+	struct sbp_inbox_msg msg;
+	char dir[200];
+	int rc;
+
+	memset(&msg, 0, sizeof(msg));
+	msg.magic = SBP_INBOX_MSG_MAGIC;
+	msg.version = SBP_INBOX_MSG_VERSION;
+	msg.active_cookie = h->active_cookie;
+	msg.passive_cookie = h->passive_cookie;
+	msg.region_id = r->pi.region_id;
+	msg.region_size = r->size;
+	msg.block = block;
+	msg.gen = gen;
+	inbox_dir(dir, sizeof(dir));
+	rc = sbp_inbox_send(&inbox, dir, r->token, &msg, r->memfd);
+	if (rc == 0 && r->memfd >= 0) {
+		/* the peer has it now (its inbox holds the fd): ours can go */
+		fdt_store(r->memfd, K_UNKNOWN);
+		syscall(SYS_close, r->memfd);
+		r->memfd = -1;
+	}
+	if (rc < 0 && rc != -EAGAIN)    /* nobody will take it: free again */
+		__atomic_store_n(&h->state, SBP_BLOCK_STATE(gen, SBP_BLOCK_WITHDRAWN), __ATOMIC_RELEASE);
+	return rc;
+}
+
+int mem_offer(int fd, const struct sbp_info *in, struct mem_ref *out)
+{
+	struct sbp_block_hdr *h;
+	struct region *r = NULL;
+	uint32_t block = 0, gen = 0, nblocks = REGION_BLOCKS_FIRST;
+	int rc = -ENOSPC;
+
+	(void)fd;
+	if (zero_token(in->peer_inbox))
+		return -EINVAL;
+	pthread_mutex_lock(&lock);
+	if (open_inbox_locked() < 0) {
+		pthread_mutex_unlock(&lock);
+		return -EIO;
+	}
+	for (int i = 0; i < nregions && rc; i++) {
+		if (memcmp(regions[i].token, in->peer_inbox, SBP_INBOX_LEN))
+			continue;
+		rc = take_block(&regions[i], &block, &gen);
+		if (rc == 0)
+			r = &regions[i];
+		if (regions[i].pi.block_count * 2 > nblocks)
+			nblocks = regions[i].pi.block_count * 2;
+	}
+	if (rc) {
+		if (nblocks > REGION_BLOCKS_MAX)
+			nblocks = REGION_BLOCKS_MAX;
+		rc = make_region(in->peer_inbox, nblocks, &r);
+		if (rc == 0)
+			rc = take_block(r, &block, &gen);
+	}
+	if (rc) {
+		pthread_mutex_unlock(&lock);
+		return rc;
+	}
+	h = sbp_pair_block(&r->pi, r->base, block);
+	h->active_cookie = in->peer_cookie;
+	h->passive_cookie = in->cookie;
+	rc = send_offer(r, block, gen);
+	pthread_mutex_unlock(&lock);
+	if (rc < 0 && rc != -EAGAIN)
+		return rc;
+	out->base = r->base;
+	out->pi = r->pi;
+	out->block = block;
+	out->gen = gen;
+	out->active = 0;
+	out->unsent = rc == -EAGAIN;
+	out->region = (uint16_t)(r - regions);
+	return 0;
+}
+
+int mem_deliver(struct mem_ref *ref)
+{
+	struct region *r;
+	int rc;
+
+	if (!ref->unsent)
+		return 1;
+	pthread_mutex_lock(&lock);
+	r = ref->region < nregions ? &regions[ref->region] : NULL;
+	rc = r && r->base == ref->base ? send_offer(r, ref->block, ref->gen) : -ESTALE;
+	pthread_mutex_unlock(&lock);
+	if (rc == -EAGAIN)
+		return 0;
+	ref->unsent = 0;
+	if (rc < 0)
+		ref->base = NULL;       /* withdrawn (send_offer) */
+	return rc < 0 ? rc : 1;
+}
+
+/* ---- the active end: offers and the regions they name ----------------------- */
+
+static struct region *received(pid_t from, uint64_t region_id)
+{
+	for (int i = 0; i < nregions; i++)
+		if (regions[i].from == from && regions[i].pi.region_id == region_id)
+			return &regions[i];
+	return NULL;
+}
+
+/* Map a region a peer sent: sealed (it cannot shrink under us, so no
+ * SIGBUS), the size it says, a header that checks. */
+static void map_received(const struct sbp_inbox_rx *rx)
+{
+	struct sbp_pair_info pi;
+	struct stat st;
+	void *p;
+	int seals;
+
+	if (received(rx->pid, rx->msg.region_id) || nregions >= MAX_REGIONS)
+		return;
+	seals = fcntl(rx->fd, F_GET_SEALS);
+	if (seals < 0 || (seals & (F_SEAL_SHRINK | F_SEAL_GROW)) != (F_SEAL_SHRINK | F_SEAL_GROW) ||
+	    fstat(rx->fd, &st) < 0 || (uint64_t)st.st_size != rx->msg.region_size ||
+	    rx->msg.region_size > sbp_pair_region_size(SBP_PAIR_MAX_BLOCKS))
+		return;
+	p = mmap(NULL, st.st_size, PROT_READ | PROT_WRITE, MAP_SHARED, rx->fd, 0);
+	if (p == MAP_FAILED)
+		return;
+	if (sbp_pair_check(p, st.st_size, &pi) || pi.region_id != rx->msg.region_id) {
+		munmap(p, st.st_size);
+		return;
+	}
+	regions[nregions].base = p;
+	regions[nregions].size = st.st_size;
+	regions[nregions].pi = pi;
+	memset(regions[nregions].token, 0, SBP_INBOX_LEN);
+	regions[nregions].from = rx->pid;
+	regions[nregions].memfd = -1;
+	nregions++;
+}
+
+static void read_inbox_locked(void)
+{
+	struct sbp_inbox_rx rx;
+
+	if (inbox_state <= 0)
+		return;
+	while (sbp_inbox_recv(&inbox, &rx) == 1) {
+		struct pending *p = &pend[pend_next++ % PENDING_MAX];
+
+		if (rx.fd >= 0) {
+			map_received(&rx);
+			syscall(SYS_close, rx.fd);
+		}
+		p->msg = rx.msg;
+		p->pid = rx.pid;
+		p->used = 1;
+	}
+}
+
+int mem_claim(int fd, uint64_t cookie, int now, struct mem_ref *out)
+{
+	struct sbp_block_hdr *h;
+	struct pending *p = NULL;
+	struct sbp_info in;
+	struct region *r;
+	uint64_t st;
+	int64_t t = now_ns();
+
+	if (!now && t - atomic_load_explicit(&last_claim_ns, memory_order_relaxed) < CLAIM_EVERY_NS)
+		return 0;
+	atomic_store_explicit(&last_claim_ns, t, memory_order_relaxed);
+	pthread_mutex_lock(&lock);
+	read_inbox_locked();
+	for (int i = 0; pend && i < PENDING_MAX; i++)
+		if (pend[i].used && pend[i].msg.active_cookie == cookie)
+			p = &pend[i];
+	if (!p) {
+		pthread_mutex_unlock(&lock);
+		return 0;
+	}
+	p->used = 0;
+	/* Believe it only if BPF says the sender is who asked for our peer. */
+	if (ask_info(fd, &in) < 0 || in.tier != SBP_TIER_SHM || in.cookie != cookie ||
+	    in.peer_cookie != p->msg.passive_cookie || (pid_t)in.peer.tgid != p->pid ||
+	    !(r = received(p->pid, p->msg.region_id)) || p->msg.block >= r->pi.block_count) {
+		pthread_mutex_unlock(&lock);
+		DBG("fd %d: an offer from pid %d did not check out: tcp", fd, (int)p->pid);
+		return -EPROTO;
+	}
+	h = sbp_pair_block(&r->pi, r->base, p->msg.block);
+	st = SBP_BLOCK_STATE(p->msg.gen, SBP_BLOCK_OFFERED);
+	/* SYNC POINT: attach vs the passive end's withdraw: one CAS wins. */
+	if (!__atomic_compare_exchange_n(&h->state, &st,
+					 SBP_BLOCK_STATE(p->msg.gen, SBP_BLOCK_ATTACHED), 0,
+					 __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+		pthread_mutex_unlock(&lock);
+		return -ESTALE;
+	}
+	out->base = r->base;
+	out->pi = r->pi;
+	out->block = p->msg.block;
+	out->gen = p->msg.gen;
+	out->active = 1;
+	pthread_mutex_unlock(&lock);
+	return 1;
+}
+
+struct sbp_block_hdr *mem_block(const struct mem_ref *ref)
+{
+	return ref->base ? sbp_pair_block(&ref->pi, ref->base, ref->block) : NULL;
+}
+
+int mem_taken(const struct mem_ref *ref)
+{
+	struct sbp_block_hdr *h = mem_block(ref);
+
+	return h && __atomic_load_n(&h->state, __ATOMIC_ACQUIRE) ==
+		    SBP_BLOCK_STATE(ref->gen, SBP_BLOCK_ATTACHED);
+}
+
+void mem_done(const struct mem_ref *ref)
+{
+	struct sbp_block_hdr *h = mem_block(ref);
+	uint64_t offered = SBP_BLOCK_STATE(ref->gen, SBP_BLOCK_OFFERED);
+
+	if (!h)
+		return;
+	if (!ref->active &&
+	    __atomic_compare_exchange_n(&h->state, &offered,
+					SBP_BLOCK_STATE(ref->gen, SBP_BLOCK_WITHDRAWN), 0,
+					__ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+		return;         /* never taken: free again */
+	if ((uint32_t)(__atomic_load_n(&h->state, __ATOMIC_ACQUIRE) >> 32) == ref->gen)
+		__atomic_fetch_or(&h->done, ref->active ? SBP_DONE_ACTIVE : SBP_DONE_PASSIVE,
+				  __ATOMIC_RELEASE);
+}
+
+/* A forked child keeps the mappings (connections made before the fork go
+ * on in both), but gets its own inbox and makes its own regions: the
+ * allocation state here is the parent's. */
+void mem_atfork_child(void)
+{
+	pthread_mutex_init(&lock, NULL);
+	if (inbox_state > 0) {
+		fdt_store(inbox.fd, K_UNKNOWN);
+		fdt_store(inbox.tx, K_UNKNOWN);
+		syscall(SYS_close, inbox.fd);
+		syscall(SYS_close, inbox.tx);
+	}
+	inbox.fd = inbox.tx = -1;
+	inbox_state = 0;
+	for (int i = 0; i < nregions; i++)
+		memset(regions[i].token, 0xff, SBP_INBOX_LEN);  /* never offered from again */
+	memset(pend, 0, pend ? PENDING_MAX * sizeof(*pend) : 0);
+}

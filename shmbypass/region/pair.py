@@ -1,0 +1,119 @@
+"""Pair regions (native/pairmem.h) as `status` sees them: the byte counts
+and fill of one-host shm-tier connections, read from the rings themselves.
+
+The rings live in memfds that only the two processes of a pair map; root
+reaches them through /proc/<pid>/map_files (CAP_SYS_ADMIN), read-only.
+Every word read is untrusted (either process can write anything there):
+only for display, clamped, and a block is believed only when its
+generation matches the rings'.
+"""
+import fcntl
+import mmap
+import os
+
+from shmbypass._native import ffi, lib
+
+MEMFD_NAME = "/memfd:shmbypass"
+
+
+def _mapped_regions(pid: int):
+    """(path under map_files, size) of each pair region mapped by pid, once
+    per memfd (a region is one mapping: the size it says it has)."""
+    seen = set()
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            lines = f.readlines()
+    except OSError:
+        return
+    for line in lines:
+        parts = line.split(None, 5)
+        if len(parts) < 6 or not parts[5].startswith(MEMFD_NAME):
+            continue
+        inode = parts[4]
+        if inode in seen:
+            continue
+        seen.add(inode)
+        lo, hi = (int(x, 16) for x in parts[0].split("-"))
+        yield f"/proc/{pid}/map_files/{parts[0]}", hi - lo
+
+
+def _ring_view(pi, base, block: int, direction: int, gen: int):
+    """(written, read, capacity) of the direction's current ring: the area
+    of this generation that was written furthest; None if none is."""
+    want = lib.sbp_stream_gen(gen, direction)
+    best = None
+    for area in range(lib.SBP_AREAS):
+        p = lib.sbp_pair_area(pi, base, block, direction, area)
+        if p == ffi.NULL:
+            continue
+        hdr = ffi.cast("struct sbp_ring_hdr *", p)
+        if hdr.generation != want:
+            continue
+        cap = lib.sbp_ring_capacity_for(lib.sbp_pair_area_slot_size(area))
+        tail, head = hdr.tail, hdr.head  # tail first: head is never behind it
+        if best is None or head > best[0]:
+            best = (head, tail, cap)
+    return best
+
+
+def _blocks(path: str, size: int, out: dict) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        # Sealed against shrinking and at least this large, or a truncate
+        # under our reads would be a SIGBUS (anyone can name a memfd so).
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        if not seals & fcntl.F_SEAL_SHRINK or os.fstat(fd).st_size < size:
+            return
+        m = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+    except (OSError, ValueError):
+        return
+    finally:
+        os.close(fd)
+    try:
+        base = ffi.from_buffer(m)
+        pi = ffi.new("struct sbp_pair_info *")
+        if lib.sbp_pair_check(base, size, pi) != 0:
+            return
+        for b in range(pi.block_count):
+            h = lib.sbp_pair_block(pi, base, b)
+            if h == ffi.NULL:
+                continue
+            state = h.state
+            if state & 0xffffffff != lib.SBP_BLOCK_ATTACHED:
+                continue
+            gen = state >> 32
+            a2p = _ring_view(pi, base, b, lib.SBP_DIR_A2P, gen)
+            p2a = _ring_view(pi, base, b, lib.SBP_DIR_P2A, gen)
+            for cookie, tx, rx in ((h.active_cookie, a2p, p2a), (h.passive_cookie, p2a, a2p)):
+                out[cookie] = {
+                    "bytes_tx": tx[0] if tx else 0,
+                    "bytes_rx": rx[1] if rx else 0,
+                    "tx_queued": max(0, min(tx[0] - tx[1], tx[2])) if tx else None,
+                    "rx_queued": max(0, min(rx[0] - rx[1], rx[2])) if rx else None,
+                    "ring_size": tx[2] if tx else None,
+                }
+        del base
+    finally:
+        m.close()
+
+
+def ring_counts(pids) -> dict[int, dict]:
+    """cookie -> bytes_tx, bytes_rx, tx_queued, rx_queued, ring_size of the
+    attached blocks in the pair regions these processes map. Counts are
+    stream offsets: they include what went over TCP before the ring."""
+    out: dict[int, dict] = {}
+    done = set()
+    for pid in pids:
+        for path, size in _mapped_regions(pid):
+            try:
+                key = os.stat(path).st_ino
+            except OSError:
+                continue
+            if key in done:
+                continue
+            done.add(key)
+            _blocks(path, size, out)
+    return out
