@@ -967,8 +967,17 @@ static __always_inline int shm_passive(struct bpf_sock_ops *skops, struct sbp_sk
 	key.conn.b_isn = 0;
 	key.netns = netns;
 	r = bpf_map_lookup_elem(&reservations, &key);
-	if (!r)
-		return 0;		/* not a VM pair's handshake */
+	if (!r) {
+		/* Not a VM pair's handshake. If this end asked and its peer is
+		 * a VM, the SYN had no option (that end did not ask, or has no
+		 * region): say so, as the connecting end would. */
+		if ((st->asked & SBP_ASK_SHM) && remote_is_vm_peer(skops)) {
+			st->vm = 1;
+			st->tier = SBP_TIER_TCP;
+			st->reason = SBP_REASON_PEER_NOT_CAPABLE;
+		}
+		return 0;
+	}
 	st->vm = 1;
 	st->tier = SBP_TIER_TCP;
 	st->reason = SBP_REASON_PEER_NOT_CAPABLE;

@@ -1,7 +1,10 @@
-"""The shm-tier negotiation on the TCP handshake (bpf/bypass.bpf.c, docs/NEGOTIATION.md),
-without the interposer: sockets are marked through the pinned sk_state map, the
-tier each end lands in is read back from sk_state and `status`, and the
-option itself is checked on the wire with an AF_PACKET capture.
+"""The VM-pair negotiation on the TCP handshake (bpf/bypass.bpf.c, docs/NEGOTIATION.md),
+without the interposer and without VMs: the loopback addresses are configured
+as peer VMs (`up --vm-peer`, the vm_peers map), so sockets that ask
+(SBP_SO_ASK, as the interposer does) carry the option and get region slots.
+The tier each end lands in is read back from sk_state (written by BPF only),
+SBP_SO_INFO (what the interposer is told) and `status`, and the option
+itself is checked on the wire with an AF_PACKET capture.
 
 Slot accounting is checked after every scenario: the free list is full again
 and no slot holds a reference once every socket has reached TCP_CLOSE."""
@@ -20,20 +23,24 @@ import uuid
 import pytest
 from pyroute2 import NetNS, netns
 
-from shmbypass import bpf, manager, paths, slots, status
+from shmbypass import ask, bpf, manager, paths, slots, status
 from shmbypass._native import ffi, lib
 from conftest import InGroup, assert_gone, free_list, new_instance
 
 SHM, TCP = lib.SBP_TIER_SHM, lib.SBP_TIER_TCP
 EXID = lib.SBP_OPT_EXID
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The "peer VMs" of these tests: toward them (only) asked sockets negotiate
+# slots. 127.0.0.2 is loopback too, and not a peer: one-host pairing.
+VM_PEERS = ("127.0.0.1", "::1")
+NOT_A_PEER = "127.0.0.2"
 
 
 # -- fixtures and helpers -----------------------------------------------------
 
 def bring_up(slot_count=256):
     inst = new_instance("neg")
-    manager.up(inst, slot_count=slot_count)
+    manager.up(inst, slot_count=slot_count, backend="posix", vm_peers=VM_PEERS)
     return inst
 
 
@@ -60,19 +67,21 @@ def neg(request):
 
 
 class Marker:
-    """Marks sockets the way the interposer will: sk_state.flags before connect/listen."""
+    """Asks for the shm tier the way the interposer does (SBP_SO_ASK before
+    connect/listen; the calling process must be in the group), and reads
+    back what BPF recorded in sk_state (user space only reads it)."""
 
     def __init__(self, inst):
         self.map = bpf.Map.pinned(inst.pin("sk_state"), "int", "struct sbp_sk")
 
     def __call__(self, sock):
-        self.map.update(sock.fileno(), {"flags": lib.SBP_SK_WANT_SHM})
+        ask.ask(sock)
         return sock
 
     def state(self, sock):
         v = self.map.lookup(sock.fileno())
         return None if v is None else {f: getattr(v, f) for f in (
-            "flags", "tier", "reason", "tx_slot", "rx_slot", "held", "tx_gen", "rx_gen",
+            "vm", "asked", "tier", "reason", "tx_slot", "rx_slot", "held", "tx_gen", "rx_gen",
             "region_id")}
 
     def close(self):
@@ -145,6 +154,17 @@ def assert_pool_full(inst, timeout=30.0):
 
 def conns_empty(inst):
     return not status.connections(inst)
+
+
+def assert_one_host_pair(c, s):
+    """Both ends turned out to be on this host (no slots, or no VM path at
+    all): BPF pairs them in the shm tier, with no slot, and tells the
+    interposer to bring its own memory (SBP_MEM_INBOX)."""
+    i, j = ask.info(c), ask.info(s)
+    assert (i.tier, i.mem, i.role) == (SHM, lib.SBP_MEM_INBOX, lib.SBP_ROLE_ACTIVE)
+    assert (j.tier, j.mem, j.role) == (SHM, lib.SBP_MEM_INBOX, lib.SBP_ROLE_PASSIVE)
+    assert i.peer_cookie == j.cookie and j.peer_cookie == i.cookie
+    assert i.tx_slot == i.rx_slot == i.region_id == j.tx_slot == j.rx_slot == j.region_id == 0
 
 
 # -- capture ----------------------------------------------------------------------
@@ -274,6 +294,7 @@ def test_both_marked_shm_with_crossed_slots(neg, marker, family, host, connect_h
 
     a, b = marker.state(c), marker.state(s)
     region = slots.config(neg)["region_id"]
+    assert a["vm"] == b["vm"] == 1, (a, b)
     assert a["tier"] == b["tier"] == SHM, (a, b)
     assert a["reason"] == b["reason"] == 0
     assert a["tx_slot"] == b["rx_slot"] and a["rx_slot"] == b["tx_slot"], (a, b)
@@ -287,6 +308,13 @@ def test_both_marked_shm_with_crossed_slots(neg, marker, family, host, connect_h
     assert st[a["tx_slot"]] == (a["tx_gen"], 2) and st[a["rx_slot"]] == (a["rx_gen"], 2)
     assert row(neg, c) == ("shm", "") and row(neg, s) == ("shm", "")
     assert row(neg, c2) == ("kernel", "")
+    # What the interposer is told (SBP_SO_INFO): the slots of the handshake.
+    for sock, st, role in ((c, a, lib.SBP_ROLE_ACTIVE), (s, b, lib.SBP_ROLE_PASSIVE)):
+        i = ask.info(sock)
+        assert (i.tier, i.reason, i.role, i.mem) == (SHM, 0, role, lib.SBP_MEM_SLOTS)
+        assert (i.tx_slot, i.tx_gen, i.rx_slot, i.rx_gen, i.region_id) == (
+            st["tx_slot"], st["tx_gen"], st["rx_slot"], st["rx_gen"], region)
+        assert i.peer_cookie == 0  # across VMs neither kernel knows the other end
 
     syn, synack = handshake(segs, c.getsockname()[1])
     o_syn, o_synack = our_option(syn), our_option(synack)
@@ -307,6 +335,32 @@ def test_both_marked_shm_with_crossed_slots(neg, marker, family, host, connect_h
     wait_for(lambda: conns_empty(neg), "conns map empty")
     assert not slots.listeners(neg), "closing the listener forgets it"
     assert not slots.reservations(neg)
+
+
+def test_no_option_toward_an_address_not_a_peer_vm(neg, marker):
+    """Both ends ask, but the remote address is no peer VM: nothing on the
+    wire, no slot taken, and BPF pairs them from its own state (one host)."""
+    cap = Capture()
+    try:
+        ls = listen(mark=marker, host=NOT_A_PEER)
+        c = marker(socket.socket())
+        c.bind((NOT_A_PEER, 0))  # both ends see NOT_A_PEER as the remote address
+        c.connect(ls.getsockname())
+        s, _ = ls.accept()
+        echo(c, s)
+        segs = cap.segments({ls.getsockname()[1]})
+    finally:
+        cap.close()
+    assert segs and not any(our_option(seg[5]) for seg in segs), segs
+    a, b = marker.state(c), marker.state(s)
+    assert a["vm"] == b["vm"] == 0 and a["held"] == b["held"] == 0, (a, b)
+    assert row(neg, c) == ("shm", "") and row(neg, s) == ("shm", "")
+    assert_one_host_pair(c, s)
+    assert len(slots.free_slots(neg)) == slots.config(neg)["slot_count"]
+    assert not slots.reservations(neg)
+    for x in (c, s, ls):
+        x.close()
+    assert_pool_full(neg)
 
 
 # -- one end unmarked ------------------------------------------------------------
@@ -345,9 +399,10 @@ def test_client_unmarked_sees_no_option(neg, marker):
         cap.close()
     syn, synack = handshake(segs, c.getsockname()[1])
     assert our_option(syn) is None and our_option(synack) is None
-    b = marker.state(s)  # the accepted socket inherited the listener's mark
-    assert b["flags"] == lib.SBP_SK_WANT_SHM
+    b = marker.state(s)  # the accepted socket inherited the listener's request
+    assert b["asked"] == lib.SBP_ASK_SHM and b["vm"] == 1
     assert b["tier"] == TCP and b["reason"] == lib.SBP_REASON_PEER_NOT_CAPABLE
+    assert b["held"] == 0
     assert row(neg, s) == ("kernel", "peer-not-capable")
     assert row(neg, c) == ("kernel", "")
     for x in (c, s, ls):
@@ -416,18 +471,24 @@ def test_refused_connect_gives_its_slot_back(neg, marker):
 # -- pool exhaustion -------------------------------------------------------------
 
 @pytest.mark.parametrize("neg", [4], indirect=True)
-def test_pool_exhausted_falls_back_to_kernel_tier(neg, marker):
-    """4 slots = 2 connections; the third gets pool-exhausted and still works."""
+def test_pool_exhausted_falls_back(neg, marker):
+    """4 slots = 2 connections; the third gets pool-exhausted on both ends
+    and holds no slot. Across VMs it would stay on TCP; here both ends are
+    on one host and asked, so it is paired without slots (the one-host shm
+    tier: each interposer brings its memory)."""
     ls = listen(mark=marker)
     pairs = [connect(ls, marker) for _ in range(3)]
     for c, s in pairs[:2]:
         assert marker.state(c)["tier"] == marker.state(s)["tier"] == SHM
+        assert ask.info(c).mem == ask.info(s).mem == lib.SBP_MEM_SLOTS
     c, s = pairs[2]
     a, b = marker.state(c), marker.state(s)
+    assert a["vm"] == b["vm"] == 1
     assert a["tier"] == b["tier"] == TCP
     assert a["reason"] == b["reason"] == lib.SBP_REASON_POOL_EXHAUSTED, (a, b)
-    assert row(neg, c) == ("kernel", "pool-exhausted")
-    assert row(neg, s) == ("kernel", "pool-exhausted")
+    assert a["held"] == b["held"] == 0
+    assert row(neg, c) == ("shm", "") and row(neg, s) == ("shm", "")
+    assert_one_host_pair(c, s)
     for cc, ss in pairs:
         echo(cc, ss)
     assert slots.free_slots(neg) == []
@@ -460,6 +521,7 @@ def test_pool_exhausted_on_the_passive_side(neg, marker):
     assert a["reason"] == b["reason"] == lib.SBP_REASON_POOL_EXHAUSTED
     assert a["held"] == b["held"] == 0
     assert len(slots.free_slots(neg)) == 1
+    assert_one_host_pair(c, s)
     echo(c, s)
     for x in (c, s, ls) + first:
         x.close()
@@ -511,15 +573,14 @@ def test_different_region_declined_both_ends_agree():
 
 CHILD = r"""
 import socket, sys, time
-from shmbypass import paths, slots
-inst = paths.Instance(sys.argv[1])
-port = int(sys.argv[2])
+from shmbypass import ask  # in the group: started by a process in it
+port = int(sys.argv[1])
 keep = []
 for _ in range(3):
-    c = socket.socket(); slots.mark(inst, c); c.connect(("127.0.0.1", port)); keep.append(c)
-ls = socket.socket(); ls.bind(("127.0.0.1", 0)); slots.mark(inst, ls); ls.listen()
+    c = socket.socket(); ask.ask(c); c.connect(("127.0.0.1", port)); keep.append(c)
+ls = socket.socket(); ls.bind(("127.0.0.1", 0)); ask.ask(ls); ls.listen()
 for _ in range(2):
-    c = socket.socket(); slots.mark(inst, c); c.connect(ls.getsockname())
+    c = socket.socket(); ask.ask(c); c.connect(ls.getsockname())
     s, _ = ls.accept(); keep += [c, s]
     c.sendall(b"unread")  # makes the kill send an RST on one end
 print("ready", flush=True)
@@ -529,7 +590,7 @@ time.sleep(600)
 
 def test_kill9_child_leaks_no_slot(neg, marker):
     ls = listen(mark=marker)
-    child = subprocess.Popen([sys.executable, "-c", CHILD, neg.name, str(ls.getsockname()[1])],
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(ls.getsockname()[1])],
                              stdout=subprocess.PIPE, text=True, cwd=ROOT,
                              env=dict(os.environ, PYTHONPATH=ROOT))
     try:
@@ -657,6 +718,7 @@ def test_abandoned_synack_returns_its_slot(neg, marker, dead_end_ns):
     # reservation lives through both (as the 180 s default outlives any
     # request sock).
     slots.set_config(neg, resv_ttl_ns=int(2.5e9))
+    slots.set_vm_peers(neg, ["10.214.0.5"])  # the raw SYN's sender is a "peer VM"
     n = slots.config(neg)["slot_count"]
     region = slots.config(neg)["region_id"]
     opt = struct.pack("!BBHBBHIQ", lib.SBP_OPT_KIND, lib.SBP_OPT_LEN, EXID,
