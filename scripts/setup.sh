@@ -12,7 +12,7 @@ fi
 
 # System packages. Each line says why it is here.
 APT_PKGS=(
-    clang-19 llvm-19      # compile bpf/*.bpf.c (clang 19: arena address spaces)
+    clang-19 llvm-19      # compile bpf/*.bpf.c
     libbpf-dev            # the BPF loader (libbpf1) and its headers
     bpftool               # vmlinux.h from the running kernel's BTF
     make gcc pkg-config   # native build

@@ -4,7 +4,7 @@ import os
 import subprocess
 from dataclasses import dataclass
 
-from shmbypass import features, manager, paths, programs, shmtier
+from shmbypass import features, paths, programs, shmtier
 from shmbypass.region import ivshmem
 
 
@@ -43,9 +43,6 @@ def check() -> list[Line]:
     out.append(Line("core", core.ok, core.detail, True))
     for f in programs.probe_optional():
         out.append(Line(f.name, f.ok, f.detail, False))
-    arena = manager.arena_feature()
-    out.append(Line("arena", arena.ok, arena.detail + ("" if arena.ok else
-                                                         "; the shm tier uses POSIX shm"), False))
     devs = ivshmem.find_ivshmem()
     out.append(Line("ivshmem", bool(devs), f"ivshmem PCI device at {devs[0]}" if devs else
                     "no ivshmem PCI device (only a VM of an IVSHMEM pair has one)", False))

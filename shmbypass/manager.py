@@ -41,9 +41,9 @@ def _make_region(inst: paths.Instance, backend: str, slot_count: int | None,
     if backend == "ivshmem":  # VM pairs: join the host's region, use our part
         return region.ivshmem_state(slot_count, part)
     note = ""
-    region.remove(inst.name, inst.pin_dir)  # a killed run's leftovers
+    region.remove(inst.name)  # a killed run's leftovers
     r = region.format(backend, instance=inst.name, slot_count=slot_count,
-                      slot_size=region.SLOT_SIZE_DEFAULT, pin_dir=inst.pin_dir)
+                      slot_size=region.SLOT_SIZE_DEFAULT)
     try:
         path = r.name
         rid = r.region_id
@@ -51,13 +51,6 @@ def _make_region(inst: paths.Instance, backend: str, slot_count: int | None,
         r.close()
     return {"backend": backend, "path": path, "region_id": rid, "slot_count": slot_count,
             "note": note}
-
-
-def arena_feature() -> programs.Feature:
-    if "arena" in programs.turned_off():
-        return programs.Feature("arena", False, f"turned off ({programs.WITHOUT_ENV})")
-    probe = region.arena_supported()
-    return programs.Feature("arena", probe.ok, probe.reason)
 
 
 def _load_optional(inst: paths.Instance, cgroup: str) -> dict:
@@ -183,7 +176,7 @@ def _publish(inst: paths.Instance) -> None:
 
 
 def _remove_region(inst: paths.Instance) -> None:
-    region.remove(inst.name, inst.pin_dir)
+    region.remove(inst.name)
 
 
 def _remove_pins(inst: paths.Instance) -> None:
@@ -376,7 +369,7 @@ def sweep_dead(prefix: str) -> list[str]:
     for pattern in (os.path.join(paths.BPFFS, prefix + "*"), f"/run/{prefix}*",
                     os.path.join(paths.cgroup2_root() or "/nonexistent", prefix + "*")):
         names.update(os.path.basename(p) for p in glob.glob(pattern))
-    names.update(re.sub(r"-(region|wake)$", "", os.path.basename(p))
+    names.update(re.sub(r"-region$", "", os.path.basename(p))
                  for p in glob.glob(f"/dev/shm/{prefix}*"))
     gone = []
     for name in sorted(names):
@@ -384,6 +377,6 @@ def sweep_dead(prefix: str) -> list[str]:
         if not m or os.path.exists(f"/proc/{m.group(1)}"):
             continue  # not ours to judge, or its owner still runs
         down(paths.Instance(name), drain_timeout=0.5, force=True)
-        region.remove(name, paths.Instance(name).pin_dir)
+        region.remove(name)
         gone.append(name)
     return gone

@@ -15,7 +15,7 @@ CORE_OBJECT = "bypass"
 CORE_PROGRAMS = ("sbp_sockops", "sbp_msg")
 
 # Operators (and tests) may turn optional features off by name, as if the
-# kernel had refused them: SHMBYPASS_WITHOUT=drain,arena or `up --without`.
+# kernel had refused them: SHMBYPASS_WITHOUT=drain,drain-tcp or `up --without`.
 WITHOUT_ENV = "SHMBYPASS_WITHOUT"
 
 
@@ -45,7 +45,7 @@ OPTIONAL_PROGRAMS = (
                     reuse=("sk_state", "conns", "policy", "allowed", "counters", "errors"),
                     on_demand=True),
 )
-OPTIONAL_NAMES = tuple(p.name for p in OPTIONAL_PROGRAMS) + ("arena",)
+OPTIONAL_NAMES = tuple(p.name for p in OPTIONAL_PROGRAMS)
 
 
 @dataclass

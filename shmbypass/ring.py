@@ -1,8 +1,7 @@
 """The shared-memory ring (native/ring.c) from Python.
 
 A :class:`Ring` is a process-local view of one ring living in a writable
-buffer: an mmap of a region slot, a slice of one, or a cffi pointer (arena
-mappings). One side formats it (:meth:`Ring.create`), the other attaches with
+buffer: an mmap of a region slot, a slice of one, or a cffi pointer. One side formats it (:meth:`Ring.create`), the other attaches with
 the same generation (:meth:`Ring.attach`). Errors from the C side become the
 named exceptions below; "would block" is :class:`RingFull` / :class:`RingEmpty`
 (both ``BlockingIOError``), so non-blocking loops read naturally::
@@ -326,8 +325,3 @@ class Ring:
 
     def disarm_writable(self):
         lib.sbp_ring_disarm_writable(self._r)
-
-    def set_wait_words(self, reader_word, writer_word):
-        """Use futex words outside the slot (``uint32_t *`` cdata; arena)."""
-        self._check()
-        lib.sbp_ring_set_wait_words(self._r, reader_word, writer_word)

@@ -2,18 +2,18 @@
 interposer (native/preload/, built as _bin/libshmbypass-preload.so).
 
 `shmbypass run --tier shm -- CMD` runs CMD with :func:`preload_env`. The
-library then marks the program's TCP sockets so the BPF handshake can offer
-the shm tier, and moves the payload of connections that land there through
-rings in the instance's region. Without a region (SHMBYPASS_REGION unset) it
-stays out of the way: every call goes straight to libc.
+library asks for the shm tier on the program's TCP sockets (ask.py); when
+BPF pairs both ends, the passive end offers memory it made for its peer
+(one host: no region) and the payload moves through rings there. Toward a
+peer VM (`up --vm-peer`) the rings are slots of the pair's region, named by
+SHMBYPASS_REGION.
 
 Environment the library reads:
 
 ``SHMBYPASS_INSTANCE``  the instance (pin dir /sys/fs/bpf/<instance>)
-``SHMBYPASS_REGION``    ``<backend>:<path>``: ``posix:/<name>`` (POSIX shm; the
-                        library still accepts its old name ``shm:/<name>``),
-                        ``arena:/sys/fs/bpf/<instance>/arena`` (pinned arena)
-                        or ``ivshmem:<BAR2 file>``
+``SHMBYPASS_REGION``    a VM pair's region, ``<backend>:<path>``: ``posix:/<name>``
+                        (POSIX shm, the VM path on one host) or
+                        ``ivshmem:<BAR2 file>``
 ``SHMBYPASS_DEBUG=1``   one line on stderr per decision (tier, fallback reason)
 ``SHMBYPASS_SPIN_NS``   spin budget of a blocking call before it sleeps (the
                         ring's adaptive spin, default 30000)

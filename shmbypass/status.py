@@ -159,10 +159,10 @@ def _ring_bytes(inst: paths.Instance, rows: list[dict]) -> None:
     is what this end wrote into its ring, bytes_rx what it read from its
     peer's (both monotonic, kept in the ring header)."""
     spec = inst.load_state().get("region") or {}
-    if not rows or spec.get("backend") not in ("posix", "arena"):
+    if not rows or spec.get("backend") != "posix":
         return
     try:
-        reg = region.open(spec["backend"], instance=inst.name, pin_dir=inst.pin_dir)
+        reg = region.open("posix", instance=inst.name)
     except (OSError, ValueError):
         return  # counts stay 0; the tier is still right
     with reg:

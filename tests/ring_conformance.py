@@ -2,9 +2,8 @@
 
 One suite, every region backend. A :class:`Backend` makes a region and, for
 two-process tests, a peer: for ``anon`` a forked child (the only way to share
-an anonymous mapping), for ``posix`` and ``arena`` a fresh interpreter running
-this file, which opens the region by name like any other process would
-(so the arena's map-at-the-same-address path is exercised for real).
+an anonymous mapping), for ``posix`` a fresh interpreter running this file,
+which opens the region by name like any other process would.
 
 Peers talk back through lines on a pipe: ``ready`` when they are about to
 block, then one JSON line with the result.
@@ -24,7 +23,6 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from shmbypass import paths  # noqa: E402
 from shmbypass import region as regions  # noqa: E402
 from shmbypass.region import remove  # noqa: E402
 from shmbypass.ring import RingEmpty, RingFull  # noqa: E402
@@ -34,19 +32,14 @@ _counter = itertools.count()
 
 
 def sweep_leftovers():
-    """Remove shm segments and arena pins a killed run of this suite left."""
+    """Remove the shm segments a killed run of this suite left."""
     found = set()
-    for p in glob.glob("/dev/shm/sbt-ring-*") + glob.glob(os.path.join(paths.BPFFS, "sbt-ring-*")):
+    for p in glob.glob("/dev/shm/sbt-ring-*"):
         m = re.match(r"(sbt-ring-(\d+)-\d+)", os.path.basename(p))
         if m and (not os.path.exists(f"/proc/{m.group(2)}") or int(m.group(2)) == os.getpid()):
             found.add(m.group(1))
     for name in found:
-        pdir = os.path.join(paths.BPFFS, name)
-        remove(name, pdir)
-        try:
-            os.rmdir(pdir)
-        except OSError:
-            pass
+        remove(name)
 
 
 class Backend:
@@ -55,17 +48,15 @@ class Backend:
     def __init__(self, kind, slot_count=4, slot_size=SMALL_SLOT):
         self.kind = kind
         self.instance = f"sbt-ring-{os.getpid()}-{next(_counter)}"
-        self.pin_dir = os.path.join(paths.BPFFS, self.instance)
-        self.region = regions.format(kind, instance=self.instance, pin_dir=self.pin_dir,
-                                    slot_count=slot_count, slot_size=slot_size)
+        self.region = regions.format(kind, instance=self.instance, slot_count=slot_count,
+                                     slot_size=slot_size)
         self.peers = []
 
     def open_again(self):
-        """A second, independent mapping of the same region (None for anon
-        and arena: an arena maps at one address per process)."""
+        """A second, independent mapping of the same region (None for anon)."""
         if self.kind != "posix":
             return None
-        return regions.open("posix", instance=self.instance, pin_dir=self.pin_dir)
+        return regions.open("posix", instance=self.instance)
 
     def spawn(self, role, fork=False, **kw):
         """A peer running role; fork=True forks even for named backends
@@ -78,16 +69,10 @@ class Backend:
         for p in self.peers:
             p.kill()
         self.region.destroy()
-        remove(self.instance, self.pin_dir)
-        try:
-            os.rmdir(self.pin_dir)
-        except OSError:
-            pass
+        remove(self.instance)
 
     def leftovers(self):
-        left = [f for f in (f"/dev/shm/{self.instance}-region", f"/dev/shm/{self.instance}-wake",
-                            os.path.join(self.pin_dir, "arena")) if os.path.exists(f)]
-        return left
+        return [f for f in (f"/dev/shm/{self.instance}-region",) if os.path.exists(f)]
 
 
 class Peer:
@@ -108,8 +93,7 @@ class Peer:
             os.close(wfd)
             self.pid, self._fd, self._proc = pid, rfd, None
         else:
-            spec = dict(kind=backend.kind, instance=backend.instance, pin_dir=backend.pin_dir,
-                        role=role, kw=kw)
+            spec = dict(kind=backend.kind, instance=backend.instance, role=role, kw=kw)
             self._proc = subprocess.Popen([sys.executable, __file__, json.dumps(spec)],
                                           stdout=subprocess.PIPE)
             self.pid, self._fd = self._proc.pid, self._proc.stdout.fileno()
@@ -252,7 +236,7 @@ def _run_role(region, role, kw, out):
 
 
 def _main(spec):
-    region = regions.open(spec["kind"], instance=spec["instance"], pin_dir=spec["pin_dir"])
+    region = regions.open(spec["kind"], instance=spec["instance"])
     try:
         _run_role(region, spec["role"], spec["kw"], sys.stdout)
     finally:

@@ -30,12 +30,13 @@ def shmbypass(args, inst, env=None, **kw):
 
 @pytest.fixture
 def refused_dir(tmp_path):
-    """A BPF directory with the real core and a drain object the verifier refuses."""
+    """A BPF directory with the real objects but for drain: one the verifier refuses."""
     clang = shutil.which("clang-19") or shutil.which("clang")
     subprocess.run([clang, "-g", "-O2", "-target", "bpf", "-I", os.path.join(ROOT, "build", "bpf"),
                     "-c", os.path.join(HERE, "data", "refused_drain.bpf.c"),
                     "-o", str(tmp_path / "drain.bpf.o")], check=True)
-    os.symlink(paths.bpf_object("bypass"), tmp_path / "bypass.bpf.o")
+    for name in ("bypass", "ask", "capture"):
+        os.symlink(paths.bpf_object(name), tmp_path / f"{name}.bpf.o")
     return str(tmp_path)
 
 
@@ -119,11 +120,12 @@ def test_doctor_names_every_feature_with_the_kernels_answer():
                        timeout=120, cwd=ROOT)
     assert r.returncode == 0, r.stdout + r.stderr
     lines = {ln.split()[1]: ln for ln in r.stdout.splitlines()}
-    for name in ("root", "cgroup2", "bpffs", "btf", "core", "drain", "drain-tcp", "arena",
-                 "ivshmem", "guard", "interposer"):
+    for name in ("root", "cgroup2", "bpffs", "btf", "core", "drain", "drain-tcp", "ask",
+                 "capture", "ivshmem", "guard", "interposer"):
         assert name in lines, r.stdout
+    assert "arena" not in lines, r.stdout
     assert lines["core"].startswith("ok")
-    for name in ("drain", "drain-tcp", "arena"):
+    for name in ("drain", "drain-tcp", "ask", "capture"):
         ln = lines[name]
         if ln.startswith("off"):
             # the kernel's answer: an errno name, never advice to become root
@@ -133,10 +135,11 @@ def test_doctor_names_every_feature_with_the_kernels_answer():
 
 def test_doctor_says_what_was_turned_off():
     r = subprocess.run([PY, "-m", "shmbypass", "doctor"], capture_output=True, text=True, timeout=120,
-                       cwd=ROOT, env=dict(os.environ, SHMBYPASS_WITHOUT="drain,arena"))
+                       cwd=ROOT, env=dict(os.environ, SHMBYPASS_WITHOUT="drain,capture"))
     lines = {ln.split()[1]: ln for ln in r.stdout.splitlines()}
-    assert lines["drain"].startswith("off") and "turned off (SHMBYPASS_WITHOUT)" in lines["drain"]
-    assert lines["arena"].startswith("off") and "turned off" in lines["arena"]
+    for name in ("drain", "capture"):
+        assert lines[name].startswith("off") and "turned off (SHMBYPASS_WITHOUT)" in lines[name]
+    assert "turned off" not in lines["drain-tcp"], r.stdout
 
 
 def test_optional_programs_refused_by_the_verifier(refused_dir):
@@ -169,17 +172,16 @@ def test_optional_programs_refused_by_the_verifier(refused_dir):
 
 
 def test_features_turned_off_by_name():
-    """SHMBYPASS_WITHOUT=drain,drain-tcp,arena on any kernel: the shm tier
-    uses POSIX shm, both tiers work, status names each feature."""
-    with Instance({"SHMBYPASS_WITHOUT": "drain,drain-tcp,arena"}) as it:
+    """SHMBYPASS_WITHOUT=drain,drain-tcp on any kernel: both tiers work
+    (one host needs no region), status and up name each feature."""
+    with Instance({"SHMBYPASS_WITHOUT": "drain,drain-tcp"}) as it:
         st = it.status()
-        for name in ("drain", "drain-tcp", "arena"):
+        for name in ("drain", "drain-tcp"):
             assert st["features"][name] == {"ok": False, "core": False,
                                             "detail": st["features"][name]["detail"]}
             assert "turned off (SHMBYPASS_WITHOUT)" in st["features"][name]["detail"]
-        state = it.inst.load_state()
-        assert state["region"]["backend"] == "posix"
-        assert "arena backend unavailable (turned off" in it.up.stderr
+            assert f"optional feature off: {name}: " in it.up.stderr
+        assert "region" not in it.inst.load_state()
         both_tiers_work(it)
 
 

@@ -1,4 +1,4 @@
-"""Ring conformance suite, run over every region backend (anon, shm, arena),
+"""Ring conformance suite, run over every region backend (anon, posix),
 plus region header checks and the C API under ASan/UBSan.
 
 No timed assertions: the idle-CPU checks compare the sleeping process's CPU
@@ -24,7 +24,7 @@ from shmbypass.ring import (READER_CLOSED, RESET, WRITER_CLOSED, Ring, RingClose
                             RingEmpty, RingFull, RingNotReady, RingReset, capacity_for)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BACKENDS = ["anon", "posix", "arena"]
+BACKENDS = ["anon", "posix"]
 OFF = {f: ffi.offsetof("struct sbp_ring_hdr", f)
        for f in ("magic", "generation", "capacity", "version", "flags", "reset_reason",
                  "head", "tail", "writer_waiting", "reader_waiting")}
@@ -33,18 +33,13 @@ CAP = capacity_for(rc.SMALL_SLOT)
 
 def setup_module():
     if os.geteuid() != 0:
-        pytest.fail("the ring suite must run as root (arena maps, /dev/shm, bpffs)")
+        pytest.fail("the ring suite must run as root (/dev/shm)")
     rc.sweep_leftovers()
 
 
 @pytest.fixture(params=BACKENDS)
 def be(request):
-    kind = request.param
-    if kind == "arena":
-        probe = regmod.arena_supported()
-        if not probe:
-            pytest.skip(f"arena backend: {probe.reason}")
-    b = rc.Backend(kind)
+    b = rc.Backend(request.param)
     try:
         yield b
     finally:
@@ -274,8 +269,7 @@ def _idle_cpu(peer, window=0.5):
 
 
 def test_forked_child_uses_region(be):
-    """A forked child keeps using the parent's Region (an arena mapping is
-    not inherited by fork: the region maps it again in the child)."""
+    """A forked child keeps using the parent's Region."""
     w = be.region.ring(3, 21, create=True)
     peer = be.spawn("consume", fork=True, slot=3, generation=21)
     w.send_all(b"from the parent" * 1000)
@@ -306,7 +300,7 @@ def test_futex_wakes_sleeping_writer(be):
     assert len(r.read(100)) == 100            # room: wakes the writer
     res = peer.result(timeout=60)
     assert res["woke"] and res["filled"] == CAP and res["wrote"] == 4
-    assert res["futex_broken"] == 0           # slept on a real futex (arena: wake segment)
+    assert res["futex_broken"] == 0           # slept on a real futex
     assert r.read(CAP)[-4:] == b"MARK"
 
 
@@ -434,15 +428,13 @@ def test_region_header_checks(be):
     assert lib.sbp_region_set_parts(base, size, overlap, 2) == -errno.EINVAL
 
 
-@pytest.mark.parametrize("be", ["posix", "arena"], indirect=True)
+@pytest.mark.parametrize("be", ["posix"], indirect=True)
 def test_region_open_by_name(be):
     with pytest.raises(RegionExists):
-        regmod.format(be.kind, instance=be.instance, pin_dir=be.pin_dir, slot_count=4,
-                      slot_size=rc.SMALL_SLOT)
+        regmod.format(be.kind, instance=be.instance, slot_count=4, slot_size=rc.SMALL_SLOT)
     w = be.region.ring(3, 11, create=True)
     w.write(b"across processes")
-    # a peer process opens it by name and reads (the arena path maps it at
-    # the recorded address in a process that never saw it)
+    # a peer process opens it by name and reads
     peer = be.spawn("consume", slot=3, generation=11)
     w.close_writer()
     res = peer.result()
@@ -450,25 +442,12 @@ def test_region_open_by_name(be):
 
 
 def test_region_destroy_leaves_nothing():
-    for kind in ("posix", "arena"):
-        if kind == "arena" and not regmod.arena_supported():
-            continue
-        b = rc.Backend(kind)
-        assert b.leftovers()
-        b.cleanup()
-        assert not b.leftovers()
-        assert not os.path.exists(b.pin_dir)
-        with pytest.raises(RegionNotFound):
-            regmod.open(kind, instance=b.instance, pin_dir=b.pin_dir)
-
-
-def test_arena_probe_has_a_reason():
-    probe = regmod.arena_supported()
-    ok, reason = probe
-    assert isinstance(reason, str) and reason
-    assert bool(probe) == ok
-    backend, why = regmod.default_backend()
-    assert backend == ("arena" if ok else "posix") and why
+    b = rc.Backend("posix")
+    assert b.leftovers()
+    b.cleanup()
+    assert not b.leftovers()
+    with pytest.raises(RegionNotFound):
+        regmod.open("posix", instance=b.instance)
 
 
 def test_ring_on_plain_buffer():

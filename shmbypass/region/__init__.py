@@ -3,26 +3,22 @@ slot holds one ring (shmbypass.ring). The header layout and its checks are C
 (native/region.c); the backends are one module each:
 
 ``posix``    (posix.py) a POSIX shared-memory segment ``/<instance>-region``
-``arena``    (arena.py) a pinned ``BPF_MAP_TYPE_ARENA``, the default where the
-             kernel has it; the rings' futex words in ``/<instance>-wake``
 ``anon``     (anon.py) an anonymous MAP_SHARED mapping, shared by fork
 ``ivshmem``  (ivshmem.py) the BAR2 of an ivshmem PCI device, shared by the
              two VMs of a pair (formatted by the host, one part per guest)
 
 core.py holds what they share (the Region class, its errors and geometry);
-view.py reads a region image without writing it (`vm status`).
+view.py reads a region image without writing it (`vm status`). One-host
+connections use none of these: each pair of processes brings its own memory
+(pair.py reads it for `status`).
 
     reg = region.format("posix", instance="sbt-1", slot_count=16)
     w = reg.ring(3, generation=42, create=True)
     ...
-    reg.destroy()          # unmaps and removes the segment / pin
+    reg.destroy()          # unmaps and removes the segment
 """
-import os
-
-from shmbypass import paths
-from shmbypass.region import arena, posix
+from shmbypass.region import posix
 from shmbypass.region.anon import anonymous
-from shmbypass.region.arena import ArenaProbe, ArenaUnsupported, arena_supported
 from shmbypass.region.core import (HDR_SIZE, SLOT_SIZE_DEFAULT, Region, RegionCorrupt,
                                    RegionError, RegionExists, RegionInfo, RegionMapError,
                                    RegionNotFound, RegionVersionMismatch)
@@ -31,24 +27,18 @@ from shmbypass.region.ivshmem import (IvshmemNotFound, RegionNoPart, RegionNotFo
 
 __all__ = [
     "Region", "RegionInfo", "RegionError", "RegionCorrupt", "RegionVersionMismatch",
-    "RegionExists", "RegionNotFound", "RegionMapError", "ArenaUnsupported", "ArenaProbe",
-    "RegionNotFormatted", "RegionNoPart", "IvshmemNotFound", "arena_supported", "default_backend",
+    "RegionExists", "RegionNotFound", "RegionMapError",
+    "RegionNotFormatted", "RegionNoPart", "IvshmemNotFound",
     "format", "open", "anonymous", "remove", "format_ivshmem_file", "open_ivshmem", "pick_part",
     "ivshmem_state", "BACKENDS", "HDR_SIZE", "SLOT_SIZE_DEFAULT",
 ]
 
 # The backends a region can be made with by name (ivshmem's is the host's file).
-BACKENDS = ("arena", "posix", "anon")
-
-
-def default_backend():
-    """``arena`` where the kernel supports it, else ``posix``; with the reason."""
-    probe = arena_supported()
-    return ("arena", probe.reason) if probe else ("posix", probe.reason + "; using POSIX shm")
+BACKENDS = ("posix", "anon")
 
 
 def format(backend, *, instance=None, slot_count=64, slot_size=SLOT_SIZE_DEFAULT,  # noqa: A001
-           mode=0o600, uid=None, gid=None, pin_dir=None, region_id=None):
+           mode=0o600, uid=None, gid=None, region_id=None):
     """Create and format a new region for ``instance``. Raises RegionExists
     if one is there already (remove it first)."""
     if backend == "anon":
@@ -56,30 +46,18 @@ def format(backend, *, instance=None, slot_count=64, slot_size=SLOT_SIZE_DEFAULT
     if backend == "posix":
         return posix.PosixRegion.format(instance=instance, slot_count=slot_count, slot_size=slot_size,
                                         mode=mode, uid=uid, gid=gid, region_id=region_id)
-    if backend == "arena":
-        return arena.ArenaRegion.format(instance=instance, pin_dir=pin_dir, slot_count=slot_count,
-                                        slot_size=slot_size, mode=mode, uid=uid, gid=gid,
-                                        region_id=region_id)
     raise ValueError(f"unknown region backend {backend!r} (one of {', '.join(BACKENDS)})")
 
 
-def open(backend, *, instance=None, pin_dir=None):  # noqa: A001
+def open(backend, *, instance=None):  # noqa: A001
     """Map an existing region of ``instance`` and check its header."""
     if backend == "posix":
         return posix.PosixRegion.open(instance=instance)
-    if backend == "arena":
-        return arena.ArenaRegion.open(instance=instance, pin_dir=pin_dir)
     raise ValueError(f"cannot open a {backend!r} region by name")
 
 
-def remove(instance=None, pin_dir=None):
-    """Remove whatever region objects ``instance`` left (for ``down`` and
-    test sweeps): the shm segments and the arena pin. Returns what went."""
-    pdir = pin_dir or paths.Instance(instance or paths.default_instance()).pin_dir
-    gone = [n for n in (posix.segment_name(instance), arena.wake_name(instance))
-            if posix.unlink_segment(n)]
-    pin = arena.pin_path(pdir)
-    if os.path.exists(pin):
-        os.unlink(pin)
-        gone.append(pin)
-    return gone
+def remove(instance=None):
+    """Remove the region segment ``instance`` left (for ``down`` and test
+    sweeps). Returns what went."""
+    name = posix.segment_name(instance)
+    return [name] if posix.unlink_segment(name) else []

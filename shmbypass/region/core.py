@@ -18,7 +18,7 @@ HDR_SIZE = lib.SBP_REGION_HDR_SIZE
 PAGE = 4096
 # The backend ids kept in the header (SBP_BACKEND_*), by name.
 BACKEND_IDS = {"anon": lib.SBP_BACKEND_ANON, "posix": lib.SBP_BACKEND_POSIX,
-               "arena": lib.SBP_BACKEND_ARENA, "ivshmem": lib.SBP_BACKEND_IVSHMEM}
+               "ivshmem": lib.SBP_BACKEND_IVSHMEM}
 BACKEND_NAMES = {v: k for k, v in BACKEND_IDS.items()}
 
 
@@ -43,7 +43,7 @@ class RegionNotFound(RegionError, FileNotFoundError):
 
 
 class RegionMapError(RegionError):
-    """The mapping could not be made (e.g. the arena's address is taken here)."""
+    """The mapping could not be made."""
 
 
 @dataclass(frozen=True)
@@ -79,15 +79,14 @@ def check_header(base, size):
 
 
 class Region:
-    """One mapped region. The backend modules make them (posix, arena, anon,
+    """One mapped region. The backend modules make them (posix, anon,
     ivshmem); every slot access is bounds-checked against the checked
-    (local) geometry. This base class holds an mmap-backed mapping; the
-    arena's subclass maps by address."""
+    (local) geometry. The mapping is an mmap object."""
 
     def __init__(self, backend, size, name=None):
         self.backend = backend
         self.size = size
-        self.name = name           # shm name, pin path or file
+        self.name = name           # shm name or file
         self._mm = None            # mmap object (posix, anon, ivshmem)
         self._keep = None          # cffi view holding the mmap export
         self._ptr = ffi.NULL       # base address
@@ -168,24 +167,12 @@ class Region:
         (shared memory: what it says is untrusted)."""
         return ffi.cast("struct sbp_ring_hdr *", self.slot_ptr(index))
 
-    def wait_words(self, index):
-        """(reader, writer) futex words for slot ``index`` outside the slot,
-        or (NULL, NULL) where the ring header's own words work (all but the
-        arena)."""
-        self.slot_ptr(index)  # bounds
-        return ffi.NULL, ffi.NULL
-
     def ring(self, index, generation, create=False):
         """A :class:`Ring` view of slot ``index``: formatted first if
         ``create`` (writer side), else attached."""
         p = self.slot_ptr(index)
         size = self.info.slot_size
         r = Ring.create(p, generation, size) if create else Ring.attach(p, generation, size)
-        rw, ww = self.wait_words(index)
-        if rw != ffi.NULL:
-            r.set_wait_words(rw, ww)
-            if create:
-                rw[0] = ww[0] = 0
         self._rings.add(r)
         return r
 
@@ -207,7 +194,7 @@ class Region:
             self._mm = None
 
     def destroy(self):
-        """Close and remove whatever names the region (segment, pin), so
+        """Close and remove whatever names the region (a segment), so
         nothing is left behind. Here: nothing has a name."""
         self.close()
 

@@ -1,7 +1,6 @@
 """The ``posix`` region backend: a POSIX shared-memory segment
-``/<instance>-region`` (posix_ipc), for kernels without BPF arena. Its file
-mode and owner decide who may map it (0600 by default). The arena backend
-keeps its futex words in a segment made here too."""
+``/<instance>-region`` (posix_ipc): a VM pair's region tested on one host.
+Its file mode and owner decide who may map it (0600 by default)."""
 import errno
 import mmap
 import os
