@@ -97,13 +97,16 @@ def test_unit_commands_bring_an_instance_up_and_down(tmp_path):
     assert env["SHMBYPASS_INSTANCE"] == "shmbypass"
     inst = new_instance("unit")
     env["SHMBYPASS_INSTANCE"] = inst.name
-    env["SHMBYPASS_UP_ARGS"] = "--slots 8"
+    env["SHMBYPASS_UP_ARGS"] = "--exclude-port 9 --without capture"
     try:
         start = subprocess.run(expand(value(main, "Service", "ExecStart"), env), env=env,
                                capture_output=True, text=True, timeout=120)
         assert start.returncode == 0, start.stderr
         assert manager.is_up(inst)
-        assert inst.load_state()["region"]["slot_count"] == 8  # SHMBYPASS_UP_ARGS reached `up`
+        state = inst.load_state()  # SHMBYPASS_UP_ARGS reached `up`:
+        assert state["policy"]["exclude_ports"] == [9], state
+        assert "turned off" in state["features"]["capture"]["detail"], state
+        assert "region" not in state  # one host: no region
     finally:
         stop = subprocess.run(expand(value(main, "Service", "ExecStop"), env), env=env,
                               capture_output=True, text=True, timeout=120)
