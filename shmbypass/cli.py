@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "connections need none")
     p.add_argument("--vm-peer", action="append", default=[], metavar="ADDR",
                    help="the peer VM's address: toward it (only) sockets carry the TCP option "
-                        "that negotiates region slots (repeat)")
+                        "that negotiates region slots (repeat; with --backend ivshmem the default "
+                        "is $SHMBYPASS_VM_PEER, which the VM pair sets to the other guest's)")
     p.add_argument("--part", type=int, metavar="N",
                    help="ivshmem: allocate from part N of the region (default: the part of "
                         "$SHMBYPASS_GUEST)")

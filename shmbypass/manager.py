@@ -22,6 +22,10 @@ from shmbypass.errors import ShmbypassError
 MAPS = ("sock_hash", "conns", "pending", "counters", "settings", "errors", "sk_state",
         *policy.MAPS, *slots.MAPS)
 LINK = "link_sockops"
+# In a guest of the VM pair, the other guest's address(es), comma-separated
+# (the pair sets it for every command: shmbypass/vm/pair.py): what `up
+# --backend ivshmem` takes as its peer VMs when none are given.
+VM_PEER_ENV = "SHMBYPASS_VM_PEER"
 # Where each optional program goes when the kernel took it: pinned (the
 # drain iterators, run by `down`), or attached to the cgroup through a
 # pinned link (the ask programs).
@@ -126,6 +130,18 @@ def up(inst: paths.Instance, cgroup: str | None = None, slot_count: int | None =
                 if backend == "ivshmem":  # the host set the geometry: our part unless --slots
                     state["region"] = _make_region(inst, backend, slot_count, part)
                     n = state["region"]["slot_count"]
+                    vm_peers = vm_peers or tuple(
+                        a.strip() for a in os.environ.get(VM_PEER_ENV, "").split(",") if a.strip())
+                    if not state["region"]["region_id"]:
+                        # No usable region: no VM path. Our sockets carry no
+                        # option and our listeners answer none, so the peer
+                        # VM sees what we are: a host that does not ask
+                        # (peer-not-capable).
+                        vm_peers = ()
+                    elif not vm_peers:
+                        state["region"]["note"] = (
+                            f"no peer VM address (--vm-peer, or ${VM_PEER_ENV}): the ivshmem "
+                            "region is not used")
                 else:
                     state["region"] = _make_region(inst, backend or "posix", max(n, 1))
                 state["vm_peers"] = slots.set_vm_peers(inst, vm_peers)

@@ -311,21 +311,3 @@ def test_kill_guest_b_mid_transfer(pair):
     assert int(sent) >= 1 << 20
     # A is still fine
     assert pair.run("A", "true", timeout=30).ok
-
-
-def test_arena_on_a_kernel_without_it(pair):
-    """The guests run Debian's 6.1 kernel, which has no BPF arena (6.9 and
-    later): `up` (default backend) and `up --backend arena` both say why in
-    one line and use POSIX shm instead."""
-    probe = pair.run("A", f"{PY} -c 'from shmbypass import region; p = region.arena_supported(); "
-                          "print(bool(p), p.reason)'", timeout=60, check=True)
-    if probe.out.startswith("True"):
-        pytest.skip(f"this guest kernel has BPF arena: {probe.out.strip()}")
-    env = {"SHMBYPASS_INSTANCE": "sbt-noarena"}
-    for args in ("", " --backend arena"):
-        up = pair.run("A", f"{PY} -m shmbypass up{args}", timeout=120, env=env)
-        down = pair.run("A", f"{PY} -m shmbypass down --force", timeout=120, env=env)
-        assert up.rc == 0 and down.rc == 0, (up, down)
-        assert "arena backend unavailable (" in up.err and "using POSIX shm" in up.err, up
-        assert len(up.err.strip().splitlines()) == 1, up.err
-        assert "region posix:/sbt-noarena-region" in up.out, up.out

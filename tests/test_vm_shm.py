@@ -305,9 +305,13 @@ def test_region_absent_from_one_guest():
         assert "no ivshmem PCI device" in ups["B"].err and "the shm tier is off here" in ups["B"].err
         assert len(ups["B"].err.strip().splitlines()) == 1, ups["B"].err
         assert ups["A"].err.strip() == ""
-        a, b = _state(p, "A")["region"], _state(p, "B")["region"]
+        sa, sb = _state(p, "A"), _state(p, "B")
+        a, b = sa["region"], sb["region"]
         assert a["region_id"] == p.region_id and a["part"] == 0 and a["slot_count"] > 0
         assert (b["region_id"], b["slot_count"], b["path"]) == (0, 0, None)
+        # A negotiates toward B (the pair told it B's address); B, with no
+        # region, toward nobody: it neither offers nor answers.
+        assert (sa["vm_peers"], sb["vm_peers"]) == ([B_IP], []), (sa, sb)
         rows = _echo(p, 7010, _wrap())
         (ra,), (rb,) = rows["A"], rows["B"]
         assert ra["tier"] == rb["tier"] == "tcp"
@@ -348,8 +352,10 @@ def test_garbage_region_refused_tcp_still_works(pair):
         assert r.rc == 0, r
         (line,) = r.err.strip().splitlines()
         assert "holds garbage" in line and "the shm tier is off here" in line, line
-        st = _state(pair, g)["region"]
+        state = _state(pair, g)
+        st = state["region"]
         assert (st["region_id"], st["slot_count"], st["path"]) == (0, 0, None)
+        assert state["vm_peers"] == [], state  # no region: no VM path
     res = subprocess.run([sys.executable, "-m", "shmbypass", "vm", "status", pair.region_path],
                          capture_output=True, text=True, cwd=paths.ROOT)
     assert res.returncode == 2 and "garbage" in res.stdout, res
@@ -374,6 +380,8 @@ def test_host_formats_guests_join_their_parts(pair):
         st = _state(pair, g)["region"]
         assert (st["backend"], st["region_id"], st["part"], st["guest"]) == ("ivshmem", rid, part, g)
         assert st["path"].startswith("/sys/bus/pci/devices/") and st["path"].endswith("/resource2")
+        # the other guest's address, from the pair (SHMBYPASS_VM_PEER)
+        assert _state(pair, g)["vm_peers"] == [{"A": B_IP, "B": "10.77.0.1"}[g]]
         parts[g] = st
     assert parts["B"]["first_slot"] == parts["A"]["first_slot"] + parts["A"]["slot_count"]
     code = ("import json; from shmbypass import paths, slots; i = paths.Instance.current(); "
@@ -391,19 +399,31 @@ def test_host_formats_guests_join_their_parts(pair):
     assert f"id {rid:016x}" in text and "guest A, mapped" in text and "guest B, mapped" in text
 
 
-# Marked sockets (what the interposer does), in the bypass group: the
-# handshake alone decides; each side prints its sockets' sk_state.
+# Sockets that ask (SBP_SO_ASK, what the interposer does), in the bypass
+# group, toward the other guest (a peer VM: `up --backend ivshmem` took its
+# address from the pair): the handshake alone decides; each side prints
+# its sockets' sk_state, with what SBP_SO_INFO tells the interposer.
+SK_INFO = r"""
+def sk_info(inst, sock):
+    st = slots.sk_state(inst, sock)
+    i = ask.info(sock)
+    st["info"] = {f: getattr(i, f) for f in ("tier", "mem", "tx_slot", "rx_slot", "tx_gen",
+                                             "rx_gen", "region_id")}
+    return st
+"""
+
 NEG_SERVER = r"""
 import json, socket, sys
-from shmbypass import paths, slots
+from shmbypass import ask, paths, slots
 inst = paths.Instance.current()
+""" + SK_INFO + r"""
 ls = socket.socket()
-slots.mark(inst, ls)
+ask.ask(ls)
 ls.bind(("10.77.0.2", int(sys.argv[1]))); ls.listen(16)
 out = []
 for i in range(int(sys.argv[2])):
     c, _ = ls.accept()
-    out.append(slots.sk_state(inst, c))
+    out.append(sk_info(inst, c))
     c.recv(1)
     c.close()
 print(json.dumps(out))
@@ -411,19 +431,20 @@ print(json.dumps(out))
 
 NEG_CLIENT = r"""
 import json, socket, sys, time
-from shmbypass import paths, slots
+from shmbypass import ask, paths, slots
 inst = paths.Instance.current()
+""" + SK_INFO + r"""
 out = []
 for i in range(int(sys.argv[2])):
     for _ in range(300):
         s = socket.socket()
-        slots.mark(inst, s)
+        ask.ask(s)
         try:
             s.connect(("10.77.0.2", int(sys.argv[1])))
             break
         except ConnectionRefusedError:
             s.close(); time.sleep(0.2)
-    out.append(slots.sk_state(inst, s))
+    out.append(sk_info(inst, s))
     s.send(b"x")
     s.recv(1)
     s.close()
@@ -445,12 +466,18 @@ def test_negotiation_across_guests_uses_own_parts(joined):
     pa, pb = _state(joined, "A")["region"], _state(joined, "B")["region"]
     in_a = range(pa["first_slot"], pa["first_slot"] + pa["slot_count"])
     in_b = range(pb["first_slot"], pb["first_slot"] + pb["slot_count"])
+    assert len(a_rows) == len(b_rows) == n
     for a, b in zip(a_rows, b_rows):
+        assert a["vm"] == b["vm"] == 1, (a, b)
         assert a["tier"] == b["tier"] == 2, (a, b)  # SBP_TIER_SHM
         assert a["tx_slot"] in in_a and b["tx_slot"] in in_b
         assert (a["rx_slot"], a["rx_gen"]) == (b["tx_slot"], b["tx_gen"])
         assert (b["rx_slot"], b["rx_gen"]) == (a["tx_slot"], a["tx_gen"])
         assert a["region_id"] == b["region_id"] == joined.region_id
+        for st in (a, b):  # what the interposer is told: these slots
+            assert st["info"] == {"tier": 2, "mem": 2, "tx_slot": st["tx_slot"],  # SBP_MEM_SLOTS
+                                  "rx_slot": st["rx_slot"], "tx_gen": st["tx_gen"],
+                                  "rx_gen": st["rx_gen"], "region_id": joined.region_id}, st
     code = ("import json; from shmbypass import paths, slots; i = paths.Instance.current(); "
             "print(json.dumps([len(slots.free_slots(i)), sum(r for g, r in slots.slot_states(i).values())]))")
     for g, p in (("A", pa), ("B", pb)):

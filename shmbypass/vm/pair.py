@@ -35,6 +35,14 @@ GUESTS = {  # name -> (guest-internal address on the pair's private link, MAC)
 }
 
 
+def peer_address(guest: str) -> str:
+    """The other guest's address: a guest's `shmbypass up --backend ivshmem`
+    negotiates region slots toward it only (SHMBYPASS_VM_PEER, set for
+    every command the pair runs)."""
+    (other,) = [g for g in GUESTS if g != guest]
+    return GUESTS[other][0].split("/")[0]
+
+
 class _Guest:
     def __init__(self, name, proc, agent, log):
         self.name, self.proc, self.agent, self.log = name, proc, agent, log
@@ -296,6 +304,7 @@ class VMPair:
             raise GuestDied(f"guest {guest} was killed")
         if isinstance(stdin, str):
             stdin = stdin.encode()
+        env = {"SHMBYPASS_VM_PEER": peer_address(guest), **(env or {})}
         return g.agent.start(cmd, timeout=timeout, stdin=stdin, env=env, cwd=cwd)
 
     def run(self, guest, cmd, timeout=60, check=False, stdin=b"", env=None, cwd=None):
