@@ -207,8 +207,10 @@ if role == "server":
     ls = socket.socket(); ls.bind(("127.0.0.1", 0)); ls.listen()
     print(ls.getsockname()[1], flush=True)
     s, _ = ls.accept()
-    print("accepted", flush=True)
-    sys.stdin.readline()                   # hold the bytes unread until told
+    while s.recv(1) == b"p":               # answer pings until the bulk begins
+        s.sendall(b"r")
+    print("bulk", flush=True)
+    sys.stdin.readline()                   # hold the bulk unread until told
     got = 0
     while got < n:
         got += len(s.recv(n - got))
@@ -216,41 +218,81 @@ if role == "server":
     sys.stdin.readline()
 else:
     c = socket.create_connection(("127.0.0.1", int(sys.argv[3])))
-    c.sendall(b"q" * n)
     print(c.getsockname()[1], flush=True)
-    sys.stdin.readline()
+    for line in sys.stdin:
+        if line.strip() == "ping":
+            c.sendall(b"p")
+            print("pong" if c.recv(1) == b"r" else "?", flush=True)
+        else:
+            c.sendall(b"b" + b"q" * n)
+            print("sent", flush=True)
+            sys.stdin.readline()
+            break
 """
 
 
 def test_ring_fill_of_shm_connections(inst):
-    """Bytes written into a shm ring and not read yet show as the writer's
-    tx_queued and the reader's rx_queued (SEND-Q/RECV-Q), then 0 once read."""
-    n = 100_000
+    """A shm-tier connection starts on TCP and goes live (rings) once the
+    active end took the passive end's offer: a few pings get it there.
+    Then bytes written into a ring and not read yet show as the writer's
+    tx_queued and the reader's rx_queued (SEND-Q/RECV-Q), across the areas
+    the stream grew into, and 0 once read; byte counts are stream positions
+    (what went over TCP first included)."""
+    n = 100_000  # more than the first 16 KiB area: the stream grows
     env = dict(os.environ, SHMBYPASS_INSTANCE=inst.name)
     run = SHMBYPASS + ["run", "--tier", "shm", "--", sys.executable, "-c", UNREAD_PEER]
     srv = subprocess.Popen(run + ["server", str(n)], env=env, stdin=subprocess.PIPE,
                            stdout=subprocess.PIPE, text=True)
     cli = None
+
+    def tell(p, line):
+        p.stdin.write(line + "\n")
+        p.stdin.flush()
+
+    def rows():
+        return {r["local"]: r for r in cli_status(inst, "--port", port)["connections"]}
+
     try:
         port = srv.stdout.readline().strip()
         cli = subprocess.Popen(run + ["client", str(n), port], env=env, stdin=subprocess.PIPE,
                                stdout=subprocess.PIPE, text=True)
-        cport = int(cli.stdout.readline())
-        assert srv.stdout.readline().strip() == "accepted"
-        rows = {r["local"]: r for r in cli_status(inst, "--tier", "shm")["connections"]}
-        c, s = rows[f"127.0.0.1:{cport}"], rows[f"127.0.0.1:{port}"]
+        mine, theirs = f"127.0.0.1:{cli.stdout.readline().strip()}", f"127.0.0.1:{port}"
+        pings = 0
+        while True:
+            tell(cli, "ping")
+            assert cli.stdout.readline().strip() == "pong"
+            pings += 1
+            got = rows()
+            assert {r["tier"] for r in got.values()} == {"shm"}, got
+            if all(r["tx_queued"] is not None and r["rx_queued"] is not None
+                   for r in got.values()):
+                break  # both directions are in rings
+            assert pings < 200, f"not live after {pings} pings: {got}"
+        c, s = got[mine], got[theirs]
+        assert (c["tx_queued"], c["rx_queued"], s["tx_queued"], s["rx_queued"]) == (0, 0, 0, 0)
+        assert c["bytes_tx"] == s["bytes_rx"] == pings and c["bytes_rx"] == s["bytes_tx"] == pings
+
+        tell(cli, "bulk")
+        assert cli.stdout.readline().strip() == "sent"
+        assert srv.stdout.readline().strip() == "bulk"
+        got = rows()
+        c, s = got[mine], got[theirs]
         assert (c["tx_queued"], s["rx_queued"]) == (n, n), (c, s)
         assert (c["rx_queued"], s["tx_queued"]) == (0, 0)
-        assert c["ring_size"] >= n and c["bytes_tx"] == n and s["bytes_rx"] == 0
-        srv.stdin.write("\n")
-        srv.stdin.flush()
-        assert srv.stdout.readline().split() == ["read", str(n)]
-        rows = {r["local"]: r for r in cli_status(inst, "--port", port)["connections"]}
-        c, s = rows[f"127.0.0.1:{cport}"], rows[f"127.0.0.1:{port}"]
-        assert (c["tx_queued"], s["rx_queued"], s["bytes_rx"]) == (0, 0, n)
+        assert c["ring_size"] >= n, c  # the area it writes now
+        assert c["bytes_tx"] == pings + 1 + n and s["bytes_rx"] == pings + 1, (c, s)
         text = subprocess.run(SHMBYPASS + ["status", "--tier", "shm"], capture_output=True,
                               text=True, env=env).stdout
-        assert "SEND-Q" in text and "RECV-Q" in text
+        line = next(ln for ln in text.splitlines() if ln.startswith(mine + " "))
+        assert "SEND-Q" in text and "RECV-Q" in text and f" {n} " in line, text
+
+        tell(srv, "")
+        assert srv.stdout.readline().split() == ["read", str(n)]
+        got = rows()
+        c, s = got[mine], got[theirs]
+        assert (c["tx_queued"], s["rx_queued"]) == (0, 0), (c, s)
+        assert c["bytes_tx"] == s["bytes_rx"] == pings + 1 + n, (c, s)
+        assert c["bytes_rx"] == s["bytes_tx"] == pings
     finally:
         for p in (cli, srv):
             if p:

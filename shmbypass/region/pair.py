@@ -38,10 +38,14 @@ def _mapped_regions(pid: int):
 
 
 def _ring_view(pi, base, block: int, direction: int, gen: int):
-    """(written, read, capacity) of the direction's current ring: the area
-    of this generation that was written furthest; None if none is."""
+    """(written, read, queued, capacity) of one direction, None if no ring
+    of it exists yet. A stream moves between areas (native/stream.h) at
+    continuous positions, and its reader drains an area before it follows
+    the link to the next: what was written is the furthest head, what was
+    read the tail of the oldest area not drained yet (every area drained:
+    all of it). capacity is that of the area written now."""
     want = lib.sbp_stream_gen(gen, direction)
-    best = None
+    rings = []
     for area in range(lib.SBP_AREAS):
         p = lib.sbp_pair_area(pi, base, block, direction, area)
         if p == ffi.NULL:
@@ -51,9 +55,15 @@ def _ring_view(pi, base, block: int, direction: int, gen: int):
             continue
         cap = lib.sbp_ring_capacity_for(lib.sbp_pair_area_slot_size(area))
         tail, head = hdr.tail, hdr.head  # tail first: head is never behind it
-        if best is None or head > best[0]:
-            best = (head, tail, cap)
-    return best
+        rings.append((head, tail, cap))
+    if not rings:
+        return None
+    head, _, cap = max(rings)
+    pending = [t for h, t, _ in rings if h != t]
+    read = min(min(pending), head) if pending else head
+    # Shared memory either process may scribble on: clamped to what the
+    # areas can hold, never negative.
+    return head, read, max(0, min(head - read, sum(c for _, _, c in rings))), cap
 
 
 def _blocks(path: str, size: int, out: dict) -> None:
@@ -91,9 +101,9 @@ def _blocks(path: str, size: int, out: dict) -> None:
                 out[cookie] = {
                     "bytes_tx": tx[0] if tx else 0,
                     "bytes_rx": rx[1] if rx else 0,
-                    "tx_queued": max(0, min(tx[0] - tx[1], tx[2])) if tx else None,
-                    "rx_queued": max(0, min(rx[0] - rx[1], rx[2])) if rx else None,
-                    "ring_size": tx[2] if tx else None,
+                    "tx_queued": tx[2] if tx else None,
+                    "rx_queued": rx[2] if rx else None,
+                    "ring_size": tx[3] if tx else None,
                 }
         del base
     finally:
