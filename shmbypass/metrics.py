@@ -4,8 +4,9 @@
 scrapes); `--textfile FILE` writes them for node_exporter's textfile
 collector (written to a temporary file and renamed: a reader never sees half
 a file). Every value is read at collection time from what `status` reads
-(the BPF maps, the rings' headers) and from the kernel's statistics of the
-pinned programs: the exporter keeps no state of its own.
+(the BPF maps; the rings' headers: one host's pair regions, a VM pair's
+region) and from the kernel's statistics of the pinned programs: the
+exporter keeps no state of its own.
 
 Conventions: counters end in `_total`, units are in the names (`_bytes`,
 `_seconds`), and every series has an `instance` label naming the shmbypass
@@ -14,7 +15,9 @@ scraped series: scrape the exporter with `honor_labels: true` to keep ours
 (docs/DEPLOY.md).
 
 The socket counts follow `status`: one per socket of the bypass group, so a
-connection with both ends in the group counts twice.
+connection with both ends in the group counts twice. shm-tier sockets also
+get series of their own (`shmbypass_shm_connection_*`, labelled by network
+namespace, local and remote address), which go when the connection does.
 """
 import os
 import signal
@@ -67,7 +70,7 @@ COUNTER_METRICS = {
 
 
 def slot_usage(inst: paths.Instance) -> dict[str, int]:
-    """The instance's slots by state, read without touching the free list:
+    """A VM pair's slots by state, read without touching the free list:
     `free` (no reference), `reserved` (held by an unclaimed SYN-ACK),
     `parked` (held for a peer VM after an unclean close), `in_use` (held by
     live sockets). The four add up to the pool's size."""
@@ -164,6 +167,7 @@ class Collector:
             for d in ("tx", "rx"):
                 cb.add_metric([inst["instance"], tier, d], nbytes.get((tier, d), 0))
         yield cb
+        yield from self._shm_connections(st, family)
 
         fams = {}
         for name, value in st["counters"].items():
@@ -180,10 +184,11 @@ class Collector:
             errs.add_metric([inst["instance"], str(line), str(e["err"])], e["count"])
         yield errs
 
-        if st["attached"]:
+        if st["attached"] and self.inst.load_state().get("region"):
+            # Only a VM pair has a slot pool; one host's connections bring
+            # their own memory.
             sl = family(GaugeMetricFamily, "shmbypass_slots",
-                        "shm-tier ring slots of the instance by state (they add up to the pool)",
-                        ["state"])
+                        "A VM pair's ring slots by state (they add up to the pool)", ["state"])
             for state, n in slot_usage(self.inst).items():
                 sl.add_metric([inst["instance"], state], n)
             yield sl
@@ -205,6 +210,30 @@ class Collector:
                 secs.add_metric([inst["instance"], name], p["run_time_ns"] / 1e9)
             yield runs
             yield secs
+
+
+    def _shm_connections(self, st, family):
+        """One series per shm-tier socket and direction (status rows): the
+        stream's bytes so far (what went over TCP before the rings
+        included; 0 until its ring exists) and what its ring holds unread
+        (absent until then)."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        labels = ["netns", "local", "remote", "direction"]
+        nb = family(CounterMetricFamily, "shmbypass_shm_connection_bytes",
+                    "Bytes each live shm-tier socket has sent (tx) and received (rx)", labels)
+        nq = family(GaugeMetricFamily, "shmbypass_shm_connection_queued_bytes",
+                    "Bytes in each live shm-tier socket's rings not read yet: what it sent (tx) "
+                    "and what was sent to it (rx), like ss's Send-Q and Recv-Q", labels)
+        for c in st["connections"]:
+            if c["tier"] != "shm":
+                continue
+            for d in ("tx", "rx"):
+                key = [self.inst.name, str(c["netns"]), c["local"], c["remote"], d]
+                nb.add_metric(key, c[f"bytes_{d}"])
+                if c.get(f"{d}_queued") is not None:
+                    nq.add_metric(key, c[f"{d}_queued"])
+        yield nb
+        yield nq
 
 
 def registry(inst: paths.Instance, stats_fd: int = -1):

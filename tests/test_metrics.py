@@ -21,6 +21,8 @@ from apps import SHMBYPASS, Server, free_port, need, wait_port
 from conftest import InGroup
 from sockets import pair, transfer
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+
 
 def status_json(inst) -> dict:
     p = subprocess.run(SHMBYPASS + ["status", "--json"], capture_output=True, text=True,
@@ -38,6 +40,17 @@ def by_tier(st) -> dict[str, int]:
 
 def tier_bytes(st, tier, direction) -> int:
     return sum(c[f"bytes_{direction}"] for c in st["connections"] if c["tier"] == tier)
+
+
+# What a direction of a one-host connection can hold unread: its four areas
+# (native/pairmem.h, sbp_area_cap).
+STREAM_MAX = (16 << 10) + (256 << 10) + (1 << 20) + (8 << 20)
+
+
+def shm_rows(st) -> dict[tuple, dict]:
+    """(netns, local, remote) -> row, of the shm-tier rows."""
+    return {(str(c["netns"]), c["local"], c["remote"]): c
+            for c in st["connections"] if c["tier"] == "shm"}
 
 
 # -- the exporter and a real Prometheus ----------------------------------------
@@ -228,11 +241,20 @@ def test_prometheus_scrapes_redis_run(inst, tmp_path):
                         f'sum by (tier) (shmbypass_connections{{instance="{inst.name}"}})',
                         at=ts).items()}
                     assert got == by_tier(s0), (got, s0["connections"])
-                    slots = {dict(k)["state"]: v for k, v in prom.query(
-                        f'shmbypass_slots{{instance="{inst.name}"}}', at=ts).items()}
-                    # two slots per shm connection, one connection per two shm rows
-                    assert slots["in_use"] == by_tier(s0)["shm"], (slots, by_tier(s0))
-                    assert sum(slots.values()) == inst.load_state()["region"]["slot_count"]
+                    # each shm socket's own series: its bytes between the
+                    # two statuses, its ring fill at most what a ring holds
+                    rows0, rows1 = shm_rows(s0), shm_rows(s1)
+                    for d in ("tx", "rx"):
+                        per = {(lab["netns"], lab["local"], lab["remote"]): v
+                               for lab, v in ((dict(k), v) for k, v in prom.query(
+                                   f'shmbypass_shm_connection_bytes_total{{instance="{inst.name}",'
+                                   f'direction="{d}"}}', at=ts).items())}
+                        assert set(per) == set(rows0), (per, rows0)
+                        for key, v in per.items():
+                            assert rows0[key][f"bytes_{d}"] <= v <= rows1[key][f"bytes_{d}"], key
+                        queued = prom.query(f'shmbypass_shm_connection_queued_bytes{{instance='
+                                            f'"{inst.name}",direction="{d}"}}', at=ts)
+                        assert all(0 <= v <= STREAM_MAX for v in queued.values()), queued
                     checked += 1
             assert checked, "the connections changed during every scrape"
             # the bytes kept moving (the benchmarks were really in these tiers)
@@ -245,6 +267,8 @@ def test_prometheus_scrapes_redis_run(inst, tmp_path):
             assert prom.one(f'shmbypass_bpf_stats_enabled{{instance="{inst.name}"}}') == 1
             assert prom.one(f'shmbypass_up{{instance="{inst.name}"}}') == 1
             assert not prom.query(f'shmbypass_bpf_errors_total{{instance="{inst.name}"}}')
+            # one host: no region, so no slot pool to report
+            assert not prom.query(f'shmbypass_slots{{instance="{inst.name}"}}')
             for b in benches:
                 assert b.poll() is None, b.stderr.read()
     finally:
@@ -263,10 +287,26 @@ def parse(text) -> dict:
             for fam in text_string_to_metric_families(text) for s in fam.samples}
 
 
+def held_shm_pair(inst, size):
+    """Two programs under `shmbypass run` holding one connection that moved
+    size bytes each way (tests/stream_peer.py); (server, client, local port)."""
+    env = dict(os.environ, SHMBYPASS_INSTANCE=inst.name)
+    peer = [sys.executable, os.path.join(HERE, "stream_peer.py")]
+    srv = subprocess.Popen(SHMBYPASS + ["run", "--", *peer, "server", str(size)], env=env,
+                           text=True, stdout=subprocess.PIPE)
+    port = srv.stdout.readline().split()[1]
+    cli = subprocess.Popen(SHMBYPASS + ["run", "--", *peer, "client", port, str(size)], env=env,
+                           text=True, stdout=subprocess.PIPE, stdin=subprocess.PIPE)
+    held = cli.stdout.readline().split()
+    assert held and held[0] == "HELD", held
+    return srv, cli, int(held[1])
+
+
 def test_textfile_matches_status(inst, tmp_path):
     out = tmp_path / "textfile"
     out.mkdir()
     path = out / "shmbypass.prom"
+    srv, cli, _ = held_shm_pair(inst, 300_000)
     with InGroup(inst):
         c, s = pair()
     try:
@@ -279,6 +319,9 @@ def test_textfile_matches_status(inst, tmp_path):
     finally:
         c.close()
         s.close()
+        cli.stdin.close()
+        cli.wait(30)
+        srv.wait(30)
     assert os.listdir(out) == ["shmbypass.prom"]  # written whole, then renamed
     m = parse(path.read_text())
     lab = {"instance": inst.name}
@@ -297,7 +340,21 @@ def test_textfile_matches_status(inst, tmp_path):
         assert get(sname, **{k: v.strip('"') for k, v in labels.items()}) == st["counters"][name]
     # Every BPF counter has a documented series of its own.
     assert set(status.COUNTERS.values()) <= set(metrics.COUNTER_METRICS)
-    assert get("shmbypass_slots", state="free") == inst.load_state()["region"]["slot_count"]
+    # The held shm connection, idle: its series say what status says.
+    rows = shm_rows(st)
+    assert len(rows) == 2, st["connections"]
+    for (netns, local, remote), r in rows.items():
+        for d in ("tx", "rx"):
+            key = dict(netns=netns, local=local, remote=remote, direction=d)
+            assert get("shmbypass_shm_connection_bytes_total", **key) == r[f"bytes_{d}"], r
+            if r[f"{d}_queued"] is None:
+                assert ("shmbypass_shm_connection_queued_bytes",
+                        frozenset({**lab, **key}.items())) not in m
+            else:
+                assert get("shmbypass_shm_connection_queued_bytes", **key) == r[f"{d}_queued"]
+    for d in ("tx", "rx"):
+        assert get("shmbypass_connection_bytes", tier="shm", direction=d) == tier_bytes(st, "shm", d)
+    assert not [k for k in m if k[0] == "shmbypass_slots"]  # one host: no slot pool
     if not bpf.stats_sysctl():  # run counts are left out, and the exporter said why
         assert get("shmbypass_bpf_stats_enabled") == 0
         assert "kernel.bpf_stats_enabled=0" in p.stderr
