@@ -39,6 +39,11 @@ try:
     _tier.argtypes = [ctypes.c_int]
 except (OSError, AttributeError):
     _tier = None
+try:
+    _rings = _lib.shmbypass_fd_rings  # the test build of the library only
+    _rings.argtypes = [ctypes.c_int]
+except (NameError, AttributeError):
+    _rings = None
 
 
 def tier(sock):
@@ -787,7 +792,9 @@ def _room_for_fds(n):
 
 def many_server(args):
     """Echo one byte per connection for `total` connections (epoll), then
-    report how many fds this process has open and its memory growth."""
+    report how many fds this process has open and its memory: at the 1000th
+    connection (warm), when the last `nopen` connections begin (seq: the
+    ones before were one at a time) and at the end."""
     import selectors
     total = int(args[0])
     nopen = int(args[1]) if len(args) > 1 else 0
@@ -802,7 +809,7 @@ def many_server(args):
     sel.register(ls, selectors.EVENT_READ)
     accepted = closed = 0
     tiers = {}
-    rss_warm = 0
+    rss_warm = rss_seq = 0
     while closed < total:
         ready = sel.select(10)
         if not ready:
@@ -819,6 +826,8 @@ def many_server(args):
                     accepted += 1
                     if accepted == min(1000, total // 2):
                         rss_warm = rss_kib()    # after the library's tables grew
+                    if accepted == total - nopen + 1:
+                        rss_seq = rss_kib()
                     t = tier(c)
                     tiers[t] = tiers.get(t, 0) + 1
                     sel.register(c, selectors.EVENT_READ)
@@ -842,7 +851,7 @@ def many_server(args):
     ls.close()
     out(accepted=accepted, tiers={str(k): v for k, v in tiers.items()},
         fds_before=fds_before, fds_after=fds_after, rss_warm_kib=rss_warm,
-        rss_end_kib=rss_kib())
+        rss_seq_kib=rss_seq, rss_end_kib=rss_kib())
 
 
 def many_client(args):
@@ -864,18 +873,21 @@ def many_client(args):
         t = tier(s)
         tiers[t] = tiers.get(t, 0) + 1
         s.close()
+    rss_seq = rss_kib()
     socks = [socket.create_connection((HOST, port)) for _ in range(nopen)]
     for s in socks:
         s.sendall(b"y")
+    rings = 0  # of the concurrent ones: went live (shmbypass_fd_rings)
     for s in socks:
         assert s.recv(1) == b"y"
         t = tier(s)
         tiers[t] = tiers.get(t, 0) + 1
+        rings += bool(_rings(s.fileno())) if _rings else 0
     for s in socks:
         s.close()
     out(tiers={str(k): v for k, v in tiers.items()}, fds_before=fds_before,
         fds_after=len(os.listdir("/proc/self/fd")), rss_warm_kib=rss_warm,
-        rss_end_kib=rss_kib())
+        rss_seq_kib=rss_seq, rss_end_kib=rss_kib(), rings=rings)
 
 
 def aio(role, args):
