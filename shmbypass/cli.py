@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ivshmem: allocate from part N of the region (default: the part of "
                         "$SHMBYPASS_GUEST)")
     p.add_argument("--slots", type=int, metavar="N",
-                   help="shm-tier ring slots in the pool, two per connection (default 128)")
+                   help="a VM pair's ring slots in the pool (--vm-peer, --backend ivshmem), two "
+                        "per connection (default 128); one-host connections need none")
     p.add_argument("--without", metavar="FEATURE[,FEATURE]",
                    help="optional features not to use, as if the kernel refused them "
                         "(drain, drain-tcp, ask, capture; also SHMBYPASS_WITHOUT)")
