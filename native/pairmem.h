@@ -79,7 +79,21 @@ struct sbp_block_hdr {
 	uint32_t pad;
 	uint64_t active_cookie;         /* the connection it was offered for */
 	uint64_t passive_cookie;
+	/* Per direction (SBP_DIR_*), written by that direction's reader:
+	 * how much of the writer's TCP part it has read (the writer rings
+	 * its switch doorbell only once all of it is read, so a doorbell
+	 * never sits in front of payload), and a request that the writer
+	 * go back to TCP from stream position revert_pos (docs/
+	 * NEGOTIATION.md, "Back to TCP"); the writer answers with the
+	 * doorbells it sent (revert_bells) and revert = SBP_REVERT_DONE. */
+	uint64_t tcp_read[2];
+	uint64_t revert_pos[2];
+	uint64_t revert_bells[2];
+	uint32_t revert[2];
 };
+
+#define SBP_REVERT_ASKED 1u
+#define SBP_REVERT_DONE  2u
 
 /* Trusted, process-local geometry of a checked region. */
 struct sbp_pair_info {

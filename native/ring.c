@@ -518,6 +518,30 @@ static void iov_at(const struct sbp_ring *r, uint64_t pos, uint64_t n, struct io
 	}
 }
 
+void sbp_ring_kick(struct sbp_ring *r)
+{
+	if (!line0_ok(r))
+		return;
+	ring_wake(r, r->reader_waiting);
+	ring_wake(r, r->writer_waiting);
+}
+
+int sbp_ring_unread_iov(struct sbp_ring *r, uint64_t *from, uint64_t *to, struct iovec iov[2])
+{
+	uint64_t head, tail;
+	uint32_t flags;
+	int rc;
+
+	iov_clear(iov);
+	rc = reader_view(r, &head, &tail, &flags);
+	if (rc < 0)
+		return rc;
+	*from = tail;
+	*to = head;
+	iov_at(r, tail, head - tail, iov);
+	return 0;
+}
+
 ssize_t sbp_ring_reserve(struct sbp_ring *r, struct iovec iov[2], size_t max)
 {
 	uint64_t head, tail, room;

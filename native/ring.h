@@ -221,6 +221,13 @@ void sbp_ring_disarm_writable(struct sbp_ring *r);
  * next part (wakes the reader like a write) and writes there; a reader that
  * drained a linked ring gets SBP_RING_GO_NEXT and reads the link. */
 int  sbp_ring_format_at(void *slot, size_t slot_size, uint64_t generation, uint64_t start);
+/* Wake whoever sleeps on this ring (futex), so it looks at what changed
+ * elsewhere (a request in the block header). */
+void sbp_ring_kick(struct sbp_ring *r);
+/* The writer, going back to TCP: the bytes its reader has not taken, as
+ * stream positions [*from, *to) and the (at most 2) pieces holding them.
+ * Read from the header, checked like any (-EPROTO if it makes no sense). */
+int sbp_ring_unread_iov(struct sbp_ring *r, uint64_t *from, uint64_t *to, struct iovec iov[2]);
 uint64_t sbp_ring_head_pos(const struct sbp_ring *r);   /* the writer's position */
 uint64_t sbp_ring_tail_pos(const struct sbp_ring *r);   /* the reader's position */
 void sbp_ring_link(struct sbp_ring *r, uint32_t kind, uint32_t area, uint64_t bells);

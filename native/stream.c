@@ -191,6 +191,69 @@ ssize_t sbp_stream_readv(struct sbp_stream *s, const struct iovec *iov, int iovc
 	}
 }
 
+int sbp_stream_unread(const struct sbp_stream *s, uint64_t from, struct iovec iov[2 * SBP_AREAS],
+		      size_t *total)
+{
+	struct { uint64_t lo, hi; struct iovec v[2]; } span[SBP_AREAS];
+	uint64_t at, end = sbp_ring_head_pos(&s->ring);
+	int n = 0, k = 0;
+
+	/* Every area of this stream that holds bytes the reader has not
+	 * taken: the one it reads (its tail is where it stopped) and those
+	 * written since (their tail is where they were formatted). */
+	for (int a = 0; a < s->a.n; a++) {
+		struct sbp_ring t;
+
+		if (sbp_ring_attach(&t, s->a.slot[a], s->a.size[a], s->gen) < 0)
+			continue;
+		if (sbp_ring_unread_iov(&t, &span[n].lo, &span[n].hi, span[n].v) < 0)
+			return -EPROTO;
+		if (span[n].hi > span[n].lo)
+			n++;
+	}
+	/* In stream order, each beginning where the one before ends, the last
+	 * at our own position; `from` inside the first, or before it (the
+	 * reader had not finished the TCP part). */
+	*total = 0;
+	at = from;
+	for (;;) {
+		int best = -1;
+
+		for (int i = 0; i < n; i++)
+			if (span[i].hi > at && span[i].lo <= at && (best < 0 || span[i].lo > span[best].lo))
+				best = i;
+		if (best < 0 && at == from)
+			for (int i = 0; i < n; i++)
+				if (span[i].lo > at && (best < 0 || span[i].lo < span[best].lo))
+					best = i;
+		if (best < 0)
+			break;
+		if (span[best].lo > at)
+			at = span[best].lo;     /* the reader stopped in the TCP part */
+		/* skip what the reader took of this span */
+		{
+			uint64_t skip = at - span[best].lo;
+			struct iovec *v = span[best].v;
+
+			if (skip >= v[0].iov_len) {
+				skip -= v[0].iov_len;
+				v[0] = v[1];
+				v[1].iov_len = 0;
+			}
+			v[0].iov_base = (char *)v[0].iov_base + skip;
+			v[0].iov_len -= skip;
+			for (int j = 0; j < 2; j++)
+				if (v[j].iov_len)
+					iov[k++] = v[j];
+		}
+		*total += span[best].hi - at;
+		at = span[best].hi;
+		if (at == end)
+			return k;
+	}
+	return at == end || (n == 0 && from >= end) ? k : -EPROTO;
+}
+
 int sbp_stream_tcp_bells(struct sbp_stream *s, uint64_t *bells)
 {
 	struct sbp_ring_next nx;

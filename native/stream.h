@@ -81,6 +81,13 @@ int sbp_stream_peer_waiting(struct sbp_stream *s);
  * then says after how many doorbells). */
 ssize_t sbp_stream_readv(struct sbp_stream *s, const struct iovec *iov, int iovcnt, int flags);
 /* After SBP_RING_GO_NEXT: the writer's doorbell count; -EAGAIN/-EPROTO. */
+/* The writer, going back to TCP: what its reader has not taken from
+ * stream position `from` on (it stopped there), across the areas still
+ * holding it, in order: iovecs (returned count, at most 2 * SBP_AREAS)
+ * and *total bytes; -EPROTO if the headers (which the reader can write)
+ * do not add up. */
+int sbp_stream_unread(const struct sbp_stream *s, uint64_t from, struct iovec iov[2 * SBP_AREAS],
+		      size_t *total);
 int sbp_stream_tcp_bells(struct sbp_stream *s, uint64_t *bells);
 /* Reader: follow a pending link to another ring now (readiness checks):
  * 1 followed, 0 nothing to follow, SBP_RING_GO_NEXT (TCP), -EPROTO. */
