@@ -151,6 +151,15 @@ int sbp_getsockopt(struct bpf_sockopt *ctx)
 	    (!peer || !ident_allowed(&out->self) || !ident_allowed(&peer->owner))) {
 		out->tier = SBP_TIER_TCP;
 		out->reason = peer ? SBP_REASON_POLICY_EXCLUDED : SBP_REASON_PEER_CLOSED;
+		/* A process other than the one BPF paired for asks (a worker
+		 * accepted what its master listened on) and may not share
+		 * memory: plain TCP for both ends, and status says why. */
+		if (peer) {
+			row->tier = SBP_TIER_TCP;
+			row->reason = SBP_REASON_POLICY_EXCLUDED;
+			peer->tier = SBP_TIER_TCP;
+			peer->reason = SBP_REASON_POLICY_EXCLUDED;
+		}
 	}
 	ctx->optlen = sizeof(*out);
 	ctx->retval = 0;

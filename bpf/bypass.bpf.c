@@ -1081,6 +1081,7 @@ static __always_inline void shm_pair(struct sbp_conn *c, __u64 cookie, struct sb
 	c->tier = SBP_TIER_SHM;
 	c->peer = peer_cookie;
 	c->reason = SBP_REASON_NONE;
+	c->shm_reason = SBP_REASON_NONE;
 	pc->tier = SBP_TIER_SHM;
 	pc->reason = SBP_REASON_NONE;
 	pc->shm_reason = SBP_REASON_NONE;
@@ -1193,10 +1194,17 @@ static __always_inline void handle_established(struct bpf_sock_ops *skops, int a
 	}
 
 	if ((c.asked & SBP_ASK_SHM) && (pc->asked & SBP_ASK_SHM)) {
-		shm_pair(&c, cookie, pc, *peer);
-		if (bpf_map_update_elem(&conns, &cookie, &c, BPF_NOEXIST))
-			count(SBP_CNT_TABLE_FULL, 1);
-		return;
+		/* Both asked; may these two users share memory (up's
+		 * --allow-* policy)? If not, the kernel tier, which shares
+		 * none, and the reason for both rows. */
+		if (ident_allowed(&c.owner) && ident_allowed(&pc->owner)) {
+			shm_pair(&c, cookie, pc, *peer);
+			if (bpf_map_update_elem(&conns, &cookie, &c, BPF_NOEXIST))
+				count(SBP_CNT_TABLE_FULL, 1);
+			return;
+		}
+		c.shm_reason = SBP_REASON_POLICY_EXCLUDED;
+		pc->shm_reason = SBP_REASON_POLICY_EXCLUDED;
 	}
 
 	c.peer = *peer;

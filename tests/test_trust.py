@@ -194,7 +194,8 @@ s.recv(1)
 @pytest.mark.parametrize("allowed", [False, True])
 def test_policy_by_identity(instance, allowed):
     """A user the policy does not allow learns `policy-excluded` and the
-    TCP tier; an allowed one the shm tier. Root's end learns the same."""
+    kernel tier (which shares no memory); an allowed one the shm tier.
+    Root's end learns the same."""
     nobody = 65534
     inst = instance(policy.Policy(users=[nobody]) if allowed else None)
     with InGroup(inst):
@@ -220,7 +221,7 @@ def test_policy_by_identity(instance, allowed):
     ls.close()
     assert r.returncode == 0, r.stderr
     tier, reason = map(int, r.stdout.split())
-    want = (SHM, lib.SBP_REASON_NONE) if allowed else (TCP, lib.SBP_REASON_POLICY_EXCLUDED)
+    want = (SHM, lib.SBP_REASON_NONE) if allowed else (lib.SBP_TIER_KERNEL, lib.SBP_REASON_POLICY_EXCLUDED)
     assert (tier, reason) == want
     assert result["server"] == (*want, nobody)
 
