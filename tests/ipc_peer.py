@@ -37,18 +37,30 @@ try:
     _lib = ctypes.CDLL(None)
     _tier = _lib.shmbypass_fd_tier
     _tier.argtypes = [ctypes.c_int]
-except (OSError, AttributeError):
-    _tier = None
-try:
-    _rings = _lib.shmbypass_fd_rings  # the test build of the library only
+    _rings = _lib.shmbypass_fd_rings
     _rings.argtypes = [ctypes.c_int]
-except (NameError, AttributeError):
-    _rings = None
+    _settle = _lib.shmbypass_fd_settle
+    _settle.argtypes = [ctypes.c_int, ctypes.c_int]
+except (OSError, AttributeError):
+    _tier = _rings = _settle = None
 
 
 def tier(sock):
     fd = sock if isinstance(sock, int) else sock.fileno()
     return _tier(fd) if _tier else 0
+
+
+def rings(sock):
+    """Which directions use rings now (bit 0 ours, bit 1 the peer's)."""
+    return _rings(sock.fileno()) if _rings else 0
+
+
+def settle(sock):
+    """Wait (briefly) until the connection uses its rings, as it does after
+    a first exchange: the bytes that follow test the rings."""
+    if _settle:
+        _settle(sock.fileno(), 1000)
+    return sock
 
 
 def out(**kw):
@@ -519,20 +531,27 @@ def c_closeunread(s, args):
 
 
 def s_exec(c, args):
+    settle(c)
+    # The client's bytes are in our ring, unread: they must reach the new
+    # image over TCP (the client sent them after both went live).
+    select.select([c], [], [], 5)
+    before = rings(c)
     fd = c.detach()
     os.set_inheritable(fd, True)
-    os.execv(sys.executable, [sys.executable, os.path.abspath(__file__), "exec-child", "x", str(fd)])
+    os.execv(sys.executable, [sys.executable, os.path.abspath(__file__), "exec-child", "x", str(fd),
+                              str(before)])
 
 
-def exec_child(fd):
+def exec_child(fd, rings_before):
     s = socket.socket(fileno=fd)
     data = recv_exact(s, 5)
     s.sendall(data.upper())
-    out(tier=tier(s), data=data.decode())
+    out(tier=tier(s), data=data.decode(), rings_before=rings_before)
     s.close()
 
 
 def c_exec(s, args):
+    settle(s)
     s.sendall(b"hello")
     back = recv_exact(s, 5)
     out(data=back.decode(), eof=s.recv(1) == b"", tier=tier(s))
@@ -697,7 +716,7 @@ def main():
     role, scen = sys.argv[1], sys.argv[2]
     try:
         if role == "exec-child":
-            exec_child(int(sys.argv[3]))
+            exec_child(int(sys.argv[3]), int(sys.argv[4]))
         elif role in ("aioserver", "aioclient"):
             aio(role, sys.argv[2:])
         elif role == "manyserver":

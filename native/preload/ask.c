@@ -7,12 +7,11 @@
 #include <unistd.h>
 
 #include "ask.h"
-#include "memory.h"
 #include "setup.h"
 
 static _Atomic int no_group;    /* ENOPROTOOPT seen: nothing here answers */
 
-int ask_socket(int fd)
+int ask_socket(int fd, const uint8_t inbox[SBP_INBOX_LEN])
 {
 	struct sbp_ask a;
 	int saved = errno, rc;
@@ -22,9 +21,8 @@ int ask_socket(int fd)
 	memset(&a, 0, sizeof(a));
 	a.version = SBP_ASK_VERSION;
 	a.flags = SBP_ASK_SHM;
-	rc = mem_inbox_token(a.inbox);
-	if (rc == 0)
-		rc = syscall(SYS_setsockopt, fd, SOL_SHMBYPASS, SBP_SO_ASK, &a, sizeof(a)) < 0 ? -errno : 0;
+	memcpy(a.inbox, inbox, SBP_INBOX_LEN);
+	rc = syscall(SYS_setsockopt, fd, SOL_SHMBYPASS, SBP_SO_ASK, &a, sizeof(a)) < 0 ? -errno : 0;
 	if (rc == -ENOPROTOOPT && !atomic_exchange(&no_group, 1))
 		DBG("no bypass group answers here (ENOPROTOOPT): plain TCP");
 	errno = saved;

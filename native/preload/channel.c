@@ -17,9 +17,23 @@
 #include "fdtable.h"
 #include "setup.h"
 
-/* Take a direction lock if nobody holds it (a holder killed mid-call
- * leaves the ring consistent: every ring call publishes with one store). */
-static int lock_if_free(pthread_mutex_t *m)
+void lock_take(pthread_mutex_t *m)
+{
+	if (pthread_mutex_lock(m) == EOWNERDEAD)
+		pthread_mutex_consistent(m);
+}
+
+int lock_until(pthread_mutex_t *m, int64_t deadline)
+{
+	struct timespec ts = { deadline / NS_PER_S, deadline % NS_PER_S };
+	int rc = pthread_mutex_clocklock(m, CLOCK_MONOTONIC, &ts);
+
+	if (rc == EOWNERDEAD)
+		pthread_mutex_consistent(m);
+	return rc == 0 || rc == EOWNERDEAD;
+}
+
+int lock_try(pthread_mutex_t *m)
 {
 	int rc = pthread_mutex_trylock(m);
 
@@ -94,6 +108,8 @@ static struct chan *chan_alloc(void)
 	pthread_mutexattr_setrobust(&ma, PTHREAD_MUTEX_ROBUST);
 	pthread_mutex_init(&sh->rx_lock, &ma);
 	pthread_mutex_init(&sh->tx_lock, &ma);
+	pthread_mutex_init(&sh->bell_lock, &ma);
+	pthread_mutex_init(&sh->drain_lock, &ma);
 	pthread_mutexattr_destroy(&ma);
 	sh->kick[0] = sh->kick[1] = -1;
 	ch->sh = sh;
@@ -276,19 +292,32 @@ static void tune_ctl(int fd, struct chan_sh *sh)
 	}
 }
 
-/* Start writing our ring at the byte count we sent over TCP. tx_lock held. */
-static int tx_go_live(int fd, struct chan_sh *sh)
+void publish_tcp_read(struct chan_sh *sh)
+{
+	/* SYNC POINT: with the writer's look after it formats its ring
+	 * (tx_go_live): it rings the switch doorbell, or we see the ring. */
+	if (sh->blk)
+		__atomic_store_n(&sh->blk->tcp_read[chan_rx_dir(sh)], sh->rx_tcp, __ATOMIC_SEQ_CST);
+}
+
+int tx_go_live(int fd, struct chan_sh *sh)
 {
 	sh->tx.spin_ns = g.spin_ns;
 	sh->tx.doorbell = g.doorbell;
 	if (sbp_stream_writer_open(&sh->tx, &sh->tx_areas, sh->tx_gen, sh->tx_tcp) < 0)
 		return -EPROTO;
 	keep_app_opts(fd, sh);
-	sh->tx_bell_due = 1;
 	if (atomic_load(&sh->flags) & CH_SHUT_WR)
 		sbp_ring_close_writer(&sh->tx.ring);    /* our FIN went over TCP already */
 	/* SYNC POINT: the ring is formatted before anyone sends through it. */
 	atomic_store_explicit(&sh->phase, CH_LIVE, memory_order_release);
+	/* The switch doorbell wakes a reader asleep on TCP; it is due only if
+	 * the reader has read all we sent over TCP (else it is not asleep
+	 * for long: it finds the ring when it has), so that no doorbell ever
+	 * sits in front of payload (revert.c relies on it). */
+	__atomic_thread_fence(__ATOMIC_SEQ_CST);
+	sh->tx_bell_due = !sh->blk ||
+			  __atomic_load_n(&sh->blk->tcp_read[chan_tx_dir(sh)], __ATOMIC_SEQ_CST) == sh->tx_tcp;
 	return 0;
 }
 
@@ -309,6 +338,8 @@ static void block_streams(struct chan_sh *sh, int active)
 	sbp_stream_areas_pair(&sh->rx_areas, &sh->mem.pi, sh->mem.base, sh->mem.block, 1 - txd);
 	sh->tx_gen = sbp_stream_gen(sh->mem.gen, txd);
 	sh->rx_gen = sbp_stream_gen(sh->mem.gen, 1 - txd);
+	sh->blk = mem_block(&sh->mem);
+	publish_tcp_read(sh);
 	atomic_fetch_or(&sh->flags, CH_RX_KNOWN);
 }
 
@@ -390,7 +421,7 @@ int chan_live_locked(int fd, struct chan *ch, int now)
 
 	if (atomic_load_explicit(&sh->phase, memory_order_acquire) == CH_LIVE)
 		return 1;
-	if (f & CH_BROKEN)
+	if (f & (CH_BROKEN | CH_TX_TCP))
 		return 0;
 	if (!(f & CH_ACTIVE) && sh->mem.unsent && mem_deliver(&sh->mem) <= 0)
 		return 0;
@@ -412,7 +443,7 @@ int chan_try_live(int fd, struct chan *ch)
 
 	if (atomic_load_explicit(&sh->phase, memory_order_acquire) == CH_LIVE)
 		return 1;
-	if (!lock_if_free(&sh->tx_lock))
+	if (!lock_try(&sh->tx_lock))
 		return 0;       /* a writer holds it: it goes live itself */
 	live = chan_live_locked(fd, ch, 0);
 	pthread_mutex_unlock(&sh->tx_lock);
@@ -426,7 +457,7 @@ int rx_progress(int fd, struct chan *ch)
 
 	if (f & CH_RX_ATTACHED)
 		return 1;
-	if (!(f & CH_RX_KNOWN))
+	if (!(f & CH_RX_KNOWN) || (f & CH_RX_TCP))
 		return 0;
 	if (!(f & CH_RX_OPEN)) {
 		/* Until the peer formats it, the area holds zeros or a past

@@ -48,6 +48,10 @@
 #define CH_RX_OPEN      0x2000u  /* the peer's ring is attached: rx_tcp_end is its start */
 #define CH_ACTIVE       0x4000u  /* we connected (the peer offers the memory) */
 #define CH_SLOTS        0x8000u  /* a VM pair: region slots, live from the start */
+#define CH_TX_TCP       0x10000u /* we send over TCP for good (back to TCP, revert.c) */
+#define CH_RX_TCP       0x20000u /* we read TCP for good (the peer's ring linked to TCP) */
+#define CH_REVERTED     0x40000u /* this end gave the socket back: plain TCP for every holder */
+#define CH_BELLS_CLOSED 0x80000u /* no doorbell may be sent any more (bells_sent is final) */
 
 /* chan_sh.phase */
 #define CH_CAND 0u      /* we send over TCP; the kernel watches the socket */
@@ -71,6 +75,7 @@ struct chan_sh {
 	struct sbp_stream_areas tx_areas;
 	uint64_t rx_gen, tx_gen;        /* the generations both rings carry */
 	struct mem_ref mem;             /* the pair-memory block (one host), or empty */
+	struct sbp_block_hdr *blk;      /* its header (shared, untrusted), or NULL */
 	uint64_t cookie;                /* our socket's cookie */
 	uint64_t tx_tcp;                /* payload bytes we sent over TCP (tx_lock) */
 	uint64_t rx_tcp;                /* payload bytes we read from TCP (rx_lock) */
@@ -82,6 +87,12 @@ struct chan_sh {
 	uint64_t tx_written;            /* bytes we put in tx */
 	int64_t slice_ns[2];            /* chan_wait back-off when no doorbell can come */
 	int64_t last_probe_ns;
+	/* Doorbells are TCP bytes the peer must skip when either side goes
+	 * back to TCP (revert.c): both counts are exact. */
+	pthread_mutex_t bell_lock;      /* held around sending one (and closing the count) */
+	uint64_t bells_sent;            /* since our ring went live (bell_lock) */
+	pthread_mutex_t drain_lock;     /* held around eating some outside rx_lock */
+	_Atomic uint64_t bells_eaten;   /* TCP bytes read past the peer's payload */
 };
 
 /* Per process (private memory, type-stable: never unmapped, only reused). */
@@ -96,6 +107,14 @@ struct chan {
 
 int chan_tryget(struct chan *ch);
 void chan_put(struct chan *ch);
+
+/* Take a process-shared robust lock (a holder killed mid-call leaves the
+ * state it guards consistent: every such section publishes with one
+ * store). lock_take waits; lock_try does not (1 if taken). */
+void lock_take(pthread_mutex_t *m);
+int lock_try(pthread_mutex_t *m);
+/* ... waiting until deadline (CLOCK_MONOTONIC ns): 1 if taken. */
+int lock_until(pthread_mutex_t *m, int64_t deadline);
 
 /* chan_put, keeping errno: for returning r from a call that held ch. */
 static inline ssize_t put_ret(struct chan *ch, ssize_t r)
@@ -126,6 +145,30 @@ int rx_progress(int fd, struct chan *ch);
 /* Set-up failed or a ring is corrupt: both rings reset, the TCP connection
  * shut down (the peer learns it), ECONNRESET from now on. */
 void chan_break(int fd, struct chan *ch, uint32_t reason, const char *why);
+/* Our direction and the peer's in the block (SBP_DIR_*). */
+static inline int chan_tx_dir(const struct chan_sh *sh)
+{
+	return sh->mem.active ? SBP_DIR_A2P : SBP_DIR_P2A;
+}
+
+static inline int chan_rx_dir(const struct chan_sh *sh)
+{
+	return 1 - chan_tx_dir(sh);
+}
+
+/* The peer asked our writer to go back to TCP (revert.c answers)? One
+ * load; every path that writes a ring looks before it does. */
+static inline int revert_asked(const struct chan_sh *sh)
+{
+	return sh->blk && __atomic_load_n(&sh->blk->revert[chan_tx_dir(sh)], __ATOMIC_RELAXED) ==
+				  SBP_REVERT_ASKED;
+}
+
+/* Start writing our ring at the byte count we sent over TCP (tx_lock held). */
+int tx_go_live(int fd, struct chan_sh *sh);
+/* Tell the peer's writer how much of its TCP part we have read (rx_lock
+ * held, after each read there). */
+void publish_tcp_read(struct chan_sh *sh);
 /* The last holder closes: this end is done with the memory. */
 void chan_done(struct chan *ch);
 

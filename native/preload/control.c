@@ -10,7 +10,6 @@
 
 #include "channel.h"
 #include "control.h"
-#include "fdclass.h"
 #include "setup.h"
 
 int ctl_doorbell(int fd)
@@ -23,6 +22,35 @@ int ctl_doorbell(int fd)
 	rc = syscall(SYS_sendto, fd, &bell, 1, MSG_DONTWAIT | MSG_NOSIGNAL, NULL, 0) == 1 ? 0 : -errno;
 	errno = saved;
 	return rc;
+}
+
+int ctl_bell(int fd, struct chan *ch)
+{
+	struct chan_sh *sh = ch->sh;
+	int rc;
+
+	/* Before our ring is live, a TCP byte of ours is payload. */
+	if (atomic_load_explicit(&sh->phase, memory_order_acquire) != CH_LIVE)
+		return -EAGAIN;
+	lock_take(&sh->bell_lock);
+	if (atomic_load(&sh->flags) & CH_BELLS_CLOSED)
+		rc = -EPIPE;
+	else if ((rc = ctl_doorbell(fd)) == 0)
+		sh->bells_sent++;
+	pthread_mutex_unlock(&sh->bell_lock);
+	return rc;
+}
+
+uint64_t ctl_bells_close(struct chan *ch)
+{
+	struct chan_sh *sh = ch->sh;
+	uint64_t n;
+
+	lock_take(&sh->bell_lock);
+	atomic_fetch_or(&sh->flags, CH_BELLS_CLOSED);
+	n = sh->bells_sent;
+	pthread_mutex_unlock(&sh->bell_lock);
+	return n;
 }
 
 int peer_tx_shut(struct chan *ch)
@@ -75,7 +103,7 @@ void ctl_probe(int fd, struct chan *ch)
 	if (t - sh->last_probe_ns < 200000000)
 		return;
 	sh->last_probe_ns = t;
-	rc = ctl_doorbell(fd);
+	rc = ctl_bell(fd, ch);
 	if (rc == -EPIPE || rc == -ECONNRESET)
 		note_tcp_end(fd, ch, CH_TCP_RST);
 }
@@ -121,8 +149,19 @@ uint32_t ctl_drain(int fd, struct chan *ch)
 		return f & (CH_TCP_EOF | CH_TCP_RST);
 	if (!(f & CH_RX_ATTACHED))
 		return tcp_part_end(fd, ch);
+	/* One eater at a time, and none once rx went back to TCP (revert.c
+	 * counts what was eaten, then reads what follows as payload). */
+	if (!lock_try(&sh->drain_lock))
+		return f & (CH_TCP_EOF | CH_TCP_RST);
+	if (!(atomic_load(&sh->flags) & CH_RX_ATTACHED)) {
+		pthread_mutex_unlock(&sh->drain_lock);
+		return tcp_part_end(fd, ch);
+	}
 	for (;;) {
 		long n = syscall(SYS_recvfrom, fd, buf, sizeof(buf), MSG_DONTWAIT, NULL, NULL);
+
+		if (n > 0)
+			atomic_fetch_add(&sh->bells_eaten, (uint64_t)n);
 
 		if (n > 0 && g.doorbell) {
 			/* The bytes may have been for a sleeper of the other
@@ -153,6 +192,7 @@ uint32_t ctl_drain(int fd, struct chan *ch)
 			note_tcp_end(fd, ch, CH_TCP_RST);
 		break;
 	}
+	pthread_mutex_unlock(&sh->drain_lock);
 	errno = saved;
 	return atomic_load(&sh->flags) & (CH_TCP_EOF | CH_TCP_RST);
 }

@@ -10,6 +10,13 @@
 /* One doorbell byte to the peer: never blocks, keeps errno. 0 or -errno
  * (-EAGAIN: the socket's send buffer is full). */
 int ctl_doorbell(int fd);
+/* A doorbell on a channel's socket, counted (the peer skips exactly that
+ * many TCP bytes if either end goes back to TCP): -EAGAIN while our ring
+ * is not live (a byte of ours would be payload then), -EPIPE once the
+ * count is closed, else as ctl_doorbell. */
+int ctl_bell(int fd, struct chan *ch);
+/* No doorbell after this one: the final count. */
+uint64_t ctl_bells_close(struct chan *ch);
 /* Consume doorbell bytes; notes FIN/RST. Returns CH_TCP_EOF/RST bits seen. */
 uint32_t ctl_drain(int fd, struct chan *ch);
 /* Look at the TCP side without waiting: FIN/RST (and doorbells) noted. */

@@ -91,9 +91,25 @@ static int ctl_shm(struct ep *ep, int op, int fd, struct epoll_event *ev, struct
 			return ENOENT;
 		if (ev->events & EPOLLEXCLUSIVE)
 			return EINVAL;
+		if (!r->ch) {
+			/* still in the kernel's set (a one-shot registration
+			 * made while the socket was on TCP): to ours now */
+			sys_epoll_ctl(ep->epfd, EPOLL_CTL_DEL, fd, NULL);
+			r->ch = *chp;
+			*chp = NULL;
+			reg_set(r, ev);
+			r->fresh = 1;
+			shadow_add(ep, r);
+			return 0;
+		}
 		reg_set(r, ev);
 		return 0;
 	case EPOLL_CTL_DEL:
+		if (r && !r->ch) {
+			sys_epoll_ctl(ep->epfd, EPOLL_CTL_DEL, fd, NULL);
+			ep_remove(ep, r);
+			return 0;
+		}
 		if (!r || r->dormant)
 			return ENOENT;
 		if (r->in_shadow)

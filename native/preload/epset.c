@@ -186,6 +186,11 @@ static void reg_established(struct ep *ep, struct epreg *r)
 
 	if (r->ch)
 		return;
+	/* A one-shot registration may have fired in the kernel's set (it is
+	 * disarmed there, and we cannot ask): it stays there until the app
+	 * arms it again (EPOLL_CTL_MOD moves it, epoll.c ctl_shm). */
+	if (r->events & EPOLLONESHOT)
+		return;
 	v = fdt_load(r->fd);
 	ch = FD_PTR(v);
 	if (FD_KIND(v) == K_SHM && chan_tryget(ch)) {
@@ -203,6 +208,26 @@ static void reg_established(struct ep *ep, struct epreg *r)
 void ep_fd_became_shm(int fd)
 {
 	for_each_reg_of(fd, reg_established);
+}
+
+/* A shm socket went back to plain TCP: its registrations from our table
+ * to the kernel's set, as the app made them (a fired one-shot one stays
+ * disarmed). */
+static void reg_to_kernel(struct ep *ep, struct epreg *r)
+{
+	struct epoll_event ev = { .events = r->events, .data = r->data };
+
+	if (r->ch && !r->dormant) {
+		if (r->disabled)
+			ev.events &= EPOLLONESHOT | EPOLLET;
+		sys_epoll_ctl(ep->epfd, EPOLL_CTL_ADD, r->fd, &ev);
+	}
+	ep_remove(ep, r);
+}
+
+void ep_fd_became_plain(int fd)
+{
+	for_each_reg_of(fd, reg_to_kernel);
 }
 
 void ep_atfork_child(void)

@@ -65,6 +65,8 @@ void ep_forget_fd(int fd);              /* close(): drop fd from every epoll set
 void ep_free(void *ep);                 /* close() of an epoll fd */
 /* An fd registered in epoll sets while connecting became a shm socket. */
 void ep_fd_became_shm(int fd);
+/* A shm socket went back to plain TCP: its registrations to the kernel. */
+void ep_fd_became_plain(int fd);
 void ep_atfork_child(void);
 
 #endif

@@ -16,19 +16,9 @@
 #include "epset.h"
 #include "fdclass.h"
 #include "fdtable.h"
+#include "revert.h"
 #include "setup.h"
 
-int sock_tcp_state(int fd)
-{
-	struct tcp_info ti;
-	socklen_t len = sizeof(ti);
-	int saved = errno, rc;
-
-	memset(&ti, 0, sizeof(ti));
-	rc = (int)syscall(SYS_getsockopt, fd, IPPROTO_TCP, TCP_INFO, &ti, &len);
-	errno = saved;
-	return rc < 0 ? -1 : ti.tcpi_state;
-}
 
 /* Every fd naming ch that waits on the kernel (K_PENDING) now names a
  * live channel: K_SHM, and its epoll registrations move to our sets. */
@@ -62,6 +52,12 @@ void resolve_established(int fd, int rediscovered)
 	 * at the passive end's establishment (reason awaiting-peer until). */
 	if (in.tier != SBP_TIER_SHM &&
 	    !(in.role == SBP_ROLE_ACTIVE && in.reason == SBP_REASON_AWAITING_PEER)) {
+		static atomic_flag said = ATOMIC_FLAG_INIT;
+
+		if (in.reason == SBP_REASON_POLICY_EXCLUDED && !atomic_flag_test_and_set(&said))
+			WARN("uid %u and uid %u may not share memory (the policy of instance %s, `up "
+			     "--allow-user`): their connections use %s", in.self.uid, in.peer.uid,
+			     g.instance, in.tier == SBP_TIER_KERNEL ? "the kernel tier" : "plain TCP");
 		DBG("fd %d: not in the shm tier: %s", fd, sbp_reason_name(in.reason) ?: "other");
 		fdt_store(fd, K_PLAIN);
 		return;
@@ -76,7 +72,7 @@ void resolve_established(int fd, int rediscovered)
 	if (atomic_load(&ch->sh->phase) == CH_LIVE) {
 		fdt_store(fd, (uint64_t)(uintptr_t)ch | K_SHM);
 		ep_fd_became_shm(fd);
-		ctl_doorbell(fd);       /* a VM peer waiting to attach wakes up */
+		ctl_bell(fd, ch);       /* a VM peer waiting to attach wakes up */
 	} else {
 		fdt_store(fd, (uint64_t)(uintptr_t)ch | K_PENDING);
 	}
@@ -127,6 +123,11 @@ int fd_io_class(int fd, struct chan **chp)
 			struct chan *ch = FD_PTR(v);
 
 			if (chan_tryget(ch)) {
+				if (unlikely(atomic_load(&ch->sh->flags) & CH_REVERTED)) {
+					chan_went_plain(ch);    /* back to TCP (revert.c) */
+					chan_put(ch);
+					continue;
+				}
 				if (fdt_load(fd) == v) {
 					*chp = ch;
 					return K_SHM;
@@ -153,6 +154,11 @@ int fd_io_class(int fd, struct chan **chp)
 				if (!chan_tryget(ch))
 					continue;
 				if (fdt_load(fd) != v) {
+					chan_put(ch);
+					continue;
+				}
+				if (unlikely(atomic_load(&ch->sh->flags) & CH_REVERTED)) {
+					chan_went_plain(ch);
 					chan_put(ch);
 					continue;
 				}

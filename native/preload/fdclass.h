@@ -9,8 +9,6 @@
  * (chan_put it). Probes unknown fds, finishes pending connects, and moves
  * channels that can go live, on the way. */
 int fd_class(int fd, struct chan **chp);
-/* The TCP state (TCP_ESTABLISHED...) of a socket, -1 if not one. */
-int sock_tcp_state(int fd);
 /* The same for the data calls: a channel still on TCP (K_PENDING) comes
  * back too (*chp set), since its bytes must be counted. */
 int fd_io_class(int fd, struct chan **chp);

@@ -3,7 +3,8 @@
  * goes: straight to libc for fds that are not ours, to our code for the
  * rest. Find any libc call here by its name.
  *
- *   data calls (read/write/send/recv..., sendfile, splice)  io.c
+ *   data calls (read/write/send/recv...)                    io.c
+ *   sendfile, splice                                        splice.c
  *   poll, ppoll, select, pselect                            poll.c
  *   epoll_ctl, epoll_wait, epoll_pwait, epoll_pwait2        epoll.c
  *   socket life cycle (socket, connect, accept, close, dup,
@@ -29,6 +30,7 @@
 #include "poll.h"
 #include "setup.h"
 #include "sockets.h"
+#include "splice.h"
 
 /* ---- load time and fork ------------------------------------------------ */
 
@@ -45,6 +47,7 @@ static void atfork_parent(void)
 
 static void atfork_child(void)
 {
+	g.pid = (pid_t)syscall(SYS_getpid);
 	chan_atfork_child();
 	mark_all_shared();
 	mem_atfork_child();
@@ -185,7 +188,7 @@ EXPORT ssize_t sendmsg(int fd, const struct msghdr *m, int flags)
 	struct chan *ch;
 
 	if (likely(fd_io_class(fd, &ch) != K_SHM && !ch)) {
-		note_sent_fds(m);
+		note_sent_fds(m);       /* a shm socket passed on goes back to TCP first */
 		return REAL(sendmsg)(fd, m, flags);
 	}
 	return put_ret(ch, shm_send(fd, ch, m->msg_iov, (int)m->msg_iovlen, flags));
@@ -205,8 +208,11 @@ EXPORT int sendmmsg(int fd, struct mmsghdr *vec, unsigned int vlen, int flags)
 {
 	struct chan *ch;
 
-	if (likely(fd_io_class(fd, &ch) != K_SHM && !ch))
+	if (likely(fd_io_class(fd, &ch) != K_SHM && !ch)) {
+		for (unsigned int i = 0; vec && i < vlen; i++)
+			note_sent_fds(&vec[i].msg_hdr);
 		return REAL(sendmmsg)(fd, vec, vlen, flags);
+	}
 	return (int)put_ret(ch, shm_sendmmsg(fd, ch, vec, vlen, flags));
 }
 
@@ -369,14 +375,14 @@ EXPORT int accept4(int fd, struct sockaddr *addr, socklen_t *len, int flags)
 
 EXPORT int close(int fd)
 {
-	if (!g.enabled || fd < 0)
+	if (!g.enabled || fd < 0 || in_vfork_child())
 		return REAL(close)(fd);
 	return sock_close(fd);
 }
 
 EXPORT int close_range(unsigned int first, unsigned int last, int flags)
 {
-	if (!g.enabled || (flags & CLOSE_RANGE_CLOEXEC))
+	if (!g.enabled || (flags & CLOSE_RANGE_CLOEXEC) || in_vfork_child())
 		return REAL(close_range) ? REAL(close_range)(first, last, flags)
 					 : (int)syscall(SYS_close_range, first, last, flags);
 	return sock_close_range(first, last, flags);
@@ -400,21 +406,21 @@ EXPORT int dup(int oldfd)
 {
 	int nfd = REAL(dup)(oldfd);
 
-	if (nfd >= 0 && g.enabled)
+	if (nfd >= 0 && g.enabled && !in_vfork_child())
 		sock_duped(oldfd, nfd);
 	return nfd;
 }
 
 EXPORT int dup2(int oldfd, int newfd)
 {
-	if (!g.enabled)
+	if (!g.enabled || in_vfork_child())
 		return REAL(dup2)(oldfd, newfd);
 	return sock_dup_onto(oldfd, newfd, 0, 0);
 }
 
 EXPORT int dup3(int oldfd, int newfd, int flags)
 {
-	if (!g.enabled)
+	if (!g.enabled || in_vfork_child())
 		return REAL(dup3)(oldfd, newfd, flags);
 	return sock_dup_onto(oldfd, newfd, flags, 1);
 }
@@ -472,4 +478,119 @@ EXPORT int getsockopt(int fd, int level, int name, void *val, socklen_t *len)
 	if (r == 0 && g.enabled)
 		sock_getsockopt_done(fd, level, name, val, len);
 	return r;
+}
+
+/* ---- exec and spawn ------------------------------------------------------
+ * The new program cannot read our rings (it has none of our mappings, and
+ * maybe not our library): every shm socket it would inherit goes back to
+ * plain TCP first, with every byte in order (revert.c). posix_spawn,
+ * system and popen run the new program from a child our hooks never see,
+ * so the sockets they could pass on go back before the call. */
+
+EXPORT int execve(const char *path, char *const argv[], char *const envp[])
+{
+	if (g.enabled)
+		sock_before_exec();
+	return REAL(execve)(path, argv, envp);
+}
+
+EXPORT int execv(const char *path, char *const argv[])
+{
+	if (g.enabled)
+		sock_before_exec();
+	return REAL(execv)(path, argv);
+}
+
+EXPORT int execvp(const char *file, char *const argv[])
+{
+	if (g.enabled)
+		sock_before_exec();
+	return REAL(execvp)(file, argv);
+}
+
+EXPORT int execvpe(const char *file, char *const argv[], char *const envp[])
+{
+	if (g.enabled)
+		sock_before_exec();
+	return REAL(execvpe)(file, argv, envp);
+}
+
+/* execl, execlp, execle: glibc builds the argv and calls its internal
+ * execve, which we would not see: the same here, through ours. */
+#define EXECL_ARGS(first, last_arg, envp)                                       \
+	size_t n = 1;                                                           \
+	va_list ap;                                                             \
+	va_start(ap, first);                                                    \
+	while (va_arg(ap, char *))                                              \
+		n++;                                                            \
+	va_end(ap);                                                             \
+	char *argv[n + 1];                                                      \
+	va_start(ap, first);                                                    \
+	argv[0] = (char *)(first);                                              \
+	for (size_t i = 1; i <= n; i++)                                         \
+		argv[i] = va_arg(ap, char *);                                   \
+	envp = last_arg ? va_arg(ap, char **) : NULL;                           \
+	va_end(ap)
+
+EXPORT int execl(const char *path, const char *arg, ...)
+{
+	char **envp;
+
+	EXECL_ARGS(arg, 0, envp);
+	(void)envp;
+	return execv(path, argv);
+}
+
+EXPORT int execlp(const char *file, const char *arg, ...)
+{
+	char **envp;
+
+	EXECL_ARGS(arg, 0, envp);
+	(void)envp;
+	return execvp(file, argv);
+}
+
+EXPORT int execle(const char *path, const char *arg, ...)
+{
+	char **envp;
+
+	EXECL_ARGS(arg, 1, envp);
+	return execve(path, argv, envp);
+}
+
+EXPORT int fexecve(int fd, char *const argv[], char *const envp[])
+{
+	if (g.enabled)
+		sock_before_exec();
+	return REAL(fexecve)(fd, argv, envp);
+}
+
+EXPORT int posix_spawn(pid_t *pid, const char *path, const posix_spawn_file_actions_t *fa,
+		       const posix_spawnattr_t *attr, char *const argv[], char *const envp[])
+{
+	if (g.enabled)
+		sock_before_exec();
+	return REAL(posix_spawn)(pid, path, fa, attr, argv, envp);
+}
+
+EXPORT int posix_spawnp(pid_t *pid, const char *file, const posix_spawn_file_actions_t *fa,
+			const posix_spawnattr_t *attr, char *const argv[], char *const envp[])
+{
+	if (g.enabled)
+		sock_before_exec();
+	return REAL(posix_spawnp)(pid, file, fa, attr, argv, envp);
+}
+
+EXPORT int system(const char *cmd)
+{
+	if (g.enabled && cmd)
+		sock_before_exec();
+	return REAL(system)(cmd);
+}
+
+EXPORT FILE *popen(const char *cmd, const char *mode)
+{
+	if (g.enabled)
+		sock_before_exec();
+	return REAL(popen)(cmd, mode);
 }

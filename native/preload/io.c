@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: GPL-2.0
-/* io.c: the data path of shm-tier sockets: the send and recv families
- * through the rings, and sendfile/splice straight into and out of them.
+/* io.c: the data path of shm-tier sockets: the send and recv families,
+ * over TCP until a direction is live, then through the rings (sendfile
+ * and splice: splice.c).
  *
  * One writer and one reader at a time per ring (SPSC): each direction has a
  * process-shared lock. A blocking call keeps its lock while it waits (other
@@ -18,9 +19,11 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "capture.h"
 #include "channel.h"
 #include "control.h"
 #include "io.h"
+#include "revert.h"
 #include "setup.h"
 #include "wait.h"
 
@@ -28,7 +31,7 @@
 #define UIO_MAXIOV 1024
 #endif
 
-static int dir_lock(pthread_mutex_t *m, _Atomic uint32_t *sleeping, int nonblock)
+int dir_lock(pthread_mutex_t *m, _Atomic uint32_t *sleeping, int nonblock)
 {
 	int rc;
 
@@ -87,7 +90,7 @@ static int iov_total(const struct iovec *iov, int cnt, size_t *total)
 	return 0;
 }
 
-static ssize_t fail(int err, int flags)
+ssize_t fail(int err, int flags)
 {
 	if (err == EPIPE && !(flags & MSG_NOSIGNAL))
 		raise(SIGPIPE);     /* like the kernel: to this thread */
@@ -96,7 +99,7 @@ static ssize_t fail(int err, int flags)
 }
 
 /* A ring call said something other than data/full/empty/EOF: map it. */
-static int ring_error(int fd, struct chan *ch, ssize_t n, int dir)
+int ring_error(int fd, struct chan *ch, ssize_t n, int dir)
 {
 	if (n == -EPIPE)
 		return EPIPE;
@@ -108,7 +111,7 @@ static int ring_error(int fd, struct chan *ch, ssize_t n, int dir)
 }
 
 /* Why the ring we write takes no more: 0 (it may), or the errno. */
-static int tx_state_err(struct chan_sh *sh, uint32_t f)
+int tx_state_err(struct chan_sh *sh, uint32_t f)
 {
 	if (f & CH_BROKEN)
 		return ECONNRESET;
@@ -123,7 +126,7 @@ static int tx_state_err(struct chan_sh *sh, uint32_t f)
 
 /* The ring we read is empty: is the reading over? 0 (EOF), ECONNRESET, or
  * -1 (no: wait). */
-static int rx_over(uint32_t f)
+int rx_over(uint32_t f)
 {
 	if (f & CH_SHUT_RD)
 		return 0;               /* our SHUT_RD: EOF once empty */
@@ -152,7 +155,6 @@ static ssize_t tcp_io(int fd, struct chan *ch, struct iovec *v, int cnt, int fla
 
 /* Our bytes before our ring: over TCP, counted (tx_lock held). The count
  * is where our ring will start, so every byte on TCP must pass here. */
-#define TCP_PIECE (256u << 10)     /* the most one send puts on TCP before a look */
 
 static ssize_t tcp_send(int fd, struct chan *ch, struct iovec *v, int cnt, int flags, size_t max)
 {
@@ -169,8 +171,12 @@ static ssize_t tcp_send(int fd, struct chan *ch, struct iovec *v, int cnt, int f
 	}
 	n = tcp_io(fd, ch, lim, n_iov, flags | MSG_NOSIGNAL, 1);
 
-	if (n > 0)
+	if (n > 0) {
+		/* the TCP part belongs to the captured stream too */
+		if (capture_on())
+			capture_data(ch->sh->cookie, SBP_CAP_TX, ch->sh->tx_tcp, lim, n_iov, (size_t)n);
 		ch->sh->tx_tcp += (uint64_t)n;
+	}
 	return n;
 }
 
@@ -201,11 +207,16 @@ static ssize_t tcp_part(int fd, struct chan *ch, const struct iovec *iov, int cn
 		return n;
 	if (!opened) {
 		rx_progress(fd, ch);
-		if ((atomic_load(&sh->flags) & CH_RX_OPEN) && sh->rx_tcp + (uint64_t)n > sh->rx_tcp_end)
-			n = (ssize_t)(sh->rx_tcp_end - sh->rx_tcp);     /* the rest were doorbells */
+		if ((atomic_load(&sh->flags) & CH_RX_OPEN) && sh->rx_tcp + (uint64_t)n > sh->rx_tcp_end) {
+			/* the rest were doorbells */
+			if (!(flags & MSG_PEEK))
+				atomic_fetch_add(&sh->bells_eaten, sh->rx_tcp + (uint64_t)n - sh->rx_tcp_end);
+			n = (ssize_t)(sh->rx_tcp_end - sh->rx_tcp);
+		}
 	}
 	if (!(flags & MSG_PEEK)) {
 		sh->rx_tcp += (uint64_t)n;
+		publish_tcp_read(sh);
 		rx_progress(fd, ch);
 	}
 	return n;
@@ -214,32 +225,47 @@ static ssize_t tcp_part(int fd, struct chan *ch, const struct iovec *iov, int cn
 /* The doorbell a switch owes: the peer may sleep on TCP until it sees our
  * ring. (Owed again if TCP had no room for it: the peer has TCP bytes to
  * read then, and looks for our ring when they are read.) 1 if rung. */
-static int tx_switch_bell(int fd, struct chan_sh *sh)
+int tx_switch_bell(int fd, struct chan *ch)
 {
+	struct chan_sh *sh = ch->sh;
+
 	if (!sh->tx_bell_due)
 		return 0;
-	if (ctl_doorbell(fd) == 0)
+	if (ctl_bell(fd, ch) == 0)
 		sh->tx_bell_due = 0;
 	return 1;
 }
 
 /* After a ring write: the doorbell a switch owes, or one the peer armed
  * for. */
-static void tx_bells(int fd, struct chan_sh *sh)
+void tx_bells(int fd, struct chan *ch)
 {
-	if (tx_switch_bell(fd, sh)) {
+	struct chan_sh *sh = ch->sh;
+
+	if (tx_switch_bell(fd, ch)) {
 		sbp_stream_peer_waiting(&sh->tx);
 		return;
 	}
 	if (sbp_stream_peer_waiting(&sh->tx))
-		ctl_doorbell(fd);
+		ctl_bell(fd, ch);
+}
+
+/* We freed room in the peer's ring and it sleeps on TCP (doorbell mode):
+ * wake it. A byte from us is payload until our own ring is live: go live
+ * first (we read its ring, so we hold the memory), or leave the wake-up
+ * to the writer that holds our tx lock, which goes live at its next piece
+ * and rings the switch doorbell. */
+void rx_bell(int fd, struct chan *ch)
+{
+	if (ctl_bell(fd, ch) == -EAGAIN && chan_try_live(fd, ch))
+		ctl_bell(fd, ch);
 }
 
 /* The ring we write is full and the spin did not help: a larger area
  * instead of a sleep, up to 1 MiB for a non-blocking writer and to the
  * largest for a blocking one (whose peer may be writing too: loopback TCP
  * would buffer megabytes before either blocks). */
-static int tx_grow(struct chan_sh *sh, int nonblock)
+int tx_grow(struct chan_sh *sh, int nonblock)
 {
 	if (nonblock && sh->tx.area >= 2)
 		return 0;
@@ -279,6 +305,8 @@ ssize_t shm_send(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, i
 		uint32_t f = atomic_load_explicit(&sh->flags, memory_order_acquire);
 		ssize_t n;
 
+		if (unlikely(revert_asked(sh)))
+			tx_answer(fd, ch);      /* the peer gives its socket away */
 		if (atomic_load_explicit(&sh->phase, memory_order_acquire) == CH_CAND &&
 		    !(done && chan_live_locked(fd, ch, 1))) {
 			/* not live yet: plain TCP, counted, in pieces, so that a
@@ -301,9 +329,12 @@ ssize_t shm_send(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, i
 			tx_shrink(sh);
 		n = sbp_ring_writev(&sh->tx.ring, v + first, iovcnt - first);
 		if (n > 0) {
+			if (capture_on())
+				capture_data(sh->cookie, SBP_CAP_TX, sbp_ring_head_pos(&sh->tx.ring) - (uint64_t)n,
+					     v + first, iovcnt - first, (size_t)n);
 			done += n;
 			sh->tx_written += n;
-			tx_bells(fd, sh);
+			tx_bells(fd, ch);
 			if (!(f & CH_DATA))
 				atomic_fetch_or(&sh->flags, CH_DATA);
 			iov_advance(v, &first, iovcnt, n);
@@ -314,7 +345,7 @@ ssize_t shm_send(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, i
 				continue;
 			if (tx_grow(sh, b.nonblock))
 				continue;
-			tx_switch_bell(fd, sh);
+			tx_switch_bell(fd, ch);
 			rc = chan_block(ch, &b, done);
 			if (rc) {
 				if (!done)
@@ -405,12 +436,20 @@ ssize_t shm_recv(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, i
 			n = ring_discard(&sh->rx, total - done);
 		else
 			n = sbp_stream_readv(&sh->rx, v + first, iovcnt - first, peek ? SBP_PEEK : 0);
+		if (n == SBP_RING_GO_NEXT) {
+			/* the peer's stream goes on over TCP (revert.c) */
+			if (rx_to_tcp(fd, ch) == 0)
+				continue;
+			if (!done)
+				err = ECONNRESET;
+			break;
+		}
 		if (n > 0) {
 			done += n;
 			if (!peek) {
 				sh->rx_consumed += n;
 				if (sbp_ring_peer_waiting(&sh->rx.ring))
-					ctl_doorbell(fd);
+					rx_bell(fd, ch);
 			}
 			if (!(f & CH_DATA))
 				atomic_fetch_or(&sh->flags, CH_DATA);
@@ -499,326 +538,4 @@ int shm_sendmmsg(int fd, struct chan *ch, struct mmsghdr *vec, unsigned int vlen
 		vec[i].msg_len = (unsigned int)r;
 	}
 	return (int)i;
-}
-
-/* sendfile / splice: the source is read straight into the free part of the ring (pread/readv
- * into the pieces sbp_ring_reserve describes, then commit what came), and a
- * pipe is written straight from the readable part: one copy, as the kernel
- * would do, not two through a bounce buffer. Never more than the ring has
- * room for, so nothing read from the source is lost when the ring fills. */
-
-#define SPLICE_CHUNK (128u * 1024)  /* per syscall: the reader starts on it meanwhile */
-
-/* One piece of a sendfile/splice into the ring: read the source (a file at
- * *pos, or a pipe/stream when pos is NULL) into the room reserved (piece,
- * room bytes) and publish what came. Bytes, 0 at the end of the source, or
- * -errno: the source's (-EAGAIN: a non-blocking source has nothing), or
- * the ring's (a reset/close under us, or a hostile header). */
-static ssize_t fill_ring(int out, struct chan *ch, int in, off_t *pos, struct iovec piece[2],
-			 ssize_t room, int in_nonblock)
-{
-	struct chan_sh *sh = ch->sh;
-	ssize_t r, c;
-
-	if (in_nonblock) {
-		struct pollfd p = { in, POLLIN, 0 };
-
-		if (sys_ppoll(&p, 1, 0, NULL) == 0)
-			return -EAGAIN;
-	}
-	/* Raw syscalls: readv is ours (in may be a socket of ours). */
-	r = pos ? syscall(SYS_preadv, in, piece, piece[1].iov_len ? 2 : 1, (long)*pos, 0L)
-		: syscall(SYS_readv, in, piece, piece[1].iov_len ? 2 : 1);
-	if (r <= 0)
-		return r < 0 ? -errno : 0;
-	if (r > room)
-		r = room;               /* cannot happen; never publish more */
-	c = sbp_ring_commit(&sh->tx.ring, (size_t)r);
-	if (c != r)
-		return -(c < 0 ? ring_error(out, ch, c, 1) : ECONNRESET);
-	tx_bells(out, sh);
-	sh->tx_written += r;
-	if (pos)
-		*pos += r;
-	atomic_fetch_or(&sh->flags, CH_DATA);
-	return r;
-}
-
-/* Move up to count bytes from in (a file at *pos, or a pipe/stream when pos
- * is NULL) into the ring. one: return after the first chunk (splice). */
-static ssize_t into_ring(int out, struct chan *ch, int in, off_t *pos, size_t count,
-			 int nonblock, int one, int in_nonblock)
-{
-	struct chan_sh *sh = ch->sh;
-	struct blocking b = { .fd = out, .dir = 1, .nonblock = nonblock };
-	size_t done = 0;
-	int err = 0;
-
-	if (dir_lock(&sh->tx_lock, &sh->tx_sleeping, nonblock))
-		return fail(EAGAIN, 0);
-	while (done < count) {
-		struct iovec piece[2];
-		size_t want = count - done < SPLICE_CHUNK ? count - done : SPLICE_CHUNK;
-		ssize_t room, r;
-
-		err = tx_state_err(sh, atomic_load(&sh->flags));
-		if (err)
-			break;
-		room = sbp_ring_reserve(&sh->tx.ring, piece, want);
-		if (room == -EAGAIN) {
-			if (one && done)
-				break;          /* splice returns what it moved */
-			if (tx_grow(sh, b.nonblock))
-				continue;
-			tx_switch_bell(out, sh);
-			err = chan_block(ch, &b, done);
-			if (err)
-				break;
-			continue;
-		}
-		if (room <= 0) {
-			err = ring_error(out, ch, room ? room : -EPROTO, 1);
-			break;
-		}
-		r = fill_ring(out, ch, in, pos, piece, room, in_nonblock);
-		if (r == -EINTR && !done)
-			continue;
-		if (r <= 0) {
-			err = (int)-r;  /* 0: the end of the source */
-			break;
-		}
-		done += r;
-		if (one)
-			break;
-	}
-	pthread_mutex_unlock(&sh->tx_lock);
-	if (done || !err)
-		return (ssize_t)done;
-	return fail(err, 0);
-}
-
-/* sendfile/splice into a socket that is not live yet: the kernel's call,
- * counted. 1 and *ret if it was done so, 0 if the socket is live (tx_lock
- * released either way). */
-static int tcp_move(int out, struct chan *ch, long nr, long a1, long a2, long a3, long a4,
-		    long a5, long a6, ssize_t *ret)
-{
-	struct chan_sh *sh = ch->sh;
-	long n;
-
-	if (atomic_load_explicit(&sh->phase, memory_order_acquire) != CH_CAND)
-		return 0;
-	pthread_mutex_lock(&sh->tx_lock);
-	if (atomic_load(&sh->phase) != CH_CAND) {
-		pthread_mutex_unlock(&sh->tx_lock);
-		return 0;
-	}
-	n = syscall(nr, a1, a2, a3, a4, a5, a6);
-	if (n > 0)
-		sh->tx_tcp += (uint64_t)n;
-	pthread_mutex_unlock(&sh->tx_lock);
-	*ret = n;
-	(void)out;
-	return 1;
-}
-
-ssize_t shm_sendfile(int out, struct chan *ch, int in, off_t *offset, size_t count)
-{
-	int nonblock = !!(atomic_load(&ch->sh->flags) & CH_NONBLOCK);
-	off_t pos;
-	ssize_t r;
-	int e;
-
-	if (tcp_move(out, ch, SYS_sendfile, out, in, (long)offset,
-		     (long)(count < TCP_PIECE ? count : TCP_PIECE), 0, 0, &r))
-		return r;
-
-	if (offset) {
-		if (*offset < 0)
-			return fail(EINVAL, MSG_NOSIGNAL);
-		pos = *offset;
-		r = into_ring(out, ch, in, &pos, count, nonblock, 0, 0);
-		if (r > 0)
-			*offset = pos;
-		return r;
-	}
-	/* No offset: read from the file position and advance it by what was
-	 * sent (pread + lseek, so a short send does not eat file data). */
-	pos = lseek(in, 0, SEEK_CUR);
-	if (pos < 0)
-		return into_ring(out, ch, in, NULL, count, nonblock, 0, 0);
-	r = into_ring(out, ch, in, &pos, count, nonblock, 0, 0);
-	e = errno;
-	if (r > 0)
-		lseek(in, pos, SEEK_SET);
-	errno = e;
-	return r;
-}
-
-/* splice out of a socket whose peer's bytes still come over TCP (rx_lock
- * held): move only what is payload. A look first (MSG_PEEK), then where
- * the peer's ring starts: what the look saw came before that ring's
- * doorbell or the ring exists now (it is formatted before the doorbell). */
-static ssize_t tcp_part_splice(int in, struct chan *ch, int out, size_t len, int flags)
-{
-	struct chan_sh *sh = ch->sh;
-	struct blocking b = { .fd = in, .dir = 0 };
-	char probe[4096];
-	uint64_t left;
-	ssize_t k, n;
-	int err;
-
-	for (;;) {
-		k = syscall(SYS_recvfrom, in, probe, len < sizeof(probe) ? len : sizeof(probe),
-			    MSG_PEEK | MSG_DONTWAIT, NULL, NULL);
-		if (k > 0 || (k < 0 && errno != EAGAIN) || (flags & SPLICE_F_NONBLOCK) ||
-		    (atomic_load(&sh->flags) & CH_NONBLOCK))
-			break;
-		if (k == 0)
-			break;
-		/* nothing on TCP: the peer's ring may have begun right here */
-		if (rx_progress(in, ch))
-			return -EAGAIN;
-		err = tcp_block(&b, POLLIN | POLLRDHUP);
-		if (err)
-			return -err;
-	}
-	if (k <= 0)
-		return k < 0 ? -errno : 0;
-	rx_progress(in, ch);
-	if (atomic_load(&sh->flags) & CH_RX_OPEN) {
-		left = sh->rx_tcp_end - sh->rx_tcp;
-		if ((uint64_t)k > left)
-			k = (ssize_t)left;
-		if (k == 0)
-			return -EAGAIN;         /* only doorbells: the ring is next */
-	}
-	n = syscall(SYS_splice, in, NULL, out, NULL, (size_t)k, flags);
-	if (n < 0)
-		return -errno;
-	sh->rx_tcp += (uint64_t)n;
-	rx_progress(in, ch);
-	return n;
-}
-
-/* Wait until the ring we read has bytes for a pipe: bytes described in
- * piece (at most len), 0 at EOF, or -errno. */
-static ssize_t rx_peek(int in, struct chan *ch, struct iovec piece[2], size_t len, int nonblock)
-{
-	struct chan_sh *sh = ch->sh;
-	struct blocking b = { .fd = in, .dir = 0, .nonblock = nonblock };
-
-	for (;;) {
-		uint32_t f = atomic_load(&sh->flags);
-		ssize_t r;
-		int err;
-
-		if (f & CH_BROKEN)
-			return -ECONNRESET;
-		r = sbp_ring_peek_iov(&sh->rx.ring, piece, len);
-		if (r == SBP_RING_GO_NEXT) {    /* the writer moved to another area */
-			if (sbp_stream_follow(&sh->rx) == 1)
-				continue;
-			r = -EPROTO;
-		}
-		if (r >= 0)
-			return r;
-		if (r != -EAGAIN)
-			return -(r == -ECONNRESET ? ECONNRESET : ring_error(in, ch, r, 0));
-		err = rx_over(f);
-		if (err >= 0)
-			return -err;            /* 0: EOF */
-		err = chan_block(ch, &b, 0);
-		if (err)
-			return -err;
-	}
-}
-
-/* splice from a shm socket into a pipe: write the pipe straight from the
- * readable part of the ring, consume exactly what the pipe took. */
-static ssize_t out_of_ring(int in, struct chan *ch, int out, size_t len, int nonblock,
-			   int out_nonblock)
-{
-	struct chan_sh *sh = ch->sh;
-	struct iovec piece[2];
-	ssize_t r, w;
-	int err = 0;
-
-	if (len > SPLICE_CHUNK)
-		len = SPLICE_CHUNK;
-	if (dir_lock(&sh->rx_lock, &sh->rx_sleeping, nonblock))
-		return fail(EAGAIN, 0);
-	if (!rx_progress(in, ch)) {
-		r = tcp_part_splice(in, ch, out, len,
-				    (nonblock ? SPLICE_F_NONBLOCK : 0) | (out_nonblock ? SPLICE_F_NONBLOCK : 0));
-		if (!(r == -EAGAIN && rx_progress(in, ch))) {
-			pthread_mutex_unlock(&sh->rx_lock);
-			return r < 0 ? fail((int)-r, 0) : r;
-		}
-		/* the TCP part is over: on to the ring */
-	}
-	r = rx_peek(in, ch, piece, len, nonblock);
-	if (r < 0) {
-		err = (int)-r;
-	} else if (r > 0 && out_nonblock && !sys_ppoll(&(struct pollfd){ out, POLLOUT, 0 }, 1, 0, NULL)) {
-		err = EAGAIN;
-	} else if (r > 0) {
-		/* writev is ours too: raw syscall */
-		w = syscall(SYS_writev, out, piece, piece[1].iov_len ? 2 : 1);
-		if (w < 0) {
-			err = errno;
-		} else {
-			/* consume exactly what the pipe took */
-			r = sbp_ring_consume(&sh->rx.ring, (size_t)(w > r ? r : w));
-			if (r > 0) {
-				sh->rx_consumed += r;
-				if (sbp_ring_peer_waiting(&sh->rx.ring))
-					ctl_doorbell(in);
-			} else if (r < 0) {
-				err = ring_error(in, ch, r, 0);
-			}
-		}
-	}
-	pthread_mutex_unlock(&sh->rx_lock);
-	if (err)
-		return fail(err, 0);
-	return r;
-}
-
-ssize_t shm_splice(int in, struct chan *cin, off_t *off_in, int out, struct chan *cout,
-		   off_t *off_out, size_t len, unsigned int flags)
-{
-	int nb = !!(flags & SPLICE_F_NONBLOCK);
-
-	if (cin && cout) {
-		/* two sockets: the kernel wants a pipe on one side */
-		chan_put(cin);
-		chan_put(cout);
-		errno = EINVAL;
-		return -1;
-	}
-	if (cout) {
-		if (off_out) {
-			chan_put(cout);
-			errno = ESPIPE;
-			return -1;
-		}
-		{
-			ssize_t r;
-
-			if (tcp_move(out, cout, SYS_splice, in, (long)off_in, out, 0,
-				     (long)(len < TCP_PIECE ? len : TCP_PIECE), flags, &r))
-				return put_ret(cout, r);
-		}
-		return put_ret(cout, into_ring(out, cout, in, off_in, len,
-					       nb || (atomic_load(&cout->sh->flags) & CH_NONBLOCK), 1,
-					       nb));
-	}
-	if (off_in) {
-		chan_put(cin);
-		errno = ESPIPE;
-		return -1;
-	}
-	return put_ret(cin, out_of_ring(in, cin, out, len,
-					nb || (atomic_load(&cin->sh->flags) & CH_NONBLOCK), nb));
 }

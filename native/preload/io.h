@@ -16,10 +16,25 @@ ssize_t shm_recv(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, i
 ssize_t shm_recvmsg(int fd, struct chan *ch, struct msghdr *m, int flags);
 int shm_recvmmsg(int fd, struct chan *ch, struct mmsghdr *vec, unsigned int vlen, int flags);
 int shm_sendmmsg(int fd, struct chan *ch, struct mmsghdr *vec, unsigned int vlen, int flags);
-ssize_t shm_sendfile(int out, struct chan *ch, int in, off_t *offset, size_t count);
-/* splice with a shm socket on one side (cin or cout, the other NULL) or
- * both (then EINVAL, as the kernel wants a pipe). Puts the channels. */
-ssize_t shm_splice(int in, struct chan *cin, off_t *off_in, int out, struct chan *cout,
-		   off_t *off_out, size_t len, unsigned int flags);
+
+/* Shared with splice.c (sendfile and splice use the same rules). */
+#define TCP_PIECE (256u << 10)     /* the most one send puts on TCP before a look */
+/* Take a direction lock: 0, or 1 if a non-blocking caller would wait. */
+int dir_lock(pthread_mutex_t *m, _Atomic uint32_t *sleeping, int nonblock);
+/* -1 with errno = err (EPIPE raises SIGPIPE unless MSG_NOSIGNAL in flags). */
+ssize_t fail(int err, int flags);
+/* A ring call's error as the errno the app gets (a corrupt ring breaks the
+ * channel). dir: 1 tx, 0 rx. */
+int ring_error(int fd, struct chan *ch, ssize_t n, int dir);
+/* Why our direction cannot write (0: it can); the rx side's end (EOF 0,
+ * an errno, or -1: go on). */
+int tx_state_err(struct chan_sh *sh, uint32_t f);
+int rx_over(uint32_t f);
+/* Doorbells after ring writes, after a reader freed room, at the switch. */
+int tx_switch_bell(int fd, struct chan *ch);
+void tx_bells(int fd, struct chan *ch);
+void rx_bell(int fd, struct chan *ch);
+/* A larger area instead of a sleep for a writer that found its ring full. */
+int tx_grow(struct chan_sh *sh, int nonblock);
 
 #endif

@@ -181,6 +181,10 @@ static int take_block(struct region *r, uint32_t *block, uint32_t *gen)
 						 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
 			continue;
 		__atomic_store_n(&h->done, 0, __ATOMIC_RELEASE);
+		memset(h->tcp_read, 0, sizeof(h->tcp_read));
+		memset(h->revert_pos, 0, sizeof(h->revert_pos));
+		memset(h->revert_bells, 0, sizeof(h->revert_bells));
+		memset(h->revert, 0, sizeof(h->revert));
 		r->cursor = b + 1;
 		*block = b;
 		*gen = g2;
@@ -413,6 +417,45 @@ int mem_taken(const struct mem_ref *ref)
 		    SBP_BLOCK_STATE(ref->gen, SBP_BLOCK_ATTACHED);
 }
 
+/* A region none of whose offers reached the peer (its inbox stayed full)
+ * and none of whose blocks is offered any more: nobody else maps it, and
+ * its memfd is still ours (a descriptor the app would see). Unmap it; the
+ * next connection with that peer makes a new one. */
+static void retire_undelivered(const struct mem_ref *ref)
+{
+	struct region *r;
+
+	pthread_mutex_lock(&lock);
+	r = ref->region < nregions ? &regions[ref->region] : NULL;
+	if (r && r->base == ref->base && r->memfd >= 0) {
+		for (uint32_t b = 0; b < r->pi.block_count; b++) {
+			struct sbp_block_hdr *h = sbp_pair_block(&r->pi, r->base, b);
+
+			if ((uint32_t)__atomic_load_n(&h->state, __ATOMIC_ACQUIRE) == SBP_BLOCK_OFFERED)
+				goto busy;
+		}
+		fdt_store(r->memfd, K_UNKNOWN);
+		syscall(SYS_close, r->memfd);
+		munmap(r->base, r->size);
+		memset(r, 0, sizeof(*r));
+		memset(r->token, 0xff, SBP_INBOX_LEN);  /* matches no peer */
+		r->memfd = -1;
+	}
+busy:
+	pthread_mutex_unlock(&lock);
+}
+
+int mem_withdraw(const struct mem_ref *ref)
+{
+	struct sbp_block_hdr *h = mem_block(ref);
+	uint64_t offered = SBP_BLOCK_STATE(ref->gen, SBP_BLOCK_OFFERED);
+
+	return h && !ref->active &&
+	       __atomic_compare_exchange_n(&h->state, &offered,
+					   SBP_BLOCK_STATE(ref->gen, SBP_BLOCK_WITHDRAWN), 0,
+					   __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+}
+
 void mem_done(const struct mem_ref *ref)
 {
 	struct sbp_block_hdr *h = mem_block(ref);
@@ -423,8 +466,11 @@ void mem_done(const struct mem_ref *ref)
 	if (!ref->active &&
 	    __atomic_compare_exchange_n(&h->state, &offered,
 					SBP_BLOCK_STATE(ref->gen, SBP_BLOCK_WITHDRAWN), 0,
-					__ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+					__ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+		if (ref->unsent)
+			retire_undelivered(ref);
 		return;         /* never taken: free again */
+	}
 	if ((uint32_t)(__atomic_load_n(&h->state, __ATOMIC_ACQUIRE) >> 32) == ref->gen)
 		__atomic_fetch_or(&h->done, ref->active ? SBP_DONE_ACTIVE : SBP_DONE_PASSIVE,
 				  __ATOMIC_RELEASE);

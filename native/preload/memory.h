@@ -40,6 +40,9 @@ int mem_deliver(struct mem_ref *ref);
 int mem_claim(int fd, uint64_t cookie, int now, struct mem_ref *out);
 /* Passive end: did the active end take the block? */
 int mem_taken(const struct mem_ref *ref);
+/* Passive end: take back an offer the peer has not taken. 1 withdrawn
+ * (the peer can no longer take it), 0 taken already. */
+int mem_withdraw(const struct mem_ref *ref);
 /* This end is done with the block (last close). The passive end withdraws
  * an offer never taken. */
 void mem_done(const struct mem_ref *ref);

@@ -14,6 +14,7 @@
 
 #include "channel.h"
 #include "control.h"
+#include "revert.h"
 #include "ready.h"
 #include "setup.h"
 
@@ -45,12 +46,20 @@ static uint32_t tcp_part_mask(int fd, struct chan *ch)
 	return m;
 }
 
+/* The socket as the kernel sees it (poll bits). */
+static uint32_t kernel_mask(int fd)
+{
+	struct pollfd p = { fd, POLLIN | POLLOUT | POLLRDHUP, 0 };
+
+	return sys_ppoll(&p, 1, 0, NULL) > 0 ? (uint32_t)p.revents : 0;
+}
+
 /* Bring the rx view up to date: the peer's ring found, or the area it
  * moved to followed (a drained, linked ring has nothing to arm: the data
  * goes to the next one). Needs rx_lock: tried; a reader that holds it
  * does this itself. 0 if the view is current, else the ring is linked and
  * could not be followed now (report readable: the read will). */
-static int rx_look(int fd, struct chan *ch)
+int rx_look(int fd, struct chan *ch)
 {
 	struct chan_sh *sh = ch->sh;
 	int rc, attached = !!(atomic_load(&sh->flags) & CH_RX_ATTACHED);
@@ -78,9 +87,15 @@ uint32_t chan_poll_mask(int fd, struct chan *ch)
 	uint32_t f, m = 0, rf = 0, tf;
 	int rd_shut, wr_shut;
 
+	if (revert_asked(sh) && lock_try(&sh->tx_lock)) {
+		tx_answer(fd, ch);              /* the peer gives its socket away */
+		pthread_mutex_unlock(&sh->tx_lock);
+	}
 	if (rx_look(fd, ch))
 		m |= IN_BITS;
 	f = atomic_load_explicit(&sh->flags, memory_order_acquire);
+	if (f & CH_REVERTED)
+		return kernel_mask(fd);         /* plain TCP now */
 	if (f & CH_BROKEN)
 		return IN_BITS | OUT_BITS | POLLERR | POLLHUP | POLLRDHUP;
 	if (!(f & CH_RX_ATTACHED))
@@ -101,7 +116,9 @@ uint32_t chan_poll_mask(int fd, struct chan *ch)
 	tf = sbp_ring_flags(&sh->tx.ring);
 	wr_shut = (f & (CH_SHUT_WR | CH_PEER_GONE)) || sbp_ring_corrupt(&sh->tx.ring) ||
 		  (tf & (SBP_RING_READER_CLOSED | SBP_RING_RESET));
-	if (wr_shut || sbp_ring_writable(&sh->tx.ring) >= tx_low_water(sh))
+	if (f & CH_TX_TCP)
+		m |= kernel_mask(fd) & (OUT_BITS | POLLERR);   /* we write TCP again */
+	else if (wr_shut || sbp_ring_writable(&sh->tx.ring) >= tx_low_water(sh))
 		m |= OUT_BITS;
 	if (rd_shut && wr_shut)
 		m |= POLLHUP;
@@ -128,7 +145,12 @@ int chan_arm(struct chan *ch, uint32_t events, int in_et_seen, int out_et_seen, 
 		}
 	}
 	if (events & OUT_BITS) {
-		if (sbp_ring_writable(&sh->tx.ring) < tx_low_water(sh)) {
+		if (f & CH_TX_TCP) {
+			/* writing TCP again, for the moment until the socket is
+			 * plain: the shadow set watches only its input */
+			if (*cap < 0 || *cap > CAP_NOBELL)
+				*cap = CAP_NOBELL;
+		} else if (sbp_ring_writable(&sh->tx.ring) < tx_low_water(sh)) {
 			/* the reader rings once that much is free */
 			if (sbp_ring_arm_writable_min(&sh->tx.ring, tx_low_water(sh)))
 				ready = 1;

@@ -20,6 +20,9 @@ _Static_assert(POLLIN == EPOLLIN && POLLOUT == EPOLLOUT && POLLRDHUP == EPOLLRDH
 	       POLLHUP == EPOLLHUP && POLLERR == EPOLLERR && POLLRDNORM == EPOLLRDNORM &&
 	       POLLWRNORM == EPOLLWRNORM, "poll and epoll bits agree");
 
+/* Bring the rx view up to date (the peer's ring found, a link followed) if
+ * rx_lock is free; 1 if the ring is linked and could not be followed now. */
+int rx_look(int fd, struct chan *ch);
 /* Current poll mask of a shm socket (POLLIN/OUT/RDHUP/HUP/ERR bits). */
 uint32_t chan_poll_mask(int fd, struct chan *ch);
 /* Arm what a waiter wants. Returns 1 if something is ready already; *cap

@@ -4,6 +4,8 @@
  * region (mapped once, on first need, by whichever thread gets there). */
 #include <dlfcn.h>
 #include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sched.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -15,6 +17,7 @@
 #include <unistd.h>
 
 #include "fdtable.h"
+#include "capture.h"
 #include "setup.h"
 
 struct sbp_global g;
@@ -85,6 +88,7 @@ void setup_init(void)
 #define SBP_RESOLVE(ret, name, ...) if (!real_##name) sbp_real(#name, (void **)&real_##name);
 	SBP_REAL_LIST(SBP_RESOLVE)
 #undef SBP_RESOLVE
+	g.pid = (pid_t)syscall(SYS_getpid);
 	copy_env(tmp, sizeof(tmp), "SHMBYPASS_DEBUG", "0");
 	g.debug = tmp[0] && tmp[0] != '0';
 	copy_env(g.instance, sizeof(g.instance), "SHMBYPASS_INSTANCE", "shmbypass");
@@ -102,6 +106,8 @@ void setup_init(void)
 	g.enabled = !(tmp[0] && tmp[0] != '0');
 	if (!g.enabled)
 		DBG("disabled (SHMBYPASS_DISABLE)");
+	else
+		capture_init();         /* a running `shmbypass capture` sees our rings */
 	if (!strncmp(g.region_spec, "ivshmem:", 8))
 		doorbell_defaults();
 }
@@ -255,4 +261,16 @@ int sbp_region_ready(void)
 	while ((s = atomic_load_explicit(&g.region_state, memory_order_acquire)) == 2)
 		sched_yield();
 	return s > 0;
+}
+
+int sock_tcp_state(int fd)
+{
+	struct tcp_info ti;
+	socklen_t len = sizeof(ti);
+	int saved = errno, rc;
+
+	memset(&ti, 0, sizeof(ti));
+	rc = (int)syscall(SYS_getsockopt, fd, IPPROTO_TCP, TCP_INFO, &ti, &len);
+	errno = saved;
+	return rc < 0 ? -1 : ti.tcpi_state;
 }

@@ -7,9 +7,11 @@
 #include <errno.h>
 #include <poll.h>
 #include <signal.h>
+#include <spawn.h>
 #include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <sys/epoll.h>
 #include <sys/select.h>
 #include <sys/socket.h>
@@ -78,7 +80,18 @@
 	X(int, epoll_wait, int, struct epoll_event *, int, int)                            \
 	X(int, epoll_pwait, int, struct epoll_event *, int, int, const sigset_t *)         \
 	X(int, epoll_pwait2, int, struct epoll_event *, int, const struct timespec *,      \
-	  const sigset_t *)
+	  const sigset_t *)                                                                \
+	X(int, execve, const char *, char *const *, char *const *)                         \
+	X(int, execv, const char *, char *const *)                                         \
+	X(int, execvp, const char *, char *const *)                                        \
+	X(int, execvpe, const char *, char *const *, char *const *)                        \
+	X(int, fexecve, int, char *const *, char *const *)                                 \
+	X(int, posix_spawn, pid_t *, const char *, const posix_spawn_file_actions_t *,     \
+	  const posix_spawnattr_t *, char *const *, char *const *)                         \
+	X(int, posix_spawnp, pid_t *, const char *, const posix_spawn_file_actions_t *,    \
+	  const posix_spawnattr_t *, char *const *, char *const *)                         \
+	X(int, system, const char *)                                                       \
+	X(FILE *, popen, const char *, const char *)
 
 #define SBP_REAL_DECL(ret, name, ...) extern ret (*real_##name)(__VA_ARGS__);
 SBP_REAL_LIST(SBP_REAL_DECL)
@@ -92,6 +105,7 @@ void *sbp_real(const char *name, void **slot);
 
 struct sbp_global {
 	int enabled;            /* 0: SHMBYPASS_DISABLE: pure pass-through */
+	pid_t pid;              /* ours (set again in a fork child; a vfork child differs) */
 	int debug;
 	int doorbell;           /* no futex wake-ups (a VM pair: the peer is in another VM) */
 	_Atomic int region_state; /* VM pairs: 0 not tried, 1 mapped, -1 not usable (said why) */
@@ -113,6 +127,17 @@ void sbp_log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 /* Reasons are worth a line even without SHMBYPASS_DEBUG when the connection
  * had been promised the shm tier. */
 #define WARN(...) sbp_log(__VA_ARGS__)
+
+/* Between vfork() and exec: the child runs in our memory (our tables are
+ * the parent's), and no atfork handler told us. A syscall: only for the
+ * calls a vfork child makes (close, dup2, exec), never on the data path. */
+static inline int in_vfork_child(void)
+{
+	return unlikely((pid_t)syscall(SYS_getpid) != g.pid);
+}
+
+/* The TCP state (TCP_ESTABLISHED...) of a socket, -1 if not one. */
+int sock_tcp_state(int fd);
 
 /* Load time: resolve the real functions, read the environment. */
 void setup_init(void);

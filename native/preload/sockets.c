@@ -34,26 +34,19 @@
 #include "epset.h"
 #include "fdclass.h"
 #include "fdtable.h"
+#include "memory.h"
+#include "ready.h"
+#include "revert.h"
 #include "setup.h"
 #include "sockets.h"
 
-/* Take a direction lock if nobody holds it (a holder killed mid-call
- * leaves the ring consistent: every ring call publishes with one store). */
-static int lock_if_free(pthread_mutex_t *m)
-{
-	int rc = pthread_mutex_trylock(m);
-
-	if (rc == EOWNERDEAD)
-		pthread_mutex_consistent(m);
-	return rc == 0 || rc == EOWNERDEAD;
-}
 
 /* Our FIN on the ring we write; a doorbell if the peer sleeps on it. */
-static void close_tx(int fd, struct chan_sh *sh)
+static void close_tx(int fd, struct chan *ch)
 {
-	sbp_ring_close_writer(&sh->tx.ring);
-	if (sbp_ring_peer_waiting(&sh->tx.ring))
-		ctl_doorbell(fd);
+	sbp_ring_close_writer(&ch->sh->tx.ring);
+	if (sbp_ring_peer_waiting(&ch->sh->tx.ring))
+		ctl_bell(fd, ch);
 }
 
 static void chan_flag(struct chan *ch, uint32_t bit, int on)
@@ -85,18 +78,18 @@ static void last_close(int fd, struct chan *ch, unsigned o)
 		errno = saved;
 		return;
 	}
-	if (live && lock_if_free(&sh->tx_lock)) {
-		close_tx(fd, sh);
+	if (live && lock_try(&sh->tx_lock)) {
+		close_tx(fd, ch);
 		pthread_mutex_unlock(&sh->tx_lock);
 	}
-	if (lock_if_free(&sh->rx_lock)) {
+	if (lock_try(&sh->rx_lock)) {
 		/* The peer may write into its ring while we still read its TCP
 		 * part: tell it nobody reads any more, as TCP's RST would. */
 		rx_progress(fd, ch);
 		if (atomic_load(&sh->flags) & CH_RX_OPEN) {
 			sbp_ring_close_reader(&sh->rx.ring);
 			if (sbp_ring_peer_waiting(&sh->rx.ring))
-				ctl_doorbell(fd);
+				ctl_bell(fd, ch);
 		}
 		pthread_mutex_unlock(&sh->rx_lock);
 	}
@@ -200,13 +193,22 @@ void sock_created(int fd, int domain, int type, int proto)
 }
 
 /* Ask BPF for the shm tier, then connect. */
+/* Ask for the shm tier on fd, naming our inbox (opened on first use). */
+static int ask_for_shm(int fd)
+{
+	uint8_t token[SBP_INBOX_LEN];
+	int rc = mem_inbox_token(token);
+
+	return rc < 0 ? rc : ask_socket(fd, token);
+}
+
 int sock_connect(int fd, const struct sockaddr *addr, socklen_t len)
 {
 	int r, saved;
 
 	if (fd_kind_now(fd) != K_TCP || !addr || addr->sa_family == AF_UNSPEC)
 		return REAL(connect)(fd, addr, len);
-	r = ask_socket(fd);
+	r = ask_for_shm(fd);
 	if (r < 0) {
 		DBG("fd %d: cannot ask for the shm tier (%s): tcp", fd, strerror(-r));
 		fdt_cas(fd, K_TCP, K_PLAIN);
@@ -227,7 +229,7 @@ int sock_connect(int fd, const struct sockaddr *addr, socklen_t len)
 int sock_listen(int fd, int backlog)
 {
 	if (fd_kind_now(fd) == K_TCP) {
-		int rc = ask_socket(fd);
+		int rc = ask_for_shm(fd);
 
 		if (rc == 0)
 			fdt_cas(fd, K_TCP, K_LISTEN);
@@ -250,7 +252,7 @@ int sock_accepted(int lfd, int nfd, int flags)
 			     ((flags & SOCK_NONBLOCK) ? FDO_NONBLOCK : 0));
 	/* We, not the listener's owner, will use it: say so (BPF records
 	 * who; the peer learns our inbox). */
-	if (fd_kind_now(lfd) == K_LISTEN && ask_socket(nfd) == 0) {
+	if (fd_kind_now(lfd) == K_LISTEN && ask_for_shm(nfd) == 0) {
 		fdt_store(nfd, K_BUSY);
 		resolve_established(nfd, 0);
 	} else {
@@ -300,8 +302,8 @@ int sock_shutdown(int fd, struct chan *ch, int how)
 		atomic_fetch_or(&sh->flags, CH_SHUT_WR);        /* TCP says it all */
 	} else if (how == SHUT_WR || how == SHUT_RDWR) {
 		atomic_fetch_or(&sh->flags, CH_SHUT_WR);
-		if (lock_if_free(&sh->tx_lock)) {
-			close_tx(fd, sh);
+		if (lock_try(&sh->tx_lock)) {
+			close_tx(fd, ch);
 			pthread_mutex_unlock(&sh->tx_lock);
 		} else {
 			/* A writer sleeps holding the lock: it closes the ring
@@ -394,20 +396,34 @@ int sock_ioctl(int fd, unsigned long req, void *arg)
 	}
 	sh = ch->sh;
 	switch (req) {
-	case FIONREAD:          /* == SIOCINQ */
-		if (!(atomic_load(&sh->flags) & CH_RX_ATTACHED)) {
-			/* the peer's TCP part: what the kernel holds, up to its end */
-			r = REAL(ioctl)(fd, req, arg);
-			if (r == 0 && (atomic_load(&sh->flags) & CH_RX_OPEN) &&
-			    (uint64_t)*(int *)arg > sh->rx_tcp_end - sh->rx_tcp)
-				*(int *)arg = (int)(sh->rx_tcp_end - sh->rx_tcp);
-			break;
+	case FIONREAD: {        /* == SIOCINQ */
+		/* What a read could take: the rest of the peer's TCP part (up
+		 * to where its ring starts), then its ring. */
+		uint32_t f;
+		int n = 0;
+
+		rx_look(fd, ch);
+		f = atomic_load(&sh->flags);
+		if (!(f & CH_RX_ATTACHED)) {
+			r = REAL(ioctl)(fd, req, &n);
+			if (r)
+				break;
+			if ((f & CH_RX_OPEN) && (uint64_t)n >= sh->rx_tcp_end - sh->rx_tcp)
+				n = (int)(sh->rx_tcp_end - sh->rx_tcp) + (int)sbp_ring_readable(&sh->rx.ring);
+		} else {
+			n = (int)sbp_ring_readable(&sh->rx.ring);
 		}
-		*(int *)arg = (int)sbp_ring_readable(&sh->rx.ring);
+		*(int *)arg = n;
 		break;
+	}
 	case TIOCOUTQ:          /* == SIOCOUTQ */
 	case SIOCOUTQNSD:
-		*(int *)arg = (int)sbp_ring_readable(&sh->tx.ring);
+		/* What the peer has not acknowledged: ring bytes are in its
+		 * receive buffer (as ACKed), the TCP socket's are doorbells. */
+		if (atomic_load(&sh->phase) == CH_LIVE)
+			*(int *)arg = 0;
+		else
+			r = REAL(ioctl)(fd, req, arg);
 		break;
 	case FIONBIO:
 		r = REAL(ioctl)(fd, req, arg);
@@ -500,13 +516,63 @@ static void forget_received(int fd)
 	fdt_store(fd, K_UNKNOWN);
 }
 
-/* A shm socket handed to another process: it now has two holders. */
+/* A shm socket handed to another process, which may not have our library
+ * and has none of our mappings: back to plain TCP first (revert.c). A VM
+ * pair's socket cannot go back: it now has two holders. */
 static void share_sent(int fd)
 {
-	struct chan *ch = entry_chan(fdt_load(fd));
+	struct chan *ch;
 
-	if (ch)
+	if (fd_io_class(fd, &ch) == K_PLAIN || !ch)
+		return;
+	if (chan_give_back(fd, ch) == -ENOTSUP)
 		atomic_store(&ch->shared, 1);
+	chan_put(ch);
+}
+
+/* The socket open at fd (in this process, whatever our table says: a vfork
+ * child renumbers fds behind it), by its cookie: its channel, referenced,
+ * or NULL. */
+static struct chan *chan_by_cookie(int fd)
+{
+	uint64_t cookie = 0;
+	socklen_t len = sizeof(cookie);
+	int hi = fdt_max();
+
+	if (syscall(SYS_getsockopt, fd, SOL_SOCKET, SO_COOKIE, &cookie, &len) < 0 || !cookie)
+		return NULL;
+	for (int i = 0; i < hi; i++) {
+		struct chan *ch = entry_chan(fdt_load(i));
+
+		if (ch && chan_tryget(ch)) {
+			if (ch->sh && ch->sh->cookie == cookie)
+				return ch;
+			chan_put(ch);
+		}
+	}
+	return NULL;
+}
+
+void sock_before_exec(void)
+{
+	int saved = errno, hi = fdt_max();
+
+	for (int fd = 0; fd < hi; fd++) {
+		long fl = syscall(SYS_fcntl, fd, F_GETFD);
+		struct chan *ch;
+
+		if (fl < 0 || (fl & FD_CLOEXEC) || fdt_load(fd) == FD_INTERNAL)
+			continue;
+		ch = chan_by_cookie(fd);
+		if (!ch)
+			continue;
+		if (chan_give_back(fd, ch) == -ENOTSUP)
+			/* A VM pair's slots cannot go back to TCP: the new
+			 * program would read doorbells as data. Reset. */
+			chan_break(fd, ch, SBP_RESET_APP, "a VM pair's connection cannot follow exec");
+		chan_put(ch);
+	}
+	errno = saved;
 }
 
 void note_received_fds(const struct msghdr *m)

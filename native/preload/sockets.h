@@ -29,5 +29,8 @@ void note_received_fds(const struct msghdr *m);
 void note_sent_fds(const struct msghdr *m);
 /* fork(): every shm socket now has two holders. */
 void mark_all_shared(void);
+/* exec or spawn: the shm sockets the new program would inherit (not
+ * close-on-exec) go back to plain TCP first. */
+void sock_before_exec(void);
 
 #endif

@@ -52,6 +52,35 @@ EXPORT int shmbypass_fd_rings(int fd)
 	       ((atomic_load(&sh->flags) & CH_RX_ATTACHED) ? 2 : 0);
 }
 
+/* For tests (ctypes): wait up to ms milliseconds for a shm-tier connection
+ * to move its bytes through rings (the active end: until the offer comes
+ * and is taken; the passive end: until it was taken), as it would after a
+ * first exchange, so that a test's next bytes take the rings. 1 if our
+ * direction is live, 0 if not (plain TCP, or the time is up). */
+EXPORT int shmbypass_fd_settle(int fd, int ms)
+{
+	int64_t end = now_ns() + (int64_t)ms * 1000000;
+	struct timespec pause = { 0, 200000 };
+
+	for (;;) {
+		uint64_t v = fdt_load(fd);
+		struct chan *ch = FD_PTR(v);
+		int live = 0;
+
+		if (FD_KIND(v) == K_SHM)
+			return 1;
+		if (FD_KIND(v) != K_PENDING || !ch || now_ns() >= end)
+			return 0;
+		if (chan_tryget(ch)) {
+			live = chan_try_live(fd, ch);   /* the fd follows at its next call */
+			chan_put(ch);
+		}
+		if (live)
+			return 1;
+		nanosleep(&pause, NULL);
+	}
+}
+
 /* For tests (ctypes, dlsym): 2 if fd is a healthy shm-tier connection
  * here (BPF paired it, this process holds its channel: on TCP until both
  * ends hold the memory, then rings; shmbypass_fd_rings says which), -1 if

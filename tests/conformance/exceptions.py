@@ -25,22 +25,6 @@ def _xfail(case, reason):
 
 
 KNOWN: dict[tuple[str, str], Known] = {
-    ("halfclose_churn", "shm"): _xfail(
-        "10.1", "a half-closed connection's slot is reused by the churned connections before "
-        "the client read: its reply is lost (EOF early or ECONNRESET)"),
-    ("subprocess_run", "shm"): _xfail(
-        "10.2", "CPython's vfork + close_range child runs the interposer's close hooks in the "
-        "parent's memory: the peer sees EOF, both sends get EPIPE"),
-    ("vfork_closefrom_exec", "shm"): _xfail(
-        "10.2", "close_range() in a vfork child tears down the parent's shm channels"),
-    ("both_write_first", "shm"): _xfail(
-        "10.3", "a ring holds 256 KiB: both writers block for good where TCP buffers ~4 MiB"),
-    ("busybox_inherit", "shm"): _xfail(
-        "10.4", "a program without the interposer reads a doorbell byte from the TCP socket, "
-        "then hangs; the sender gets EPIPE"),
-    ("scm_rights_unpreloaded", "shm"): _xfail(
-        "10.4", "a receiver without the interposer reads nothing from the TCP socket (the "
-        "bytes are in the ring); the sender gets EPIPE"),
     ("busybox_inherit", "kernel"): _xfail(
         "10.5", "busybox moves the bytes with sendfile() into a pipe (a splice): it does not "
         "see the redirected bytes and exits 0 with 0 of 1 MiB"),
@@ -79,9 +63,6 @@ KNOWN: dict[tuple[str, str], Known] = {
     ("kill9_reader", "shm"): _xfail(
         "10.7", "a reader killed with unread ring bytes: the writer gets EPIPE, TCP gives "
         "ECONNRESET"),
-    ("siocoutq", "shm"): _xfail(
-        "10.7", "SIOCOUTQ counts bytes in the ring the peer has not read; TCP on loopback: 0 "
-        "once delivered"),
     ("nonblocking_fill", "kernel"): Known(
         "limit", "-", "sk_msg redirect charges the peer's queue only against tcp_mem, never its "
         "receive buffer: a writer whose peer does not read never gets EAGAIN "

@@ -133,10 +133,24 @@ def recv_all(sock) -> bytes:
 # -- tiers ----------------------------------------------------------------------
 
 try:
-    _fd_tier = ctypes.CDLL(None).shmbypass_fd_tier    # the interposer's test export
+    _fd_tier = ctypes.CDLL(None).shmbypass_fd_tier    # the interposer's test exports
     _fd_tier.argtypes = [ctypes.c_int]
+    _fd_rings = ctypes.CDLL(None).shmbypass_fd_rings
+    _fd_rings.argtypes = [ctypes.c_int]
+    _fd_settle = ctypes.CDLL(None).shmbypass_fd_settle
+    _fd_settle.argtypes = [ctypes.c_int, ctypes.c_int]
 except (OSError, AttributeError):
-    _fd_tier = None
+    _fd_tier = _fd_rings = _fd_settle = None
+
+
+def settle(sock):
+    """Under the shm tier, wait (briefly) until the connection uses its
+    rings: it starts on TCP and moves once the peers hold the memory,
+    normally after a first exchange. Scenarios test the rings, not that
+    first exchange. Nothing elsewhere."""
+    if _fd_settle is not None:
+        _fd_settle(sock.fileno(), 500)
+    return sock
 
 
 def tier_of(sock) -> tuple[str, str]:
@@ -147,8 +161,10 @@ def tier_of(sock) -> tuple[str, str]:
     fd = sock if isinstance(sock, int) else sock.fileno()
     if _fd_tier is not None:
         t = _fd_tier(fd)
-        if t == 2:
+        if t == 2 and _fd_rings(fd):
             return "shm", ""
+        if t == 2:
+            return "shm-not-live", "not-live"  # paired, its bytes went over TCP
         if t == -1:
             return "shm-broken", ""
     name = os.environ.get("SHMBYPASS_INSTANCE")
@@ -190,7 +206,7 @@ class Server:
         ls = self.listen(backlog)
         c, _ = ls.accept()
         ls.close()
-        return c
+        return settle(c)
 
     def announce(self, port):
         self.port = port
@@ -207,5 +223,9 @@ class Client:
     def __init__(self, port):
         self.port = port
 
-    def connect(self, timeout=None):
-        return socket.create_connection((HOST, self.port), timeout=timeout)
+    def connect(self, timeout=None, settle_rings=True):
+        """A connection to the server; under the shm tier it uses its rings
+        (settle) unless settle_rings=False (a server that does not accept
+        it at once: the wait would only delay the scenario)."""
+        s = socket.create_connection((HOST, self.port), timeout=timeout)
+        return settle(s) if settle_rings else s

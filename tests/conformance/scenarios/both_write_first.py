@@ -31,7 +31,7 @@ def _run(socks, seed):
 
 def server(srv):
     ls = srv.listen()
-    socks = [ls.accept()[0] for _ in SIZES]
+    socks = [rt.settle(ls.accept()[0]) for _ in SIZES]
     rt.tier(socks[-1])
     _run(socks, 1)
 

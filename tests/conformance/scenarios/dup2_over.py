@@ -10,7 +10,7 @@ def server(srv):
     ls = srv.listen()
     conns = {}
     for _ in range(2):
-        c, _ = ls.accept()
+        c = rt.settle(ls.accept()[0])
         conns[rt.recv_n(c, 1)] = c
     a, b = conns[b"A"], conns[b"B"]
     rt.tier(a, "A")

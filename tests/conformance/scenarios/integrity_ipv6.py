@@ -9,7 +9,7 @@ SIZES = [1, 4096, 1 << 20]
 
 def server(srv):
     ls = srv.listen(family=socket.AF_INET6)
-    c, _ = ls.accept()
+    c = rt.settle(ls.accept()[0])
     ls.close()
     rt.tier(c)
     for n in SIZES:
@@ -21,7 +21,7 @@ def server(srv):
 
 
 def client(cli):
-    s = socket.create_connection(("::1", cli.port))
+    s = rt.settle(socket.create_connection(("::1", cli.port)))
     rt.tier(s)
     for n in SIZES:
         out = rt.pattern(n, 2)

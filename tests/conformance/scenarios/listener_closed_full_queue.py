@@ -10,7 +10,7 @@ QUEUED = 4
 
 def server(srv):
     ls = srv.listen(backlog=8)
-    ctl, _ = ls.accept()
+    ctl = rt.settle(ls.accept()[0])
     rt.tier(ctl)
     rt.obs("ready", rt.call(rt.recv_n, ctl, 5))       # the others are queued
     time.sleep(0.2)
@@ -23,7 +23,7 @@ def server(srv):
 def client(cli):
     ctl = cli.connect()
     rt.tier(ctl)
-    queued = [cli.connect(timeout=10) for _ in range(QUEUED)]
+    queued = [cli.connect(timeout=10, settle_rings=False) for _ in range(QUEUED)]
     for s in queued:
         s.sendall(b"request")
     ctl.sendall(b"ready")

@@ -22,6 +22,7 @@ def client(cli):
     rt.obs("connect", errno.errorcode.get(s.connect_ex((rt.HOST, cli.port)), "0"))
     rt.obs("poll", rt.poll(s, select.POLLOUT, 5)[0])
     rt.obs("SO_ERROR", s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
+    rt.settle(s)
     rt.tier(s)
     rt.obs("send", rt.call(s.send, b"ping"))
     rt.obs("poll in", rt.poll(s, select.POLLIN, 5))

@@ -1,6 +1,7 @@
 """Issue 10 case 4: a process that runs without the interposer (no
 LD_PRELOAD) receives the connected socket over SCM_RIGHTS and reads it to
-EOF: exactly the 1 MiB the server sent; the sender sees no error."""
+EOF: exactly the 1 MiB the server sent; the sender sees no error. Under
+the shm tier the connection goes back to plain TCP before the fd is sent."""
 import os
 import socket
 import subprocess
@@ -9,6 +10,9 @@ import sys
 import runtime as rt
 
 SIZE = 1 << 20
+# The client gives the socket away as soon as it took the rings: the server
+# end may be back on plain TCP (revert.c) by the time it records its tier.
+FALLBACK_OK = {"not-live"}
 
 
 def server(srv):
