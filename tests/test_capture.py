@@ -13,6 +13,7 @@ import random
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 
@@ -691,3 +692,67 @@ def test_shm_side_of_a_killed_capture(inst, tmp_path, capture_so):
     assert not ip.on()
     c.close()
     s.close()
+
+
+PEER_SCRIPT = r'''
+import ctypes, hashlib, random, socket, sys
+lib = ctypes.CDLL(None)
+lib.shmbypass_fd_settle.argtypes = [ctypes.c_int, ctypes.c_int]
+lib.shmbypass_fd_rings.argtypes = [ctypes.c_int]
+role, port = sys.argv[1], int(sys.argv[2])
+rng = random.Random(role)
+if role == "server":
+    ls = socket.create_server(("127.0.0.1", port))
+    print("READY", flush=True)
+    s, _ = ls.accept()
+else:
+    s = socket.create_connection(("127.0.0.1", port))
+first = rng.randbytes(300)                  # before the rings: over TCP
+s.sendall(first)
+got = bytearray()
+while len(got) < 300:
+    got += s.recv(300 - len(got))
+lib.shmbypass_fd_settle(s.fileno(), 2000)
+rest = b"".join(rng.randbytes(n) for n in (1, 4096, 70000, 1 << 20))
+s.sendall(rest)
+n = len(rest)
+while len(got) < 300 + n:
+    got += s.recv(1 << 20)
+rings = lib.shmbypass_fd_rings(s.fileno())
+s.shutdown(socket.SHUT_WR)
+assert s.recv(1) == b""
+print("SENT", hashlib.sha256(first + rest).hexdigest(), rings, flush=True)
+'''
+
+
+def test_shm_tier_interposer_captured(inst, tmp_path):
+    """Two programs under `shmbypass run` in the shm tier (through their
+    rings, after a first exchange over TCP): the interposer copies every send
+    into its capture ring, so the capture holds both streams byte for byte,
+    the TCP part included, in one flow with the real handshake."""
+    path = tmp_path / "shm-run.pcapng"
+    script = tmp_path / "peer.py"
+    script.write_text(PEER_SCRIPT)
+    port = free_port()
+    env = dict(os.environ, SHMBYPASS_INSTANCE=inst.name)
+    run = SHMBYPASS + ["run", "--"]
+    with Capture(inst, path, "port", str(port)) as cap:
+        srv = subprocess.Popen(run + [sys.executable, str(script), "server", str(port)], env=env,
+                               stdout=subprocess.PIPE, text=True)
+        try:
+            assert srv.stdout.readline().strip() == "READY"
+            cli = subprocess.run(run + [sys.executable, str(script), "client", str(port)], env=env,
+                                 capture_output=True, text=True, timeout=120)
+            assert cli.returncode == 0, cli.stderr
+            sout = srv.communicate(timeout=60)[0]
+        finally:
+            srv.kill()
+        time.sleep(0.3)
+        summary = cap.stop()
+    _, csha, crings = cli.stdout.split()[-3:]
+    _, ssha, srings = sout.split()[-3:]
+    assert crings == srings == "3", (cli.stdout, sout)     # both directions used rings
+    assert "nothing dropped" in summary, summary
+    [(nodes, got_c, got_s)] = streams(path)
+    assert sha(got_c) == csha and sha(got_s) == ssha
+    assert expert_problems(path) == []
