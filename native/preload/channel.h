@@ -52,6 +52,7 @@
 #define CH_RX_TCP       0x20000u /* we read TCP for good (the peer's ring linked to TCP) */
 #define CH_REVERTED     0x40000u /* this end gave the socket back: plain TCP for every holder */
 #define CH_BELLS_CLOSED 0x80000u /* no doorbell may be sent any more (bells_sent is final) */
+#define CH_RST_DUE      0x100000u /* the peer closed and we wrote again: its RST is in, sends fail */
 
 /* chan_sh.phase */
 #define CH_CAND 0u      /* we send over TCP; the kernel watches the socket */

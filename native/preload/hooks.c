@@ -191,7 +191,7 @@ EXPORT ssize_t sendmsg(int fd, const struct msghdr *m, int flags)
 		note_sent_fds(m);       /* a shm socket passed on goes back to TCP first */
 		return REAL(sendmsg)(fd, m, flags);
 	}
-	return put_ret(ch, shm_send(fd, ch, m->msg_iov, (int)m->msg_iovlen, flags));
+	return put_ret(ch, shm_sendmsg(fd, ch, m, flags));
 }
 
 EXPORT int recvmmsg(int fd, struct mmsghdr *vec, unsigned int vlen, int flags,

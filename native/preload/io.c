@@ -124,6 +124,23 @@ int tx_state_err(struct chan_sh *sh, uint32_t f)
 	return 0;
 }
 
+/* Our send found the peer's reading end closed (err EPIPE). TCP sends
+ * the first write after the peer's close() and only the RST it brings back
+ * fails later calls; a peer that closed (or died) with bytes of ours unread
+ * resets at once: ECONNRESET, then EPIPE. Returns the errno for this call,
+ * or 0: count the bytes as sent (the peer would have dropped them). */
+int tx_peer_closed(struct chan_sh *sh, int err)
+{
+	uint32_t f = atomic_load(&sh->flags);
+
+	if (err != EPIPE || (f & (CH_SHUT_WR | CH_RST_DUE)))
+		return err;
+	atomic_fetch_or(&sh->flags, CH_RST_DUE);
+	if ((f & CH_GONE_RESET) || sbp_ring_readable(&sh->tx.ring))
+		return ECONNRESET;
+	return 0;
+}
+
 /* The ring we read is empty: is the reading over? 0 (EOF), ECONNRESET, or
  * -1 (no: wait). */
 int rx_over(uint32_t f)
@@ -323,6 +340,8 @@ ssize_t shm_send(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, i
 			break;
 		}
 		err = tx_state_err(sh, f);
+		if (err && !done && !(err = tx_peer_closed(sh, err)))
+			done = total;
 		if (err || done == total)
 			break;
 		if (done == 0 && sbp_ring_readable(&sh->tx.ring) == 0)
@@ -355,6 +374,8 @@ ssize_t shm_send(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, i
 			continue;
 		}
 		err = ring_error(fd, ch, n, 1);
+		if (!done && !(err = tx_peer_closed(sh, err)))
+			done = total;
 		break;
 	}
 	pthread_mutex_unlock(&sh->tx_lock);
@@ -482,9 +503,22 @@ ssize_t shm_recv(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, i
 	return fail(err, 0);
 }
 
+/* sendmsg/recvmsg refuse more than UIO_MAXIOV pieces with EMSGSIZE
+ * (readv/writev: EINVAL, as iov_total says). */
+ssize_t shm_sendmsg(int fd, struct chan *ch, const struct msghdr *m, int flags)
+{
+	if (m->msg_iovlen > UIO_MAXIOV)
+		return fail(EMSGSIZE, MSG_NOSIGNAL);
+	return shm_send(fd, ch, m->msg_iov, (int)m->msg_iovlen, flags);
+}
+
 ssize_t shm_recvmsg(int fd, struct chan *ch, struct msghdr *m, int flags)
 {
-	ssize_t r = shm_recv(fd, ch, m->msg_iov, (int)m->msg_iovlen, flags);
+	ssize_t r;
+
+	if (m->msg_iovlen > UIO_MAXIOV)
+		return fail(EMSGSIZE, 0);
+	r = shm_recv(fd, ch, m->msg_iov, (int)m->msg_iovlen, flags);
 
 	if (r >= 0) {
 		if (m->msg_name)
@@ -505,15 +539,13 @@ int shm_recvmmsg(int fd, struct chan *ch, struct mmsghdr *vec, unsigned int vlen
 
 		if (i && (flags & MSG_WAITFORONE))
 			fl |= MSG_DONTWAIT;
-		r = shm_recv(fd, ch, vec[i].msg_hdr.msg_iov, (int)vec[i].msg_hdr.msg_iovlen, fl);
+		r = shm_recvmsg(fd, ch, &vec[i].msg_hdr, fl);
 		if (r < 0) {
 			if (i == 0)
 				return -1;
 			break;
 		}
 		vec[i].msg_len = (unsigned int)r;
-		vec[i].msg_hdr.msg_controllen = 0;
-		vec[i].msg_hdr.msg_flags = 0;
 		if (r == 0) {
 			i++;
 			break;
@@ -528,8 +560,7 @@ int shm_sendmmsg(int fd, struct chan *ch, struct mmsghdr *vec, unsigned int vlen
 	ssize_t r;
 
 	for (i = 0; i < vlen; i++) {
-		r = shm_send(fd, ch, vec[i].msg_hdr.msg_iov, (int)vec[i].msg_hdr.msg_iovlen,
-			     flags | (i ? MSG_NOSIGNAL : 0));
+		r = shm_sendmsg(fd, ch, &vec[i].msg_hdr, flags | (i ? MSG_NOSIGNAL : 0));
 		if (r < 0) {
 			if (i == 0)
 				return -1;

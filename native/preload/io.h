@@ -13,6 +13,7 @@
 
 ssize_t shm_send(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, int flags);
 ssize_t shm_recv(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, int flags);
+ssize_t shm_sendmsg(int fd, struct chan *ch, const struct msghdr *m, int flags);
 ssize_t shm_recvmsg(int fd, struct chan *ch, struct msghdr *m, int flags);
 int shm_recvmmsg(int fd, struct chan *ch, struct mmsghdr *vec, unsigned int vlen, int flags);
 int shm_sendmmsg(int fd, struct chan *ch, struct mmsghdr *vec, unsigned int vlen, int flags);
@@ -29,6 +30,7 @@ int ring_error(int fd, struct chan *ch, ssize_t n, int dir);
 /* Why our direction cannot write (0: it can); the rx side's end (EOF 0,
  * an errno, or -1: go on). */
 int tx_state_err(struct chan_sh *sh, uint32_t f);
+int tx_peer_closed(struct chan_sh *sh, int err);
 int rx_over(uint32_t f);
 /* Doorbells after ring writes, after a reader freed room, at the switch. */
 int tx_switch_bell(int fd, struct chan *ch);

@@ -89,6 +89,8 @@ static ssize_t into_ring(int out, struct chan *ch, int in, off_t *pos, size_t co
 			return done ? (ssize_t)done : SBP_RING_GO_NEXT;  /* on TCP again: the kernel's call */
 		}
 		err = tx_state_err(sh, atomic_load(&sh->flags));
+		if (err && !done)
+			err = tx_peer_closed(sh, err) ?: EPIPE;  /* no bytes to drop here */
 		if (err)
 			break;
 		room = sbp_ring_reserve(&sh->tx.ring, piece, want);

@@ -52,17 +52,9 @@ KNOWN: dict[tuple[str, str], Known] = {
         "10.7", "MSG_PEEK|MSG_WAITALL returns the 40 bytes queued at once"),
     ("peek_waitall", "shm"): _xfail(
         "10.7", "MSG_PEEK|MSG_WAITALL returns the 40 bytes queued at once"),
-    ("sendmsg_1025_iov", "shm"): _xfail(
-        "10.7", "sendmsg() with 1,025 iovecs fails with EINVAL, TCP says EMSGSIZE"),
-    ("send_after_peer_close", "shm"): _xfail(
-        "10.7", "after the peer's close() the first send() fails with EPIPE, or no send fails "
-        "at all; TCP accepts the first and fails the next"),
     ("kill9_reader", "kernel"): _xfail(
         "10.7", "a reader killed with unread redirected bytes closes with FIN, not RST: the "
         "writer gets EPIPE, TCP gives ECONNRESET"),
-    ("kill9_reader", "shm"): _xfail(
-        "10.7", "a reader killed with unread ring bytes: the writer gets EPIPE, TCP gives "
-        "ECONNRESET"),
     ("nonblocking_fill", "kernel"): Known(
         "limit", "-", "sk_msg redirect charges the peer's queue only against tcp_mem, never its "
         "receive buffer: a writer whose peer does not read never gets EAGAIN "
