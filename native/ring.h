@@ -195,6 +195,9 @@ ssize_t sbp_ring_consume(struct sbp_ring *r, size_t n);
  * In doorbell mode there is no futex sleep: after the spin the flag is armed
  * (SBP_WAIT_DOORBELL) and -EAGAIN is returned: wait for the doorbell. */
 int  sbp_ring_wait_readable(struct sbp_ring *r, int64_t timeout_ns);
+/* ... until at least min bytes are there (or EOF/reset/corrupt/linked; min
+ * over the capacity counts as a full ring): SO_RCVLOWAT, MSG_PEEK|WAITALL. */
+int  sbp_ring_wait_readable_min(struct sbp_ring *r, size_t min, int64_t timeout_ns);
 /* Same for room to write (or reader closed/reset/corrupt). */
 int  sbp_ring_wait_writable(struct sbp_ring *r, int64_t timeout_ns);
 
@@ -204,6 +207,7 @@ int  sbp_ring_wait_writable(struct sbp_ring *r, int64_t timeout_ns);
  * looks at its TCP socket): spinning first keeps that work, and its
  * syscalls, off the path of a peer that answers within microseconds. */
 int  sbp_ring_spin_readable(struct sbp_ring *r);
+int  sbp_ring_spin_readable_min(struct sbp_ring *r, size_t min);
 int  sbp_ring_spin_writable(struct sbp_ring *r);
 
 /* For callers that sleep elsewhere (epoll/poll on the TCP socket): arm the
@@ -212,6 +216,7 @@ int  sbp_ring_spin_writable(struct sbp_ring *r);
  * side's write/read will report sbp_ring_peer_waiting() and its caller sends
  * a doorbell. sbp_ring_disarm_* clears the word after waking. */
 int  sbp_ring_arm_readable(struct sbp_ring *r);
+int  sbp_ring_arm_readable_min(struct sbp_ring *r, size_t min);
 int  sbp_ring_arm_writable(struct sbp_ring *r);
 void sbp_ring_disarm_readable(struct sbp_ring *r);
 void sbp_ring_disarm_writable(struct sbp_ring *r);

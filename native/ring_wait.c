@@ -61,7 +61,7 @@ void ring_wake_writer_armed(struct sbp_ring *r, uint32_t w, uint64_t head, uint6
 }
 
 /* Would read() return something other than -EAGAIN? */
-static bool read_ready(const struct sbp_ring *r)
+static bool read_ready(const struct sbp_ring *r, uint64_t min)
 {
 	uint64_t head, tail;
 
@@ -71,11 +71,13 @@ static bool read_ready(const struct sbp_ring *r)
 		return true;
 	head = LOAD_ACQ(&H(r)->head);
 	tail = LOAD(&H(r)->tail);
-	return !positions_sane(r, head, tail) || head != tail;
+	if (min > r->cap)
+		min = r->cap;           /* a full ring is as much as can come */
+	return !positions_sane(r, head, tail) || head - tail >= (min ? min : 1);
 }
 
 /* Would write() return something other than -EAGAIN? */
-static bool write_ready(const struct sbp_ring *r)
+static bool write_ready(const struct sbp_ring *r, uint64_t min)
 {
 	uint64_t head, tail;
 
@@ -85,6 +87,7 @@ static bool write_ready(const struct sbp_ring *r)
 		return true;
 	head = LOAD(&H(r)->head);
 	tail = LOAD_ACQ(&H(r)->tail);
+	(void)min;
 	return !positions_sane(r, head, tail) || head - tail < r->cap;
 }
 
@@ -163,7 +166,7 @@ void sbp_ring_note_wakeup(struct sbp_ring *r)
 
 	if (!r->doorbell || !r->armed_ns || !r->hdr)
 		return;
-	if (!(r->armed_read ? read_ready(r) : write_ready(r)))
+	if (!(r->armed_read ? read_ready(r, 1) : write_ready(r, 0)))
 		return;                 /* not for us (yet): the wait goes on */
 	t = now_ns();
 	s = t - r->armed_ns;
@@ -182,8 +185,8 @@ void sbp_ring_note_wakeup(struct sbp_ring *r)
 /* The bounded spin of a wait: 0 as soon as ready, -EAGAIN when the budget
  * (or the deadline) ran out. Adaptive: a hit keeps the budget, a miss
  * halves it (spin_hit/spin_miss). */
-static int spin_until(struct sbp_ring *r, bool (*ready)(const struct sbp_ring *),
-		      const uint32_t *peer_cpu, int64_t start, int64_t deadline)
+static int spin_until(struct sbp_ring *r, bool (*ready)(const struct sbp_ring *, uint64_t),
+		      uint64_t min, const uint32_t *peer_cpu, int64_t start, int64_t deadline)
 {
 	uint32_t spin = sbp_ring_spin_budget(r);   /* r->spin_ns outside doorbell mode */
 	int64_t spin_end = start + spin;
@@ -209,7 +212,7 @@ static int spin_until(struct sbp_ring *r, bool (*ready)(const struct sbp_ring *)
 		int64_t t;
 
 		for (int i = 0; i < (same ? 1 : 64); i++) {
-			if (ready(r)) {
+			if (ready(r, min)) {
 				spin_hit(r);
 				if (r->doorbell)
 					bell_wait_done(r, now_ns());
@@ -227,15 +230,15 @@ static int spin_until(struct sbp_ring *r, bool (*ready)(const struct sbp_ring *)
 	return -EAGAIN;
 }
 
-static int wait_for(struct sbp_ring *r, bool (*ready)(const struct sbp_ring *),
-		    uint32_t *word, const uint32_t *peer_cpu, int64_t timeout_ns)
+static int wait_for(struct sbp_ring *r, bool (*ready)(const struct sbp_ring *, uint64_t),
+		    uint64_t min, uint32_t *word, const uint32_t *peer_cpu, int64_t timeout_ns)
 {
 	int64_t start, deadline;
 	int64_t poll_ns = 20000;   /* futex-less fallback: sleep, doubling to 1 ms */
 	bool skip_spin = r->spun;
 
 	r->spun = 0;
-	if (ready(r)) {
+	if (ready(r, min)) {
 		if (r->armed_ns)        /* woke from a doorbell sleep: calibrate */
 			sbp_ring_note_wakeup(r);
 		return 0;
@@ -248,7 +251,7 @@ static int wait_for(struct sbp_ring *r, bool (*ready)(const struct sbp_ring *),
 		r->wait_start_ns = start;       /* else it goes on (after a spin or a wake-up) */
 
 	/* A spin that just missed (sbp_ring_spin_*) is not repeated. */
-	if (!skip_spin && spin_until(r, ready, peer_cpu, start, deadline) == 0)
+	if (!skip_spin && spin_until(r, ready, min, peer_cpu, start, deadline) == 0)
 		return 0;
 
 	if (r->doorbell) {
@@ -256,7 +259,7 @@ static int wait_for(struct sbp_ring *r, bool (*ready)(const struct sbp_ring *),
 		__atomic_fetch_or(word, SBP_WAIT_DOORBELL, __ATOMIC_SEQ_CST);
 		/* SYNC POINT: arm -> re-check (pairs with ring_wake's fence). */
 		FULL_FENCE();
-		if (ready(r)) {
+		if (ready(r, min)) {
 			__atomic_fetch_and(word, ~SBP_WAIT_DOORBELL, __ATOMIC_RELAXED);
 			bell_wait_done(r, now_ns());
 			return 0;
@@ -279,7 +282,7 @@ static int wait_for(struct sbp_ring *r, bool (*ready)(const struct sbp_ring *),
 		__atomic_fetch_or(word, SBP_WAIT_FUTEX, __ATOMIC_SEQ_CST);
 		/* SYNC POINT: arm -> re-check (pairs with ring_wake's fence). */
 		FULL_FENCE();
-		if (ready(r)) {
+		if (ready(r, min)) {
 			__atomic_fetch_and(word, ~SBP_WAIT_FUTEX, __ATOMIC_RELAXED);
 			return 0;
 		}
@@ -312,9 +315,9 @@ static int wait_for(struct sbp_ring *r, bool (*ready)(const struct sbp_ring *),
 		}
 		if (rc == -EINTR) {
 			__atomic_fetch_and(word, ~SBP_WAIT_FUTEX, __ATOMIC_RELAXED);
-			return ready(r) ? 0 : -EINTR;
+			return ready(r, min) ? 0 : -EINTR;
 		}
-		if (ready(r)) {         /* the usual wake-up: the waker disarmed us */
+		if (ready(r, min)) {         /* the usual wake-up: the waker disarmed us */
 			__atomic_fetch_and(word, ~SBP_WAIT_FUTEX, __ATOMIC_RELAXED);
 			return 0;
 		}
@@ -322,68 +325,84 @@ static int wait_for(struct sbp_ring *r, bool (*ready)(const struct sbp_ring *),
 	}
 }
 
-int sbp_ring_wait_readable(struct sbp_ring *r, int64_t timeout_ns)
+int sbp_ring_wait_readable_min(struct sbp_ring *r, size_t min, int64_t timeout_ns)
 {
 	if (!r->hdr)
 		return -EINVAL;
-	return wait_for(r, read_ready, r->reader_waiting, &H(r)->writer_cpu, timeout_ns);
+	return wait_for(r, read_ready, min, r->reader_waiting, &H(r)->writer_cpu, timeout_ns);
+}
+
+int sbp_ring_wait_readable(struct sbp_ring *r, int64_t timeout_ns)
+{
+	return sbp_ring_wait_readable_min(r, 1, timeout_ns);
 }
 
 int sbp_ring_wait_writable(struct sbp_ring *r, int64_t timeout_ns)
 {
 	if (!r->hdr)
 		return -EINVAL;
-	return wait_for(r, write_ready, r->writer_waiting, &H(r)->reader_cpu, timeout_ns);
+	return wait_for(r, write_ready, 0, r->writer_waiting, &H(r)->reader_cpu, timeout_ns);
 }
 
-static int spin_only(struct sbp_ring *r, bool (*ready)(const struct sbp_ring *),
-		     const uint32_t *peer_cpu)
+static int spin_only(struct sbp_ring *r, bool (*ready)(const struct sbp_ring *, uint64_t),
+		     uint64_t min, const uint32_t *peer_cpu)
 {
 	int rc;
 
-	if (ready(r))
+	if (ready(r, min))
 		return 0;
-	rc = spin_until(r, ready, peer_cpu, now_ns(), INT64_MAX);
+	rc = spin_until(r, ready, min, peer_cpu, now_ns(), INT64_MAX);
 	r->spun = rc != 0;
 	return rc;
 }
 
-int sbp_ring_spin_readable(struct sbp_ring *r)
+int sbp_ring_spin_readable_min(struct sbp_ring *r, size_t min)
 {
 	if (!r->hdr)
 		return -EINVAL;
-	return spin_only(r, read_ready, &H(r)->writer_cpu);
+	return spin_only(r, read_ready, min, &H(r)->writer_cpu);
+}
+
+int sbp_ring_spin_readable(struct sbp_ring *r)
+{
+	return sbp_ring_spin_readable_min(r, 1);
 }
 
 int sbp_ring_spin_writable(struct sbp_ring *r)
 {
 	if (!r->hdr)
 		return -EINVAL;
-	return spin_only(r, write_ready, &H(r)->reader_cpu);
+	return spin_only(r, write_ready, 0, &H(r)->reader_cpu);
 }
 
-static int arm(struct sbp_ring *r, bool (*ready)(const struct sbp_ring *), uint32_t *word)
+static int arm(struct sbp_ring *r, bool (*ready)(const struct sbp_ring *, uint64_t), uint64_t min,
+	       uint32_t *word)
 {
 	if (!r->hdr)
 		return 1;
 	__atomic_fetch_or(word, SBP_WAIT_DOORBELL, __ATOMIC_SEQ_CST);
 	/* SYNC POINT: arm -> re-check (pairs with ring_wake's fence). */
 	FULL_FENCE();
-	if (ready(r)) {
+	if (ready(r, min)) {
 		__atomic_fetch_and(word, ~SBP_WAIT_DOORBELL, __ATOMIC_RELAXED);
 		return 1;
 	}
 	return 0;
 }
 
+int sbp_ring_arm_readable_min(struct sbp_ring *r, size_t min)
+{
+	return arm(r, read_ready, min, r->reader_waiting);
+}
+
 int sbp_ring_arm_readable(struct sbp_ring *r)
 {
-	return arm(r, read_ready, r->reader_waiting);
+	return sbp_ring_arm_readable_min(r, 1);
 }
 
 int sbp_ring_arm_writable(struct sbp_ring *r)
 {
-	return arm(r, write_ready, r->writer_waiting);
+	return arm(r, write_ready, 0, r->writer_waiting);
 }
 
 void sbp_ring_disarm_readable(struct sbp_ring *r)

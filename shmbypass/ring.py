@@ -222,10 +222,11 @@ class Ring:
             return False
         _raise(rc, RingError, "wait")
 
-    def wait_readable(self, timeout=None):
-        """Spin briefly, then sleep until data, EOF, reset or corruption.
-        True when ready, False on timeout (or, in doorbell mode, when armed)."""
-        return self._wait(lib.sbp_ring_wait_readable, timeout)
+    def wait_readable(self, timeout=None, min=1):
+        """Spin briefly, then sleep until min bytes (SO_RCVLOWAT), EOF, reset
+        or corruption. True when ready, False on timeout (or, in doorbell
+        mode, when armed)."""
+        return self._wait(lambda r, t: lib.sbp_ring_wait_readable_min(r, min, t), timeout)
 
     def wait_writable(self, timeout=None):
         return self._wait(lib.sbp_ring_wait_writable, timeout)
@@ -313,9 +314,9 @@ class Ring:
     def doorbell_mode(self, on=True):
         return bool(lib.sbp_ring_doorbell_mode(self._r, 1 if on else 0))
 
-    def arm_readable(self):
-        """Arm for a doorbell; True if already readable (then not armed)."""
-        return bool(lib.sbp_ring_arm_readable(self._r))
+    def arm_readable(self, min=1):
+        """Arm for a doorbell; True if min bytes are there already (then not armed)."""
+        return bool(lib.sbp_ring_arm_readable_min(self._r, min))
 
     def arm_writable(self):
         return bool(lib.sbp_ring_arm_writable(self._r))

@@ -247,6 +247,25 @@ def test_doorbell(be):
     assert w.peer_waiting
 
 
+def test_readable_min(be):
+    """SO_RCVLOWAT and MSG_PEEK|MSG_WAITALL: readable only once min bytes
+    are there, or once nothing more can come."""
+    w, r = pair(be)
+    w.write(b"a" * 50)
+    assert r.wait_readable(timeout=0, min=100) is False
+    assert r.arm_readable(min=100) is False   # armed: the next write rings
+    w.write(b"b" * 60)
+    assert w.peer_waiting
+    assert r.wait_readable(timeout=0, min=100) is True
+    assert r.wait_readable(timeout=0, min=1 << 40) is False  # capped at a full ring
+    w.write(b"c" * (r.capacity - 110))
+    assert r.wait_readable(timeout=0, min=1 << 40) is True
+    r.read(r.capacity)
+    w.write(b"d")
+    w.close_writer()
+    assert r.wait_readable(timeout=0, min=100) is True       # EOF: no more can come
+
+
 # -- two processes ----------------------------------------------------------------
 
 def test_concurrent_256mib(be):

@@ -227,6 +227,18 @@ void chan_break(int fd, struct chan *ch, uint32_t reason, const char *why)
 	}
 }
 
+/* SO_RCVLOWAT as the kernel keeps it (clamped; accepted sockets inherit
+ * the listener's): recv and poll apply it to the ring. */
+void chan_note_rcvlowat(int fd, struct chan_sh *sh)
+{
+	int v = 1, saved = errno;
+	socklen_t len = sizeof(v);
+
+	if (syscall(SYS_getsockopt, fd, SOL_SOCKET, SO_RCVLOWAT, &v, &len) == 0 && v > 0)
+		atomic_store(&sh->rcvlowat, (uint32_t)v);
+	errno = saved;
+}
+
 /* What the app set: from our own notes when we saw the socket made, else
  * from the kernel. Once our data leaves TCP, the socket carries doorbells:
  * single bytes that Nagle would hold back until the peer's delayed ACK
@@ -251,6 +263,7 @@ static void keep_app_opts(int fd, struct chan_sh *sh)
 		len = sizeof(int);
 		syscall(SYS_getsockopt, fd, IPPROTO_TCP, TCP_CORK, &cork, &len);
 	}
+	chan_note_rcvlowat(fd, sh);
 	if (nonblock)
 		atomic_fetch_or(&sh->flags, CH_NONBLOCK);
 	if (nodelay)

@@ -94,7 +94,16 @@ struct chan_sh {
 	uint64_t bells_sent;            /* since our ring went live (bell_lock) */
 	pthread_mutex_t drain_lock;     /* held around eating some outside rx_lock */
 	_Atomic uint64_t bells_eaten;   /* TCP bytes read past the peer's payload */
+	_Atomic uint32_t rcvlowat;      /* SO_RCVLOWAT as the kernel took it (0: 1) */
 };
+
+/* How many ring bytes make the socket readable (SO_RCVLOWAT). */
+static inline size_t chan_rcvlowat(const struct chan_sh *sh)
+{
+	uint32_t v = atomic_load_explicit(&sh->rcvlowat, memory_order_relaxed);
+
+	return v ? v : 1;
+}
 
 /* Per process (private memory, type-stable: never unmapped, only reused). */
 struct chan {
@@ -107,6 +116,7 @@ struct chan {
 };
 
 int chan_tryget(struct chan *ch);
+void chan_note_rcvlowat(int fd, struct chan_sh *sh);
 void chan_put(struct chan *ch);
 
 /* Take a process-shared robust lock (a holder killed mid-call leaves the

@@ -402,13 +402,23 @@ static ssize_t ring_discard(struct sbp_stream *s, size_t len)
 	return got;
 }
 
+/* More may come into the ring we read (a peek that waits for it ends). */
+static int peek_may_grow(struct chan_sh *sh, uint32_t f)
+{
+	uint32_t rf = sbp_ring_flags(&sh->rx.ring);
+
+	return rx_over(f) < 0 && !sbp_ring_corrupt(&sh->rx.ring) &&
+	       !(rf & (SBP_RING_WRITER_CLOSED | SBP_RING_RESET | SBP_RING_LINKED)) &&
+	       sbp_ring_readable(&sh->rx.ring) < sh->rx.ring.cap;
+}
+
 ssize_t shm_recv(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, int flags)
 {
 	struct chan_sh *sh = ch->sh;
 	struct iovec v[UIO_MAXIOV];
 	struct blocking b = { .fd = fd, .dir = 0 };
-	size_t total, done = 0;
-	int peek, waitall, err = 0, first = 0, rc;
+	size_t total, target, done = 0;
+	int peek, err = 0, first = 0, rc;
 
 	rc = iov_total(iov, iovcnt, &total);
 	if (rc < 0)
@@ -419,7 +429,10 @@ ssize_t shm_recv(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, i
 		return fail(EAGAIN, 0);
 	peek = !!(flags & MSG_PEEK);
 	b.nonblock = (flags & MSG_DONTWAIT) || (atomic_load(&sh->flags) & CH_NONBLOCK);
-	waitall = (flags & MSG_WAITALL) && !b.nonblock && !peek;
+	/* like tcp_recvmsg: a blocking call returns once it has this many */
+	target = (flags & MSG_WAITALL) ? total : chan_rcvlowat(sh);
+	if (target > total || b.nonblock)
+		target = b.nonblock ? 1 : total;
 	if (atomic_load(&sh->flags) & CH_BROKEN)
 		return fail(ECONNRESET, 0);
 	if (total == 0)
@@ -442,7 +455,7 @@ ssize_t shm_recv(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, i
 			n = tcp_part(fd, ch, v + first, iovcnt - first, flags);
 			if (n > 0) {
 				done += n;
-				if (!waitall || done == total)
+				if (peek || done >= target)
 					break;
 				iov_advance(v, &first, iovcnt, n);
 				continue;
@@ -465,6 +478,14 @@ ssize_t shm_recv(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, i
 				err = ECONNRESET;
 			break;
 		}
+		if (n > 0 && peek && (size_t)n < target && peek_may_grow(sh, f)) {
+			/* MSG_PEEK with a target: wait until it is all there,
+			 * then peek again from the start */
+			b.min = target;
+			rc = chan_block(ch, &b, 0);
+			if (!rc)
+				continue;
+		}
 		if (n > 0) {
 			done += n;
 			if (!peek) {
@@ -474,7 +495,7 @@ ssize_t shm_recv(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, i
 			}
 			if (!(f & CH_DATA))
 				atomic_fetch_or(&sh->flags, CH_DATA);
-			if (!waitall || done == total)
+			if (peek || done >= target)
 				break;
 			iov_advance(v, &first, iovcnt, n);
 			continue;

@@ -104,7 +104,12 @@ uint32_t chan_poll_mask(int fd, struct chan *ch)
 		if (sbp_ring_corrupt(&sh->rx.ring))
 			return IN_BITS | OUT_BITS | POLLERR | POLLHUP | POLLRDHUP;
 		rf = sbp_ring_flags(&sh->rx.ring);
-		if (sbp_ring_readable(&sh->rx.ring) || (rf & (SBP_RING_WRITER_CLOSED | SBP_RING_RESET)))
+		size_t lowat = chan_rcvlowat(sh);
+
+		if (lowat > sh->rx.ring.cap)
+			lowat = sh->rx.ring.cap;
+		if (sbp_ring_readable(&sh->rx.ring) >= lowat ||
+		    (rf & (SBP_RING_WRITER_CLOSED | SBP_RING_RESET)))
 			m |= IN_BITS;
 	}
 	/* like tcp_poll(): RDHUP once the peer's FIN is in, HUP when both
@@ -140,7 +145,7 @@ int chan_arm(struct chan *ch, uint32_t events, int in_et_seen, int out_et_seen, 
 		} else if (in_et_seen) {
 			if (*cap < 0 || *cap > CAP_ETIN)
 				*cap = CAP_ETIN;
-		} else if (sbp_ring_arm_readable(&sh->rx.ring)) {
+		} else if (sbp_ring_arm_readable_min(&sh->rx.ring, chan_rcvlowat(sh))) {
 			ready = 1;
 		}
 	}

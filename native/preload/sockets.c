@@ -466,7 +466,13 @@ int sock_setsockopt(int fd, int level, int name, const void *val, socklen_t len)
 
 		if (bit && len >= sizeof(int))
 			fdo_update(fd, bit == CH_APP_NODELAY ? FDO_NODELAY : FDO_CORK, *(const int *)val);
-		else if (level == SOL_SOCKET && name == SO_LINGER && len >= sizeof(struct linger))
+		else if (level == SOL_SOCKET && name == SO_RCVLOWAT && FD_PTR(fdt_load(fd))) {
+			fd_io_class(fd, &ch);   /* a channel live or still on TCP */
+			if (ch) {
+				chan_note_rcvlowat(fd, ch->sh);
+				chan_put(ch);
+			}
+		} else if (level == SOL_SOCKET && name == SO_LINGER && len >= sizeof(struct linger))
 			fdo_update(fd, FDO_LINGER0, ((const struct linger *)val)->l_onoff &&
 						    !((const struct linger *)val)->l_linger);
 		errno = e;

@@ -78,7 +78,7 @@ static int kick_fd(struct chan_sh *sh, int dir)
 	return k;
 }
 
-static int doorbell_wait(int fd, struct chan *ch, int dir, int64_t deadline)
+static int doorbell_wait(int fd, struct chan *ch, int dir, size_t min, int64_t deadline)
 {
 	struct chan_sh *sh = ch->sh;
 	_Atomic uint32_t *sleeping = dir ? &sh->tx_sleeping : &sh->rx_sleeping;
@@ -97,7 +97,7 @@ static int doorbell_wait(int fd, struct chan *ch, int dir, int64_t deadline)
 	p[1].fd = kick_fd(sh, dir);
 	p[1].events = POLLIN;
 	atomic_store(sleeping, 1);
-	rc = dir ? sbp_ring_wait_writable(&sh->tx.ring, left) : sbp_ring_wait_readable(&sh->rx.ring, left);
+	rc = dir ? sbp_ring_wait_writable(&sh->tx.ring, left) : sbp_ring_wait_readable_min(&sh->rx.ring, min, left);
 	if (rc == 0 || rc == -ETIMEDOUT) {
 		atomic_store(sleeping, 0);
 		return rc;      /* else -EAGAIN: armed, sleep */
@@ -140,7 +140,7 @@ static int doorbell_wait(int fd, struct chan *ch, int dir, int64_t deadline)
 	return 0;
 }
 
-static int futex_wait_sliced(int fd, struct chan *ch, int dir, int64_t deadline)
+static int futex_wait_sliced(int fd, struct chan *ch, int dir, size_t min, int64_t deadline)
 {
 	struct chan_sh *sh = ch->sh;
 	_Atomic uint32_t *sleeping = dir ? &sh->tx_sleeping : &sh->rx_sleeping;
@@ -159,7 +159,7 @@ static int futex_wait_sliced(int fd, struct chan *ch, int dir, int64_t deadline)
 	if (left >= 0 && left < slice)
 		slice = left;
 	atomic_store(sleeping, 1);
-	rc = dir ? sbp_ring_wait_writable(&sh->tx.ring, slice) : sbp_ring_wait_readable(&sh->rx.ring, slice);
+	rc = dir ? sbp_ring_wait_writable(&sh->tx.ring, slice) : sbp_ring_wait_readable_min(&sh->rx.ring, min, slice);
 	atomic_store(sleeping, 0);
 	if (rc == 0) {
 		sh->slice_ns[dir] = SLICE_MIN_NS;
@@ -180,22 +180,22 @@ static int futex_wait_sliced(int fd, struct chan *ch, int dir, int64_t deadline)
 
 /* Sleep until a wake-up (futex or doorbell) or a state change. dir 0: wait
  * for rx data; 1: wait for tx room. 0 woken (re-check), -ETIMEDOUT, -EINTR. */
-static int chan_wait(int fd, struct chan *ch, int dir, int64_t deadline)
+static int chan_wait(int fd, struct chan *ch, int dir, size_t min, int64_t deadline)
 {
 	if (g.doorbell)
-		return doorbell_wait(fd, ch, dir, deadline);
-	return futex_wait_sliced(fd, ch, dir, deadline);
+		return doorbell_wait(fd, ch, dir, min, deadline);
+	return futex_wait_sliced(fd, ch, dir, min, deadline);
 }
 
 /* The spin of a blocking wait, before the work (TCP look, timeout
  * look-up) that precedes a sleep. Counts as asleep for non-blocking
  * callers of the same direction, as the spin inside chan_wait does. */
-static int ring_spin(struct sbp_ring *r, _Atomic uint32_t *sleeping, int dir)
+static int ring_spin(struct sbp_ring *r, _Atomic uint32_t *sleeping, int dir, size_t min)
 {
 	int rc;
 
 	atomic_store_explicit(sleeping, 1, memory_order_relaxed);
-	rc = dir ? sbp_ring_spin_writable(r) : sbp_ring_spin_readable(r);
+	rc = dir ? sbp_ring_spin_writable(r) : sbp_ring_spin_readable_min(r, min);
 	atomic_store_explicit(sleeping, 0, memory_order_relaxed);
 	return rc;
 }
@@ -224,8 +224,8 @@ int chan_spin(struct chan *ch, struct blocking *b)
 	struct chan_sh *sh = ch->sh;
 
 	b->spun = 1;
-	return b->dir ? ring_spin(&sh->tx.ring, &sh->tx_sleeping, 1)
-		      : ring_spin(&sh->rx.ring, &sh->rx_sleeping, 0);
+	return b->dir ? ring_spin(&sh->tx.ring, &sh->tx_sleeping, 1, 0)
+		      : ring_spin(&sh->rx.ring, &sh->rx_sleeping, 0, b->min);
 }
 
 int tcp_block(struct blocking *b, short events)
@@ -263,7 +263,7 @@ int chan_block(struct chan *ch, struct blocking *b, size_t done)
 		return EAGAIN;
 	if (!b->deadline)
 		b->deadline = deadline_for(b->fd, b->dir ? SO_SNDTIMEO : SO_RCVTIMEO);
-	rc = chan_wait(b->fd, ch, b->dir, b->deadline);
+	rc = chan_wait(b->fd, ch, b->dir, b->min, b->deadline);
 	if (rc == -EINTR && !done && restart_ok(b->deadline))
 		return 0;               /* SA_RESTART: the kernel would go on */
 	if (rc == -ETIMEDOUT)

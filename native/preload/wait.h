@@ -15,6 +15,7 @@ struct blocking {
 	int nonblock;           /* O_NONBLOCK, MSG_DONTWAIT, SPLICE_F_NONBLOCK */
 	int spun;               /* the spin before the first sleep is over */
 	int looked;             /* a reader looked at the TCP side */
+	size_t min;             /* dir 0: ring bytes to wait for (0: any) */
 	int64_t deadline;       /* 0: SO_RCVTIMEO/SO_SNDTIMEO not looked up yet */
 };
 

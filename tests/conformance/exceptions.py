@@ -46,11 +46,7 @@ KNOWN: dict[tuple[str, str], Known] = {
         "byte of the stream, the urgent byte stays in the stream, poll shows no PRI"),
     ("rcvlowat", "kernel"): _xfail(
         "10.7", "SO_RCVLOWAT ignored: readable and recv() return at 50 of 100 bytes"),
-    ("rcvlowat", "shm"): _xfail(
-        "10.7", "SO_RCVLOWAT ignored: readable and recv() return at 50 of 100 bytes"),
     ("peek_waitall", "kernel"): _xfail(
-        "10.7", "MSG_PEEK|MSG_WAITALL returns the 40 bytes queued at once"),
-    ("peek_waitall", "shm"): _xfail(
         "10.7", "MSG_PEEK|MSG_WAITALL returns the 40 bytes queued at once"),
     ("kill9_reader", "kernel"): _xfail(
         "10.7", "a reader killed with unread redirected bytes closes with FIN, not RST: the "
