@@ -53,6 +53,7 @@
 #define CH_REVERTED     0x40000u /* this end gave the socket back: plain TCP for every holder */
 #define CH_BELLS_CLOSED 0x80000u /* no doorbell may be sent any more (bells_sent is final) */
 #define CH_RST_DUE      0x100000u /* the peer closed and we wrote again: its RST is in, sends fail */
+#define CH_RESET_TOLD   0x200000u /* a call reported ECONNRESET: later ones see a closed socket */
 
 /* chan_sh.phase */
 #define CH_CAND 0u      /* we send over TCP; the kernel watches the socket */

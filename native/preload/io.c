@@ -141,6 +141,17 @@ int tx_peer_closed(struct chan_sh *sh, int err)
 	return 0;
 }
 
+/* TCP reports a reset once (sk_err is cleared as it is read); later calls
+ * see a closed socket: recv() EOF (0 here), send() EPIPE. */
+static int reset_once(struct chan_sh *sh, int err, int dir)
+{
+	if (err != ECONNRESET)
+		return err;
+	if (atomic_fetch_or(&sh->flags, CH_RESET_TOLD) & CH_RESET_TOLD)
+		return dir ? EPIPE : 0;
+	return err;
+}
+
 /* The ring we read is empty: is the reading over? 0 (EOF), ECONNRESET, or
  * -1 (no: wait). */
 int rx_over(uint32_t f)
@@ -381,7 +392,7 @@ ssize_t shm_send(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, i
 	pthread_mutex_unlock(&sh->tx_lock);
 	if (done || !err)
 		return (ssize_t)done;
-	return fail(err, flags);
+	return fail(reset_once(sh, err, 1), flags);
 }
 
 /* MSG_TRUNC on TCP: drop up to len bytes without copying them out. */
@@ -433,8 +444,10 @@ ssize_t shm_recv(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, i
 	target = (flags & MSG_WAITALL) ? total : chan_rcvlowat(sh);
 	if (target > total || b.nonblock)
 		target = b.nonblock ? 1 : total;
-	if (atomic_load(&sh->flags) & CH_BROKEN)
-		return fail(ECONNRESET, 0);
+	if (atomic_load(&sh->flags) & CH_BROKEN) {
+		err = reset_once(sh, ECONNRESET, 0);
+		return err ? fail(err, 0) : 0;
+	}
 	if (total == 0)
 		return 0;
 	if (dir_lock(&sh->rx_lock, &sh->rx_sleeping, b.nonblock))
@@ -519,6 +532,8 @@ ssize_t shm_recv(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, i
 		break;
 	}
 	pthread_mutex_unlock(&sh->rx_lock);
+	if (!done && err)
+		err = reset_once(sh, err, 0);
 	if (done || !err)
 		return (ssize_t)done;
 	return fail(err, 0);

@@ -96,8 +96,8 @@ uint32_t chan_poll_mask(int fd, struct chan *ch)
 	f = atomic_load_explicit(&sh->flags, memory_order_acquire);
 	if (f & CH_REVERTED)
 		return kernel_mask(fd);         /* plain TCP now */
-	if (f & CH_BROKEN)
-		return IN_BITS | OUT_BITS | POLLERR | POLLHUP | POLLRDHUP;
+	if (f & CH_BROKEN)      /* ERR until a call reported the reset, as sk_err */
+		return IN_BITS | OUT_BITS | POLLHUP | POLLRDHUP | ((f & CH_RESET_TOLD) ? 0 : POLLERR);
 	if (!(f & CH_RX_ATTACHED))
 		m |= tcp_part_mask(fd, ch);
 	if (f & CH_RX_ATTACHED) {
@@ -125,10 +125,13 @@ uint32_t chan_poll_mask(int fd, struct chan *ch)
 		m |= kernel_mask(fd) & (OUT_BITS | POLLERR);   /* we write TCP again */
 	else if (wr_shut || sbp_ring_writable(&sh->tx.ring) >= tx_low_water(sh))
 		m |= OUT_BITS;
-	if (rd_shut && wr_shut)
+	/* HUP needs our own SHUT_WR (or the RST that answered a send after
+	 * the peer's close): a peer's close alone leaves us in CLOSE_WAIT */
+	if (rd_shut && ((f & (CH_SHUT_WR | CH_RST_DUE)) || sbp_ring_corrupt(&sh->tx.ring) ||
+			(tf & SBP_RING_RESET)))
 		m |= POLLHUP;
 	if (((rf | tf) & SBP_RING_RESET) || (f & CH_GONE_RESET))
-		m |= POLLERR | POLLHUP;
+		m |= POLLHUP | ((f & CH_RESET_TOLD) ? 0 : POLLERR);
 	return m;
 }
 

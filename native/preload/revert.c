@@ -287,12 +287,27 @@ static int rx_back(int fd, struct chan *ch, int64_t deadline)
 	return tcp_skip(fd, bells - eaten, deadline);
 }
 
+/* The socket goes to a program that cannot read the rings, and its bytes
+ * could not all be put back on TCP: abort the TCP connection (RST to the
+ * peer, our queue of doorbells dropped, ECONNRESET for the next reader;
+ * tcp_disconnect), so that the loss is an error and never a doorbell byte
+ * followed by EOF. */
+static void abort_for_successor(int fd)
+{
+	struct sockaddr sa = { .sa_family = AF_UNSPEC };
+	int saved = errno;
+
+	syscall(SYS_connect, fd, &sa, sizeof(sa));
+	errno = saved;
+}
+
 /* The socket is in use by another thread for longer than we may wait:
  * reset rather than let the new holder read a doorbell or miss bytes. */
 static int give_up(int fd, struct chan *ch, pthread_mutex_t *held)
 {
 	chan_break(fd, ch, SBP_RESET_APP, "another thread kept the socket busy while this one gave "
 		   "it to a program that cannot read the rings");
+	abort_for_successor(fd);
 	if (held)
 		pthread_mutex_unlock(held);
 	chan_went_plain(ch);
@@ -332,11 +347,14 @@ int chan_give_back(int fd, struct chan *ch)
 		if (rc == 0)
 			rc = rx_back(fd, ch, deadline);
 	}
-	if (rc < 0)
+	if (rc < 0) {
 		chan_break(fd, ch, SBP_RESET_APP, rc == -ETIMEDOUT ?
 			   "the peer did not agree to go back to TCP in time (it gives the socket to "
-			   "a program that cannot read the rings)" :
+			   "a program that cannot read the rings; a peer that closed with bytes still "
+			   "in its ring cannot answer)" :
 			   "the peer's answer to go back to TCP did not add up");
+		abort_for_successor(fd);
+	}
 	both_on_tcp(ch);
 	pthread_mutex_unlock(&sh->rx_lock);
 	pthread_mutex_unlock(&sh->tx_lock);

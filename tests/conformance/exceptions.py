@@ -35,12 +35,6 @@ KNOWN: dict[tuple[str, str], Known] = {
     ("send_after_shutdown", "kernel"): _xfail(
         "new", "a send() after our own shutdown(SHUT_WR) succeeds and the peer reads "
         "its bytes after our FIN; TCP fails it with EPIPE"),
-    ("poll_after_peer_close", "shm"): _xfail(
-        "new", "poll/epoll report HUP once the peer has closed (TCP: IN, OUT, RDHUP; HUP only "
-        "when both directions are shut), so an event loop may drop the connection unread"),
-    ("linger_reset", "shm"): _xfail(
-        "new", "after a reset every later recv() and send() fail with ECONNRESET; TCP reports "
-        "the reset once, then EOF and EPIPE"),
     ("msg_oob", "kernel"): _xfail(
         "new", "an urgent byte is redirected as plain data: recv(MSG_OOB) returns the first "
         "byte of the stream, the urgent byte stays in the stream, poll shows no PRI"),
