@@ -159,6 +159,16 @@ struct {
 	__type(value, struct sbp_resv);
 } reservations SEC(".maps");
 
+/* Why a SYN-ACK declined, kept for its child socket's reason. Apart and
+ * LRU: SYNs that are declined (a flood in SYN-cookie mode, a peer with
+ * another region) evict each other, never a reservation. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct sbp_resv_key);
+	__type(value, __u32);
+} declined SEC(".maps");
+
 /* The one timer that expires reservations (see sweep()). A map holding a
  * timer must be pinned: bpf_timer_init() wants a user reference. */
 struct sbp_sweeper {
@@ -745,6 +755,7 @@ static __always_inline void resv_key_req(struct bpf_sock_ops *skops, __u32 ack_s
 static __always_inline void synack_opt_write(struct bpf_sock_ops *skops)
 {
 	struct sbp_resv val = {}, *r;
+	__u32 *was;
 	struct sbp_region_cfg *cfg;
 	struct sbp_resv_key key;
 	struct sbp_opt o, out = {};
@@ -789,9 +800,13 @@ static __always_inline void synack_opt_write(struct bpf_sock_ops *skops)
 			sweeper_arm(resv_ttl());
 			opt_fill(&out, 0, r->slot, r->gen, r->region_id);
 		} else {
-			opt_fill(&out, r->state == SBP_RESV_DECLINED ? r->reason
-				 : SBP_REASON_POOL_EXHAUSTED, 0, 0, 0);
+			opt_fill(&out, SBP_REASON_POOL_EXHAUSTED, 0, 0, 0);
 		}
+		goto store;
+	}
+	was = bpf_map_lookup_elem(&declined, &key);
+	if (was) {
+		opt_fill(&out, *was, 0, 0, 0);  /* declined the first time: again */
 		goto store;
 	}
 
@@ -822,9 +837,7 @@ static __always_inline void synack_opt_write(struct bpf_sock_ops *skops)
 		}
 	}
 	/* Declined: remember why, so the child records the same reason. */
-	val.state = SBP_RESV_DECLINED;
-	val.reason = status;
-	resv_insert(&key, &val);
+	bpf_map_update_elem(&declined, &key, &status, BPF_ANY);
 	opt_fill(&out, status, 0, 0, 0);
 store:
 	err = bpf_store_hdr_opt(skops, &out, sizeof(out), 0);
@@ -960,6 +973,7 @@ static __always_inline int shm_passive(struct bpf_sock_ops *skops, struct sbp_sk
 {
 	struct sbp_resv_key key = {};
 	struct sbp_resv *r;
+	__u32 *reason;
 	__u32 slot, gen, peer_slot, peer_gen;
 	__u64 region_id;
 
@@ -967,6 +981,14 @@ static __always_inline int shm_passive(struct bpf_sock_ops *skops, struct sbp_sk
 	key.conn.b_isn = 0;
 	key.netns = netns;
 	r = bpf_map_lookup_elem(&reservations, &key);
+	reason = r ? NULL : bpf_map_lookup_elem(&declined, &key);
+	if (reason) {
+		st->vm = 1;
+		st->tier = SBP_TIER_TCP;
+		st->reason = *reason;
+		bpf_map_delete_elem(&declined, &key);
+		return 0;
+	}
 	if (!r) {
 		/* Not a VM pair's handshake. If this end asked and its peer is
 		 * a VM, the SYN had no option (that end did not ask, or has no
@@ -981,11 +1003,6 @@ static __always_inline int shm_passive(struct bpf_sock_ops *skops, struct sbp_sk
 	st->vm = 1;
 	st->tier = SBP_TIER_TCP;
 	st->reason = SBP_REASON_PEER_NOT_CAPABLE;
-	if (r->state == SBP_RESV_DECLINED) {
-		st->reason = r->reason;
-		bpf_map_delete_elem(&reservations, &key);
-		return 0;
-	}
 	/* Read before the claim: once the sweeper has deleted an entry its
 	 * memory may hold another one. */
 	slot = r->slot;

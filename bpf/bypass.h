@@ -254,7 +254,6 @@ enum sbp_resv_state {
 	SBP_RESV_RESERVED = 1,	/* holds one reference on `slot` */
 	SBP_RESV_CLAIMED,	/* the child socket took the reference */
 	SBP_RESV_EXPIRED,	/* the timer gave the reference back */
-	SBP_RESV_DECLINED,	/* no slot; `reason` says why */
 	SBP_RESV_PARKED,	/* a closed socket's slot, held for a peer VM that
 				 * may still read it (docs/NEGOTIATION.md) */
 };
@@ -269,7 +268,7 @@ struct sbp_resv {
 	__u64 expires;		/* bpf_ktime_get_ns() deadline; pushed back by
 				 * every SYN-ACK retransmission */
 	__u64 state;		/* enum sbp_resv_state; 64-bit for cmpxchg */
-	__u32 reason;		/* DECLINED: enum sbp_reason */
+	__u32 pad0;
 	__u32 slot;		/* ours */
 	__u32 gen;
 	__u32 peer_slot;	/* from the SYN's option */

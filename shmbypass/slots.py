@@ -27,7 +27,8 @@ DEFAULT_RESV_TTL = 180.0
 
 # `sweeper` holds a bpf_timer: a map with timers must be pinned (a user
 # reference), or bpf_timer_init() fails with EPERM.
-MAPS = ("free_slots", "slot_state", "region", "listeners", "reservations", "sweeper", "vm_peers")
+MAPS = ("free_slots", "slot_state", "region", "listeners", "reservations", "declined", "sweeper",
+        "vm_peers")
 
 
 def _region_map(inst: paths.Instance) -> bpf.Map:
@@ -106,7 +107,7 @@ def reservations(inst: paths.Instance) -> list[dict]:
     rows = []
     with bpf.Map.pinned(inst.pin("reservations"), "struct sbp_resv_key", "struct sbp_resv") as m:
         for _, r in m.items():
-            rows.append({"state": r.state, "reason": r.reason, "slot": r.slot, "gen": r.gen,
+            rows.append({"state": r.state, "slot": r.slot, "gen": r.gen,
                          "peer_slot": r.peer_slot, "peer_gen": r.peer_gen})
     return rows
 

@@ -710,6 +710,47 @@ def raw_syn(src, dst, sport, dport, isn, option):
     return ip + tcp
 
 
+def our_syn_option(region_id, slot, gen=7):
+    return struct.pack("!BBHBBHIQ", lib.SBP_OPT_KIND, lib.SBP_OPT_LEN, EXID,
+                       lib.SBP_OPT_VERSION << 4 | lib.SBP_CAP_SHM_HOST, 0, slot, gen, region_id)
+
+
+def test_declined_syns_cannot_fill_the_reservations(neg, marker, dead_end_ns):
+    """Issue 10.8: SYNs carrying our option that are declined (here another
+    region; in SYN-cookie mode every one is) keep their reason in an LRU map
+    of their own. 9,000 of them, more than the 8,192 reservations there are,
+    leave the reservation table empty, and the next good SYN still gets a
+    slot."""
+    slots.set_vm_peers(neg, ["10.214.0.5"])
+    n = slots.config(neg)["slot_count"]
+    region = slots.config(neg)["region_id"]
+    with InNetns(dead_end_ns):
+        flooded = listen(mark=marker, host="10.214.0.1")
+        good = listen(mark=marker, host="10.214.0.1")
+        raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    declined = bpf.Map.pinned(neg.pin("declined"), "struct sbp_resv_key", "uint32_t")
+    try:
+        port = flooded.getsockname()[1]
+        for i in range(9000):
+            raw.sendto(raw_syn("10.214.0.5", "10.214.0.1", 20000 + i, port,
+                               random.getrandbits(32), our_syn_option(region ^ 1, i % n)),
+                       ("10.214.0.1", 0))
+        wait_for(lambda: len(list(declined.items())) >= 1000, "the declines recorded")
+        assert 0 < len(list(declined.items())) <= 4096
+        assert not slots.reservations(neg)
+        raw.sendto(raw_syn("10.214.0.5", "10.214.0.1", 40000, good.getsockname()[1],
+                           random.getrandbits(32), our_syn_option(region, 4242 % n)),
+                   ("10.214.0.1", 0))
+        wait_for(lambda: len(slots.reservations(neg)) == 1, "a reservation for the good SYN")
+        (r,) = slots.reservations(neg)
+        assert r["state"] == lib.SBP_RESV_RESERVED and r["peer_slot"] == 4242 % n
+    finally:
+        declined.close()
+        raw.close()
+        flooded.close()
+        good.close()
+
+
 def test_abandoned_synack_returns_its_slot(neg, marker, dead_end_ns):
     """A SYN carrying our option whose sender never ACKs (a crashed client, a
     SYN flood): the SYN-ACK reserves a slot, every (re)transmitted SYN-ACK
