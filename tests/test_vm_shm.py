@@ -26,6 +26,7 @@ import time
 import pytest
 
 from shmbypass import paths, region, shmtier
+from shmbypass._native import lib
 from shmbypass.errors import GuestDied
 from shmbypass.vm import status as vmstatus
 from shmbypass.vm.pair import VMPair
@@ -257,7 +258,6 @@ def test_doorbell_spin_follows_the_doorbells_cost():
     twice a doorbell's cost, at most the spin cap; lowered by a quick
     wake-up; short once waits run much longer than a doorbell (idle peer).
     Two views of one ring in a bytearray: logic, not timing."""
-    from shmbypass._native import lib
     from shmbypass.ring import Ring
     buf = bytearray(4096 + 65536)
     w, r = Ring.create(buf, 7), Ring.attach(buf, 7)
@@ -628,7 +628,7 @@ def test_closed_writers_slot_waits_for_the_peer_vm(joined):
     code = ("import json; from shmbypass import paths, slots; i = paths.Instance.current(); "
             "print(json.dumps(slots.reservations(i)))")
     rows = json.loads(joined.run("A", f"{PY} -c '{code}'", env=ENV, timeout=120, check=True).out)
-    parked = [r for r in rows if r["state"] == 5]  # SBP_RESV_PARKED
+    parked = [r for r in rows if r["state"] == lib.SBP_RESV_PARKED]
     assert len(parked) == 1, rows
     assert _pool(joined, "A")[:2] == (part - 1, 1)
 

@@ -323,8 +323,9 @@ void capture_data(uint64_t cookie, int dir, uint64_t offset, const struct iovec 
 		drop(n);
 		goto out;
 	}
-	/* What could not be written before this ring existed. */
-	if (__atomic_load_n(&lost, __ATOMIC_RELAXED)) {
+	/* What could not be written before this ring existed. Either count
+	 * may be the one left (a drop between the two exchanges below). */
+	if (__atomic_load_n(&lost, __ATOMIC_RELAXED) || __atomic_load_n(&lost_bytes, __ATOMIC_RELAXED)) {
 		k = __atomic_exchange_n(&lost, 0, __ATOMIC_RELAXED);
 		__atomic_fetch_add(&r->hdr->dropped, k, __ATOMIC_RELAXED);
 		k = __atomic_exchange_n(&lost_bytes, 0, __ATOMIC_RELAXED);

@@ -423,6 +423,35 @@ static int peek_may_grow(struct chan_sh *sh, uint32_t f)
 	       sbp_ring_readable(&sh->rx.ring) < sh->rx.ring.cap;
 }
 
+/* Like tcp_recvmsg's target: a blocking call returns once it has this
+ * many bytes (MSG_WAITALL: all; else SO_RCVLOWAT); a non-blocking one
+ * returns what is there. */
+static size_t recv_target(const struct chan_sh *sh, size_t total, int flags, int nonblock)
+{
+	size_t t = (flags & MSG_WAITALL) ? total : chan_rcvlowat(sh);
+
+	if (nonblock)
+		return 1;
+	return t > total ? total : t;
+}
+
+/* n bytes came out of the ring (or were peeked at). */
+static void rx_took(int fd, struct chan *ch, ssize_t n, uint32_t f, int peek)
+{
+	struct chan_sh *sh = ch->sh;
+
+	if (!peek) {
+		sh->rx_consumed += n;
+		if (sbp_ring_peer_waiting(&sh->rx.ring))
+			rx_bell(fd, ch);
+	}
+	if (!(f & CH_DATA))
+		atomic_fetch_or(&sh->flags, CH_DATA);
+}
+
+/* long: one loop over where the peer's bytes are (its TCP part, its ring,
+ * the link to its next area or back to TCP), as tcp_recvmsg is one loop:
+ * every exit reports what was moved, or the one errno TCP would give. */
 ssize_t shm_recv(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, int flags)
 {
 	struct chan_sh *sh = ch->sh;
@@ -440,10 +469,7 @@ ssize_t shm_recv(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, i
 		return fail(EAGAIN, 0);
 	peek = !!(flags & MSG_PEEK);
 	b.nonblock = (flags & MSG_DONTWAIT) || (atomic_load(&sh->flags) & CH_NONBLOCK);
-	/* like tcp_recvmsg: a blocking call returns once it has this many */
-	target = (flags & MSG_WAITALL) ? total : chan_rcvlowat(sh);
-	if (target > total || b.nonblock)
-		target = b.nonblock ? 1 : total;
+	target = recv_target(sh, total, flags, b.nonblock);
 	if (atomic_load(&sh->flags) & CH_BROKEN) {
 		err = reset_once(sh, ECONNRESET, 0);
 		return err ? fail(err, 0) : 0;
@@ -459,8 +485,7 @@ ssize_t shm_recv(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, i
 		ssize_t n;
 
 		if (f & CH_BROKEN) {
-			if (!done)
-				err = ECONNRESET;
+			err = done ? 0 : ECONNRESET;
 			break;
 		}
 		if (!(f & CH_RX_ATTACHED) && !rx_progress(fd, ch)) {
@@ -501,13 +526,7 @@ ssize_t shm_recv(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, i
 		}
 		if (n > 0) {
 			done += n;
-			if (!peek) {
-				sh->rx_consumed += n;
-				if (sbp_ring_peer_waiting(&sh->rx.ring))
-					rx_bell(fd, ch);
-			}
-			if (!(f & CH_DATA))
-				atomic_fetch_or(&sh->flags, CH_DATA);
+			rx_took(fd, ch, n, f, peek);
 			if (peek || done >= target)
 				break;
 			iov_advance(v, &first, iovcnt, n);

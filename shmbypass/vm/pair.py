@@ -189,7 +189,12 @@ class VMPair:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=errlog, stderr=errlog, env=env,
                                 start_new_session=True, preexec_fn=qemu.set_pdeathsig)
         errlog.close()
-        agent = AgentClient(name, os.path.join(self.run_dir, name + ".agent"))
+        try:
+            agent = AgentClient(name, os.path.join(self.run_dir, name + ".agent"))
+        except BaseException:
+            os.killpg(proc.pid, signal.SIGKILL)    # not in self.guests yet: close() would miss it
+            proc.wait()
+            raise
         g = self.guests[name] = _Guest(name, proc, agent, log)
         try:
             agent.connect(time.monotonic() + 10)
@@ -286,6 +291,8 @@ class VMPair:
             except subprocess.TimeoutExpired:
                 pass
             g.agent.close()
+        # and any guest of this pair the table above missed (issue 10.9)
+        qemu.kill_guests(lambda n: n.startswith(self.name + "-"))
         for path in (self.region_path,):
             try:
                 os.unlink(path)

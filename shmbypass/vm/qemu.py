@@ -20,6 +20,8 @@ def set_pdeathsig():
     # QEMU dies with the launcher, even when the launcher is SIGKILLed.
     PR_SET_PDEATHSIG = 1
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() == 1:
+        os._exit(1)     # the launcher died before the prctl: nobody would kill us
 
 
 def _pid_alive(pid):
@@ -32,19 +34,62 @@ def _pid_alive(pid):
         return True
 
 
+def _qemu_names():
+    """{pid: the -name of each qemu-system process} (read from /proc)."""
+    found = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if argv and os.path.basename(argv[0]).startswith(b"qemu-system") and b"-name" in argv:
+            i = argv.index(b"-name")
+            if i + 1 < len(argv):
+                found[int(d)] = argv[i + 1].decode(errors="replace")
+    return found
+
+
+def kill_guests(match):
+    """SIGKILL every QEMU whose -name match(name) accepts, and wait until it
+    is gone (it need not be our child: a launcher that died left it to
+    init). Teardown reaps what its bookkeeping may have missed."""
+    pids = [pid for pid, name in _qemu_names().items() if match(name)]
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(os.path.exists(f"/proc/{p}") for p in pids):
+        for p in pids:
+            try:
+                os.waitpid(p, os.WNOHANG)   # ours: reap it
+            except ChildProcessError:
+                pass
+        time.sleep(0.02)
+    return pids
+
+
+def _launcher_dead(name):
+    pid = name[len(RUN_PREFIX):].split("-", 1)[0]
+    return pid.isdigit() and not _pid_alive(int(pid))
+
+
 def sweep_stale():
-    """Remove region files and run dirs left by launchers that were killed
-    (their QEMUs died with them through PDEATHSIG). Names carry the pid."""
+    """Remove what launchers that were killed left: QEMUs (PDEATHSIG kills
+    them with their launcher's thread, but not one started in a race with
+    its death), region files and run dirs. Names carry the launcher's pid."""
+    kill_guests(lambda n: n.startswith(RUN_PREFIX) and _launcher_dead(n))
     for base in ("/dev/shm", "/run"):
         try:
             names = os.listdir(base)
         except OSError:
             continue
         for n in names:
-            if not n.startswith(RUN_PREFIX):
-                continue
-            pid = n[len(RUN_PREFIX):].split("-", 1)[0]
-            if pid.isdigit() and not _pid_alive(int(pid)):
+            if n.startswith(RUN_PREFIX) and _launcher_dead(n):
                 p = os.path.join(base, n)
                 if os.path.isdir(p) and not os.path.islink(p):
                     shutil.rmtree(p, ignore_errors=True)
