@@ -91,7 +91,7 @@ struct {
 } settings SEC(".maps");
 
 /* Connection policy by the server's port and address (the listener's end):
- * excluded connections stay on TCP with reason policy-excluded. */
+ * excluded connections stay on TCP with reason policy. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 1024);

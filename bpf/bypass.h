@@ -45,7 +45,7 @@ enum sbp_tier {
 	X(SBP_REASON_TABLE_FULL, "table-full")					\
 	X(SBP_REASON_DRAINING, "shutting-down")		/* `shmbypass down` in progress */ \
 	X(SBP_REASON_PEER_CLOSED, "peer-closed")				\
-	X(SBP_REASON_POLICY_EXCLUDED, "policy-excluded")			\
+	X(SBP_REASON_POLICY_EXCLUDED, "policy")			\
 	X(SBP_REASON_DIFFERENT_REGION, "different-region") /* shm: the ends map different regions */ \
 	X(SBP_REASON_POOL_EXHAUSTED, "pool-exhausted")	/* shm: no free slot (or SYN cookies) */ \
 	X(SBP_REASON_NO_OPTION_SPACE, "no-option-space") /* shm: no room for our SYN option */

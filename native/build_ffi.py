@@ -47,6 +47,8 @@ ffibuilder.set_source(
     "\n".join(["#include <bpf/libbpf.h>", "#include <bpf/bpf.h>"] + includes),
     sources=sources,
     include_dirs=[HERE, BPF_DIR],
+    # a changed header (a struct, the reason table) rebuilds the module too
+    depends=[os.path.relpath(p) for d in (HERE, BPF_DIR) for p in sorted(glob.glob(os.path.join(d, "*.h")))],
     libraries=["bpf"],
     extra_compile_args=CFLAGS,
 )

@@ -4,11 +4,11 @@ Two kinds of rules, both enforced in BPF from what the kernel reports:
 - identity (shm tier): a connection pairs in the shm tier only if both
   programs that asked for it run as root, as an allowed user, or in an
   allowed group (`up --allow-user alice --allow-group web`, or
-  `--allow-any-user`); else it takes TCP with reason policy-excluded.
+  `--allow-any-user`); else it takes TCP with reason policy.
 - connection (both tiers): by the server's port and address
   (`--exclude-port 22`, `--include-port 6379`, `--exclude-net 10.0.0.0/8`,
   `--include-net ...`): an excluded connection stays on TCP with reason
-  policy-excluded. Any include rule of a kind means "only these".
+  policy. Any include rule of a kind means "only these".
 """
 import grp
 import ipaddress

@@ -26,7 +26,7 @@ REASON_CODES = {
     "pool-exhausted": 0x03020000,
     "no-option-space": 0x03030000,
     "shutting-down": 0x04010000,
-    "policy-excluded": 0x04020000,
+    "policy": 0x04020000,
     "different-region": 0x05010000,
 }
 # A reason this version has no name for (shown as reason-N): 0x7F0000NN.

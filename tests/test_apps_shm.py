@@ -144,7 +144,7 @@ if __name__ == "__main__":
 
 # -- the tests -----------------------------------------------------------------
 
-from test_interposer import PY, Proc, get_setup, setups  # noqa: E402,F401  (fixture)
+from interposer_env import PY, Proc, get_setup, setups  # noqa: E402,F401  (fixture)
 
 ME = os.path.abspath(__file__)
 

@@ -31,7 +31,7 @@ import pytest
 from shmbypass import manager, policy, status
 from apps import free_port, need
 from conftest import assert_gone, new_instance
-from test_interposer import PY, RUN, WRK_CHECK, Proc, Server, listening
+from interposer_env import PY, RUN, WRK_CHECK, Proc, Server, listening
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SERVERS = os.path.join(HERE, "user_servers.py")
@@ -331,7 +331,7 @@ def test_nginx_workers_as_a_user_not_allowed(users_su, denied_user, shared_dir):
     """The same nginx, its workers dropping to a user the instance does not
     allow: the master listened (as root), the worker that accepts asks
     again as itself and the policy turns the connection back to TCP, both
-    rows saying policy-excluded (as last seen by `status`), the worker
+    rows saying policy (as last seen by `status`), the worker
     saying why on stderr (nginx's error log); curl still gets the file."""
     need("nginx", "curl")
     su, d = users_su, shared_dir
@@ -339,7 +339,7 @@ def test_nginx_workers_as_a_user_not_allowed(users_su, denied_user, shared_dir):
     try:
         rows = curl_watched(su, d, port, data)
         assert len(rows) == 2 and all(r["tier"] == "tcp" for r in rows), rows
-        assert {r["reason"] for r in rows} == {"policy-excluded"}, rows
+        assert {r["reason"] for r in rows} == {"policy"}, rows
     finally:
         srv.stop()
     uid = pwd.getpwnam(denied_user).pw_uid
@@ -412,7 +412,7 @@ def test_user_not_allowed_to_a_non_root_server(users_su):
     """A client under a uid the instance does not allow (no passwd entry:
     setpriv), started by root under `shmbypass run`, echoes 1 MiB to the
     echo server of nobody (allowed): it works, in the kernel tier, both rows
-    say policy-excluded, its stderr says so in one line. The same uid cannot
+    say policy, its stderr says so in one line. The same uid cannot
     join through the broker: the launcher exits non-zero with the reason."""
     su = users_su
     uid = free_uid()
@@ -428,7 +428,7 @@ def test_user_not_allowed_to_a_non_root_server(users_su):
         assert (cuid, tier, live, ok) == (uid, 0, 0, 1), cli.lines
         pair = rows_of(status.connections(su.inst), local, port)
         assert len(pair) == 2 and all(r["tier"] == "kernel" for r in pair), pair
-        assert {r["reason"] for r in pair} == {"policy-excluded"}, pair
+        assert {r["reason"] for r in pair} == {"policy"}, pair
         cli.p.stdin.close()
         cli.p.stdin = None
         cli.finish(60)

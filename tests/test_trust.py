@@ -193,7 +193,7 @@ s.recv(1)
 
 @pytest.mark.parametrize("allowed", [False, True])
 def test_policy_by_identity(instance, allowed):
-    """A user the policy does not allow learns `policy-excluded` and the
+    """A user the policy does not allow learns `policy` and the
     kernel tier (which shares no memory); an allowed one the shm tier.
     Root's end learns the same."""
     nobody = 65534
@@ -243,7 +243,7 @@ def test_policy_by_port_keeps_both_tiers_off(instance):
     try:
         assert info(c).tier == TCP and info(s).tier == TCP
         rows = {r["local"]: r for r in status.connections(inst)}
-        assert rows[f"127.0.0.1:{c.getsockname()[1]}"]["reason"] == "policy-excluded"
+        assert rows[f"127.0.0.1:{c.getsockname()[1]}"]["reason"] == "policy"
         c.sendall(b"through tcp")
         assert s.recv(20) == b"through tcp"
     finally:
