@@ -120,11 +120,18 @@ def test_same_four_tuple_in_two_namespace_pairs(inst):
             procs.append((child(server, inst, v.ns[1], v.ips[1], 6000, socket.AF_INET, seed),
                           child(client, inst, v.ns[0], v.ips[1], 6000, socket.AF_INET,
                                 v.ips[0], 41000, seed)))
-        time.sleep(0.15)
-        rows = status.connections(inst)
+        # the four ends while they talk (pairing happens at establishment:
+        # look until all four have it, not once after a fixed delay)
+        deadline = time.monotonic() + 10
+        while True:
+            same = [r for r in status.connections(inst)
+                    if r["local"] in ("10.213.0.1:41000", "10.213.0.2:6000")]
+            if (len(same) == 4 and {r["tier"] for r in same} == {"kernel"}) or \
+                    time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
         for srv, cli in procs:
             assert result(srv) == result(cli)
-        same = [r for r in rows if r["local"] in ("10.213.0.1:41000", "10.213.0.2:6000")]
         assert len(same) == 4 and {r["tier"] for r in same} == {"kernel"}, same
         assert len({r["netns"] for r in same}) == 4
 
