@@ -90,6 +90,11 @@ struct sbp_block_hdr {
 	uint64_t revert_pos[2];
 	uint64_t revert_bells[2];
 	uint32_t revert[2];
+	/* Per direction, counted by its writer for status and metrics only
+	 * (shown, never acted on): how often it found the ring full, and the
+	 * doorbells it sent. */
+	uint64_t full[2];
+	uint64_t bells[2];
 };
 
 #define SBP_REVERT_ASKED 1u

@@ -224,6 +224,12 @@ class Collector:
         nq = family(GaugeMetricFamily, "shmbypass_shm_connection_queued_bytes",
                     "Bytes in each live shm-tier socket's rings not read yet: what it sent (tx) "
                     "and what was sent to it (rx), like ss's Send-Q and Recv-Q", labels)
+        nf = family(CounterMetricFamily, "shmbypass_shm_connection_ring_full",
+                    "Times each live shm-tier socket found the ring it writes full (it then "
+                    "waits, or a non-blocking send gets EAGAIN)", labels[:-1])
+        nd = family(CounterMetricFamily, "shmbypass_shm_connection_doorbells",
+                    "Doorbells each live shm-tier socket sent (a TCP byte that wakes a peer "
+                    "asleep in poll/epoll or in another VM)", labels[:-1])
         for c in st["connections"]:
             if c["tier"] != "shm":
                 continue
@@ -232,8 +238,13 @@ class Collector:
                 nb.add_metric(key, c[f"bytes_{d}"])
                 if c.get(f"{d}_queued") is not None:
                     nq.add_metric(key, c[f"{d}_queued"])
+            key = [self.inst.name, str(c["netns"]), c["local"], c["remote"]]
+            nf.add_metric(key, c.get("ring_full", 0))
+            nd.add_metric(key, c.get("doorbells", 0))
         yield nb
         yield nq
+        yield nf
+        yield nd
 
 
 def registry(inst: paths.Instance, stats_fd: int = -1):

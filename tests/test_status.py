@@ -298,3 +298,60 @@ def test_ring_fill_of_shm_connections(inst):
             if p:
                 p.stdin.close()
                 p.wait(30)
+
+
+def test_ring_full_and_doorbells_counted(inst, tmp_path):
+    """A writer whose peer does not read fills every area of its stream
+    (12 MiB: more than the 9.6 MiB the four areas hold) and waits: its row
+    counts the ring as full, in `status --json` and in the metrics; the
+    doorbells each end sent are counted beside it."""
+    from shmbypass import metrics
+    n = 12 << 20
+    env = dict(os.environ, SHMBYPASS_INSTANCE=inst.name)
+    run = SHMBYPASS + ["run", "--tier", "shm", "--", sys.executable, "-c", UNREAD_PEER]
+    srv = subprocess.Popen(run + ["server", str(n)], env=env, stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE, text=True)
+    cli = None
+
+    def tell(p, line):
+        p.stdin.write(line + "\n")
+        p.stdin.flush()
+
+    try:
+        port = srv.stdout.readline().strip()
+        cli = subprocess.Popen(run + ["client", str(n), port], env=env, stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True)
+        mine = f"127.0.0.1:{cli.stdout.readline().strip()}"
+        for _ in range(200):    # until both directions are in rings
+            tell(cli, "ping")
+            assert cli.stdout.readline().strip() == "pong"
+            got = {r["local"]: r for r in cli_status(inst, "--port", port)["connections"]}
+            if all(r.get("rx_queued") is not None and r.get("tx_queued") is not None
+                   for r in got.values()):
+                break
+        assert got[mine]["ring_full"] == 0, got[mine]
+        tell(cli, "bulk")                           # blocks: nobody reads
+        assert srv.stdout.readline().strip() == "bulk"
+        deadline = time.monotonic() + 30
+        while True:
+            row = {r["local"]: r for r in cli_status(inst, "--port", port)["connections"]}[mine]
+            if row["ring_full"] >= 1 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert row["ring_full"] >= 1 and row["tx_queued"] > 9 << 20, row
+        assert isinstance(row["doorbells"], int), row  # 1 here: the ring's switch doorbell
+        text = tmp_path / "m.prom"
+        metrics.write_textfile(inst, str(text))
+        series = [ln for ln in text.read_text().splitlines()
+                  if ln.startswith("shmbypass_shm_connection_ring_full_total{") and
+                  f'local="{mine}"' in ln]
+        assert len(series) == 1 and float(series[0].split()[-1]) >= 1, series
+        assert f'shmbypass_shm_connection_doorbells_total{{' in text.read_text()
+        tell(srv, "")                               # now read it all
+        assert srv.stdout.readline().split() == ["read", str(n)]
+        assert cli.stdout.readline().strip() == "sent"
+    finally:
+        for p in (cli, srv):
+            if p:
+                p.stdin.close()
+                p.wait(30)

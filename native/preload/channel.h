@@ -176,6 +176,17 @@ static inline int revert_asked(const struct chan_sh *sh)
 				  SBP_REVERT_ASKED;
 }
 
+/* Count for status/metrics, in the block header both ends share (one
+ * relaxed add; nothing reads it back). */
+static inline void chan_count(struct chan_sh *sh, int bells)
+{
+	if (sh->blk) {
+		uint64_t *c = bells ? &sh->blk->bells[chan_tx_dir(sh)] : &sh->blk->full[chan_tx_dir(sh)];
+
+		__atomic_fetch_add(c, 1, __ATOMIC_RELAXED);
+	}
+}
+
 /* Start writing our ring at the byte count we sent over TCP (tx_lock held). */
 int tx_go_live(int fd, struct chan_sh *sh);
 /* Tell the peer's writer how much of its TCP part we have read (rx_lock

@@ -35,8 +35,10 @@ int ctl_bell(int fd, struct chan *ch)
 	lock_take(&sh->bell_lock);
 	if (atomic_load(&sh->flags) & CH_BELLS_CLOSED)
 		rc = -EPIPE;
-	else if ((rc = ctl_doorbell(fd)) == 0)
+	else if ((rc = ctl_doorbell(fd)) == 0) {
 		sh->bells_sent++;
+		chan_count(sh, 1);
+	}
 	pthread_mutex_unlock(&sh->bell_lock);
 	return rc;
 }

@@ -97,13 +97,17 @@ def _blocks(path: str, size: int, out: dict) -> None:
             gen = state >> 32
             a2p = _ring_view(pi, base, b, lib.SBP_DIR_A2P, gen)
             p2a = _ring_view(pi, base, b, lib.SBP_DIR_P2A, gen)
-            for cookie, tx, rx in ((h.active_cookie, a2p, p2a), (h.passive_cookie, p2a, a2p)):
+            for cookie, tx, rx, d in ((h.active_cookie, a2p, p2a, lib.SBP_DIR_A2P),
+                                      (h.passive_cookie, p2a, a2p, lib.SBP_DIR_P2A)):
                 out[cookie] = {
                     "bytes_tx": tx[0] if tx else 0,
                     "bytes_rx": rx[1] if rx else 0,
                     "tx_queued": tx[2] if tx else None,
                     "rx_queued": rx[2] if rx else None,
                     "ring_size": tx[3] if tx else None,
+                    # what this end's writer counted (untrusted: display only)
+                    "ring_full": int(h.full[d]),
+                    "doorbells": int(h.bells[d]),
                 }
         del base
     finally:
@@ -111,9 +115,11 @@ def _blocks(path: str, size: int, out: dict) -> None:
 
 
 def ring_counts(pids) -> dict[int, dict]:
-    """cookie -> bytes_tx, bytes_rx, tx_queued, rx_queued, ring_size of the
-    attached blocks in the pair regions these processes map. Counts are
-    stream offsets: they include what went over TCP before the ring."""
+    """cookie -> bytes_tx, bytes_rx, tx_queued, rx_queued, ring_size,
+    ring_full, doorbells of the attached blocks in the pair regions these
+    processes map. Byte counts are stream offsets: they include what went
+    over TCP before the ring; ring_full is how often this end's writer found
+    its ring full, doorbells how many it sent."""
     out: dict[int, dict] = {}
     done = set()
     for pid in pids:
