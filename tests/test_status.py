@@ -346,7 +346,7 @@ def test_ring_full_and_doorbells_counted(inst, tmp_path):
                   if ln.startswith("shmbypass_shm_connection_ring_full_total{") and
                   f'local="{mine}"' in ln]
         assert len(series) == 1 and float(series[0].split()[-1]) >= 1, series
-        assert f'shmbypass_shm_connection_doorbells_total{{' in text.read_text()
+        assert 'shmbypass_shm_connection_doorbells_total{' in text.read_text()
         tell(srv, "")                               # now read it all
         assert srv.stdout.readline().split() == ["read", str(n)]
         assert cli.stdout.readline().strip() == "sent"
