@@ -1,22 +1,14 @@
 // SPDX-License-Identifier: GPL-2.0
-/* Region header, slot addressing, and the BPF arena backend's syscalls.
- * See region.h. */
+/* Region header and slot addressing. See region.h. */
 #include <errno.h>
-#include <linux/bpf.h>
 #include <stdbool.h>
 #include <string.h>
-#include <sys/mman.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
 #include "region.h"
 #include "ring.h"
-#include "sys.h"
 
 _Static_assert(sizeof(struct sbp_region_hdr) <= SBP_REGION_HDR_SIZE, "region header fits a page");
 _Static_assert(SBP_REGION_HDR_SIZE == SBP_RING_HDR_SIZE, "page-sized headers");
-
-#define SZ_4G (1ULL << 32)
 
 static bool slot_size_ok(uint64_t slot_size)
 {
@@ -134,104 +126,4 @@ int sbp_region_set_parts(void *base, size_t size, const struct sbp_region_part *
 	memcpy(h->parts, parts, n * sizeof(*parts));
 	h->nparts = n;
 	return 0;
-}
-
-size_t sbp_region_wake_size(uint32_t slot_count)
-{
-	size_t n = (size_t)slot_count * 2 * SBP_WAKE_STRIDE;
-
-	return (n + 4095) & ~(size_t)4095;
-}
-
-uint32_t *sbp_region_wake_word(void *wake, size_t wake_size, uint32_t slot, int writer)
-{
-	uint64_t off = ((uint64_t)slot * 2 + (writer ? 1 : 0)) * SBP_WAKE_STRIDE;
-
-	if (!wake || off + sizeof(uint32_t) > wake_size)
-		return NULL;
-	return (uint32_t *)((char *)wake + off);
-}
-
-uint64_t sbp_arena_pick_addr(size_t size)
-{
-	/* Reserve twice the size, keep a sub-range that does not cross 4 GiB,
-	 * release it. Another thread could take it before the arena maps it:
-	 * the caller retries on EEXIST. */
-	void *p = mmap(NULL, 2 * size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-	uint64_t start;
-
-	if (p == MAP_FAILED || size == 0 || size > SZ_4G)
-		return 0;
-	start = (uint64_t)(uintptr_t)p;
-	if ((start >> 32) != ((start + size - 1) >> 32))
-		start = (start + SZ_4G - 1) & ~(SZ_4G - 1);
-	munmap(p, 2 * size);
-	return start;
-}
-
-int sbp_arena_create(uint32_t pages, uint64_t map_addr)
-{
-	union bpf_attr a;
-	long fd;
-
-	memset(&a, 0, sizeof(a));
-	a.map_type = SBP_BPF_MAP_TYPE_ARENA;
-	a.max_entries = pages;
-	a.map_flags = BPF_F_MMAPABLE;
-	a.map_extra = map_addr;
-	memcpy(a.map_name, "sbp_arena", sizeof("sbp_arena"));
-	fd = sys_bpf(BPF_MAP_CREATE, &a);
-	return fd < 0 ? -errno : (int)fd;
-}
-
-int sbp_map_query(int fd, uint32_t *map_type, uint32_t *max_entries, uint64_t *map_extra,
-		  uint32_t *map_flags)
-{
-	struct bpf_map_info info;
-	union bpf_attr a;
-
-	memset(&info, 0, sizeof(info));
-	memset(&a, 0, sizeof(a));
-	a.info.bpf_fd = (uint32_t)fd;
-	a.info.info_len = sizeof(info);
-	a.info.info = (uint64_t)(uintptr_t)&info;
-	if (sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &a) < 0)
-		return -errno;
-	*map_type = info.type;
-	*max_entries = info.max_entries;
-	*map_extra = info.map_extra;
-	*map_flags = info.map_flags;
-	return 0;
-}
-
-void *sbp_map_shared(int fd, uint64_t addr, size_t size, int *err)
-{
-	int flags = MAP_SHARED | (addr ? MAP_FIXED_NOREPLACE : 0);
-	void *p = mmap((void *)(uintptr_t)addr, size, PROT_READ | PROT_WRITE, flags, fd, 0);
-
-	if (p == MAP_FAILED) {
-		*err = errno;
-		return NULL;
-	}
-	if (addr && (uint64_t)(uintptr_t)p != addr) {
-		/* old kernels ignore MAP_FIXED_NOREPLACE and treat addr as a hint */
-		munmap(p, size);
-		*err = EEXIST;
-		return NULL;
-	}
-	*err = 0;
-	return p;
-}
-
-int sbp_unmap(void *addr, size_t size)
-{
-	return munmap(addr, size) < 0 ? -errno : 0;
-}
-
-void sbp_prefault(void *addr, size_t size)
-{
-	volatile const char *p = addr;
-
-	for (size_t off = 0; off < size; off += 4096)
-		(void)p[off];
 }

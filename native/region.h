@@ -46,7 +46,7 @@ struct sbp_region_hdr {
 	uint32_t slot_size;
 	uint64_t region_size;
 	uint64_t region_id;     /* random at format; names the trust domain */
-	uint64_t map_addr;      /* arena: address every process maps at (0 = any) */
+	uint64_t map_addr;      /* unused (was: the arena backend's fixed address); 0 */
 	uint32_t backend;       /* SBP_BACKEND_* */
 	uint32_t flags;
 	uint32_t owner_uid;
@@ -84,43 +84,5 @@ void sbp_region_set_backend(void *base, uint32_t backend, uint64_t map_addr, uin
 /* Replace the parts table: n ranges, each inside [0, slot_count) and not
  * overlapping. 0 or -EINVAL. */
 int sbp_region_set_parts(void *base, size_t size, const struct sbp_region_part *parts, uint32_t n);
-
-/*
- * Wake words. FUTEX_WAIT on BPF arena memory fails with EFAULT (its pages
- * belong to no file and no anonymous mm), so an arena region keeps the
- * rings' futex words in a small companion shm mapping: per slot one reader
- * word and one writer word, each on its own cache line. Pass them to
- * sbp_ring_set_wait_words() on both sides.
- */
-#define SBP_WAKE_STRIDE 64u
-size_t sbp_region_wake_size(uint32_t slot_count);
-/* NULL if slot is out of range for a wake mapping of wake_size bytes. */
-uint32_t *sbp_region_wake_word(void *wake, size_t wake_size, uint32_t slot, int writer);
-
-/*
- * BPF arena helpers (raw bpf(2): libbpf 1.1 cannot set a 64-bit map_extra).
- * The arena is created with map_extra = the user address every process must
- * map it at, so a second process learns it from the map info before mapping.
- */
-/* A free address range for size bytes that does not cross a 4 GiB boundary
- * (the arena requires that); 0 if none found. */
-uint64_t sbp_arena_pick_addr(size_t size);
-/* fd, or -errno (-EINVAL/-EOPNOTSUPP: no arena in this kernel, -EPERM). */
-int sbp_arena_create(uint32_t pages, uint64_t map_addr);
-/* map_type, max_entries, map_extra, map_flags of any map fd; 0 or -errno. */
-int sbp_map_query(int fd, uint32_t *map_type, uint32_t *max_entries, uint64_t *map_extra,
-		  uint32_t *map_flags);
-/* mmap(fd) MAP_SHARED at exactly addr (MAP_FIXED_NOREPLACE) or anywhere if
- * addr is 0. NULL and *err = errno on failure (EEXIST: address taken).
- * NOTE fork: an arena mapping is NOT inherited by a forked child (the VMA is
- * not copied; touching it there is SIGSEGV). The child must map it again at
- * the same address with the inherited map fd: sbp_map_shared(fd, addr, size)
- * (measured on 6.18). shm and anonymous MAP_SHARED mappings are inherited. */
-void *sbp_map_shared(int fd, uint64_t addr, size_t size, int *err);
-int sbp_unmap(void *addr, size_t size);
-/* Touch every page (read) so the arena allocates them now: BPF programs
- * cannot fault pages in, user space can. */
-void sbp_prefault(void *addr, size_t size);
-#define SBP_BPF_MAP_TYPE_ARENA 33u
 
 #endif

@@ -89,8 +89,8 @@ struct sbp_ring {
 	uint64_t seen_tail;     /* highest tail seen */
 	uint32_t spin_max_ns;   /* 0 = never spin */
 	uint32_t spin_ns;       /* current adaptive spin budget */
-	uint32_t *reader_waiting; /* futex words: in the header unless moved */
-	uint32_t *writer_waiting; /*   (sbp_ring_set_wait_words) */
+	uint32_t *reader_waiting; /* the futex words in the header */
+	uint32_t *writer_waiting;
 	int doorbell;           /* cross-VM: never futex-wake, never futex-wait */
 	int peer_waiting;       /* the last write/read found the peer armed */
 	int futex_broken;       /* FUTEX_WAIT said EFAULT: fall back to polling sleeps */
@@ -279,13 +279,6 @@ void sbp_ring_set_bell_cost(struct sbp_ring *r, uint32_t cost_ns);
 void sbp_ring_note_wakeup(struct sbp_ring *r);
 /* The spin the next wait would use (ns), for tests and status. */
 uint32_t sbp_ring_spin_budget(const struct sbp_ring *r);
-
-/* Use futex words outside the slot. Needed where the slot memory cannot
- * hold a futex shared between processes: FUTEX_WAIT on BPF arena memory
- * returns EFAULT (the pages belong to no file and no anon mm), so the arena
- * backend keeps the words in a companion shm page (region.h). Both sides
- * must use the same words. NULL, NULL = the words in the ring header. */
-void sbp_ring_set_wait_words(struct sbp_ring *r, uint32_t *reader_waiting, uint32_t *writer_waiting);
 
 /* Like sbp_ring_arm_writable, but the reader rings only once at least
  * min_room bytes are free (rounded up to KiB, at most the capacity): a

@@ -18,14 +18,6 @@
 #include "ring_impl.h"
 #include "sys.h"
 
-void sbp_ring_set_wait_words(struct sbp_ring *r, uint32_t *reader_waiting, uint32_t *writer_waiting)
-{
-	if (!r->hdr)
-		return;
-	r->reader_waiting = reader_waiting ? reader_waiting : &H(r)->reader_waiting;
-	r->writer_waiting = writer_waiting ? writer_waiting : &H(r)->writer_waiting;
-}
-
 void ring_wake_armed(struct sbp_ring *r, uint32_t *word)
 {
 	uint32_t armed = __atomic_exchange_n(word, 0, __ATOMIC_SEQ_CST);
@@ -302,8 +294,8 @@ static int wait_for(struct sbp_ring *r, bool (*ready)(const struct sbp_ring *, u
 				r->futex_broken = 1;
 		}
 		if (rc == -EFAULT || rc == -ENOSYS) {
-			/* No shared futex on this memory (e.g. BPF arena without
-			 * moved wait words): sleep in short steps instead. */
+			/* No shared futex on this memory (a mapping the kernel
+			 * cannot key a futex on): sleep in short steps instead. */
 			struct timespec ts = { 0, poll_ns };
 
 			if (left >= 0 && left < poll_ns)

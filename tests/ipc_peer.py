@@ -11,7 +11,6 @@ library is not loaded). Failures are exceptions (exit status 1) or False
 fields in the result; the test asserts on them.
 """
 import ctypes
-import errno
 import fcntl
 import json
 import os
@@ -27,79 +26,10 @@ import time
 
 from sockets import recv_exact, sha   # tests/ is this script's sys.path[0]
 
-FIONREAD = 0x541B
-SIOCOUTQ = 0x5411
-HOST = os.environ.get("IPC_HOST", "127.0.0.1")
-FAMILY = socket.AF_INET6 if ":" in HOST else socket.AF_INET
-RESULT = {}
 
-try:
-    _lib = ctypes.CDLL(None)
-    _tier = _lib.shmbypass_fd_tier
-    _tier.argtypes = [ctypes.c_int]
-    _rings = _lib.shmbypass_fd_rings
-    _rings.argtypes = [ctypes.c_int]
-    _settle = _lib.shmbypass_fd_settle
-    _settle.argtypes = [ctypes.c_int, ctypes.c_int]
-except (OSError, AttributeError):
-    _tier = _rings = _settle = None
-
-
-def tier(sock):
-    fd = sock if isinstance(sock, int) else sock.fileno()
-    return _tier(fd) if _tier else 0
-
-
-def rings(sock):
-    """Which directions use rings now (bit 0 ours, bit 1 the peer's)."""
-    return _rings(sock.fileno()) if _rings else 0
-
-
-def settle(sock):
-    """Wait (briefly) until the connection uses its rings, as it does after
-    a first exchange: the bytes that follow test the rings."""
-    if _settle:
-        _settle(sock.fileno(), 1000)
-    return sock
-
-
-def out(**kw):
-    RESULT.update(kw)
-
-
-
-
-def recv_all(s):
-    buf = bytearray()
-    while True:
-        b = s.recv(1 << 20)
-        if not b:
-            return bytes(buf)
-        buf += b
-
-
-def wait_readable(s, timeout=10):
-    r, _, _ = select.select([s], [], [], timeout)
-    assert r, "timed out waiting for data"
-
-
-def pattern(start, n):
-    """Deterministic stream: byte i is i % 251."""
-    return bytes((start + i) % 251 for i in range(n))
-
-
-def fill_until_eagain(s):
-    s.setblocking(False)
-    total = 0
-    chunk = b"x" * 65536
-    while True:
-        try:
-            total += s.send(chunk)
-        except BlockingIOError:
-            break
-    s.setblocking(True)
-    return total
-
+from ipc_common import (FAMILY, FIONREAD, HOST, RESULT, SIOCOUTQ, fill_until_eagain,  # noqa: F401
+                        out, pattern, recv_all, rings, settle, tier, wait_readable)
+from ipc_many import aio, many_client, many_server
 
 # ---------------------------------------------------------------------------
 # scenarios: server part and client part
@@ -626,7 +556,7 @@ def c_pingpong(s, args):
 
 def _slots(sock):
     tx, rx = ctypes.c_uint(), ctypes.c_uint()
-    fn = _lib.shmbypass_fd_slots
+    fn = ctypes.CDLL(None).shmbypass_fd_slots
     fn.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_uint), ctypes.POINTER(ctypes.c_uint)]
     return (tx.value, rx.value) if fn(sock.fileno(), tx, rx) == 0 else None
 
@@ -744,177 +674,6 @@ def main():
         raise
     print("RESULT " + json.dumps(RESULT), flush=True)
 
-
-
-# ---------------------------------------------------------------------------
-# asyncio streams: `aioserver` prints PORT and serves N clients; `aioclient`
-# runs N concurrent clients, each sending and reading back messages.
-
-async def _aio_server(n):
-    import asyncio
-    done = asyncio.Event()
-    served = 0
-
-    async def handle(reader, writer):
-        nonlocal served
-        while True:
-            line = await reader.readline()
-            if not line:
-                break
-            writer.write(line[::-1][1:] + b"\n")
-            await writer.drain()
-        writer.close()
-        served += 1
-        if served == n:
-            done.set()
-    srv = await asyncio.start_server(handle, HOST, 0)
-    print(f"PORT {srv.sockets[0].getsockname()[1]}", flush=True)
-    async with srv:
-        await done.wait()
-    out(served=served)
-
-
-async def _aio_client(port, n, msgs):
-    import asyncio
-
-    async def one(i):
-        reader, writer = await asyncio.open_connection(HOST, port)
-        t = tier(writer.get_extra_info("socket").fileno())
-        ok = True
-        for j in range(msgs):
-            msg = f"{i}:{j}:".encode() + os.urandom(random.randint(1, 3000)).hex().encode()
-            writer.write(msg + b"\n")
-            await writer.drain()
-            back = await reader.readline()
-            ok &= back == msg[::-1] + b"\n"
-        writer.close()
-        await writer.wait_closed()
-        return ok, t
-    res = await asyncio.gather(*(one(i) for i in range(n)))
-    out(ok=all(r[0] for r in res), tiers=sorted({r[1] for r in res}))
-
-
-def rss_kib():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
-
-
-def _room_for_fds(n):
-    import resource
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = min(hard, max(soft, n + 256))
-    resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-
-
-def many_server(args):
-    """Echo one byte per connection for `total` connections (epoll), then
-    report how many fds this process has open and its memory: at the 1000th
-    connection (warm), when the last `nopen` connections begin (seq: the
-    ones before were one at a time) and at the end."""
-    import selectors
-    total = int(args[0])
-    nopen = int(args[1]) if len(args) > 1 else 0
-    _room_for_fds(nopen)
-    ls = socket.socket(FAMILY, socket.SOCK_STREAM)
-    ls.bind((HOST, 0))
-    ls.listen(1024)
-    ls.setblocking(False)
-    fds_before = len(os.listdir("/proc/self/fd"))  # after the library opened its map
-    print(f"PORT {ls.getsockname()[1]}", flush=True)
-    sel = selectors.DefaultSelector()
-    sel.register(ls, selectors.EVENT_READ)
-    accepted = closed = 0
-    tiers = {}
-    rss_warm = rss_seq = 0
-    while closed < total:
-        ready = sel.select(10)
-        if not ready:
-            print(f"STALL accepted {accepted} closed {closed} registered "
-                  f"{len(sel.get_map()) - 1}", file=sys.stderr, flush=True)
-        for key, _ in ready:
-            if key.fileobj is ls:
-                while True:
-                    try:
-                        c, _ = ls.accept()
-                    except BlockingIOError:
-                        break
-                    c.setblocking(False)
-                    accepted += 1
-                    if accepted == min(1000, total // 2):
-                        rss_warm = rss_kib()    # after the library's tables grew
-                    if accepted == total - nopen + 1:
-                        rss_seq = rss_kib()
-                    t = tier(c)
-                    tiers[t] = tiers.get(t, 0) + 1
-                    sel.register(c, selectors.EVENT_READ)
-                continue
-            c = key.fileobj
-            try:
-                b = c.recv(10)
-            except (BlockingIOError, InterruptedError):
-                continue
-            except ConnectionError:
-                b = b""
-            if b:
-                c.sendall(b)
-            else:
-                sel.unregister(c)
-                c.close()
-                closed += 1
-    sel.unregister(ls)
-    sel.close()
-    fds_after = len(os.listdir("/proc/self/fd"))
-    ls.close()
-    out(accepted=accepted, tiers={str(k): v for k, v in tiers.items()},
-        fds_before=fds_before, fds_after=fds_after, rss_warm_kib=rss_warm,
-        rss_seq_kib=rss_seq, rss_end_kib=rss_kib())
-
-
-def many_client(args):
-    port, seq, nopen = int(args[0]), int(args[1]), int(args[2])
-    _room_for_fds(nopen)
-    s = socket.create_connection((HOST, port))      # warm-up: the library opens its map
-    s.sendall(b"w")
-    s.recv(1)
-    s.close()
-    fds_before = len(os.listdir("/proc/self/fd"))
-    tiers = {}
-    rss_warm = 0
-    for i in range(seq):
-        if i == min(1000, seq // 2):
-            rss_warm = rss_kib()
-        s = socket.create_connection((HOST, port))
-        s.sendall(b"x")
-        assert s.recv(1) == b"x"
-        t = tier(s)
-        tiers[t] = tiers.get(t, 0) + 1
-        s.close()
-    rss_seq = rss_kib()
-    socks = [socket.create_connection((HOST, port)) for _ in range(nopen)]
-    for s in socks:
-        s.sendall(b"y")
-    rings = 0  # of the concurrent ones: went live (shmbypass_fd_rings)
-    for s in socks:
-        assert s.recv(1) == b"y"
-        t = tier(s)
-        tiers[t] = tiers.get(t, 0) + 1
-        rings += bool(_rings(s.fileno())) if _rings else 0
-    for s in socks:
-        s.close()
-    out(tiers={str(k): v for k, v in tiers.items()}, fds_before=fds_before,
-        fds_after=len(os.listdir("/proc/self/fd")), rss_warm_kib=rss_warm,
-        rss_seq_kib=rss_seq, rss_end_kib=rss_kib(), rings=rings)
-
-
-def aio(role, args):
-    import asyncio
-    if role == "aioserver":
-        asyncio.run(_aio_server(int(args[0])))
-    else:
-        asyncio.run(_aio_client(int(args[0]), int(args[1]), int(args[2])))
 
 
 if __name__ == "__main__":

@@ -291,12 +291,6 @@ static void test_region(void)
 		free(g);
 	}
 
-	size_t ws = sbp_region_wake_size(3);
-	uint32_t *wake = slot_alloc(ws);
-	CHECK(sbp_region_wake_word(wake, ws, 2, 1) != NULL);
-	CHECK(sbp_region_wake_word(wake, ws, (uint32_t)(ws / 128), 0) == NULL);
-	CHECK(sbp_region_wake_word(wake, ws, UINT32_MAX, 1) == NULL);
-	free(wake);
 	free(base);
 }
 

@@ -1,0 +1,179 @@
+"""Many connections from one process (tests/test_interposer.py,
+test_stress.py) and asyncio streams (test_apps_interposer.py): the
+`manyserver`/`manyclient` and `aioserver`/`aioclient` roles of ipc_peer.py."""
+import os
+import random
+import socket
+import sys
+
+from ipc_common import HOST, FAMILY, out, rings as live_rings, tier  # noqa: F401
+
+# ---------------------------------------------------------------------------
+# asyncio streams: `aioserver` prints PORT and serves N clients; `aioclient`
+# runs N concurrent clients, each sending and reading back messages.
+
+async def _aio_server(n):
+    import asyncio
+    done = asyncio.Event()
+    served = 0
+
+    async def handle(reader, writer):
+        nonlocal served
+        while True:
+            line = await reader.readline()
+            if not line:
+                break
+            writer.write(line[::-1][1:] + b"\n")
+            await writer.drain()
+        writer.close()
+        served += 1
+        if served == n:
+            done.set()
+    srv = await asyncio.start_server(handle, HOST, 0)
+    print(f"PORT {srv.sockets[0].getsockname()[1]}", flush=True)
+    async with srv:
+        await done.wait()
+    out(served=served)
+
+
+async def _aio_client(port, n, msgs):
+    import asyncio
+
+    async def one(i):
+        reader, writer = await asyncio.open_connection(HOST, port)
+        t = tier(writer.get_extra_info("socket").fileno())
+        ok = True
+        for j in range(msgs):
+            msg = f"{i}:{j}:".encode() + os.urandom(random.randint(1, 3000)).hex().encode()
+            writer.write(msg + b"\n")
+            await writer.drain()
+            back = await reader.readline()
+            ok &= back == msg[::-1] + b"\n"
+        writer.close()
+        await writer.wait_closed()
+        return ok, t
+    res = await asyncio.gather(*(one(i) for i in range(n)))
+    out(ok=all(r[0] for r in res), tiers=sorted({r[1] for r in res}))
+
+
+def rss_kib():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def _room_for_fds(n):
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = min(hard, max(soft, n + 256))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
+def many_server(args):
+    """Echo one byte per connection for `total` connections (epoll), then
+    report how many fds this process has open and its memory: at the 1000th
+    connection (warm), when the last `nopen` connections begin (seq: the
+    ones before were one at a time) and at the end."""
+    import selectors
+    total = int(args[0])
+    nopen = int(args[1]) if len(args) > 1 else 0
+    _room_for_fds(nopen)
+    ls = socket.socket(FAMILY, socket.SOCK_STREAM)
+    ls.bind((HOST, 0))
+    ls.listen(1024)
+    ls.setblocking(False)
+    fds_before = len(os.listdir("/proc/self/fd"))  # after the library opened its map
+    print(f"PORT {ls.getsockname()[1]}", flush=True)
+    sel = selectors.DefaultSelector()
+    sel.register(ls, selectors.EVENT_READ)
+    accepted = closed = 0
+    tiers = {}
+    rss_warm = rss_seq = 0
+    while closed < total:
+        ready = sel.select(10)
+        if not ready:
+            print(f"STALL accepted {accepted} closed {closed} registered "
+                  f"{len(sel.get_map()) - 1}", file=sys.stderr, flush=True)
+        for key, _ in ready:
+            if key.fileobj is ls:
+                while True:
+                    try:
+                        c, _ = ls.accept()
+                    except BlockingIOError:
+                        break
+                    c.setblocking(False)
+                    accepted += 1
+                    if accepted == min(1000, total // 2):
+                        rss_warm = rss_kib()    # after the library's tables grew
+                    if accepted == total - nopen + 1:
+                        rss_seq = rss_kib()
+                    t = tier(c)
+                    tiers[t] = tiers.get(t, 0) + 1
+                    sel.register(c, selectors.EVENT_READ)
+                continue
+            c = key.fileobj
+            try:
+                b = c.recv(10)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except ConnectionError:
+                b = b""
+            if b:
+                c.sendall(b)
+            else:
+                sel.unregister(c)
+                c.close()
+                closed += 1
+    sel.unregister(ls)
+    sel.close()
+    fds_after = len(os.listdir("/proc/self/fd"))
+    ls.close()
+    out(accepted=accepted, tiers={str(k): v for k, v in tiers.items()},
+        fds_before=fds_before, fds_after=fds_after, rss_warm_kib=rss_warm,
+        rss_seq_kib=rss_seq, rss_end_kib=rss_kib())
+
+
+def many_client(args):
+    port, seq, nopen = int(args[0]), int(args[1]), int(args[2])
+    _room_for_fds(nopen)
+    s = socket.create_connection((HOST, port))      # warm-up: the library opens its map
+    s.sendall(b"w")
+    s.recv(1)
+    s.close()
+    fds_before = len(os.listdir("/proc/self/fd"))
+    tiers = {}
+    rss_warm = 0
+    for i in range(seq):
+        if i == min(1000, seq // 2):
+            rss_warm = rss_kib()
+        s = socket.create_connection((HOST, port))
+        s.sendall(b"x")
+        assert s.recv(1) == b"x"
+        t = tier(s)
+        tiers[t] = tiers.get(t, 0) + 1
+        s.close()
+    rss_seq = rss_kib()
+    socks = [socket.create_connection((HOST, port)) for _ in range(nopen)]
+    for s in socks:
+        s.sendall(b"y")
+    rings = 0  # of the concurrent ones: went live (shmbypass_fd_rings)
+    for s in socks:
+        assert s.recv(1) == b"y"
+        t = tier(s)
+        tiers[t] = tiers.get(t, 0) + 1
+        rings += bool(live_rings(s))
+    for s in socks:
+        s.close()
+    out(tiers={str(k): v for k, v in tiers.items()}, fds_before=fds_before,
+        fds_after=len(os.listdir("/proc/self/fd")), rss_warm_kib=rss_warm,
+        rss_seq_kib=rss_seq, rss_end_kib=rss_kib(), rings=rings)
+
+
+def aio(role, args):
+    import asyncio
+    if role == "aioserver":
+        asyncio.run(_aio_server(int(args[0])))
+    else:
+        asyncio.run(_aio_client(int(args[0]), int(args[1]), int(args[2])))
