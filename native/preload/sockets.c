@@ -192,7 +192,6 @@ void sock_created(int fd, int domain, int type, int proto)
 	errno = saved;
 }
 
-/* Ask BPF for the shm tier, then connect. */
 /* Ask for the shm tier on fd, naming our inbox (opened on first use). */
 static int ask_for_shm(int fd)
 {
@@ -202,6 +201,7 @@ static int ask_for_shm(int fd)
 	return rc < 0 ? rc : ask_socket(fd, token);
 }
 
+/* Ask BPF for the shm tier, then connect. */
 int sock_connect(int fd, const struct sockaddr *addr, socklen_t len)
 {
 	int r, saved;
