@@ -99,9 +99,11 @@ def _blocks(path: str, size: int, out: dict) -> None:
             p2a = _ring_view(pi, base, b, lib.SBP_DIR_P2A, gen)
             for cookie, tx, rx, d in ((h.active_cookie, a2p, p2a, lib.SBP_DIR_A2P),
                                       (h.passive_cookie, p2a, a2p, lib.SBP_DIR_P2A)):
+                # A direction with no ring yet went over TCP so far: what
+                # its reader has read of it (the reader publishes that).
                 out[cookie] = {
-                    "bytes_tx": tx[0] if tx else 0,
-                    "bytes_rx": rx[1] if rx else 0,
+                    "bytes_tx": tx[0] if tx else int(h.tcp_read[d]),
+                    "bytes_rx": rx[1] if rx else int(h.tcp_read[d ^ 1]),
                     "tx_queued": tx[2] if tx else None,
                     "rx_queued": rx[2] if rx else None,
                     "ring_size": tx[3] if tx else None,
