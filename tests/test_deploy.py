@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from shmbypass import deploy, manager, paths
-from shmbypass.region import posix
+from shmbypass.capture import control
 from apps import SHMBYPASS, need
 from conftest import assert_gone, new_instance
 
@@ -156,8 +156,9 @@ def test_daemonset_and_opt_in_agree():
     (c,) = spec["containers"]
     assert c["securityContext"]["privileged"] is True
     mounts = host_mounts(spec, c)
-    for path in ("/sys/fs/bpf", "/sys/fs/cgroup", "/run/shmbypass", "/dev/shm"):
+    for path in ("/sys/fs/bpf", "/sys/fs/cgroup", "/run/shmbypass"):
         assert mounts[path]["host"] == path, (path, mounts)
+    assert "/dev/shm" not in mounts, "one-host connections share no region"
     env = {e["name"]: e["value"] for e in c["env"]}
     run_dir = paths.Instance(env["SHMBYPASS_INSTANCE"]).run_dir
     assert run_dir == "/run/shmbypass", "the instance's run dir must be the /run/shmbypass mount"
@@ -165,7 +166,7 @@ def test_daemonset_and_opt_in_agree():
     assert subprocess.run(["sh", "-n", "-c", script]).returncode == 0
     assert 'shmbypass up --cgroup "$SHMBYPASS_CGROUP" $SHMBYPASS_UP_ARGS' in script
     assert c["lifecycle"]["preStop"]["exec"]["command"][:2] == ["shmbypass", "down"]
-    assert "--backend posix" in env["SHMBYPASS_UP_ARGS"]
+    assert "--backend" not in env["SHMBYPASS_UP_ARGS"]
 
     # The opted-in pod: what `shmbypass run --tier shm` gives a program.
     _, pspec = pod_spec("example-opt-in.yaml", "Deployment")
@@ -174,14 +175,18 @@ def test_daemonset_and_opt_in_agree():
     libs = penv["LD_PRELOAD"].split()
     assert [os.path.basename(x) for x in libs] == ["libshmbypass-preload.so",
                                                    "libshmbypass-guard.so"]
-    for lib in libs:
-        assert lib.startswith("/run/shmbypass/lib/") and os.path.basename(lib) in script
-        assert os.path.exists(paths.tool(os.path.basename(lib))), lib  # files the build makes
-    assert penv["SHMBYPASS_INSTANCE"] == env["SHMBYPASS_INSTANCE"]
-    assert penv["SHMBYPASS_REGION"] == "posix:" + posix.segment_name(env["SHMBYPASS_INSTANCE"])
-    pm = host_mounts(pspec, app)
-    assert pm["/run/shmbypass"] == {"host": "/run/shmbypass", "ro": True}
     inst = paths.Instance(env["SHMBYPASS_INSTANCE"])
-    assert pm[inst.pin_dir]["host"] == inst.pin_dir
-    region_file = "/dev/shm" + posix.segment_name(env["SHMBYPASS_INSTANCE"])
-    assert pm[region_file]["host"] == region_file
+    for lib in libs:
+        # where `up` puts them (manager.py), from the files the build makes
+        assert os.path.dirname(lib) == os.path.join(inst.run_dir, "lib"), lib
+        assert os.path.exists(paths.tool(os.path.basename(lib))), lib
+    assert penv["SHMBYPASS_INSTANCE"] == env["SHMBYPASS_INSTANCE"]
+    assert "SHMBYPASS_REGION" not in penv, "one-host connections share no region"
+    pm = host_mounts(pspec, app)
+    # read-only (a pod must not replace the libraries other pods load), but
+    # for the inboxes and capture rings each process makes
+    assert pm["/run/shmbypass"] == {"host": "/run/shmbypass", "ro": True}
+    for sub in ("inbox", control.RING_DIR):
+        d = os.path.join(inst.run_dir, sub)
+        assert pm[d] == {"host": d, "ro": False}, pm
+    assert inst.pin_dir not in pm, "the interposer opens no pin"
