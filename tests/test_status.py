@@ -1,6 +1,7 @@
 """`shmbypass status` like smcss and ss: stable reason codes (docs/REASONS.md),
 filters, the process holding each end (in this and other network
 namespaces), and --watch."""
+import contextlib
 import json
 import os
 import re
@@ -234,6 +235,42 @@ else:
 """
 
 
+def tell(p, line):
+    p.stdin.write(line + "\n")
+    p.stdin.flush()
+
+
+@contextlib.contextmanager
+def unread_pair(inst, n):
+    """UNREAD_PEER's server and client under `shmbypass run --tier shm`:
+    (srv, cli, port, the client's address, the server's). Both stopped (as
+    process groups: `run` is the parent of the program) whatever happens."""
+    env = dict(os.environ, SHMBYPASS_INSTANCE=inst.name)
+    run = SHMBYPASS + ["run", "--tier", "shm", "--", sys.executable, "-c", UNREAD_PEER]
+    procs = []
+
+    def start(*args):
+        procs.append(subprocess.Popen(run + [str(a) for a in args], env=env, text=True,
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      start_new_session=True))
+        return procs[-1]
+
+    try:
+        srv = start("server", n)
+        port = srv.stdout.readline().strip()
+        cli = start("client", n, port)
+        mine = f"127.0.0.1:{cli.stdout.readline().strip()}"
+        yield srv, cli, port, mine, f"127.0.0.1:{port}"
+    finally:
+        for p in reversed(procs):
+            p.stdin.close()
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+
 def test_ring_fill_of_shm_connections(inst):
     """A shm-tier connection starts on TCP and goes live (rings) once the
     active end took the passive end's offer: a few pings get it there.
@@ -242,24 +279,11 @@ def test_ring_fill_of_shm_connections(inst):
     the stream grew into, and 0 once read; byte counts are stream positions
     (what went over TCP first included)."""
     n = 100_000  # more than the first 16 KiB area: the stream grows
-    env = dict(os.environ, SHMBYPASS_INSTANCE=inst.name)
-    run = SHMBYPASS + ["run", "--tier", "shm", "--", sys.executable, "-c", UNREAD_PEER]
-    srv = subprocess.Popen(run + ["server", str(n)], env=env, stdin=subprocess.PIPE,
-                           stdout=subprocess.PIPE, text=True)
-    cli = None
-
-    def tell(p, line):
-        p.stdin.write(line + "\n")
-        p.stdin.flush()
 
     def rows():
         return {r["local"]: r for r in cli_status(inst, "--port", port)["connections"]}
 
-    try:
-        port = srv.stdout.readline().strip()
-        cli = subprocess.Popen(run + ["client", str(n), port], env=env, stdin=subprocess.PIPE,
-                               stdout=subprocess.PIPE, text=True)
-        mine, theirs = f"127.0.0.1:{cli.stdout.readline().strip()}", f"127.0.0.1:{port}"
+    with unread_pair(inst, n) as (srv, cli, port, mine, theirs):
         pings = 0
         while True:
             tell(cli, "ping")
@@ -291,7 +315,7 @@ def test_ring_fill_of_shm_connections(inst):
         assert c["ring_size"] >= n, c  # the area it writes now
         assert c["bytes_tx"] == pings + 1 + n and s["bytes_rx"] == pings + 1, (c, s)
         text = subprocess.run(SHMBYPASS + ["status", "--tier", "shm"], capture_output=True,
-                              text=True, env=env).stdout
+                              text=True, env=dict(os.environ, SHMBYPASS_INSTANCE=inst.name)).stdout
         line = next(ln for ln in text.splitlines() if ln.startswith(mine + " "))
         assert "SEND-Q" in text and "RECV-Q" in text and f" {n} " in line, text
 
@@ -302,57 +326,34 @@ def test_ring_fill_of_shm_connections(inst):
         assert (c["tx_queued"], s["rx_queued"]) == (0, 0), (c, s)
         assert c["bytes_tx"] == s["bytes_rx"] == pings + 1 + n, (c, s)
         assert c["bytes_rx"] == s["bytes_tx"] == pings
-    finally:
-        for p in (cli, srv):
-            if p:
-                p.stdin.close()
-                try:
-                    p.wait(30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
 
 
 def test_ring_full_and_doorbells_counted(inst, tmp_path):
     """A writer whose peer does not read fills every area of its stream
     (12 MiB: more than the 9.6 MiB the four areas hold) and waits: its row
     counts the ring as full, in `status --json` and in the metrics; the
-    doorbells each end sent are counted beside it."""
+    doorbells each end sent are counted beside it. Every byte then arrives."""
     from shmbypass import metrics
     n = 12 << 20
-    env = dict(os.environ, SHMBYPASS_INSTANCE=inst.name)
-    run = SHMBYPASS + ["run", "--tier", "shm", "--", sys.executable, "-c", UNREAD_PEER]
-    srv = subprocess.Popen(run + ["server", str(n)], env=env, stdin=subprocess.PIPE,
-                           stdout=subprocess.PIPE, text=True)
-    cli = None
 
-    def tell(p, line):
-        p.stdin.write(line + "\n")
-        p.stdin.flush()
+    def row(port, local):
+        return {r["local"]: r for r in cli_status(inst, "--port", port)["connections"]}[local]
 
-    try:
-        port = srv.stdout.readline().strip()
-        cli = subprocess.Popen(run + ["client", str(n), port], env=env, stdin=subprocess.PIPE,
-                               stdout=subprocess.PIPE, text=True)
-        mine = f"127.0.0.1:{cli.stdout.readline().strip()}"
+    with unread_pair(inst, n) as (srv, cli, port, mine, theirs):
         for _ in range(200):    # until both directions are in rings
             tell(cli, "ping")
             assert cli.stdout.readline().strip() == "pong"
-            got = {r["local"]: r for r in cli_status(inst, "--port", port)["connections"]}
-            if all(r.get("rx_queued") is not None and r.get("tx_queued") is not None
-                   for r in got.values()):
+            got = [row(port, mine), row(port, theirs)]
+            if all(r.get("rx_queued") is not None and r.get("tx_queued") is not None for r in got):
                 break
-        assert got[mine]["ring_full"] == 0, got[mine]
+        assert {r["tier"] for r in got} == {"shm"} and got[0]["ring_full"] == 0, got
         tell(cli, "bulk")                           # blocks: nobody reads
         assert srv.stdout.readline().strip() == "bulk"
         deadline = time.monotonic() + 30
-        while True:
-            row = {r["local"]: r for r in cli_status(inst, "--port", port)["connections"]}[mine]
-            if row["ring_full"] >= 1 or time.monotonic() > deadline:
-                break
+        while (r := row(port, mine))["ring_full"] < 1 and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert row["ring_full"] >= 1 and row["tx_queued"] > 9 << 20, row
-        assert isinstance(row["doorbells"], int), row  # 1 here: the ring's switch doorbell
+        assert r["ring_full"] >= 1 and r["tx_queued"] > 9 << 20, r
+        assert isinstance(r["doorbells"], int), r  # 1 here: the ring's switch doorbell
         text = tmp_path / "m.prom"
         metrics.write_textfile(inst, str(text))
         series = [ln for ln in text.read_text().splitlines()
@@ -363,12 +364,3 @@ def test_ring_full_and_doorbells_counted(inst, tmp_path):
         tell(srv, "")                               # now read it all
         assert srv.stdout.readline().split() == ["read", str(n)]
         assert cli.stdout.readline().strip() == "sent"
-    finally:
-        for p in (cli, srv):
-            if p:
-                p.stdin.close()
-                try:
-                    p.wait(30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
