@@ -1,31 +1,49 @@
 """Fixtures for the pytest-benchmark suites in bench/ (not part of `make test`:
 run them with `.venv/bin/python -m pytest bench/ --benchmark-json out.json`).
 
-A suite that needs a piece that is not there (the ring module, the
-interposer, root for the kernel tier) skips with the concrete reason."""
-import itertools
+The suites run on `shmbypass bench`'s own machinery (shmbypass/bench/): one
+Runner for the session (its child processes, its bypass instance
+sbp-bench-<pid>, brought up only when a kernel-tier suite asks and taken down
+at the end) and its availability checks. A suite that needs a piece that is
+not there (a measuring program, the interposer, root for the kernel tier)
+skips with the runner's concrete reason."""
 import os
 
 import pytest
 
-from shmbypass import paths
+from shmbypass.bench.runner import Runner
 
-_counter = itertools.count()
+
+@pytest.fixture(scope="session")
+def runner():
+    r = Runner()
+    try:
+        yield r
+    finally:
+        r.teardown()
+
+
+def _require(runner, transport):
+    if not runner.available(transport):
+        pytest.skip(next(s["reason"] for s in runner.skipped if s["transport"] == transport))
+    return runner
 
 
 @pytest.fixture
-def kernel_instance():
-    """A private bypass instance (sbt-bench-<pid>-<n>), taken down afterwards."""
+def pingpong(runner):
+    """The runner, with sbp-pingpong built."""
+    return _require(runner, "tcp")
+
+
+@pytest.fixture
+def ringbench(runner):
+    """The runner, with sbp-ringbench built."""
+    return _require(runner, "ring")
+
+
+@pytest.fixture
+def kernel_tier(runner):
+    """The runner, with its instance up (the kernel tier)."""
     if os.geteuid() != 0:
         pytest.skip("the kernel tier needs root (it loads BPF programs)")
-    from shmbypass import manager
-    from shmbypass.errors import ShmbypassError
-    inst = paths.Instance(f"sbt-bench-{os.getpid()}-{next(_counter)}")
-    try:
-        manager.up(inst)
-    except ShmbypassError as e:
-        pytest.skip(f"the kernel tier cannot come up here: {e}")
-    try:
-        yield inst
-    finally:
-        manager.down(inst, drain_timeout=2, force=True)
+    return _require(runner, "kernel")

@@ -6,8 +6,9 @@ import os
 import pytest
 
 from shmbypass import ring
-from shmbypass.bench import measure
+from shmbypass.bench import measure, micro
 from shmbypass.region import SLOT_SIZE_DEFAULT as SLOT
+
 SIZES = [64, 1024, 65536]
 
 
@@ -54,19 +55,17 @@ def test_ring_write_read_cffi(benchmark, pair, size):
 
 
 @pytest.mark.parametrize("placement", ["same-core", "cross-core"])
-def test_raw_ring_rtt_64(benchmark, placement):
+def test_raw_ring_rtt_64(benchmark, ringbench, placement):
     """Two processes, 64 B ping-pong through two rings of the shm tier's size
-    (C, as `shmbypass bench` runs it): p50 in extra_info."""
-    if not os.access(measure.RINGBENCH, os.X_OK):
-        pytest.skip(f"{measure.RINGBENCH} is not built (native/tools/sbp-ringbench.c)")
-    if os.cpu_count() < 2 and placement == "cross-core":
-        pytest.skip("one CPU: no cross-core placement")
-    argv = measure.ringbench_argv("rtt", 64, iters=20000, warmup=2000, cpu_a=0,
-                                  cpu_b=0 if placement == "same-core" else 1)
+    (C, run as `shmbypass bench` runs it): p50 in extra_info."""
+    if not micro.placement_possible(ringbench, placement):
+        pytest.skip(f"this machine cannot place {placement}")
+    server_cpu, client_cpu = measure.PLACEMENTS[placement]  # A measures, like the matrix's client
+    argv = measure.ringbench_argv("rtt", 64, iters=20000, warmup=2000, cpu_a=client_cpu, cpu_b=server_cpu)
     results = []
 
     def run():
-        results.append(measure.run_json(argv))
+        results.append(micro.run_ringbench(ringbench, argv, f"raw ring rtt64 {placement}", log=False))
 
     benchmark.pedantic(run, rounds=3, iterations=1)
     best = min(results, key=lambda x: x["p50_ns"])

@@ -2,7 +2,7 @@
 
 measure.py   what is measured and how: transports, placements, tests, the
              measuring programs' command lines, statistics, the noise rule
-             (also what the pytest-benchmark suites in bench/ use)
+             (also what the pytest-benchmark suites in bench/ use, with runner.py)
 runner.py    one run's machinery: child processes, progress, its bypass instance
 micro.py     the matrix: transport x placement x test with sbp-pingpong / sbp-ringbench
 apps.py      real applications (--apps): redis, nginx + wrk, iperf3

@@ -21,7 +21,7 @@ import socket
 import subprocess
 import time
 
-from shmbypass.bench.measure import BYPASS_TIERS, TRANSPORT_LABELS
+from shmbypass.bench.measure import BYPASS_TIERS, TRANSPORT_LABELS, engaged
 from shmbypass.bench.runner import BenchError, Child, NotAvailable
 
 
@@ -110,7 +110,7 @@ def judge(runner, entry, transport, tiers):
         entry["error"] = "tier not verified: it finished before `shmbypass status` saw its connections"
         runner.loud(f"{entry['name']} under {TRANSPORT_LABELS[transport]}: {entry['error']}; no ratio for it")
         return
-    entry["engaged"] = bool(tiers) and all(t == expected for t in tiers)
+    entry["engaged"] = engaged(transport, tiers)
     if not entry["engaged"]:
         seen = ", ".join(sorted(set(tiers))) if tiers else "no connection of the bypass group"
         runner.loud(f"THE BYPASS DID NOT ENGAGE for {entry['name']} under {TRANSPORT_LABELS[transport]}: "

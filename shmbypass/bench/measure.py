@@ -2,12 +2,10 @@
 and how: the matrix's transports, placements and tests, the measuring
 programs (sbp-pingpong, sbp-ringbench: native/tools/) and their command
 lines, the statistics over repetitions, and the noise rule."""
-import json
 import os
 import platform
 import socket
 import statistics
-import subprocess
 from dataclasses import dataclass
 
 from shmbypass import paths
@@ -98,10 +96,10 @@ def ringbench_argv(kind, size, *, iters=None, nbytes=None, warmup=2000, cpu_a=No
     return argv
 
 
-def run_json(argv, env=None, timeout=120):
-    """Run a measuring program once; its JSON line."""
-    out = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout, check=True)
-    return json.loads(out.stdout)
+def engaged(transport, tiers):
+    """The engagement check: every connection `shmbypass status` showed
+    (tiers, one per socket) is in transport's tier, and there was one."""
+    return bool(tiers) and all(t == BYPASS_TIERS[transport] for t in tiers)
 
 
 # ----------------------------------------------------------------- statistics

@@ -11,8 +11,9 @@ import os
 from dataclasses import dataclass, field
 
 from shmbypass.bench.measure import (BYPASS_TIERS, CONNRATE_PLACEMENTS, NOISE_RETRIES, PLACEMENTS,
-                                     TESTS, TRANSPORT_LABELS, TRANSPORTS, Test, machine_cpu, noise_of,
-                                     pingpong_argv, pingpong_line, ratio, ringbench_argv, summarize)
+                                     TESTS, TRANSPORT_LABELS, TRANSPORTS, Test, engaged, machine_cpu,
+                                     noise_of, pingpong_argv, pingpong_line, ratio, ringbench_argv,
+                                     summarize)
 from shmbypass.bench.runner import BenchError, Child
 
 
@@ -158,11 +159,11 @@ def engagement_probe(runner, transport, addr, cells):
 
 def record_engagement(runner, transport, placement, cells, tiers):
     expected = BYPASS_TIERS[transport]
-    engaged = bool(tiers) and all(t == expected for t in tiers)
+    ok = engaged(transport, tiers)
     for c in cells:
-        c.engaged = engaged
+        c.engaged = ok
         c.tiers_seen = tiers
-    if not engaged:
+    if not ok:
         seen = ", ".join(tiers) if tiers else "no connection of the bypass group"
         runner.loud(f"THE BYPASS DID NOT ENGAGE for {TRANSPORT_LABELS[transport]} ({placement}): "
                     f"`shmbypass status` shows {seen} instead of tier {expected}; "

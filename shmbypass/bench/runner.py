@@ -2,6 +2,7 @@
 (apps.py) and the sidecar (sidecar.py): the child processes it starts, the
 progress bar, and the :class:`Runner`, which owns one run's bypass instance,
 children, temporary directory, warnings and the noise-retry budget."""
+import argparse
 import json
 import os
 import resource
@@ -13,7 +14,7 @@ import sys
 import tempfile
 import time
 
-from shmbypass import manager
+from shmbypass import manager, paths
 from shmbypass.bench.measure import (BYPASS_TIERS, FULL, PINGPONG, PLACEMENTS, QUICK, RINGBENCH, TESTS,
                                      TRANSPORT_LABELS, TRANSPORTS, machine_cpu, noise_of)
 
@@ -30,7 +31,7 @@ class Child:
     """A child process in its own session (Ctrl-C reaches only us; we stop
     children ourselves), with stdout read line by line with timeouts."""
 
-    def __init__(self, runner, argv, what, stdin=False, preexec=None, log=True, stdout=True):
+    def __init__(self, runner, argv, what, stdin=False, preexec=None, log=True, stdout=True, env=None):
         self.what = what
         self.argv = argv
         self.errfile = tempfile.TemporaryFile(dir=runner.tmp)
@@ -40,7 +41,7 @@ class Child:
             self.p = subprocess.Popen(
                 argv, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
                 stdout=subprocess.PIPE if stdout else subprocess.DEVNULL, stderr=self.errfile,
-                env=runner.env,
+                env=runner.env if env is None else env,
                 start_new_session=True, preexec_fn=preexec, cwd=runner.tmp)
         except FileNotFoundError:
             raise NotAvailable(f"{argv[0]} not found") from None
@@ -166,9 +167,14 @@ class Progress:
             sys.stderr.flush()
 
 
+# What a Runner made without a command line runs as (the pytest-benchmark
+# suites in bench/): `shmbypass bench --quick --no-progress`.
+SUITE_ARGS = dict(quick=True, reps=None, seconds=None, only=None, no_progress=True, poll=False)
+
+
 class Runner:
-    def __init__(self, args):
-        self.args = args
+    def __init__(self, args=None):
+        self.args = args = args or argparse.Namespace(**SUITE_ARGS)
         self.cfg = dict(QUICK if args.quick else FULL)
         if args.reps:
             self.cfg["reps"] = args.reps
@@ -250,6 +256,24 @@ class Runner:
 
     def tiers_for_port(self, port):
         return self.tiers_for_ports([port])
+
+    def run_once(self, argv, what, env=None, timeout=120):
+        """Run a measuring program that prints one JSON line and exits; that line."""
+        child = Child(self, argv, what, env=env)
+        try:
+            r = child.read_json(timeout)
+            if child.finish(timeout) != 0:
+                raise BenchError(f"{what}: exit status {child.p.returncode}{child.stderr_tail()}")
+            return r
+        finally:
+            child.stop()
+            self.children.remove(child)
+
+    def in_group(self):
+        """This process inside the run's instance (up) for a block: what the
+        suites in bench/ use in place of `shmbypass run`."""
+        self.ensure_up()
+        return manager.InGroup(paths.Instance(self.instance))
 
     def stop_children(self):
         for c in reversed(self.children):
