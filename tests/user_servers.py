@@ -4,12 +4,15 @@ non-root users (nobody, daemon) under `shmbypass run`.
     python user_servers.py fork            fork-per-connection echo server
     python user_servers.py thread          thread-per-connection echo server
     python user_servers.py client PORT N   echo N random bytes, then hold
+                                           (N more per line on stdin)
 
 A server prints "PORT <n>", then "CONN <client port> <uid> <tier> <live>"
 for each connection once its first bytes arrived, and echoes until EOF. The
 client prints "HELD <local port> <uid> <tier> <live> <echo ok>" once its N
-bytes came back, keeps the connection open until its stdin closes, and exits
-0 only if the echo was exact. <tier> is what the interposer's test build
+bytes came back, echoes N more for each line on its stdin and prints "AGAIN
+<tier> <rings> <echo ok>" (rings: 3 when both directions use them), keeps
+the connection open until its stdin closes, and exits 0 only if every echo
+was exact. <tier> is what the interposer's test build
 says (2: shm, 0: TCP or no test build); <live> is 1 if the end waited until
 it used the rings before the echo (so the bytes went through them), else 0.
 """
@@ -25,8 +28,10 @@ try:
     _tier.argtypes = [ctypes.c_int]
     _settle = ctypes.CDLL(None).shmbypass_fd_settle
     _settle.argtypes = [ctypes.c_int, ctypes.c_int]
+    _ring_bits = ctypes.CDLL(None).shmbypass_fd_rings
+    _ring_bits.argtypes = [ctypes.c_int]
 except AttributeError:
-    _tier = _settle = None
+    _tier = _settle = _ring_bits = None
 
 
 def tier(sock):
@@ -78,20 +83,33 @@ def client(port, n):
     data = os.urandom(n)
     s = socket.create_connection(("127.0.0.1", port))
     live = settle(s)
+    ok = echoed(s, data)
+    print(f"HELD {s.getsockname()[1]} {os.getuid()} {tier(s)} {live} {int(ok)}", flush=True)
+    for _ in sys.stdin:                  # each line: N more bytes (until stdin closes)
+        again = echoed(s, os.urandom(n))
+        print(f"AGAIN {tier(s)} {_rings(s)} {int(again)}", flush=True)
+        ok &= again
+    s.close()
+    return 0 if ok else 1
+
+
+def echoed(s, data):
+    """Send data and read it back: sha256 of both equal?"""
     sender = threading.Thread(target=s.sendall, args=(data,))
     sender.start()
     got = bytearray()
-    while len(got) < n:
+    while len(got) < len(data):
         b = s.recv(1 << 20)
         if not b:
             break
         got += b
     sender.join()
-    ok = hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
-    print(f"HELD {s.getsockname()[1]} {os.getuid()} {tier(s)} {live} {int(ok)}", flush=True)
-    sys.stdin.read()                     # until the test closes our stdin
-    s.close()
-    return 0 if ok else 1
+    return hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
+
+
+def _rings(s):
+    """Which directions use rings now (3: both), 0 without the test build."""
+    return _ring_bits(s.fileno()) if _ring_bits else 0
 
 
 if __name__ == "__main__":

@@ -82,11 +82,11 @@ def _blocks(path: str, size: int, out: dict) -> None:
         return
     finally:
         os.close(fd)
+    base = ffi.from_buffer(m)
     try:
-        base = ffi.from_buffer(m)
         pi = ffi.new("struct sbp_pair_info *")
         if lib.sbp_pair_check(base, size, pi) != 0:
-            return
+            return  # (a header either process scribbled on: nothing to show)
         for b in range(pi.block_count):
             h = lib.sbp_pair_block(pi, base, b)
             if h == ffi.NULL:
@@ -111,8 +111,8 @@ def _blocks(path: str, size: int, out: dict) -> None:
                     "ring_full": int(h.full[d]),
                     "doorbells": int(h.bells[d]),
                 }
-        del base
     finally:
+        ffi.release(base)  # before the close: a view still exported makes it fail
         m.close()
 
 
