@@ -46,6 +46,32 @@ def run_in(inst, argv, tier="kernel", **kw):
                           capture_output=True, **kw)
 
 
+def stop_group(proc, timeout):
+    """If proc still runs: SIGTERM to its process group, SIGKILL after timeout s."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def nginx_conf(d, port, www, connections):
+    """d/nginx.conf: nginx in the foreground as root, one worker, sendfile
+    on, serving www on 127.0.0.1:port, every file it writes in d; its path."""
+    conf = d / "nginx.conf"
+    conf.write_text(f"""daemon off; master_process on; worker_processes 1; user root;
+pid {d}/nginx.pid; error_log {d}/error.log;
+events {{ worker_connections {connections}; }}
+http {{ access_log off; sendfile on; tcp_nopush on;
+  client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d};
+  uwsgi_temp_path {d}; scgi_temp_path {d};
+  server {{ listen 127.0.0.1:{port}; root {www}; }} }}
+""")
+    return conf
+
+
 class Server:
     """A server started under `shmbypass run`, killed (with its group) at exit."""
 
@@ -61,13 +87,7 @@ class Server:
             raise
 
     def stop(self):
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_group(self.proc, 10)
 
     def __enter__(self):
         return self

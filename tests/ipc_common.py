@@ -48,15 +48,6 @@ def out(**kw):
 
 
 
-def recv_all(s):
-    buf = bytearray()
-    while True:
-        b = s.recv(1 << 20)
-        if not b:
-            return bytes(buf)
-        buf += b
-
-
 def wait_readable(s, timeout=10):
     r, _, _ = select.select([s], [], [], timeout)
     assert r, "timed out waiting for data"

@@ -24,11 +24,11 @@ import tempfile
 import threading
 import time
 
-from sockets import recv_exact, sha   # tests/ is this script's sys.path[0]
+from sockets import recv_all, recv_exact, sha, splice_all   # tests/ is this script's sys.path[0]
 
 
 from ipc_common import (FAMILY, FIONREAD, HOST, RESULT, SIOCOUTQ, fill_until_eagain,  # noqa: F401
-                        out, pattern, recv_all, rings, settle, tier, wait_readable)
+                        out, pattern, rings, settle, tier, wait_readable)
 from ipc_many import aio, many_client, many_server
 
 # ---------------------------------------------------------------------------
@@ -507,18 +507,8 @@ def s_sendfile(c, args):
 
 
 def c_sendfile(s, args):
-    n = int(args[0]) + 1000
-    r, w = os.pipe()
-    buf = bytearray()
-    while True:
-        k = os.splice(s.fileno(), w, 1 << 16)
-        if k == 0:
-            break
-        while k:
-            b = os.read(r, k)
-            buf += b
-            k -= len(b)
-    out(sha=sha(bytes(buf)), n=len(buf), tier=tier(s))
+    buf = splice_all(s)
+    out(sha=sha(buf), n=len(buf), tier=tier(s))
 
 
 def s_serverfirst(c, args):

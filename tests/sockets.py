@@ -1,5 +1,7 @@
-"""Small socket helpers for the tests: connected pairs, exact transfers."""
+"""Small socket helpers for the tests and their peers (ipc_common.py,
+conformance/runtime.py): connected pairs, exact transfers, reading to EOF."""
 import hashlib
+import os
 import socket
 import threading
 
@@ -30,6 +32,31 @@ def recv_exact(sock, n):
         if not chunk:
             raise EOFError(f"EOF after {len(buf)} of {n} bytes")
         buf += chunk
+    return bytes(buf)
+
+
+def recv_all(s):
+    """Bytes until EOF."""
+    buf = bytearray()
+    while True:
+        b = s.recv(1 << 20)
+        if not b:
+            return bytes(buf)
+        buf += b
+
+
+def splice_all(s, limit=None):
+    """Bytes spliced socket -> pipe -> us, until EOF or `limit` bytes."""
+    r, w = os.pipe()
+    buf = bytearray()
+    while limit is None or len(buf) < limit:
+        k = os.splice(s.fileno(), w, 1 << 16)
+        if k == 0:
+            break
+        while k:
+            b = os.read(r, k)
+            buf += b
+            k -= len(b)
     return bytes(buf)
 
 

@@ -7,7 +7,7 @@ import os
 import re
 import subprocess
 
-from apps import free_port, need   # a missing app fails the test: setup installs them
+from apps import free_port, need, nginx_conf   # a missing app fails the test: setup installs them
 
 from interposer_env import (PEER, PY, RUN, WRK_CHECK, Proc, Server, TierWatch,  # noqa: F401
                              app_su, assert_shm_both_ends, get_setup, listening, run_tool,
@@ -57,15 +57,7 @@ def test_nginx_sendfile_curl_and_wrk(app_su, tmp_path):
     data = os.urandom(1 << 20) * 100                         # 100 MiB
     (www / "big.bin").write_bytes(data)
     (www / "small.txt").write_text("hello\n" * 100)
-    conf = tmp_path / "nginx.conf"
-    conf.write_text(f"""daemon off; master_process on; worker_processes 1; user root;
-pid {tmp_path}/nginx.pid; error_log {tmp_path}/error.log;
-events {{ worker_connections 256; }}
-http {{ access_log off; sendfile on; tcp_nopush on;
-  client_body_temp_path {tmp_path}; proxy_temp_path {tmp_path}; fastcgi_temp_path {tmp_path};
-  uwsgi_temp_path {tmp_path}; scgi_temp_path {tmp_path};
-  server {{ listen 127.0.0.1:{port}; root {www}; }} }}
-""")
+    conf = nginx_conf(tmp_path, port, www, 256)
     srv = Server(su, ["nginx", "-c", str(conf), "-p", str(tmp_path)], listening(port))
     try:
         got = tmp_path / "got.bin"

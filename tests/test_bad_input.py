@@ -18,6 +18,14 @@ def shmbypass(args, inst, env=None, prefix=()):
                           env=e, capture_output=True, text=True, timeout=120, cwd=ROOT)
 
 
+def up_fails(message, **kw):
+    """`shmbypass up` (kw: env, prefix) fails with one line naming message
+    and leaves nothing behind."""
+    inst = new_instance()
+    one_line_error(shmbypass(["up"], inst, **kw), message)
+    assert_gone(inst)
+
+
 def one_line_error(r, *words):
     assert r.returncode == 1, (r.stdout, r.stderr)
     lines = r.stderr.strip().splitlines()
@@ -42,21 +50,15 @@ def test_not_root():
 
 
 def test_cgroup2_not_mounted():
-    inst = new_instance()
     root = paths.cgroup2_root()
     # In a private mount namespace, with every cgroup2 mount gone.
     script = f"umount -l {root} && exec \"$@\""
-    r = shmbypass(["up"], inst, prefix=["unshare", "--mount", "--propagation", "private",
-                                        "sh", "-c", script, "sh"])
-    one_line_error(r, "cgroup v2 is not mounted")
-    assert_gone(inst)
+    up_fails("cgroup v2 is not mounted",
+             prefix=["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh"])
 
 
 def test_bpffs_not_mountable():
-    inst = new_instance()
-    r = shmbypass(["up"], inst, env={"SHMBYPASS_BPFFS": "/proc/sys/shmbypass-no-such-dir"})
-    one_line_error(r, "cannot mount bpffs")
-    assert_gone(inst)
+    up_fails("cannot mount bpffs", env={"SHMBYPASS_BPFFS": "/proc/sys/shmbypass-no-such-dir"})
     assert not os.path.exists("/proc/sys/shmbypass-no-such-dir")
 
 
@@ -67,17 +69,11 @@ def test_kernel_without_needed_programs(tmp_path):
     subprocess.run([clang, "-g", "-O2", "-target", "bpf", "-I", os.path.join(ROOT, "build", "bpf"),
                     "-c", os.path.join(ROOT, "tests", "data", "no_helper.bpf.c"), "-o", str(obj)],
                    check=True)
-    inst = new_instance()
-    r = shmbypass(["up"], inst, env={"SHMBYPASS_BPF_DIR": str(tmp_path)})
-    one_line_error(r, "this kernel cannot run the bypass programs")
-    assert_gone(inst)
+    up_fails("this kernel cannot run the bypass programs", env={"SHMBYPASS_BPF_DIR": str(tmp_path)})
 
 
 def test_missing_build():
-    inst = new_instance()
-    r = shmbypass(["up"], inst, env={"SHMBYPASS_BPF_DIR": "/nonexistent-shmbypass"})
-    one_line_error(r, "is missing")
-    assert_gone(inst)
+    up_fails("is missing", env={"SHMBYPASS_BPF_DIR": "/nonexistent-shmbypass"})
 
 
 def test_run_without_command():

@@ -20,9 +20,10 @@ import time
 import pytest
 
 from shmbypass import bpf, manager, status
+from shmbypass.ask import ask, info
 from shmbypass.capture import control, session
 from shmbypass._native import ffi, lib
-from apps import SHMBYPASS, Server, free_port, need, run_in, wait_port
+from apps import SHMBYPASS, Server, free_port, need, nginx_conf, run_in, wait_port
 from conftest import InGroup
 from sockets import listener, recv_exact, sha
 from test_pcap import expert_problems, follow, segments, tcpdump
@@ -221,16 +222,6 @@ def test_redis_benchmark_matches_plain_tcp(inst, tmp_path, tier):
     tcpdump(path)
 
 
-NGINX_CONF = """daemon off; master_process on; worker_processes 1; user root;
-pid {tmp}/nginx.pid; error_log {tmp}/error.log;
-events {{ worker_connections 64; }}
-http {{ access_log off; sendfile on; tcp_nopush on;
-  client_body_temp_path {tmp}; proxy_temp_path {tmp}; fastcgi_temp_path {tmp};
-  uwsgi_temp_path {tmp}; scgi_temp_path {tmp};
-  server {{ listen 127.0.0.1:{port}; root {www}; }} }}
-"""
-
-
 @pytest.mark.parametrize("tier", ["kernel", "shm"])
 def test_nginx_sendfile_1mib(inst, tmp_path, tier):
     """nginx sends a 1 MiB file with sendfile (spliced pages in the kernel
@@ -242,8 +233,7 @@ def test_nginx_sendfile_1mib(inst, tmp_path, tier):
     www.mkdir()
     body = os.urandom(1 << 20)
     (www / "f.bin").write_bytes(body)
-    conf = tmp_path / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(tmp=tmp_path, port=port, www=www))
+    conf = nginx_conf(tmp_path, port, www, 64)
     path = tmp_path / "nginx.pcap"  # classic pcap, for a change
     before = status.counters(inst)
     with Server(inst, ["nginx", "-c", str(conf), "-p", str(tmp_path)], port, tier=tier):
@@ -440,18 +430,6 @@ def test_turned_off_capture_says_why(inst, tmp_path):
 # path will, from native/preload/capture.c built on its own.
 
 SHM = lib.SBP_TIER_SHM
-
-
-def ask(s):
-    a = ffi.new("struct sbp_ask *", {"version": lib.SBP_ASK_VERSION, "flags": lib.SBP_ASK_SHM})
-    s.setsockopt(lib.SOL_SHMBYPASS, lib.SBP_SO_ASK, bytes(ffi.buffer(a)))
-
-
-def info(s):
-    raw = s.getsockopt(lib.SOL_SHMBYPASS, lib.SBP_SO_INFO, ffi.sizeof("struct sbp_info"))
-    i = ffi.new("struct sbp_info *")
-    ffi.memmove(i, raw, len(raw))
-    return i
 
 
 def shm_pair(inst):

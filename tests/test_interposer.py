@@ -2,6 +2,7 @@
 peer (tests/ipc_peer.py) runs under `python -m shmbypass run --tier shm -- ...`
 in a private instance, in each set-up of interposer_env.Setup (tcp, shm,
 bell, slots). Real applications: test_apps_interposer.py."""
+import contextlib
 import json
 import os
 import shutil
@@ -160,14 +161,26 @@ def test_ipv6(su):
 
 # -- faults ---------------------------------------------------------------------
 
-def test_kill_sender(su):
-    """The receiver gets every byte send() accepted, then EOF."""
-    srv = peer(su, "server", "killsender")
+@contextlib.contextmanager
+def started(su, scenario):
+    """(server, client) of an ipc_peer scenario, the client's tier checked;
+    both killed at the end."""
+    srv = peer(su, "server", scenario)
     cli = None
     try:
         port = srv.wait_for("PORT ")
-        cli = peer(su, "client", "killsender", port)
+        cli = peer(su, "client", scenario, port)
         assert int(cli.wait_for("TIER ")) == su.expect_tier
+        yield srv, cli
+    finally:
+        for p in (srv, cli):
+            if p:
+                p.kill()
+
+
+def test_kill_sender(su):
+    """The receiver gets every byte send() accepted, then EOF."""
+    with started(su, "killsender") as (srv, cli):
         accepted = 0
         while accepted < 5_000_000:
             accepted = int(cli.wait_for("SENT "))
@@ -176,20 +189,11 @@ def test_kill_sender(su):
         sres = srv.finish(60)
         assert sres["end"] == "EOF" and sres["pattern_ok"], sres
         assert sres["total"] >= accepted, (sres, accepted)
-    finally:
-        for p in (srv, cli):
-            if p:
-                p.kill()
 
 
 def test_kill_receiver(su):
     """The sender gets EPIPE/ECONNRESET, no hang."""
-    srv = peer(su, "server", "killreceiver")
-    cli = None
-    try:
-        port = srv.wait_for("PORT ")
-        cli = peer(su, "client", "killreceiver", port)
-        assert int(cli.wait_for("TIER ")) == su.expect_tier
+    with started(su, "killreceiver") as (srv, cli):
         srv.wait_for("READ")
         if su.mode != "tcp":
             from shmbypass import status
@@ -198,10 +202,6 @@ def test_kill_receiver(su):
         srv.kill()
         cres = cli.finish(60)
         assert cres["error"] in ("BrokenPipeError", "ConnectionResetError"), cres
-    finally:
-        for p in (srv, cli):
-            if p:
-                p.kill()
 
 
 @pytest.mark.parametrize("what", ["positions", "magic", "data"])

@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from shmbypass import bpf, metrics, status
-from apps import SHMBYPASS, Server, free_port, need, wait_port
+from apps import SHMBYPASS, Server, free_port, need, stop_group, wait_port
 from conftest import InGroup
 from sockets import pair, transfer
 
@@ -154,13 +153,7 @@ scrape_configs:
                              f"{urllib.request.urlopen(self.url + '/api/v1/targets').read()[:2000]}")
 
     def stop(self):
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_group(self.proc, 20)
         self.log.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 

@@ -297,13 +297,19 @@ def test_forked_child_uses_region(be):
     assert res["sha256"] == hashlib.sha256(b"from the parent" * 1000).hexdigest()
 
 
-def test_futex_wakes_sleeping_reader(be):
-    w = be.region.ring(1, 3, create=True)
-    peer = be.spawn("wait_read", slot=1, generation=3)
+def _sleeping_peer(be, op, slot, generation, who):
+    """A peer process that waits on the ring, once it is seen asleep."""
+    peer = be.spawn(op, slot=slot, generation=generation)
     assert peer.line() == "ready"
     idle = _idle_cpu(peer)
-    assert idle < 0.1, f"waiting reader used {idle:.3f} s CPU in 0.5 s: it does not sleep"
+    assert idle < 0.1, f"waiting {who} used {idle:.3f} s CPU in 0.5 s: it does not sleep"
     assert peer.state() == "S"
+    return peer
+
+
+def test_futex_wakes_sleeping_reader(be):
+    w = be.region.ring(1, 3, create=True)
+    peer = _sleeping_peer(be, "wait_read", 1, 3, "reader")
     w.write(b"wake up")
     res = peer.result(timeout=60)
     assert res == {"woke": True, "data": b"wake up".hex(), "futex_broken": 0}
@@ -311,11 +317,7 @@ def test_futex_wakes_sleeping_reader(be):
 
 def test_futex_wakes_sleeping_writer(be):
     r = be.region.ring(2, 4, create=True)
-    peer = be.spawn("wait_write", slot=2, generation=4)
-    assert peer.line() == "ready"
-    idle = _idle_cpu(peer)
-    assert idle < 0.1, f"waiting writer used {idle:.3f} s CPU in 0.5 s: it does not sleep"
-    assert peer.state() == "S"
+    peer = _sleeping_peer(be, "wait_write", 2, 4, "writer")
     assert len(r.read(100)) == 100            # room: wakes the writer
     res = peer.result(timeout=60)
     assert res["woke"] and res["filled"] == CAP and res["wrote"] == 4
@@ -329,16 +331,23 @@ def _poke(view, field, fmt, value):
     struct.pack_into(fmt, view, OFF[field], value)
 
 
+def _hostile_slot(be, gen):
+    """(the third mapping or None, slot 1 as it sees it (to write garbage
+    into), a writer and a reader on slot 1), with canaries in slots 0 and 2.
+    The caller closes the third mapping."""
+    other = be.open_again()
+    src = other if other is not None else be.region
+    for s in (0, 2):
+        be.region.slot(s)[:] = bytes([0x5A]) * be.region.info.slot_size
+    w, r = pair(be, slot=1, gen=gen)
+    return other, src.slot(1), w, r
+
+
 def test_hostile_header(be):
     """A third mapping writes garbage into the header: every call returns a
     named error (RingCorrupt for inconsistent positions) and nothing outside
     the slot changes (neighbouring slots hold canaries)."""
-    other = be.open_again()
-    src = other if other is not None else be.region
-    hostile = src.slot(1)
-    for s in (0, 2):
-        be.region.slot(s)[:] = bytes([0x5A]) * be.region.info.slot_size
-    w, r = pair(be, slot=1, gen=77)
+    other, hostile, w, r = _hostile_slot(be, gen=77)
     w.write(b"z" * 1000)
     r.read(10)
 
@@ -638,12 +647,7 @@ def test_zero_copy_hostile_header(be):
     someone else: refused, nothing published. Garbage headers: every
     described piece still lies inside the slot's data area, and the
     neighbouring slots are untouched."""
-    other = be.open_again()
-    src = other if other is not None else be.region
-    hostile = src.slot(1)
-    for s in (0, 2):
-        be.region.slot(s)[:] = bytes([0x5A]) * be.region.info.slot_size
-    w, r = pair(be, slot=1, gen=9)
+    other, hostile, w, r = _hostile_slot(be, gen=9)
     w.write(b"a" * 1000)
     n, iov = _reserve(w, 100)
     assert n == 100

@@ -11,32 +11,23 @@ import os
 import socket
 import struct
 import subprocess
-import sys
 import threading
 import time
 
 import pytest
 
-from shmbypass import manager, paths, policy, status
-from shmbypass._native import ffi, lib
+from shmbypass import ask as asking
+from shmbypass import manager, policy, status
+from shmbypass.ask import info
+from shmbypass._native import lib
 from conftest import InGroup, assert_gone, new_instance
+from test_negotiate import parse_options
 
 SHM, KERNEL, TCP = lib.SBP_TIER_SHM, lib.SBP_TIER_KERNEL, lib.SBP_TIER_TCP
 
 
 def ask(s, token=b"T" * 16):
-    a = ffi.new("struct sbp_ask *")
-    a.version = lib.SBP_ASK_VERSION
-    a.flags = lib.SBP_ASK_SHM
-    ffi.memmove(a.inbox, token, 16)
-    s.setsockopt(lib.SOL_SHMBYPASS, lib.SBP_SO_ASK, bytes(ffi.buffer(a)))
-
-
-def info(s):
-    raw = s.getsockopt(lib.SOL_SHMBYPASS, lib.SBP_SO_INFO, ffi.sizeof("struct sbp_info"))
-    i = ffi.new("struct sbp_info *")
-    ffi.memmove(i, raw, len(raw))
-    return i
+    asking.ask(s, token)
 
 
 @pytest.fixture
@@ -284,17 +275,7 @@ def test_nothing_on_the_wire(instance):
         if not ({sport, dport} & ports):
             continue
         segments += 1
-        opts = tcp[20:(tcp[12] >> 4) * 4]
-        i = 0
-        while i < len(opts):
-            kind = opts[i]
-            if kind == 0:
-                break
-            if kind == 1:
-                i += 1
-                continue
-            kinds.add(kind)
-            i += max(opts[i + 1], 2) if i + 1 < len(opts) else 1
+        kinds.update(kind for kind, _ in parse_options(tcp[20:(tcp[12] >> 4) * 4]))
     cap.close()
     assert segments >= 6, segments
     assert not kinds & {253, 254}, kinds

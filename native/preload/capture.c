@@ -232,7 +232,8 @@ struct cursor {
 	size_t off;		/* into iov[0] */
 };
 
-/* Copy the next n bytes of the caller's iovecs to pos (n <= what they hold). */
+/* Move the cursor over the next n bytes of the caller's iovecs (n <= what
+ * they hold), copying them to pos unless r is NULL. */
 static void put_iov(struct ring *r, uint64_t pos, struct cursor *c, size_t n)
 {
 	while (n && c->left > 0) {
@@ -240,7 +241,8 @@ static void put_iov(struct ring *r, uint64_t pos, struct cursor *c, size_t n)
 
 		if (k > n)
 			k = n;
-		put(r, pos, (const uint8_t *)c->iov->iov_base + c->off, k);
+		if (r)
+			put(r, pos, (const uint8_t *)c->iov->iov_base + c->off, k);
 		pos += k;
 		n -= k;
 		c->off += k;
@@ -254,19 +256,7 @@ static void put_iov(struct ring *r, uint64_t pos, struct cursor *c, size_t n)
 
 static void skip_iov(struct cursor *c, size_t n)
 {
-	while (n && c->left > 0) {
-		size_t k = c->iov->iov_len - c->off;
-
-		if (k > n)
-			k = n;
-		n -= k;
-		c->off += k;
-		if (c->off == c->iov->iov_len) {
-			c->iov++;
-			c->left--;
-			c->off = 0;
-		}
-	}
+	put_iov(NULL, 0, c, n);
 }
 
 /* One record: reserve, write, publish. */

@@ -313,6 +313,20 @@ static uint64_t fnv(uint64_t h, const unsigned char *p, size_t n)
 	return h;
 }
 
+/* One side of the transfer: attached, the other side too, its spin set. */
+static void join_transfer(struct xfer *x, struct sbp_ring *r, uint32_t spin_ns)
+{
+	CHECK(sbp_ring_attach(r, x->slot, x->slot_size, 9) == 0);
+	pthread_barrier_wait(x->attached);
+	sbp_ring_set_spin(r, spin_ns);
+}
+
+/* A wait for room or for data ends woken or timed out: either way, try again. */
+static void waited(int rc)
+{
+	CHECK(rc == 0 || rc == -ETIMEDOUT);
+}
+
 static void *producer(void *arg)
 {
 	struct xfer *x = arg;
@@ -320,9 +334,7 @@ static void *producer(void *arg)
 	unsigned char buf[5000];
 	uint64_t h = 0xcbf29ce484222325ULL, sent = 0, seed = 1;
 
-	CHECK(sbp_ring_attach(&w, x->slot, x->slot_size, 9) == 0);
-	pthread_barrier_wait(x->attached);
-	sbp_ring_set_spin(&w, 2000);
+	join_transfer(x, &w, 2000);
 	while (sent < x->total && !x->stop) {
 		size_t n = 1 + (seed = seed * 6364136223846793005ULL + 1) % sizeof(buf);
 		if (n > x->total - sent)
@@ -333,8 +345,7 @@ static void *producer(void *arg)
 		while (off < n && !x->stop) {
 			ssize_t k = sbp_ring_write(&w, buf + off, n - off);
 			if (k == -EAGAIN) {
-				int rc = sbp_ring_wait_writable(&w, 20000000);
-				CHECK(rc == 0 || rc == -ETIMEDOUT);
+				waited(sbp_ring_wait_writable(&w, 20000000));
 				continue;
 			}
 			if (k < 0) {
@@ -360,15 +371,12 @@ static void *consumer(void *arg)
 	unsigned char buf[7000];
 	uint64_t h = 0xcbf29ce484222325ULL, got = 0, seed = 7;
 
-	CHECK(sbp_ring_attach(&r, x->slot, x->slot_size, 9) == 0);
-	pthread_barrier_wait(x->attached);
-	sbp_ring_set_spin(&r, 3000);
+	join_transfer(x, &r, 3000);
 	while (!x->stop) {
 		seed = seed * 6364136223846793005ULL + 1442695040888963407ULL;
 		ssize_t k = sbp_ring_read(&r, buf, 1 + (seed >> 33) % sizeof(buf), 0);
 		if (k == -EAGAIN) {
-			int rc = sbp_ring_wait_readable(&r, 20000000);
-			CHECK(rc == 0 || rc == -ETIMEDOUT);
+			waited(sbp_ring_wait_readable(&r, 20000000));
 			continue;
 		}
 		if (k <= 0) {

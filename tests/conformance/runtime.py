@@ -27,6 +27,7 @@ import sys
 import threading
 import time
 
+from sockets import recv_all, splice_all  # noqa: F401  (tests/: to EOF; through a pipe)
 from stream_peer import pattern, recv_n  # noqa: F401  (tests/: deterministic bytes; n bytes or to EOF)
 
 HOST = "127.0.0.1"
@@ -121,13 +122,26 @@ def in_thread(fn, *args, wait=10.0):
     return box[0] if box else "hangs"
 
 
-def recv_all(sock) -> bytes:
-    buf = bytearray()
-    while True:
-        b = sock.recv(1 << 20)
-        if not b:
-            return bytes(buf)
-        buf += b
+def recv_woken_by(sock, action, after):
+    """What a recv() blocked in another thread returns when action() runs
+    `after` seconds into its wait (as `timed` reports it), or "hangs"."""
+    box = []
+    t = threading.Thread(target=lambda: box.append(timed(sock.recv, 10)), daemon=True)
+    t.start()
+    time.sleep(after)
+    action()
+    t.join(10)
+    return box[0] if box else "hangs"
+
+
+def send_in_two(s, first, second, pause):
+    """A writer that keeps the reader waiting: first, `pause` s later
+    second, then close (0.2 s on, so both are in before the FIN)."""
+    s.sendall(first)
+    time.sleep(pause)
+    s.sendall(second)
+    time.sleep(0.2)
+    s.close()
 
 
 # -- tiers ----------------------------------------------------------------------
@@ -208,6 +222,15 @@ class Server:
         ls.close()
         return settle(c)
 
+    def conn(self, go=False):
+        """The scenario's connection: accept_one(), its tier reported; with
+        go, then the byte b"g" that tells the client to start."""
+        c = self.accept_one()
+        tier(c)
+        if go:
+            c.sendall(b"g")
+        return c
+
     def announce(self, port):
         self.port = port
         print(f"PORT {port}", flush=True)
@@ -229,3 +252,12 @@ class Client:
         it at once: the wait would only delay the scenario)."""
         s = socket.create_connection((HOST, self.port), timeout=timeout)
         return settle(s) if settle_rings else s
+
+    def conn(self, go=False):
+        """The scenario's connection: connect(), its tier reported; with go,
+        then the server's start byte read (Server.conn(go=True))."""
+        s = self.connect()
+        tier(s)
+        if go:
+            s.recv(1)
+        return s

@@ -7,22 +7,13 @@ import threading
 import time
 
 import runtime as rt
-
-SIZE = 1 << 20
+from scenarios.splice_out_peer_closed import server  # noqa: F401  (the same server: 1 MiB, close)
 BUSYBOX = "/bin/busybox"
 WAIT = 6
 
 
-def server(srv):
-    c = srv.accept_one()
-    rt.tier(c)
-    rt.obs("send", rt.call(c.sendall, rt.pattern(SIZE, 1)))
-    c.close()
-
-
 def client(cli):
-    s = cli.connect()
-    rt.tier(s)
+    s = cli.conn()
     r, w = os.pipe()
     pid = os.fork()                 # fork + exec, as a shell does (not vfork: case 2)
     if pid == 0:
@@ -36,7 +27,7 @@ def client(cli):
     reader.start()
     rt.obs("busybox cat", wait(pid, WAIT))
     reader.join(5)
-    rt.obs("bytes", rt.data(out[0]) if out else "hangs")
+    rt.obs("bytes", rt.data(out[0]) if out else "hangs")   # the server's 1 MiB
 
 
 def read_all(fd):

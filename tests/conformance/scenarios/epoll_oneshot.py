@@ -6,8 +6,7 @@ import runtime as rt
 
 
 def server(srv):
-    c = srv.accept_one()
-    rt.tier(c)
+    c = srv.conn()
     ep = select.epoll()
     ep.register(c, select.EPOLLIN | select.EPOLLONESHOT)
     c.sendall(b"1")
@@ -23,9 +22,7 @@ def server(srv):
 
 
 def client(cli):
-    s = cli.connect()
-    rt.tier(s)
-    s.recv(1)
+    s = cli.conn(go=True)
     s.sendall(b"a")
     s.recv(1)
     s.sendall(b"b")

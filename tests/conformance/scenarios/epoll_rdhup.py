@@ -8,8 +8,7 @@ import runtime as rt
 
 
 def server(srv):
-    c = srv.accept_one()
-    rt.tier(c)
+    c = srv.conn()
     lt = select.epoll()
     lt.register(c, select.EPOLLIN | select.EPOLLRDHUP)
     et = select.epoll()
@@ -28,9 +27,7 @@ def server(srv):
 
 
 def client(cli):
-    s = cli.connect()
-    rt.tier(s)
-    s.recv(1)
+    s = cli.conn(go=True)
     s.sendall(b"x")
     s.shutdown(socket.SHUT_WR)
     rt.obs("reply", rt.call(rt.recv_all, s))

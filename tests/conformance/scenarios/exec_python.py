@@ -7,8 +7,7 @@ import runtime as rt
 
 
 def server(srv):
-    c = srv.accept_one()
-    rt.tier(c)
+    c = srv.conn()
     fd = c.detach()
     os.set_inheritable(fd, True)
     os.execv(sys.executable, [sys.executable, rt.PEER, __name__.split(".")[-1], "after_exec", str(fd)])
@@ -24,8 +23,7 @@ def after_exec(args):
 
 
 def client(cli):
-    s = cli.connect()
-    rt.tier(s)
+    s = cli.conn()
     s.sendall(b"hello")
     rt.obs("reply", rt.call(rt.recv_n, s, 5))
     rt.obs("eof", rt.call(s.recv, 1))

@@ -14,8 +14,7 @@ def queued(s):
 
 
 def server(srv):
-    c = srv.accept_one()
-    rt.tier(c)
+    c = srv.conn()
     rt.obs("empty", queued(c))
     c.sendall(b"g")
     time.sleep(0.5)
@@ -30,9 +29,7 @@ def server(srv):
 
 
 def client(cli):
-    s = cli.connect()
-    rt.tier(s)
-    s.recv(1)
+    s = cli.conn(go=True)
     s.sendall(b"hello world")
     time.sleep(0.1)
     s.sendall(b"1234567")

@@ -7,8 +7,7 @@ import runtime as rt
 
 
 def server(srv):
-    c = srv.accept_one()
-    rt.tier(c)
+    c = srv.conn()
     pid = os.fork()
     if pid == 0:
         time.sleep(1.0)
@@ -20,7 +19,6 @@ def server(srv):
 
 
 def client(cli):
-    s = cli.connect()
-    rt.tier(s)
+    s = cli.conn()
     rt.obs("recv", rt.timed(rt.recv_all, s))
     s.close()

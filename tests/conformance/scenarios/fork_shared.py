@@ -7,8 +7,7 @@ import runtime as rt
 
 
 def server(srv):
-    c = srv.accept_one()
-    rt.tier(c)
+    c = srv.conn()
     pid = os.fork()
     if pid == 0:
         c.sendall(b"child")
@@ -22,8 +21,7 @@ def server(srv):
 
 
 def client(cli):
-    s = cli.connect()
-    rt.tier(s)
+    s = cli.conn()
     rt.obs("from child", rt.call(rt.recv_n, s, 5))
     s.sendall(b"12345")
     rt.obs("from parent", rt.call(rt.recv_n, s, 6))

@@ -9,16 +9,14 @@ SIZE = 1 << 20
 
 
 def server(srv):
-    c = srv.accept_one()
-    rt.tier(c)
+    c = srv.conn()
     rt.obs("request", rt.call(rt.recv_all, c))
     rt.obs("send", rt.call(c.sendall, rt.pattern(SIZE, 1)))
     c.close()
 
 
 def client(cli):
-    s = cli.connect()
-    rt.tier(s)
+    s = cli.conn()
     s.sendall(b"GET /big")
     s.shutdown(socket.SHUT_WR)
     s.settimeout(10)

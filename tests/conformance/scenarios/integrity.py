@@ -8,9 +8,16 @@ SIZES = [1, 63, 4096, 65537, 1 << 20, 4 << 20]
 
 
 def server(srv):
-    c = srv.accept_one()
-    rt.tier(c)
-    for n in SIZES:
+    serve(srv.conn(), SIZES)
+
+
+def client(cli):
+    check(cli.conn(), SIZES)
+
+
+def serve(c, sizes):
+    """Each size received, observed and sent back reversed; then EOF."""
+    for n in sizes:
         got = rt.recv_n(c, n)
         rt.obs(f"got {n}", rt.data(got))
         c.sendall(got[::-1])
@@ -18,10 +25,9 @@ def server(srv):
     c.close()
 
 
-def client(cli):
-    s = cli.connect()
-    rt.tier(s)
-    for n in SIZES:
+def check(s, sizes):
+    """Each size sent (from a thread) while its echo comes back; then a half-close."""
+    for n in sizes:
         out = rt.pattern(n, 2)
         t = threading.Thread(target=s.sendall, args=(out,))
         t.start()

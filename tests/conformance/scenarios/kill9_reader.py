@@ -8,15 +8,13 @@ import runtime as rt
 
 
 def server(srv):
-    c = srv.accept_one()
-    rt.tier(c)
+    c = srv.conn()
     rt.recv_n(c, 1 << 20)
     os.kill(os.getpid(), signal.SIGKILL)
 
 
 def client(cli):
-    s = cli.connect()
-    rt.tier(s)
+    s = cli.conn()
     errors, sent = [], 0
     while len(errors) < 2 and sent < 1 << 30:
         try:

@@ -10,8 +10,7 @@ SIZE = 3 << 20
 
 
 def server(srv):
-    c = srv.accept_one()
-    rt.tier(c)
+    c = srv.conn()
     time.sleep(0.5)
     c.settimeout(15)
     rt.obs("recv", rt.call(rt.recv_all, c))
@@ -19,7 +18,6 @@ def server(srv):
 
 
 def client(cli):
-    s = cli.connect()
-    rt.tier(s)
+    s = cli.conn()
     s.sendall(rt.pattern(SIZE, 2))
     os.kill(os.getpid(), signal.SIGKILL)

@@ -9,8 +9,7 @@ import runtime as rt
 
 
 def server(srv):
-    c = srv.accept_one()
-    rt.tier(c)
+    c = srv.conn()
     c.sendall(b"before the reset")
     rt.obs("go", rt.call(c.recv, 1))
     c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -18,8 +17,7 @@ def server(srv):
 
 
 def client(cli):
-    s = cli.connect()
-    rt.tier(s)
+    s = cli.conn()
     rt.obs("data", rt.call(rt.recv_n, s, 16))
     s.sendall(b"g")
     time.sleep(0.3)                 # the RST is in

@@ -21,8 +21,7 @@ def server(srv):
 
 
 def client(cli):
-    ctl = cli.connect()
-    rt.tier(ctl)
+    ctl = cli.conn()
     queued = [cli.connect(timeout=10, settle_rings=False) for _ in range(QUEUED)]
     for s in queued:
         s.sendall(b"request")

@@ -7,9 +7,7 @@ import runtime as rt
 
 
 def server(srv):
-    c = srv.accept_one()
-    rt.tier(c)
-    c.sendall(b"g")
+    c = srv.conn(go=True)
     rt.obs("poll", rt.poll(c, select.POLLIN | select.POLLPRI, 5))
     time.sleep(0.2)
     rt.obs("oob", rt.call(c.recv, 1, socket.MSG_OOB))
@@ -18,9 +16,7 @@ def server(srv):
 
 
 def client(cli):
-    s = cli.connect()
-    rt.tier(s)
-    s.recv(1)
+    s = cli.conn(go=True)
     s.sendall(b"abc")
     rt.obs("send oob", rt.call(s.send, b"!", socket.MSG_OOB))
     s.sendall(b"def")

@@ -7,8 +7,7 @@ import runtime as rt
 
 
 def server(srv):
-    c = srv.accept_one()
-    rt.tier(c)
+    c = srv.conn()
     rt.obs("poll", rt.poll(c, select.POLLIN, 5))
     time.sleep(0.2)                                   # both sends have arrived
     rt.obs("peek 5", rt.call(c.recv, 5, socket.MSG_PEEK))
@@ -22,8 +21,7 @@ def server(srv):
 
 
 def client(cli):
-    s = cli.connect()
-    rt.tier(s)
+    s = cli.conn()
     s.sendall(b"hello ")
     s.sendall(b"world")
     rt.obs("ack", rt.call(s.recv, 1))

@@ -7,9 +7,7 @@ import runtime as rt
 
 
 def server(srv):
-    c = srv.accept_one()
-    rt.tier(c)
-    c.sendall(b"g")
+    c = srv.conn(go=True)
     time.sleep(0.3)
     rt.obs("trunc 5", rt.call(lambda: len(c.recv(5, socket.MSG_TRUNC))))
     rt.obs("rest", rt.call(rt.recv_n, c, 6))
@@ -17,9 +15,7 @@ def server(srv):
 
 
 def client(cli):
-    s = cli.connect()
-    rt.tier(s)
-    s.recv(1)
+    s = cli.conn(go=True)
     s.sendall(b"hello world")
     rt.obs("eof", rt.call(s.recv, 1))
     s.close()

@@ -8,8 +8,7 @@ import runtime as rt
 
 
 def server(srv):
-    c = srv.accept_one()
-    rt.tier(c)
+    c = srv.conn()
     rt.obs("request", rt.call(rt.recv_n, c, 4))
     c.sendall(b"pong")
     rt.obs("eof", rt.call(c.recv, 1))

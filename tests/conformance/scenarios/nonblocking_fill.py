@@ -8,8 +8,7 @@ CHUNK = rt.pattern(1 << 16, 2)
 
 
 def server(srv):
-    c = srv.accept_one()
-    rt.tier(c)
+    c = srv.conn()
     srv.client_done()               # the client has filled and closed
     c.settimeout(20)
     got = rt.call(rt.recv_all, c)
@@ -19,8 +18,7 @@ def server(srv):
 
 
 def client(cli):
-    s = cli.connect()
-    rt.tier(s)
+    s = cli.conn()
     s.setblocking(False)
     sent = 0
     while sent < CAP:

@@ -7,9 +7,7 @@ from scenarios.msg_waitall import client  # noqa: F401  (40 B, 1 s, 60 B)
 
 
 def server(srv):
-    c = srv.accept_one()
-    rt.tier(c)
-    c.sendall(b"g")
+    c = srv.conn(go=True)
     rt.obs("first byte", rt.call(c.recv, 1, socket.MSG_PEEK))
     rt.obs("peek waitall", rt.timed(c.recv, 100, socket.MSG_PEEK | socket.MSG_WAITALL))
     rt.obs("recv", rt.call(rt.recv_n, c, 100))

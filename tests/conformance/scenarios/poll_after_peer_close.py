@@ -11,15 +11,13 @@ ALL = select.POLLIN | select.POLLOUT | select.POLLRDHUP
 
 
 def server(srv):
-    c = srv.accept_one()
-    rt.tier(c)
+    c = srv.conn()
     c.sendall(b"bye")
     c.close()
 
 
 def client(cli):
-    s = cli.connect()
-    rt.tier(s)
+    s = cli.conn()
     time.sleep(0.3)                         # "bye" and the FIN are in
     rt.obs("poll", rt.poll(s, ALL, 5))
     ep = select.epoll()

@@ -11,8 +11,7 @@ import runtime as rt
 
 
 def server(srv):
-    c = srv.accept_one()
-    rt.tier(c)
+    c = srv.conn()
     c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 100)
     c.sendall(b"g")
     time.sleep(0.2)                                 # the first 50 are here
@@ -28,11 +27,4 @@ def server(srv):
 
 
 def client(cli):
-    s = cli.connect()
-    rt.tier(s)
-    s.recv(1)
-    s.sendall(b"a" * 50)
-    time.sleep(1.8)
-    s.sendall(b"b" * 60)
-    time.sleep(0.2)
-    s.close()
+    rt.send_in_two(cli.conn(go=True), b"a" * 50, b"b" * 60, pause=1.8)

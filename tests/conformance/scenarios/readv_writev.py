@@ -7,8 +7,7 @@ import runtime as rt
 
 
 def server(srv):
-    c = srv.accept_one()
-    rt.tier(c)
+    c = srv.conn()
     rt.obs("writev", rt.call(os.writev, c.fileno(), [b"abc", b"", b"defgh"]))
     time.sleep(0.3)
     bufs = [bytearray(2), bytearray(3), bytearray(10)]
@@ -21,8 +20,7 @@ def server(srv):
 
 
 def client(cli):
-    s = cli.connect()
-    rt.tier(s)
+    s = cli.conn()
     rt.obs("got", rt.call(rt.recv_n, s, 8))
     s.sendall(b"0123456789ABCDEFGHIJKLMN")
     time.sleep(0.2)

@@ -6,8 +6,7 @@ import runtime as rt
 
 
 def server(srv):
-    c = srv.accept_one()
-    rt.tier(c)
+    c = srv.conn()
     rt.obs("empty", rt.timed(c.recv, 0))
     c.sendall(b"g")
     time.sleep(0.3)
@@ -18,8 +17,6 @@ def server(srv):
 
 
 def client(cli):
-    s = cli.connect()
-    rt.tier(s)
-    s.recv(1)
+    s = cli.conn(go=True)
     s.sendall(b"abc")
     s.close()

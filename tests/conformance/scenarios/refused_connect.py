@@ -18,8 +18,7 @@ def server(srv):
 
 
 def client(cli):
-    s = cli.connect()
-    rt.tier(s)
+    s = cli.conn()
     port = int(rt.recv_all(s))
     s.close()
     b = socket.socket()

@@ -8,18 +8,11 @@ import subprocess
 import sys
 
 import runtime as rt
+from scenarios.splice_out_peer_closed import server  # noqa: F401  (the same server: 1 MiB, close)
 
-SIZE = 1 << 20
 # The client gives the socket away as soon as it took the rings: the server
 # end may be back on plain TCP (revert.c) by the time it records its tier.
 FALLBACK_OK = {"not-live"}
-
-
-def server(srv):
-    c = srv.accept_one()
-    rt.tier(c)
-    rt.obs("send", rt.call(c.sendall, rt.pattern(SIZE, 1)))
-    c.close()
 
 
 def client(cli):
@@ -29,8 +22,7 @@ def client(cli):
     child = subprocess.Popen([sys.executable, rt.PEER, __name__.split(".")[-1], "receiver",
                               str(b.fileno())], env=env, pass_fds=[b.fileno()])
     b.close()
-    s = cli.connect()
-    rt.tier(s)
+    s = cli.conn()
     socket.send_fds(a, [b"fd"], [s.fileno()])
     s.close()
     try:

@@ -3,18 +3,11 @@
 import time
 
 import runtime as rt
-
-
-def server(srv):
-    c = srv.accept_one()
-    rt.tier(c)
-    c.sendall(b"bye")
-    c.close()
+from scenarios.poll_after_peer_close import server  # noqa: F401  (the same server: "bye", close)
 
 
 def client(cli):
-    s = cli.connect()
-    rt.tier(s)
+    s = cli.conn()
     rt.obs("recv", rt.call(rt.recv_all, s))         # "bye", then EOF
     rt.obs("send 1", rt.call(s.send, b"x" * 10))
     time.sleep(0.3)                                  # the RST is back

@@ -7,9 +7,7 @@ import runtime as rt
 
 
 def server(srv):
-    c = srv.accept_one()
-    rt.tier(c)
-    c.sendall(b"g")
+    c = srv.conn(go=True)
     time.sleep(0.5)                             # the client's late send is in
     c.settimeout(5)
     rt.obs("recv", rt.call(rt.recv_all, c))
@@ -19,9 +17,7 @@ def server(srv):
 
 
 def client(cli):
-    s = cli.connect()
-    rt.tier(s)
-    s.recv(1)
+    s = cli.conn(go=True)
     s.sendall(b"before")
     s.shutdown(socket.SHUT_WR)
     rt.obs("send after shutdown", rt.call(s.send, b"after"))

@@ -9,8 +9,7 @@ SIZE = 1 << 20
 
 
 def server(srv):
-    c = srv.accept_one()
-    rt.tier(c)
+    c = srv.conn()
     with tempfile.TemporaryFile() as f:
         f.write(rt.pattern(SIZE, 1))
         f.flush()
@@ -27,7 +26,6 @@ def server(srv):
 
 
 def client(cli):
-    s = cli.connect()
-    rt.tier(s)
+    s = cli.conn()
     rt.obs("recv", rt.call(rt.recv_all, s))
     s.close()

@@ -9,15 +9,13 @@ from scenarios.splice_out_peer_closed import SIZE
 
 
 def server(srv):
-    c = srv.accept_one()
-    rt.tier(c)
+    c = srv.conn()
     c.sendall(rt.pattern(SIZE, 1))
     c.close()
 
 
 def client(cli):
-    s = cli.connect()
-    rt.tier(s)
+    s = cli.conn()
     with tempfile.TemporaryFile() as f:
         rt.obs("sendfile", rt.in_thread(os.sendfile, f.fileno(), s.fileno(), None, 1 << 16))
         f.seek(0)

@@ -4,7 +4,6 @@ from scenarios.sendmsg_1025_iov import server  # noqa: F401
 
 
 def client(cli):
-    s = cli.connect()
-    rt.tier(s)
+    s = cli.conn()
     rt.obs("sendmsg", rt.call(s.sendmsg, [bytes([i % 251]) * 100 for i in range(1024)]))
     s.close()

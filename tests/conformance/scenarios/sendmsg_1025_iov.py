@@ -6,15 +6,13 @@ IOVECS = 1025
 
 
 def server(srv):
-    c = srv.accept_one()
-    rt.tier(c)
+    c = srv.conn()
     rt.obs("recv", rt.call(rt.recv_all, c))
     c.close()
 
 
 def client(cli):
-    s = cli.connect()
-    rt.tier(s)
+    s = cli.conn()
     rt.obs("sendmsg", rt.call(s.sendmsg, [b"x"] * IOVECS))
     rt.obs("then send", rt.call(s.send, b"after"))
     s.close()

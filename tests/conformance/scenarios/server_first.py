@@ -4,8 +4,7 @@ import runtime as rt
 
 
 def server(srv):
-    c = srv.accept_one()
-    rt.tier(c)
+    c = srv.conn()
     c.sendall(b"220 hello\r\n")
     rt.obs("request", rt.call(rt.recv_n, c, 8))
     c.sendall(b"250 ok\r\n")
@@ -13,8 +12,7 @@ def server(srv):
 
 
 def client(cli):
-    s = cli.connect()
-    rt.tier(s)
+    s = cli.conn()
     rt.obs("greeting", rt.call(rt.recv_n, s, 11))
     s.sendall(b"HELO x\r\n")
     rt.obs("reply", rt.call(rt.recv_all, s))

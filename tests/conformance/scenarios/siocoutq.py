@@ -14,8 +14,7 @@ def outq(s):
 
 
 def server(srv):
-    c = srv.accept_one()
-    rt.tier(c)
+    c = srv.conn()
     time.sleep(1.0)                 # the client looks while we have not read
     rt.obs("recv", rt.call(rt.recv_n, c, 1001))
     c.sendall(b"k")
@@ -24,8 +23,7 @@ def server(srv):
 
 
 def client(cli):
-    s = cli.connect()
-    rt.tier(s)
+    s = cli.conn()
     rt.obs("outq at rest", outq(s))
     s.sendall(b"q" * 1000)
     time.sleep(0.3)

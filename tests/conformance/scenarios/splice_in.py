@@ -8,8 +8,7 @@ SIZE = 1 << 20
 
 
 def server(srv):
-    c = srv.accept_one()
-    rt.tier(c)
+    c = srv.conn()
     r, w = os.pipe()
     data = rt.pattern(SIZE, 1)
     t = threading.Thread(target=_write_all, args=(w, data))
@@ -29,7 +28,6 @@ def _write_all(fd, data):
 
 
 def client(cli):
-    s = cli.connect()
-    rt.tier(s)
+    s = cli.conn()
     rt.obs("recv", rt.call(rt.recv_all, s))
     s.close()

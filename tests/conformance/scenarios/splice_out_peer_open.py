@@ -1,12 +1,11 @@
 """Issue 10 case 5: splice() out of the socket while the peer keeps the
 connection open: the 1 MiB arrives, then the client says so."""
 import runtime as rt
-from scenarios.splice_out_peer_closed import SIZE, splice_all
+from scenarios.splice_out_peer_closed import SIZE
 
 
 def server(srv):
-    c = srv.accept_one()
-    rt.tier(c)
+    c = srv.conn()
     rt.obs("send", rt.call(c.sendall, rt.pattern(SIZE, 1)))
     c.settimeout(15)
     rt.obs("ack", rt.call(c.recv, 10))
@@ -14,7 +13,6 @@ def server(srv):
 
 
 def client(cli):
-    s = cli.connect()
-    rt.tier(s)
-    rt.obs("spliced", rt.in_thread(splice_all, s, SIZE, wait=6))
+    s = cli.conn()
+    rt.obs("spliced", rt.in_thread(rt.splice_all, s, SIZE, wait=6))
     s.sendall(b"done")

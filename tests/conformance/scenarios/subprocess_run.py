@@ -7,8 +7,7 @@ import runtime as rt
 
 
 def server(srv):
-    c = srv.accept_one()
-    rt.tier(c)
+    c = srv.conn()
     rt.obs("before", rt.call(rt.recv_n, c, 6))
     c.sendall(b"1")
     rt.obs("after", rt.timed(rt.recv_n, c, 5))     # EOF at once would be the bug
@@ -18,8 +17,7 @@ def server(srv):
 
 
 def client(cli):
-    s = cli.connect()
-    rt.tier(s)
+    s = cli.conn()
     s.sendall(b"before")
     rt.obs("reply 1", rt.call(rt.recv_n, s, 1))
     rt.obs("child", spawn())

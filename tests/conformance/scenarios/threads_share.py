@@ -9,8 +9,7 @@ THREADS, PER, REC = 4, 2000, 64
 
 
 def server(srv):
-    c = srv.accept_one()
-    rt.tier(c)
+    c = srv.conn()
     data = rt.recv_n(c, THREADS * PER * REC)
     seqs, bad = {t: -1 for t in range(THREADS)}, 0
     for off in range(0, len(data), REC):
@@ -27,8 +26,7 @@ def server(srv):
 
 
 def client(cli):
-    s = cli.connect()
-    rt.tier(s)
+    s = cli.conn()
 
     def run(tid):
         for seq in range(PER):

@@ -12,8 +12,7 @@ CAP = 64 << 20
 
 
 def server(srv):
-    c = srv.accept_one()
-    rt.tier(c)
+    c = srv.conn()
     rt.obs("MSG_DONTWAIT", rt.timed(c.recv, 10, socket.MSG_DONTWAIT))
     c.setblocking(False)
     rt.obs("O_NONBLOCK", rt.timed(c.recv, 10))
@@ -33,7 +32,6 @@ def server(srv):
 
 
 def client(cli):
-    s = cli.connect()
-    rt.tier(s)
+    s = cli.conn()
     time.sleep(4)                   # reads nothing
     s.close()
