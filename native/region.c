@@ -90,7 +90,6 @@ int sbp_region_check(const void *base, size_t size, struct sbp_region_info *out)
 	out->slot_size = h.slot_size;
 	out->region_size = h.region_size;
 	out->region_id = h.region_id;
-	out->map_addr = h.map_addr;
 	out->backend = h.backend;
 	out->owner_uid = h.owner_uid;
 	out->ring_capacity = sbp_ring_capacity_for(h.slot_size);
@@ -106,12 +105,11 @@ void *sbp_region_slot(const struct sbp_region_info *info, void *base, uint32_t s
 	return (char *)base + info->hdr_size + (uint64_t)slot * info->slot_size;
 }
 
-void sbp_region_set_backend(void *base, uint32_t backend, uint64_t map_addr, uint32_t owner_uid)
+void sbp_region_set_backend(void *base, uint32_t backend, uint32_t owner_uid)
 {
 	struct sbp_region_hdr *h = base;
 
 	h->backend = backend;
-	h->map_addr = map_addr;
 	h->owner_uid = owner_uid;
 }
 

@@ -17,7 +17,7 @@
 #include <stdint.h>
 
 #define SBP_REGION_MAGIC        "SHMBYPRG"      /* 8 bytes, no NUL */
-#define SBP_REGION_VERSION      1u
+#define SBP_REGION_VERSION      2u      /* 2: map_addr (unused since the arena backend went) dropped */
 #define SBP_REGION_HDR_SIZE     4096u
 #define SBP_REGION_MIN_SLOT     8192u
 #define SBP_REGION_MAX_SLOT     (SBP_REGION_HDR_SIZE + (1u << 30))
@@ -46,7 +46,6 @@ struct sbp_region_hdr {
 	uint32_t slot_size;
 	uint64_t region_size;
 	uint64_t region_id;     /* random at format; names the trust domain */
-	uint64_t map_addr;      /* unused (was: the arena backend's fixed address); 0 */
 	uint32_t backend;       /* SBP_BACKEND_* */
 	uint32_t flags;
 	uint32_t owner_uid;
@@ -62,7 +61,6 @@ struct sbp_region_info {
 	uint32_t slot_size;
 	uint64_t region_size;
 	uint64_t region_id;
-	uint64_t map_addr;
 	uint32_t backend;
 	uint32_t owner_uid;
 	uint64_t ring_capacity; /* capacity of the ring in each slot */
@@ -80,7 +78,7 @@ int sbp_region_check(const void *base, size_t size, struct sbp_region_info *out)
 void *sbp_region_slot(const struct sbp_region_info *info, void *base, uint32_t slot);
 
 /* Header fields set after format (by the owner, before others open it). */
-void sbp_region_set_backend(void *base, uint32_t backend, uint64_t map_addr, uint32_t owner_uid);
+void sbp_region_set_backend(void *base, uint32_t backend, uint32_t owner_uid);
 /* Replace the parts table: n ranges, each inside [0, slot_count) and not
  * overlapping. 0 or -EINVAL. */
 int sbp_region_set_parts(void *base, size_t size, const struct sbp_region_part *parts, uint32_t n);

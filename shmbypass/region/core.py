@@ -54,7 +54,6 @@ class RegionInfo:
     slot_size: int
     region_size: int
     region_id: int
-    map_addr: int
     backend: int
     owner_uid: int
     ring_capacity: int
@@ -101,13 +100,13 @@ class Region:
         self._keep = ffi.from_buffer(mm, require_writable=True)
         self._ptr = ffi.cast("void *", self._keep)
 
-    def format_header(self, slot_size, region_id=None, map_addr=0):
+    def format_header(self, slot_size, region_id=None):
         """Write a fresh header over the whole mapping (as many slots as fit)."""
         rid = region_id if region_id is not None else secrets.randbits(64)
         rc = lib.sbp_region_format(self._ptr, self.size, slot_size, rid)
         if rc < 0:
             raise ValueError(f"cannot format a region of {self.size} bytes with slot size {slot_size}")
-        lib.sbp_region_set_backend(self._ptr, BACKEND_IDS[self.backend], map_addr, os.geteuid())
+        lib.sbp_region_set_backend(self._ptr, BACKEND_IDS[self.backend], os.geteuid())
         self.check()
 
     def check(self):
@@ -123,7 +122,7 @@ class Region:
                                 "(magic, geometry or size)")
         self.info = RegionInfo(
             version=out.version, slot_count=out.slot_count, slot_size=out.slot_size,
-            region_size=out.region_size, region_id=out.region_id, map_addr=out.map_addr,
+            region_size=out.region_size, region_id=out.region_id,
             backend=out.backend, owner_uid=out.owner_uid, ring_capacity=out.ring_capacity,
             parts=tuple((out.parts[i].first_slot, out.parts[i].slot_count, out.parts[i].owner)
                         for i in range(out.nparts)))

@@ -29,7 +29,7 @@ def _header(h):
     return {"magic": ffi.unpack(h.magic, 8).decode(errors="replace"), "version": h.version,
             "hdr_size": h.hdr_size, "slot_count": h.slot_count, "slot_size": h.slot_size,
             "region_size": h.region_size, "region_id": f"{h.region_id:016x}",
-            "map_addr": f"{h.map_addr:#x}", "backend": BACKEND_NAMES.get(h.backend, str(h.backend)),
+            "backend": BACKEND_NAMES.get(h.backend, str(h.backend)),
             "flags": h.flags, "owner_uid": h.owner_uid, "nparts": h.nparts}
 
 
