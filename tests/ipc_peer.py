@@ -24,7 +24,8 @@ import tempfile
 import threading
 import time
 
-from sockets import recv_all, recv_exact, sha, splice_all   # tests/ is this script's sys.path[0]
+from sockets import (check_records, recv_all, recv_exact, send_records, sha,  # tests/ is sys.path[0]
+                     splice_all)
 
 
 from ipc_common import (FAMILY, FIONREAD, HOST, RESULT, SIOCOUTQ, fill_until_eagain,  # noqa: F401
@@ -369,33 +370,13 @@ REC = 64
 
 def s_threads(c, args):
     nthreads, per = int(args[0]), int(args[1])
-    total = nthreads * per * REC
-    data = recv_exact(c, total)
-    seqs = {t: -1 for t in range(nthreads)}
-    bad = 0
-    for off in range(0, total, REC):
-        tid, seq = struct.unpack_from("!II", data, off)
-        body = data[off + 8:off + REC]
-        if tid not in seqs or seq != seqs[tid] + 1 or body != bytes([tid]) * (REC - 8):
-            bad += 1
-            continue
-        seqs[tid] = seq
-    # full duplex: both directions from threads at once
-    out(bad=bad, complete=all(v == per - 1 for v in seqs.values()), tier=tier(c))
+    bad, complete = check_records(recv_exact(c, nthreads * per * REC), nthreads, per, REC)
+    out(bad=bad, complete=complete, tier=tier(c))
     c.sendall(b"done")
 
 
 def c_threads(s, args):
-    nthreads, per = int(args[0]), int(args[1])
-
-    def run(tid):
-        for seq in range(per):
-            s.sendall(struct.pack("!II", tid, seq) + bytes([tid]) * (REC - 8))
-    ts = [threading.Thread(target=run, args=(t,)) for t in range(nthreads)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
+    send_records(s, int(args[0]), int(args[1]), REC)
     out(done=recv_exact(s, 4) == b"done", tier=tier(s))
 
 

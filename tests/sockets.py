@@ -3,6 +3,7 @@ conformance/runtime.py): connected pairs, exact transfers, reading to EOF."""
 import hashlib
 import os
 import socket
+import struct
 import threading
 
 
@@ -58,6 +59,32 @@ def splice_all(s, limit=None):
             buf += b
             k -= len(b)
     return bytes(buf)
+
+
+def send_records(s, nthreads, per, size):
+    """nthreads threads send `per` records of size bytes each on s at once,
+    each with one sendall: (thread, seq), then the thread's number as filler."""
+    def run(tid):
+        for seq in range(per):
+            s.sendall(struct.pack("!II", tid, seq) + bytes([tid]) * (size - 8))
+    ts = [threading.Thread(target=run, args=(t,)) for t in range(nthreads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+
+
+def check_records(data, nthreads, per, size):
+    """What send_records sent, as one reader got it: (records torn, out of
+    their thread's order or foreign; whether every thread's came, all of them)."""
+    seqs, bad = {t: -1 for t in range(nthreads)}, 0
+    for off in range(0, len(data), size):
+        tid, seq = struct.unpack_from("!II", data, off)
+        if tid not in seqs or seq != seqs[tid] + 1 or data[off + 8:off + size] != bytes([tid]) * (size - 8):
+            bad += 1
+            continue
+        seqs[tid] = seq
+    return bad, all(v == per - 1 for v in seqs.values())
 
 
 def transfer(src, dst, data):
