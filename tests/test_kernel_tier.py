@@ -229,55 +229,45 @@ def test_ten_thousand_short_connections_leave_nothing(in_group):
         assert list(m.keys()) == []
 
 
-def test_down_while_connections_are_live():
-    inst = new_instance()
-    manager.up(inst)
-    try:
-        with InGroup(inst):
-            c, s = pair()
-        data1 = os.urandom(1 << 20)
-        assert transfer(c, s, data1) == sha(data1)
-        assert tier_of(inst, c)[0] == "kernel"
-        # Leave redirected bytes unread in s's queue across `down`.
-        pending = os.urandom(100_000)
-        c.sendall(pending)
-        reader = threading.Thread(target=lambda: time.sleep(0.5) or out.append(recv_exact(s, len(pending))))
-        out = []
-        reader.start()
-        assert manager.down(inst, drain_timeout=10)
-        reader.join()
-        assert sha(out[0]) == sha(pending)
-        assert_gone(inst)
-        # The connection goes on, on plain TCP.
-        data2 = os.urandom(1 << 20)
-        assert transfer(c, s, data2) == sha(data2)
-        assert transfer(s, c, data2) == sha(data2)
-        c.close()
-        s.close()
-    finally:
-        manager.down(inst, drain_timeout=1, force=True)
+def test_down_while_connections_are_live(inst):
+    with InGroup(inst):
+        c, s = pair()
+    data1 = os.urandom(1 << 20)
+    assert transfer(c, s, data1) == sha(data1)
+    assert tier_of(inst, c)[0] == "kernel"
+    # Leave redirected bytes unread in s's queue across `down`.
+    pending = os.urandom(100_000)
+    c.sendall(pending)
+    reader = threading.Thread(target=lambda: time.sleep(0.5) or out.append(recv_exact(s, len(pending))))
+    out = []
+    reader.start()
+    assert manager.down(inst, drain_timeout=10)
+    reader.join()
+    assert sha(out[0]) == sha(pending)
+    assert_gone(inst)
+    # The connection goes on, on plain TCP.
+    data2 = os.urandom(1 << 20)
+    assert transfer(c, s, data2) == sha(data2)
+    assert transfer(s, c, data2) == sha(data2)
+    c.close()
+    s.close()
 
 
-def test_down_refuses_to_drop_unread_data():
-    inst = new_instance()
-    manager.up(inst)
-    try:
-        with InGroup(inst):
-            c, s = pair()
-        c.sendall(b"unread" * 1000)
-        from shmbypass.errors import ShmbypassError
-        with pytest.raises(ShmbypassError, match="have not read yet"):
-            manager.down(inst, drain_timeout=0.3)
-        # Nothing was lost, and the connection still works.
-        assert recv_exact(s, 6000) == b"unread" * 1000
-        assert manager.down(inst, drain_timeout=5)
-        assert_gone(inst)
-        c.sendall(b"after")
-        assert recv_exact(s, 5) == b"after"
-        c.close()
-        s.close()
-    finally:
-        manager.down(inst, drain_timeout=1, force=True)
+def test_down_refuses_to_drop_unread_data(inst):
+    with InGroup(inst):
+        c, s = pair()
+    c.sendall(b"unread" * 1000)
+    from shmbypass.errors import ShmbypassError
+    with pytest.raises(ShmbypassError, match="have not read yet"):
+        manager.down(inst, drain_timeout=0.3)
+    # Nothing was lost, and the connection still works.
+    assert recv_exact(s, 6000) == b"unread" * 1000
+    assert manager.down(inst, drain_timeout=5)
+    assert_gone(inst)
+    c.sendall(b"after")
+    assert recv_exact(s, 5) == b"after"
+    c.close()
+    s.close()
 
 
 def test_peer_outside_the_group_stays_on_tcp(inst):
