@@ -1341,6 +1341,12 @@ int sbp_msg(struct sk_msg_md *msg)
 	c = bpf_map_lookup_elem(&conns, &st->cookie);
 	if (!c || c->tier == SBP_TIER_SHM)
 		return SK_PASS;
+	/* After our own FIN (shutdown(SHUT_WR), close) TCP fails a send with
+	 * EPIPE, but a redirect would still deliver it, after the FIN. Passed
+	 * on, tcp_sendmsg_locked() gives the EPIPE (conformance
+	 * send_after_shutdown). */
+	if (sk->state != BPF_TCP_ESTABLISHED && sk->state != BPF_TCP_CLOSE_WAIT)
+		goto pass;
 	if (c->tx_dir == SBP_DIR_UNDECIDED) {
 		/* SYNC POINT: pairs with the compare-and-swap in
 		 * handle_established. An active socket whose peer has not

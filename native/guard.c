@@ -12,7 +12,13 @@
  *
  * The same receive path also returns short from recv(MSG_WAITALL) on a
  * blocking socket (whatever one redirected message held); recv and
- * recvfrom go on reading until the request is met, EOF, or an error.
+ * recvfrom go on reading until the request is met, EOF, or an error, and
+ * MSG_PEEK|MSG_WAITALL peeks again until that much is queued.
+ *
+ * splice() and sendfile() out of a socket read its receive queue, which the
+ * redirected bytes never enter (tcp_bpf has no splice_read): they would
+ * see nothing, then EOF. Out of a kernel-tier socket into a pipe, the guard
+ * moves the bytes with recv() and write() instead (one copy more).
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
@@ -20,14 +26,20 @@
 #include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <netinet/in.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <sys/ioctl.h>
+#include <sys/sendfile.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/time.h>
 #include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
 
 #include "sys.h"
+#include "../bpf/bypass.h"
 
 #define EXPORT __attribute__((visibility("default")))
 
@@ -90,6 +102,9 @@ REAL(ssize_t, readv, int, const struct iovec *, int)
 REAL(ssize_t, __read_chk, int, void *, size_t, size_t)
 REAL(ssize_t, __recv_chk, int, void *, size_t, size_t, int)
 REAL(ssize_t, __recvfrom_chk, int, void *, size_t, size_t, int, struct sockaddr *, socklen_t *)
+REAL(ssize_t, splice, int, off_t *, int, off_t *, size_t, unsigned int)
+REAL(ssize_t, sendfile, int, int, off_t *, size_t)
+REAL(ssize_t, sendfile64, int, int, off_t *, size_t)
 
 static ssize_t guarded_recv(int fd, void *buf, size_t len, int flags)
 {
@@ -102,16 +117,66 @@ static ssize_t guarded_recvfrom(int fd, void *buf, size_t len, int flags,
 	GUARDED(fd, flags, get_recvfrom()(fd, buf, len, flags, a, al));
 }
 
+/* Does the peer redirect into this socket's psock (the kernel tier)? A
+ * TCP socket whose tier BPF cannot tell (no SBP_SO_INFO: the optional ask
+ * feature is off) counts as one: a copy too many beats bytes unseen. */
+static int redirected_into(int fd)
+{
+	struct sbp_info info;
+	socklen_t len = sizeof(int);
+	struct stat st;
+	int proto = 0;
+
+	if (fstat(fd, &st) || !S_ISSOCK(st.st_mode) ||
+	    getsockopt(fd, SOL_SOCKET, SO_PROTOCOL, &proto, &len) || proto != IPPROTO_TCP)
+		return 0;
+	len = sizeof(info);
+	if (getsockopt(fd, SOL_SHMBYPASS, SBP_SO_INFO, &info, &len))
+		return errno == ENOPROTOOPT;
+	return info.tier == SBP_TIER_KERNEL;
+}
+
+/* MSG_PEEK|MSG_WAITALL waits, in TCP, until len bytes are queued (or EOF).
+ * tcp_bpf returns what is queued at once; peek again as more arrives (a
+ * rare call: a backoff sleep, not a wake-up, is enough). */
+static ssize_t peek_all(int fd, char *buf, size_t len, int flags, ssize_t got)
+{
+	struct timespec nap = { 0, 20000 };
+	int64_t start = now_ns();
+	ssize_t n;
+
+	if (!redirected_into(fd))
+		return got;
+	while (got > 0 && (size_t)got < len) {
+		struct pollfd p = { .fd = fd, .events = POLLRDHUP };
+
+		if (poll(&p, 1, 0) != 0 || nanosleep(&nap, NULL))
+			break;	/* EOF, an error or a signal: what is queued is the answer */
+		if (nap.tv_nsec < 10000000)
+			nap.tv_nsec *= 2;
+		n = get_recv()(fd, buf, len, flags | MSG_DONTWAIT);
+		if (n > 0)
+			got = n;
+		else if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK)
+			return n;	/* reset: the bytes are gone, as in TCP */
+		if (!spurious_eagain(fd, 0, start))
+			break;	/* SO_RCVTIMEO expired (or the socket went non-blocking) */
+	}
+	return got;
+}
+
 /* MSG_WAITALL on a blocking socket: read the rest of a short first read. */
 static ssize_t wait_all(int fd, char *buf, size_t len, int flags, ssize_t got)
 {
 	int fl;
 
-	if (got <= 0 || (size_t)got >= len || !(flags & MSG_WAITALL) || (flags & (MSG_PEEK | MSG_DONTWAIT)))
+	if (got <= 0 || (size_t)got >= len || !(flags & MSG_WAITALL) || (flags & MSG_DONTWAIT))
 		return got;
 	fl = fcntl(fd, F_GETFL);
 	if (fl < 0 || (fl & O_NONBLOCK))
 		return got;
+	if (flags & MSG_PEEK)
+		return peek_all(fd, buf, len, flags, got);
 	while ((size_t)got < len) {
 		ssize_t n = guarded_recv(fd, buf + got, len - (size_t)got, flags);
 
@@ -161,4 +226,101 @@ EXPORT ssize_t __recvfrom_chk(int fd, void *buf, size_t len, size_t buflen, int 
 			      struct sockaddr *a, socklen_t *al)
 {
 	GUARDED(fd, flags, get___recvfrom_chk()(fd, buf, len, buflen, flags, a, al));
+}
+
+static int is_pipe(int fd)
+{
+	struct stat st;
+
+	return fstat(fd, &st) == 0 && S_ISFIFO(st.st_mode);
+}
+
+/* Room in the pipe, waiting for some unless non-blocking (-1: errno). */
+static ssize_t pipe_room(int pipe, int nonblock)
+{
+	for (;;) {
+		int size = fcntl(pipe, F_GETPIPE_SZ), queued = 0;
+		struct pollfd p = { .fd = pipe, .events = POLLOUT };
+
+		if (size < 0 || ioctl(pipe, FIONREAD, &queued))
+			return -1;
+		if (queued < size)
+			return size - queued;
+		if (nonblock) {
+			errno = EAGAIN;
+			return -1;
+		}
+		if (poll(&p, 1, -1) < 0)
+			return -1;
+	}
+}
+
+/* All of buf into the pipe. The bytes already left the socket, so a
+ * non-blocking pipe that fills meanwhile (another writer) is waited for
+ * rather than lose them. */
+static int pipe_put(int pipe, const char *buf, size_t len)
+{
+	while (len) {
+		ssize_t n = write(pipe, buf, len);
+		struct pollfd p = { .fd = pipe, .events = POLLOUT };
+
+		if (n > 0) {
+			buf += n;
+			len -= (size_t)n;
+		} else if (n < 0 && errno != EAGAIN && errno != EINTR) {
+			return -1;
+		} else if (n < 0 && errno == EAGAIN) {
+			poll(&p, 1, -1);
+		}
+	}
+	return 0;
+}
+
+/* splice(sock -> pipe) as recv() then write(): at most the pipe's room, so
+ * the write does not block; blocking and EOF are recv()'s, as splice's are. */
+static ssize_t splice_out(int sock, int pipe, size_t len, unsigned int flags)
+{
+	int sfl = fcntl(sock, F_GETFL), pfl = fcntl(pipe, F_GETFL);
+	int nonblock = (flags & SPLICE_F_NONBLOCK) || (pfl >= 0 && (pfl & O_NONBLOCK));
+	ssize_t room = pipe_room(pipe, nonblock), n;
+	char *buf;
+
+	if (room < 0)
+		return -1;
+	if (len > (size_t)room)
+		len = (size_t)room;
+	buf = malloc(len);
+	if (!buf) {
+		errno = ENOMEM;
+		return -1;
+	}
+	/* SPLICE_F_NONBLOCK is about the pipe; the socket's own flag decides
+	 * whether the read waits, as in tcp_splice_read(). */
+	n = guarded_recv(sock, buf, len, (sfl >= 0 && (sfl & O_NONBLOCK)) ? MSG_DONTWAIT : 0);
+	if (n > 0 && pipe_put(pipe, buf, (size_t)n))
+		n = -1;		/* the pipe's reader is gone: EPIPE, as splice */
+	free(buf);
+	return n;
+}
+
+EXPORT ssize_t splice(int in, off_t *off_in, int out, off_t *off_out, size_t len, unsigned int flags)
+{
+	if (!off_in && !off_out && len && is_pipe(out) && redirected_into(in))
+		return splice_out(in, out, len, flags);
+	return get_splice()(in, off_in, out, off_out, len, flags);
+}
+
+EXPORT ssize_t sendfile(int out, int in, off_t *offset, size_t count)
+{
+	if (!offset && count && is_pipe(out) && redirected_into(in))
+		return splice_out(in, out, count, 0);
+	return get_sendfile()(out, in, offset, count);
+}
+
+EXPORT ssize_t sendfile64(int out, int in, off_t *offset, size_t count)
+{
+	if (!offset && count && is_pipe(out) && redirected_into(in))
+		return splice_out(in, out, count, 0);
+	return get_sendfile64() ? get_sendfile64()(out, in, offset, count)
+				: get_sendfile()(out, in, offset, count);
 }
