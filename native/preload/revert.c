@@ -23,6 +23,8 @@
  * Everything read from the block header is untrusted: a lying peer can
  * only garble its own stream, never make us read or write out of bounds.
  */
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <poll.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
@@ -301,6 +303,36 @@ static void abort_for_successor(int fd)
 	errno = saved;
 }
 
+void chan_reset_for_successor(int fd, struct chan *ch, const char *why)
+{
+	chan_break(fd, ch, SBP_RESET_APP, why);
+	abort_for_successor(fd);
+	chan_went_plain(ch);
+}
+
+/* Has the peer sent its FIN (TCP says so)? Then what it wrote is final. */
+static int peer_fin(int fd)
+{
+	struct tcp_info ti;
+	socklen_t len = sizeof(ti);
+
+	if (syscall(SYS_getsockopt, fd, IPPROTO_TCP, TCP_INFO, &ti, &len) < 0)
+		return 0;
+	return ti.tcpi_state == TCP_CLOSE_WAIT || ti.tcpi_state == TCP_LAST_ACK ||
+	       ti.tcpi_state == TCP_CLOSING || ti.tcpi_state == TCP_TIME_WAIT ||
+	       ti.tcpi_state == TCP_CLOSE;
+}
+
+/* The peer will never answer a request to go back to TCP: it closed its
+ * last fd of the connection (its block's done bit) and its FIN is here. */
+static int peer_finished(int fd, struct chan *ch)
+{
+	struct sbp_block_hdr *h = ch->sh->blk;
+	uint32_t bit = (atomic_load(&ch->sh->flags) & CH_ACTIVE) ? SBP_DONE_PASSIVE : SBP_DONE_ACTIVE;
+
+	return h && (__atomic_load_n(&h->done, __ATOMIC_ACQUIRE) & bit) && peer_fin(fd);
+}
+
 /* The socket is in use by another thread for longer than we may wait:
  * reset rather than let the new holder read a doorbell or miss bytes. */
 static int give_up(int fd, struct chan *ch, pthread_mutex_t *held)
@@ -331,7 +363,9 @@ int chan_give_back(int fd, struct chan *ch)
 		return give_up(fd, ch, NULL);
 	if (!lock_until(&sh->rx_lock, deadline))
 		return give_up(fd, ch, &sh->tx_lock);
-	if (!sh->blk || mem_withdraw(&sh->mem)) {
+	if (peer_finished(fd, ch)) {
+		rc = -ESHUTDOWN;
+	} else if (!sh->blk || mem_withdraw(&sh->mem)) {
 		/* No memory was ever shared (the active end took no offer, or
 		 * we withdrew ours now): both directions were TCP all along. */
 		atomic_fetch_or(&sh->flags, CH_TX_TCP | CH_RX_TCP);
@@ -347,7 +381,9 @@ int chan_give_back(int fd, struct chan *ch)
 		if (rc == 0)
 			rc = rx_back(fd, ch, deadline);
 	}
-	if (rc < 0) {
+	if (rc == -ETIMEDOUT && peer_fin(fd)) {
+		rc = -ESHUTDOWN;        /* it shut down and makes no call: its stream is final */
+	} else if (rc < 0 && rc != -ESHUTDOWN) {
 		chan_break(fd, ch, SBP_RESET_APP, rc == -ETIMEDOUT ?
 			   "the peer did not agree to go back to TCP in time (it gives the socket to "
 			   "a program that cannot read the rings; a peer that closed with bytes still "
@@ -358,6 +394,8 @@ int chan_give_back(int fd, struct chan *ch)
 	both_on_tcp(ch);
 	pthread_mutex_unlock(&sh->rx_lock);
 	pthread_mutex_unlock(&sh->tx_lock);
+	if (rc == -ESHUTDOWN)
+		return rc;      /* the channel stays: the caller reads the rest */
 	if (rc == 0)
 		DBG("fd %d: back to plain TCP (the socket leaves this program)", fd);
 	chan_went_plain(ch);

@@ -9,10 +9,16 @@
 /* This end gives the socket away (exec, SCM_RIGHTS, posix_spawn): both
  * directions back to TCP, agreed with the peer, before the call returns.
  * 0: fd is plain TCP now (for every holder); -ENOTSUP: a VM pair's slots
- * (not done: the channel stays); other -errno: it could not be agreed in
- * time, the connection was reset (both ends get ECONNRESET, never a wrong
- * byte). */
+ * (not done: the channel stays); -ESHUTDOWN: the peer closed (or shut
+ * down and answers nothing) and its FIN is in, so it never will: the
+ * channel stays, the rest of its stream is final (standin.c); other
+ * -errno: it could not be agreed in time, the connection was reset (both
+ * ends get ECONNRESET, never a wrong byte). */
 int chan_give_back(int fd, struct chan *ch);
+
+/* Reset the connection for good before fd leaves this program (why goes
+ * to stderr): ECONNRESET for whoever reads it next. */
+void chan_reset_for_successor(int fd, struct chan *ch, const char *why);
 
 /* Answer it (tx_lock held): link our ring to TCP after the doorbells we
  * sent, send again over TCP what the peer had not read, write the rest of

@@ -38,6 +38,7 @@
 #include "ready.h"
 #include "revert.h"
 #include "setup.h"
+#include "standin.h"
 #include "sockets.h"
 
 
@@ -528,11 +529,17 @@ static void forget_received(int fd)
 static void share_sent(int fd)
 {
 	struct chan *ch;
+	int rc;
 
 	if (fd_io_class(fd, &ch) == K_PLAIN || !ch)
 		return;
-	if (chan_give_back(fd, ch) == -ENOTSUP)
+	rc = chan_give_back(fd, ch);
+	if (rc == -ENOTSUP)
 		atomic_store(&ch->shared, 1);
+	if (rc == -ESHUTDOWN)
+		/* a stand-in cannot travel in the message the program built */
+		chan_reset_for_successor(fd, ch, "the peer closed with bytes the receiving "
+					 "program cannot read");
 	chan_put(ch);
 }
 
@@ -561,7 +568,7 @@ static struct chan *chan_by_cookie(int fd)
 
 void sock_before_exec(void)
 {
-	int saved = errno, hi = fdt_max();
+	int saved = errno, hi = fdt_max(), rc;
 
 	for (int fd = 0; fd < hi; fd++) {
 		long fl = syscall(SYS_fcntl, fd, F_GETFD);
@@ -572,10 +579,14 @@ void sock_before_exec(void)
 		ch = chan_by_cookie(fd);
 		if (!ch)
 			continue;
-		if (chan_give_back(fd, ch) == -ENOTSUP)
+		rc = chan_give_back(fd, ch);
+		if (rc == -ENOTSUP)
 			/* A VM pair's slots cannot go back to TCP: the new
 			 * program would read doorbells as data. Reset. */
 			chan_break(fd, ch, SBP_RESET_APP, "a VM pair's connection cannot follow exec");
+		if (rc == -ESHUTDOWN && standin_for_exec(fd, ch) < 0)
+			chan_reset_for_successor(fd, ch, "the peer closed and the rest of its stream "
+						 "could not be read for the program exec starts");
 		chan_put(ch);
 	}
 	errno = saved;
