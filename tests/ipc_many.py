@@ -1,5 +1,5 @@
 """Many connections from one process (tests/test_interposer.py,
-test_stress.py) and asyncio streams (test_apps_interposer.py): the
+test_stress.py, test_scale.py: `holdclient`) and asyncio streams (test_apps_interposer.py): the
 `manyserver`/`manyclient` and `aioserver`/`aioclient` roles of ipc_peer.py."""
 import os
 import random
@@ -67,8 +67,19 @@ def rss_kib():
 def _room_for_fds(n):
     import resource
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < n + 256 and os.geteuid() == 0:
+        hard = n + 256          # root may raise it (up to fs.nr_open)
     want = min(hard, max(soft, n + 256))
     resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
+def rss_shmem_kib():
+    """Shared memory this process has touched (its pair regions, channel pages)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssShmem:"):
+                return int(line.split()[1])
+    return 0
 
 
 def many_server(args):
@@ -115,7 +126,7 @@ def many_server(args):
                 continue
             c = key.fileobj
             try:
-                b = c.recv(10)
+                b = c.recv(1 << 16)
             except (BlockingIOError, InterruptedError):
                 continue
             except ConnectionError:
@@ -169,6 +180,50 @@ def many_client(args):
     out(tiers={str(k): v for k, v in tiers.items()}, fds_before=fds_before,
         fds_after=len(os.listdir("/proc/self/fd")), rss_warm_kib=rss_warm,
         rss_seq_kib=rss_seq, rss_end_kib=rss_kib(), rings=rings)
+
+
+def hold_client(args):
+    """`n` connections to `port`, held: prints "HELD <n> <RssShmem KiB before
+    them>" and waits for a line on stdin (the test looks at them idle);
+    then one byte each way on all of them at once, and, on `nsample` of
+    them spread over the range, pings until both
+    directions use rings and echoes 32 KiB of random bytes in 4 KiB
+    exchanges; prints "SAMPLED", waits for another line, closes them all."""
+    port, n, nsample = int(args[0]), int(args[1]), int(args[2])
+    _room_for_fds(n)
+    before = rss_shmem_kib()
+    socks = [socket.create_connection((HOST, port)) for _ in range(n)]
+    tiers = {}
+    for s in socks:
+        t = tier(s)
+        tiers[t] = tiers.get(t, 0) + 1
+    print(f"HELD {n} {before}", flush=True)
+    sys.stdin.readline()
+    for s in socks:             # one byte each way on every one, all at once
+        s.sendall(b"t")
+    for s in socks:
+        assert s.recv(1) == b"t"
+    pings, ok, both = [], 0, 0
+    for s in (socks[i * n // nsample] for i in range(nsample)):
+        k = 0
+        while live_rings(s) != 3 and k < 100:   # not live until used
+            s.sendall(b"p")
+            assert s.recv(1) == b"p"
+            k += 1
+        pings.append(k)
+        data, got = os.urandom(32768), bytearray()
+        for off in range(0, len(data), 4096):
+            s.sendall(data[off:off + 4096])
+            while len(got) < off + 4096:
+                got += s.recv(off + 4096 - len(got))
+        ok += got == data
+        both += live_rings(s) == 3
+    print("SAMPLED", flush=True)
+    sys.stdin.readline()
+    for s in socks:
+        s.close()
+    out(tiers={str(k): v for k, v in tiers.items()}, sampled=nsample, echo_ok=ok, both_rings=both,
+        max_pings=max(pings), pings=sum(pings))
 
 
 def aio(role, args):

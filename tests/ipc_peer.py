@@ -30,7 +30,7 @@ from sockets import (check_records, recv_all, recv_exact, send_records, sha,  # 
 
 from ipc_common import (FAMILY, FIONREAD, HOST, RESULT, SIOCOUTQ, fill_until_eagain,  # noqa: F401
                         out, pattern, rings, settle, tier, wait_readable)
-from ipc_many import aio, many_client, many_server
+from ipc_many import aio, hold_client, many_client, many_server
 
 # ---------------------------------------------------------------------------
 # scenarios: server part and client part
@@ -624,6 +624,8 @@ def main():
             many_server(sys.argv[2:])
         elif role == "manyclient":
             many_client(sys.argv[2:])
+        elif role == "holdclient":
+            hold_client(sys.argv[2:])
         elif role == "local":
             globals()["l_" + scen](sys.argv[3:])
         elif role == "server":

@@ -10,7 +10,8 @@ room in the inbox, several regions). Afterwards: every connection moved its
 byte, some of the concurrent ones through rings, neither process holds an
 fd more than before, the sequential connections left no memory behind and
 the concurrent ones only the pages of their blocks (kept for reuse), and
-the BPF programs reported no error."""
+the BPF programs reported no error. (10,000 held at once, with the memory
+they hold: tests/test_scale.py.)"""
 import json
 import os
 import subprocess

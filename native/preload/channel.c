@@ -401,6 +401,7 @@ struct chan *chan_setup(int fd, const struct sbp_info *in)
 		return setup_slots(fd, ch, in);
 	if (in->role == SBP_ROLE_ACTIVE) {
 		atomic_fetch_or(&sh->flags, CH_ACTIVE);
+		mem_expect(in->cookie);
 		return ch;              /* the offer comes to our inbox */
 	}
 	if (mem_offer(fd, in, &sh->mem) < 0) {
@@ -499,5 +500,7 @@ int rx_progress(int fd, struct chan *ch)
 
 void chan_done(struct chan *ch)
 {
+	if ((atomic_load(&ch->sh->flags) & CH_ACTIVE) && !ch->sh->mem.base)
+		mem_forget(ch->sh->cookie);     /* it will not claim its offer now */
 	mem_done(&ch->sh->mem);
 }

@@ -35,6 +35,7 @@
 #define REGION_BLOCKS_MAX   256u        /* each further region doubles, up to this */
 #define MAX_REGIONS         4096        /* made + received, per process */
 #define PENDING_MAX         512         /* offers read before their socket asked */
+#define WAITING_MIN         1024u       /* slots of the waiting table, at first */
 #define CLAIM_EVERY_NS      20000       /* inbox reads on the data path, at most */
 
 struct region {
@@ -53,6 +54,21 @@ struct pending {
 	int used;
 };
 
+/* An active socket of ours waiting for its offer (mem_expect), and the
+ * offer once it came. Offers for sockets that wait are kept here, never
+ * evicted, however many connections wait; only offers read before their
+ * socket asked go to the ring `pend` (which forgets the oldest). */
+struct waiting {
+	uint64_t cookie;                /* 0: empty slot */
+	struct sbp_inbox_msg msg;
+	pid_t pid;
+	uint32_t state;                 /* WAIT_* */
+};
+
+#define WAIT_GONE  1u   /* a removed entry: lookups go on past it */
+#define WAIT_EMPTY 2u   /* waits, no offer yet */
+#define WAIT_OFFER 3u   /* waits, msg and pid hold its offer */
+
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static struct sbp_inbox inbox = { .fd = -1, .tx = -1 };
 static int inbox_state;                 /* 0 not tried, 1 open, -1 failed */
@@ -61,6 +77,8 @@ static int nregions;
 static struct pending *pend;            /* PENDING_MAX entries */
 static unsigned pend_next;
 static _Atomic int64_t last_claim_ns;
+static struct waiting *waiting;         /* open addressing, wait_cap slots */
+static uint32_t wait_cap, wait_used, wait_live;  /* used: live + WAIT_GONE */
 
 static void inbox_dir(char *out, size_t n)
 {
@@ -297,6 +315,95 @@ int mem_deliver(struct mem_ref *ref)
 
 /* ---- the active end: offers and the regions they name ----------------------- */
 
+/* The waiting table (lock held): linear probing on the cookie. */
+static struct waiting *wait_find(uint64_t cookie)
+{
+	if (!waiting || !cookie)
+		return NULL;
+	for (uint32_t i = (uint32_t)(cookie * 0x9E3779B97F4A7C15ull >> 32) & (wait_cap - 1);;
+	     i = (i + 1) & (wait_cap - 1)) {
+		if (!waiting[i].cookie)
+			return NULL;
+		if (waiting[i].cookie == cookie && waiting[i].state != WAIT_GONE)
+			return &waiting[i];
+	}
+}
+
+static struct waiting *wait_slot(struct waiting *tab, uint32_t cap, uint64_t cookie)
+{
+	uint32_t i = (uint32_t)(cookie * 0x9E3779B97F4A7C15ull >> 32) & (cap - 1);
+
+	while (tab[i].cookie)
+		i = (i + 1) & (cap - 1);
+	return &tab[i];
+}
+
+/* Room for one more (at most half full, removed entries included); a new
+ * table drops the removed ones. -ENOMEM: the socket just stays on TCP. */
+static int wait_room(void)
+{
+	struct waiting *tab;
+	uint32_t cap = wait_cap;
+
+	if (waiting && (wait_used + 1) * 2 <= wait_cap)
+		return 0;
+	while (cap < WAITING_MIN || (wait_live + 1) * 4 > cap)
+		cap = cap ? cap * 2 : WAITING_MIN;
+	tab = anon_alloc((size_t)cap * sizeof(*tab));
+	if (!tab)
+		return -ENOMEM;
+	for (uint32_t i = 0; waiting && i < wait_cap; i++)
+		if (waiting[i].cookie && waiting[i].state != WAIT_GONE)
+			*wait_slot(tab, cap, waiting[i].cookie) = waiting[i];
+	if (waiting)
+		munmap(waiting, (size_t)wait_cap * sizeof(*waiting));
+	waiting = tab;
+	wait_cap = cap;
+	wait_used = wait_live;
+	return 0;
+}
+
+void mem_expect(uint64_t cookie)
+{
+	struct waiting *w;
+
+	pthread_mutex_lock(&lock);
+	if (!cookie || wait_find(cookie) || wait_room() < 0) {
+		pthread_mutex_unlock(&lock);
+		return;
+	}
+	w = wait_slot(waiting, wait_cap, cookie);
+	w->cookie = cookie;
+	w->state = WAIT_EMPTY;
+	wait_used++;
+	wait_live++;
+	/* an offer read before we asked (the newest, as mem_claim would) */
+	for (int i = 0; pend && i < PENDING_MAX; i++)
+		if (pend[i].used && pend[i].msg.active_cookie == cookie) {
+			w->msg = pend[i].msg;
+			w->pid = pend[i].pid;
+			w->state = WAIT_OFFER;
+			pend[i].used = 0;
+		}
+	pthread_mutex_unlock(&lock);
+}
+
+static void wait_remove_locked(struct waiting *w)
+{
+	w->state = WAIT_GONE;           /* the cookie stays: probing goes on past it */
+	wait_live--;
+}
+
+void mem_forget(uint64_t cookie)
+{
+	struct waiting *w;
+
+	pthread_mutex_lock(&lock);
+	if ((w = wait_find(cookie)))
+		wait_remove_locked(w);
+	pthread_mutex_unlock(&lock);
+}
+
 static struct region *received(pid_t from, uint64_t region_id)
 {
 	for (int i = 0; i < nregions; i++)
@@ -344,12 +451,20 @@ static void read_inbox_locked(void)
 	if (inbox_state <= 0)
 		return;
 	while (sbp_inbox_recv(&inbox, &rx) == 1) {
-		struct pending *p = &pend[pend_next++ % PENDING_MAX];
+		struct waiting *w;
+		struct pending *p;
 
 		if (rx.fd >= 0) {
 			map_received(&rx);
 			syscall(SYS_close, rx.fd);
 		}
+		if ((w = wait_find(rx.msg.active_cookie))) {
+			w->msg = rx.msg;        /* (a newer offer wins, as in pend) */
+			w->pid = rx.pid;
+			w->state = WAIT_OFFER;
+			continue;
+		}
+		p = &pend[pend_next++ % PENDING_MAX];
 		p->msg = rx.msg;
 		p->pid = rx.pid;
 		p->used = 1;
@@ -359,7 +474,8 @@ static void read_inbox_locked(void)
 int mem_claim(int fd, uint64_t cookie, int now, struct mem_ref *out)
 {
 	struct sbp_block_hdr *h;
-	struct pending *p = NULL;
+	struct pending *p = NULL, one;
+	struct waiting *w;
 	struct sbp_info in;
 	struct region *r;
 	uint64_t st;
@@ -370,9 +486,18 @@ int mem_claim(int fd, uint64_t cookie, int now, struct mem_ref *out)
 	atomic_store_explicit(&last_claim_ns, t, memory_order_relaxed);
 	pthread_mutex_lock(&lock);
 	read_inbox_locked();
-	for (int i = 0; pend && i < PENDING_MAX; i++)
-		if (pend[i].used && pend[i].msg.active_cookie == cookie)
-			p = &pend[i];
+	if ((w = wait_find(cookie))) {
+		if (w->state == WAIT_OFFER) {
+			one.msg = w->msg;
+			one.pid = w->pid;
+			p = &one;
+			w->state = WAIT_EMPTY;  /* taken or refused below; a new one may come */
+		}
+	} else {
+		for (int i = 0; pend && i < PENDING_MAX; i++)
+			if (pend[i].used && pend[i].msg.active_cookie == cookie)
+				p = &pend[i];
+	}
 	if (!p) {
 		pthread_mutex_unlock(&lock);
 		return 0;
@@ -400,6 +525,8 @@ int mem_claim(int fd, uint64_t cookie, int now, struct mem_ref *out)
 	out->block = p->msg.block;
 	out->gen = p->msg.gen;
 	out->active = 1;
+	if (w)
+		wait_remove_locked(w);
 	pthread_mutex_unlock(&lock);
 	return 1;
 }
@@ -493,4 +620,8 @@ void mem_atfork_child(void)
 	for (int i = 0; i < nregions; i++)
 		memset(regions[i].token, 0xff, SBP_INBOX_LEN);  /* never offered from again */
 	memset(pend, 0, pend ? PENDING_MAX * sizeof(*pend) : 0);
+	if (waiting)    /* the parent's sockets wait in the parent */
+		munmap(waiting, (size_t)wait_cap * sizeof(*waiting));
+	waiting = NULL;
+	wait_cap = wait_used = wait_live = 0;
 }

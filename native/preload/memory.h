@@ -38,6 +38,12 @@ int mem_deliver(struct mem_ref *ref);
  * against fd's SBP_SO_INFO and takes the block. 1 taken, 0 not (yet),
  * -errno: an offer that failed the checks (ignored; stay on TCP). */
 int mem_claim(int fd, uint64_t cookie, int now, struct mem_ref *out);
+/* Active end: this socket waits for an offer (its channel was set up):
+ * offers for it are kept until it claims them or mem_forget, however many
+ * sockets wait (offers for a socket not known yet go to a small ring that
+ * forgets the oldest). */
+void mem_expect(uint64_t cookie);
+void mem_forget(uint64_t cookie);
 /* Passive end: did the active end take the block? */
 int mem_taken(const struct mem_ref *ref);
 /* Passive end: take back an offer the peer has not taken. 1 withdrawn

@@ -1,0 +1,138 @@
+"""10,000 concurrent held connections in the shm tier (issue 12, Tests):
+between one client process and one server process under `shmbypass run
+--tier shm` (tests/ipc_peer.py `holdclient`, and `manyserver` as in
+test_stress.py).
+
+While they are all open and idle: every connection is in the shm tier at
+both ends, as the interposer says and as `shmbypass status --json` shows
+it (20,000 rows, no reason), and the shared memory they hold (RssShmem of
+both processes: the pages of their blocks and channels, no ring) is
+measured and printed per connection. A connection is not live until used
+(its bytes go over TCP until both ends hold its memory; the passive end's
+offers wait for room in the peer's inbox, which holds 10), so then every
+connection moves one byte each way, all at once (10,000 offers cross the
+inbox while the client is busy elsewhere), and 200 of them, spread over
+the range, are used: each pings until both directions use rings (a few
+pings) and echoes 32 KiB of random bytes through them, compared. (Before
+the active end kept the offers of all its waiting sockets, memory.c
+mem_expect, only the last 512 read survived the all-at-once round: a third
+of the sample never went live.) No timing is asserted."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from shmbypass import manager, status
+from conftest import assert_gone, new_instance
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PEER = os.path.join(HERE, "ipc_peer.py")
+PY = sys.executable
+N, SAMPLE = 10_000, 200
+# Shared memory an idle connection may hold, both ends together: a block
+# header page, a channel page at each end and a share of the region
+# headers is ~12 KiB; a ring touched per idle connection would be more.
+SHMEM_PER_IDLE_KIB = 48
+
+
+def run_peer(inst, argv):
+    env = dict(os.environ, SHMBYPASS_INSTANCE=inst.name)
+    return subprocess.Popen([PY, "-m", "shmbypass", "run", "--tier", "shm", "--", PY, PEER]
+                            + argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def program_pid(p):
+    """The peer program itself (`run` is its parent)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+            if os.getpgid(int(pid)) == p.pid and PEER.encode() in argv and b"run" not in argv:
+                return int(pid)
+        except (ProcessLookupError, FileNotFoundError):
+            continue
+    raise AssertionError(f"no peer program in {p.args}")
+
+
+def rss_shmem_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(ln.split()[1]) for ln in f if ln.startswith("RssShmem:"))
+
+
+def line(p, prefix):
+    while True:
+        ln = p.stdout.readline()
+        assert ln, (p.args, p.poll(), p.stderr.read()[-3000:] if p.poll() is not None else "")
+        if ln.startswith(prefix):
+            return ln[len(prefix):].split()
+
+
+def tell(p):
+    p.stdin.write("\n")
+    p.stdin.flush()
+
+
+def result(p, timeout):
+    out, err = p.communicate(timeout=timeout)
+    lines = [ln[len("RESULT "):] for ln in out.splitlines() if ln.startswith("RESULT {")]
+    assert p.returncode == 0 and lines, (p.returncode, out[-2000:], err[-2000:])
+    return json.loads(lines[-1])
+
+
+def test_10k_concurrent_held_connections():
+    if os.geteuid() != 0:
+        pytest.fail("the test suite must run as root")
+    inst = new_instance("scale")
+    manager.up(inst)
+    procs = []
+    t0 = time.monotonic()
+    try:
+        srv = run_peer(inst, ["manyserver", str(N), str(N)])
+        procs.append(srv)
+        port = line(srv, "PORT ")[0]
+        srv_pid = program_pid(srv)
+        srv_before = rss_shmem_kib(srv_pid)
+        cli = run_peer(inst, ["holdclient", port, str(N), str(SAMPLE)])
+        procs.append(cli)
+        n, cli_before = map(int, line(cli, "HELD "))
+        cli_pid = program_pid(cli)
+        t_held = time.monotonic()
+
+        # All held and idle: every one in the shm tier at both ends.
+        st = subprocess.run([PY, "-m", "shmbypass", "status", "--json"], capture_output=True,
+                            text=True, timeout=300, env=dict(os.environ, SHMBYPASS_INSTANCE=inst.name))
+        assert st.returncode == 0, st.stderr[-3000:]
+        rows = [r for r in json.loads(st.stdout)["connections"]
+                if port in (r["local"].rsplit(":", 1)[1], r["remote"].rsplit(":", 1)[1])]
+        tiers = {(r["tier"], r["reason"]) for r in rows}
+        assert len(rows) == 2 * N and tiers == {("shm", "")}, (len(rows), tiers)
+        shmem = rss_shmem_kib(srv_pid) - srv_before + rss_shmem_kib(cli_pid) - cli_before
+        per_conn = shmem / N
+        print(f"\n{N} idle shm-tier connections: RssShmem server {rss_shmem_kib(srv_pid)} KiB, "
+              f"client {rss_shmem_kib(cli_pid)} KiB; {per_conn:.1f} KiB per connection (both ends)")
+        assert per_conn < SHMEM_PER_IDLE_KIB, per_conn
+
+        tell(cli)                       # now use a sample of them
+        line(cli, "SAMPLED")
+        tell(cli)
+        cres = result(cli, 300)
+        sres = result(srv, 120)
+        print(f"sampled {SAMPLE}: {cres['pings']} pings in all (at most {cres['max_pings']} "
+              f"for one) before both directions used rings; held after "
+              f"{t_held - t0:.1f} s, all done after {time.monotonic() - t0:.1f} s")
+        assert cres["tiers"] == {"2": N} and sres["tiers"] == {"2": N}, (cres, sres)
+        assert sres["accepted"] == N, sres
+        assert cres["echo_ok"] == SAMPLE and cres["both_rings"] == SAMPLE, cres
+        assert cres["max_pings"] < 100, cres
+        assert not status.errors(inst), status.errors(inst)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, 9)
+                p.wait()
+        manager.down(inst, drain_timeout=1, force=True)
+    assert_gone(inst)
