@@ -845,25 +845,23 @@ store:
 		REPORT(err);
 }
 
-static __always_inline void handle_hdr_opt_len(struct bpf_sock_ops *skops)
+/* The option rides on SYN and SYN-ACK only (no skb, flags 0: the MSS
+ * estimate): write 0 reserves its space, write 1 writes it. */
+static __always_inline void handle_hdr_opt(struct bpf_sock_ops *skops, int write)
 {
 	__u8 flags = skops->skb_tcp_flags;
 
-	/* Nothing for data segments or the MSS estimate (no skb, flags 0). */
-	if ((flags & (TCPHDR_SYN | TCPHDR_ACK)) == (TCPHDR_SYN | TCPHDR_ACK))
-		synack_opt_len(skops);
-	else if (flags & TCPHDR_SYN)
-		syn_opt_len(skops);
-}
-
-static __always_inline void handle_write_hdr_opt(struct bpf_sock_ops *skops)
-{
-	__u8 flags = skops->skb_tcp_flags;
-
-	if ((flags & (TCPHDR_SYN | TCPHDR_ACK)) == (TCPHDR_SYN | TCPHDR_ACK))
-		synack_opt_write(skops);
-	else if (flags & TCPHDR_SYN)
-		syn_opt_write(skops);
+	if ((flags & (TCPHDR_SYN | TCPHDR_ACK)) == (TCPHDR_SYN | TCPHDR_ACK)) {
+		if (write)
+			synack_opt_write(skops);
+		else
+			synack_opt_len(skops);
+	} else if (flags & TCPHDR_SYN) {
+		if (write)
+			syn_opt_write(skops);
+		else
+			syn_opt_len(skops);
+	}
 }
 
 /* Give back the slot references a socket holds (at TCP_CLOSE, or when the
@@ -1309,10 +1307,10 @@ int sbp_sockops(struct bpf_sock_ops *skops)
 		handle_connect(skops);
 		break;
 	case BPF_SOCK_OPS_HDR_OPT_LEN_CB:
-		handle_hdr_opt_len(skops);
+		handle_hdr_opt(skops, 0);
 		break;
 	case BPF_SOCK_OPS_WRITE_HDR_OPT_CB:
-		handle_write_hdr_opt(skops);
+		handle_hdr_opt(skops, 1);
 		break;
 	case BPF_SOCK_OPS_STATE_CB:
 		if (skops->args[1] == BPF_TCP_CLOSE)

@@ -6,6 +6,17 @@ import socket
 import struct
 import threading
 
+SO_RCVBUFFORCE = 33     # <asm-generic/socket.h>: Python's socket module lacks it
+
+
+def packet_socket(ifname="lo"):
+    """An AF_PACKET socket on ifname (root): every frame from now on. Its
+    buffer goes past rmem_max: on lo it also queues other programs' streams."""
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))   # ETH_P_ALL
+    s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 64 << 20)
+    s.bind((ifname, 0))
+    return s
+
 
 def listener(family=socket.AF_INET, host=None):
     host = host or ("::1" if family == socket.AF_INET6 else "127.0.0.1")

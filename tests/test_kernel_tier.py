@@ -14,7 +14,7 @@ import pytest
 
 from shmbypass import manager, paths, status
 from conftest import InGroup, assert_gone, new_instance
-from sockets import pair, recv_exact, sha, transfer
+from sockets import packet_socket, pair, recv_exact, sha, transfer
 
 SHMBYPASS = [sys.executable, "-m", "shmbypass"]
 
@@ -83,10 +83,7 @@ def test_v4_client_to_dual_stack_listener(in_group):
 
 def capture_lo(port, stop, out):
     """Record (flags, payload length) of TCP segments on lo touching port."""
-    ETH_P_ALL = 3
-    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 20)
-    sock.bind(("lo", 0))
+    sock = packet_socket()
     sock.settimeout(0.1)
     try:
         while not stop.is_set():

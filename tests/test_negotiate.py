@@ -23,9 +23,10 @@ import uuid
 import pytest
 from pyroute2 import NetNS, netns
 
-from shmbypass import ask, bpf, manager, paths, slots, status
+from shmbypass import ask, bpf, manager, slots, status
 from shmbypass._native import ffi, lib
 from conftest import InGroup, assert_gone, free_list, new_instance
+from sockets import packet_socket
 
 SHM, TCP = lib.SBP_TIER_SHM, lib.SBP_TIER_TCP
 EXID = lib.SBP_OPT_EXID
@@ -174,9 +175,7 @@ class Capture:
     bind an AF_PACKET socket first, read what queued up afterwards."""
 
     def __init__(self, ifname="lo"):
-        self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
-        self.sock.bind((ifname, 0))
+        self.sock = packet_socket(ifname)
         self.sock.setblocking(False)
         self.lo = ifname == "lo"
 

@@ -21,6 +21,7 @@ from shmbypass import manager, policy, status
 from shmbypass.ask import info
 from shmbypass._native import lib
 from conftest import InGroup, assert_gone, new_instance
+from sockets import packet_socket
 from test_negotiate import parse_options
 
 SHM, KERNEL, TCP = lib.SBP_TIER_SHM, lib.SBP_TIER_KERNEL, lib.SBP_TIER_TCP
@@ -247,8 +248,7 @@ def test_nothing_on_the_wire(instance):
     tier and one toward a listener outside the group: no TCP option 253 or
     254 in any segment."""
     inst = instance()
-    cap = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
-    cap.bind(("lo", 0))
+    cap = packet_socket()
     cap.settimeout(0.2)
     outside = socket.socket()
     outside.bind(("127.0.0.1", 0))
