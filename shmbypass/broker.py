@@ -53,6 +53,14 @@ def handle(conn: socket.socket, inst: paths.Instance) -> None:
     conn.sendall(b"ok\n" if why is None else b"denied " + why.encode() + b"\n")
 
 
+# A caller has this long to send its request; at most this many wait at
+# once (the oldest is dropped for a new one). Callers are served as their
+# requests arrive, so one that connects and says nothing (anyone may: the
+# socket is 0666) holds up nobody else.
+REQUEST_WAIT_S = 5
+MAX_WAITING = 256
+
+
 def serve(inst: paths.Instance) -> None:
     path = os.path.join(inst.run_dir, SOCKET)
     ls = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -63,17 +71,41 @@ def serve(inst: paths.Instance) -> None:
     ls.bind(path)
     os.chmod(path, 0o666)
     ls.listen(64)
+    ls.setblocking(False)
     sel = selectors.DefaultSelector()
     sel.register(ls, selectors.EVENT_READ)
+    waiting: dict[socket.socket, float] = {}   # caller -> when it is dropped (oldest first)
+
+    def drop(conn):
+        sel.unregister(conn)
+        del waiting[conn]
+        conn.close()
+
     while os.path.isdir(inst.run_dir):
-        for _ in sel.select(timeout=1.0):
-            conn, _ = ls.accept()
+        for key, _ in sel.select(timeout=1.0):
+            if key.fileobj is ls:
+                try:
+                    conn, _ = ls.accept()
+                except OSError:
+                    continue
+                if len(waiting) >= MAX_WAITING:
+                    drop(next(iter(waiting)))
+                conn.setblocking(False)
+                sel.register(conn, selectors.EVENT_READ)
+                waiting[conn] = time.monotonic() + REQUEST_WAIT_S
+                continue
+            conn = key.fileobj
+            sel.unregister(conn)
+            del waiting[conn]
             with conn:
-                conn.settimeout(5)
+                conn.settimeout(REQUEST_WAIT_S)  # (its request is here; the answer is short)
                 try:
                     handle(conn, inst)
                 except OSError:
                     pass  # the caller went away: its problem
+        now = time.monotonic()
+        for conn in [c for c, end in waiting.items() if end < now]:
+            drop(conn)
     ls.close()
 
 

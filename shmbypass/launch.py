@@ -31,6 +31,9 @@ def join(instance: str) -> None:
             s.connect(path)
             s.sendall(b"join\n")
             answer = s.makefile().readline().strip()
+    except socket.timeout:
+        raise SystemExit(f"shmbypass: error: the join broker of instance {instance} did not "
+                         f"answer ({path})") from None
     except OSError as e:
         raise SystemExit(f"shmbypass: error: instance {instance} takes no non-root programs "
                          f"({path}: {e.strerror}); an administrator runs `shmbypass up "

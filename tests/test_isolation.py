@@ -22,6 +22,11 @@ memfd of garbage) into every inbox. Both pairs then echo another MiB:
 sha256 equal, both directions still in their rings, every row in the shm
 tier in `shmbypass status --json`, S1 still serving.
 
+Anyone may connect to the join broker (the socket is 0666): a caller that
+connects and says nothing, several times over, holds up no other caller
+(the third test; the broker served one at a time, 5 s each, so eight such
+connections made an allowed user's `shmbypass-run` give up).
+
 Two processes of the SAME uid are one trust domain, and that is the
 kernel's rule, not ours: ptrace access (PTRACE_MODE_ATTACH, with no Yama
 here) lets a process read another of its uid through /proc/PID/mem and
@@ -281,3 +286,34 @@ def test_same_uid_is_one_trust_domain(iso):
     assert mine[("list fds", v1 + "fd")].startswith("ok"), tries
     h.p.stdin.close()
     h.p.stdin = None
+
+
+SILENT = r"""
+import socket, sys
+held = []
+for _ in range(int(sys.argv[2])):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(sys.argv[1])
+    held.append(s)
+print("HOLDING", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_silent_callers_do_not_hold_the_broker(iso):
+    """Any user may connect to the join broker (mode 0666). One that
+    connects and says nothing, several times over, must not keep an allowed
+    user's `shmbypass-run` from joining (the launcher gives up after 10 s;
+    the broker used to serve one caller at a time, waiting 5 s for each)."""
+    su = iso
+    sock = os.path.join(su.inst.run_dir, "broker.sock")
+    silent = Proc(["runuser", "-u", su.hostile, "--", SYS_PY, "-c", SILENT, sock, "8"], su.env(),
+                  wrap=False, stdin=subprocess.PIPE)
+    su.procs.append(silent)
+    silent.wait_for("HOLDING")
+    launcher = os.path.join(su.inst.run_dir, "bin", "shmbypass-run")
+    r = subprocess.run(["runuser", "-u", "daemon", "--", launcher, "--tier", "shm", "--",
+                        SYS_PY, "-c", "print('joined')"], env=su.env(), capture_output=True,
+                       text=True, timeout=120)
+    assert (r.returncode, r.stdout.strip()) == (0, "joined"), r.stderr
+    assert silent.p.poll() is None      # (still holding its connections)
