@@ -523,6 +523,22 @@ static void forget_received(int fd)
 	fdt_store(fd, K_UNKNOWN);
 }
 
+/* fd was a socket of ch's and is a stand-in now: forget the old entry
+ * without closing anything more (the socket is gone from fd already; its
+ * peer has finished: the block is done at our end when no fd is left). */
+static void standin_took(int fd, struct chan *ch)
+{
+	uint64_t v = fdt_xchg(fd, K_UNKNOWN);
+
+	fdo_set(fd, 0);
+	if (entry_chan(v) != ch)
+		return;         /* not in our table (a vfork child's numbering) */
+	ep_forget_fd(fd);
+	if (atomic_fetch_sub(&ch->nfds, 1) == 1)
+		chan_done(ch);
+	chan_put(ch);
+}
+
 /* A shm socket handed to another process, which may not have our library
  * and has none of our mappings: back to plain TCP first (revert.c). A VM
  * pair's socket cannot go back: it now has two holders. */
@@ -536,10 +552,14 @@ static void share_sent(int fd)
 	rc = chan_give_back(fd, ch);
 	if (rc == -ENOTSUP)
 		atomic_store(&ch->shared, 1);
-	if (rc == -ESHUTDOWN)
-		/* a stand-in cannot travel in the message the program built */
-		chan_reset_for_successor(fd, ch, "the peer closed with bytes the receiving "
-					 "program cannot read");
+	if (rc == -ESHUTDOWN) {
+		if (standin_put(fd, ch) == 0)
+			/* fd (ours and the message's) names the stand-in now */
+			standin_took(fd, ch);
+		else
+			chan_reset_for_successor(fd, ch, "the peer closed and the rest of its stream "
+						 "could not be read for the program the socket goes to");
+	}
 	chan_put(ch);
 }
 
@@ -584,7 +604,7 @@ void sock_before_exec(void)
 			/* A VM pair's slots cannot go back to TCP: the new
 			 * program would read doorbells as data. Reset. */
 			chan_break(fd, ch, SBP_RESET_APP, "a VM pair's connection cannot follow exec");
-		if (rc == -ESHUTDOWN && standin_for_exec(fd, ch) < 0)
+		if (rc == -ESHUTDOWN && standin_put(fd, ch) < 0)
 			chan_reset_for_successor(fd, ch, "the peer closed and the rest of its stream "
 						 "could not be read for the program exec starts");
 		chan_put(ch);

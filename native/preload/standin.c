@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: GPL-2.0
-/* standin.c: a shm-tier socket whose peer has closed, inherited across
- * exec by a program that cannot read the rings: the program gets a stand-in
- * socket holding the rest of the peer's stream, then EOF.
+/* standin.c: a shm-tier socket whose peer has closed, going to a program
+ * that cannot read the rings (across exec, or in SCM_RIGHTS): the program
+ * gets a stand-in socket holding the rest of the peer's stream, then EOF.
  *
  * Going back to TCP (revert.c) needs the peer to put its unread bytes back
  * on TCP; a peer that closed (a server that answered and exited, nginx
@@ -14,9 +14,9 @@
  * options), and a write to it fails with EPIPE at once (TCP accepts the
  * first one, then the peer's RST fails the next).
  *
- * Runs just before exec, possibly in a vfork child (our memory, its own fd
- * table): raw system calls, no malloc, and the fd table is left alone (the
- * image that reads it is about to go). A rest larger than the socketpair
+ * May run just before exec in a vfork child (our memory, its own fd
+ * table): raw system calls, no malloc, and the fd table is the caller's
+ * business (sockets.c). A rest larger than the socketpair
  * buffers is written by a detached process of ours (forked twice, so that
  * the program never sees a child it did not make).
  */
@@ -145,7 +145,7 @@ static int fill(int sv[2], const char *buf, size_t len)
 	return rc;
 }
 
-int standin_for_exec(int fd, struct chan *ch)
+int standin_put(int fd, struct chan *ch)
 {
 	size_t cap = 1u << 20;
 	char *buf = (char *)syscall(SYS_mmap, NULL, cap, PROT_READ | PROT_WRITE,

@@ -6,9 +6,10 @@
 
 #include "channel.h"
 
-/* Just before exec, when chan_give_back() said -ESHUTDOWN: read the rest of
- * the peer's stream and put an AF_UNIX socket holding it, then EOF, in fd's
- * place. 0, or -errno (nothing was put in its place). */
-int standin_for_exec(int fd, struct chan *ch);
+/* When chan_give_back() said -ESHUTDOWN (before exec, or before fd is sent
+ * in SCM_RIGHTS): read the rest of the peer's stream and put an AF_UNIX
+ * socket holding it, then EOF, in fd's place (fd's table entry is left to
+ * the caller). 0, or -errno (nothing was put in its place). */
+int standin_put(int fd, struct chan *ch);
 
 #endif

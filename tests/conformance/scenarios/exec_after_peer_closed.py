@@ -16,18 +16,21 @@ SIZE = 60_000
 
 
 def server(srv):
-    c = srv.accept_one()
-    rt.tier(c)
+    c = srv.conn()
     rt.obs("send", rt.call(c.sendall, rt.pattern(SIZE, 1)))
     c.close()
 
 
-def client(cli):
-    s = cli.connect()
-    rt.tier(s)
+def wait_peer_closed(s):
+    """Until the peer's FIN is in (its bytes still unread)."""
     p = select.poll()
     p.register(s, select.POLLRDHUP)
     rt.obs("peer closed", rt.events(sum(ev for _, ev in p.poll(10_000))))
+
+
+def client(cli):
+    s = cli.conn()
+    wait_peer_closed(s)
     with tempfile.TemporaryFile() as f:
         pid = os.fork()             # fork + exec, as a shell does
         if pid == 0:
