@@ -293,6 +293,12 @@ static void record(struct ring *r, const struct sbp_cap_rec *rec, struct cursor 
 			 __ATOMIC_RELEASE);
 }
 
+void capture_missed(size_t n)
+{
+	if (ctl && ctl->on && n)
+		drop(n);
+}
+
 void capture_data(uint64_t cookie, int dir, uint64_t offset, const struct iovec *iov,
 		  int iovcnt, size_t n)
 {

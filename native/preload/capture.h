@@ -49,4 +49,8 @@ static inline int capture_on(void)
 void capture_data(uint64_t cookie, int dir, uint64_t offset, const struct iovec *iov,
 		  int iovcnt, size_t n);
 
+/* n bytes were sent that no copy can be made of any more (a pipe the
+ * kernel spliced): counted as dropped, as a full ring's would be. */
+void capture_missed(size_t n);
+
 #endif

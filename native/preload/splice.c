@@ -127,13 +127,36 @@ static ssize_t into_ring(int out, struct chan *ch, int in, off_t *pos, size_t co
 	return fail(err, 0);
 }
 
+/* A capture runs: the n bytes the kernel just sent over TCP from the file
+ * in, at start (-1: not a file we can read again), go into the captured
+ * stream at tx_at, read back from the file. */
+static void capture_tcp_part(struct chan_sh *sh, int in, off_t start, size_t n, uint64_t tx_at)
+{
+	char buf[16384];
+	size_t done = 0;
+
+	while (start >= 0 && done < n) {
+		ssize_t k = pread(in, buf, n - done < sizeof(buf) ? n - done : sizeof(buf),
+				  start + (off_t)done);
+
+		if (k <= 0)
+			break;
+		capture_data(sh->cookie, SBP_CAP_TX, tx_at + done, &(struct iovec){ buf, (size_t)k },
+			     1, (size_t)k);
+		done += (size_t)k;
+	}
+	capture_missed(n - done);
+}
+
 /* sendfile/splice into a socket that is not live yet: the kernel's call,
- * counted. 1 and *ret if it was done so, 0 if the socket is live (tx_lock
- * released either way). */
-static int tcp_move(int out, struct chan *ch, long nr, long a1, long a2, long a3, long a4,
-		    long a5, long a6, ssize_t *ret)
+ * counted (and captured while a capture runs). 1 and *ret if it was done
+ * so, 0 if the socket is live (tx_lock released either way). src, src_at:
+ * the source and its offset argument (NULL: its file position). */
+static int tcp_move(struct chan *ch, int src, const off_t *src_at, long nr, long a1, long a2,
+		    long a3, long a4, long a5, long a6, ssize_t *ret)
 {
 	struct chan_sh *sh = ch->sh;
+	off_t start = -1;
 	long n;
 
 	if (atomic_load_explicit(&sh->phase, memory_order_acquire) != CH_CAND)
@@ -143,12 +166,15 @@ static int tcp_move(int out, struct chan *ch, long nr, long a1, long a2, long a3
 		pthread_mutex_unlock(&sh->tx_lock);
 		return 0;
 	}
+	if (capture_on())
+		start = src_at ? *src_at : lseek(src, 0, SEEK_CUR);     /* a pipe: -1 */
 	n = syscall(nr, a1, a2, a3, a4, a5, a6);
+	if (n > 0 && capture_on())
+		capture_tcp_part(sh, src, start, (size_t)n, sh->tx_tcp);
 	if (n > 0)
 		sh->tx_tcp += (uint64_t)n;
 	pthread_mutex_unlock(&sh->tx_lock);
 	*ret = n;
-	(void)out;
 	return 1;
 }
 
@@ -160,7 +186,7 @@ ssize_t shm_sendfile(int out, struct chan *ch, int in, off_t *offset, size_t cou
 	int e;
 
 	for (;;) {
-		if (tcp_move(out, ch, SYS_sendfile, out, in, (long)offset,
+		if (tcp_move(ch, in, offset, SYS_sendfile, out, in, (long)offset,
 			     (long)(count < TCP_PIECE ? count : TCP_PIECE), 0, 0, &r))
 			return r;
 		if (offset) {
@@ -351,7 +377,7 @@ ssize_t shm_splice(int in, struct chan *cin, off_t *off_in, int out, struct chan
 		for (;;) {
 			ssize_t r;
 
-			if (tcp_move(out, cout, SYS_splice, in, (long)off_in, out, 0,
+			if (tcp_move(cout, in, off_in, SYS_splice, in, (long)off_in, out, 0,
 				     (long)(len < TCP_PIECE ? len : TCP_PIECE), flags, &r))
 				return put_ret(cout, r);
 			r = into_ring(out, cout, in, off_in, len,
