@@ -22,7 +22,8 @@
 #include <string.h>
 
 #include "ring.h"
-#include "ring_impl.h"
+#include "ring_wait.h"
+#include "ringmem.h"
 
 _Static_assert(sizeof(struct sbp_ring_hdr) == 192, "ring header: three cache lines");
 _Static_assert(offsetof(struct sbp_ring_hdr, head) == 64, "head on cache line 1");

@@ -15,7 +15,8 @@
 #include <time.h>
 
 #include "ring.h"
-#include "ring_impl.h"
+#include "ring_wait.h"
+#include "ringmem.h"
 #include "sys.h"
 
 void ring_wake_armed(struct sbp_ring *r, uint32_t *word)

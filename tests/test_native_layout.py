@@ -97,3 +97,28 @@ def test_no_long_file_or_function(path):
         above = " ".join(lines[max(0, first - 4):first - 1])
         assert length <= MAX_FUNCTION or "long:" in above, (
             f"{path}:{first}: {name} is {length} lines (say why next to it: /* long: ... */)")
+
+
+def code_only(text):
+    """C source without comments and string literals."""
+    text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
+    text = re.sub(r"//[^\n]*", "", text)
+    return re.sub(r'"(?:\\.|[^"\\])*"', '""', text)
+
+
+def test_the_library_never_calls_its_own_hooks():
+    """The interposer's own I/O is raw system calls or REAL(): a libc call
+    from inside the library lands in its own exported hook (a call back up,
+    and our fds taken for the application's). Found twice: the inbox's
+    sendmsg/recvmsg and memory.c's fcntl."""
+    with open(os.path.join(PRELOAD, "hooks.c")) as f:
+        hooked = set(re.findall(r"^EXPORT [^(]*?\b(\w+)\(", f.read(), re.M))
+    assert {"sendmsg", "recvmsg", "fcntl", "close"} <= hooked
+    linked = [p for p in sources(PRELOAD) if p.endswith(".c") and not p.endswith("hooks.c")]
+    linked += [os.path.join(NATIVE, f) for f in ("inbox.c", "pairmem.c", "stream.c", "ring.c",
+                                                  "ring_wait.c", "region.c")]
+    for path in linked:
+        with open(path) as f:
+            code = code_only(f.read())
+        calls = {m.group(1) for m in re.finditer(r"(?<![\w.>])(\w+)\s*\(", code)} & hooked
+        assert not calls, f"{path} calls its own hooks {sorted(calls)}: use syscall() or REAL()"

@@ -152,7 +152,7 @@ static int make_region(const uint8_t token[SBP_INBOX_LEN], uint32_t nblocks, str
 	if (fd < 0)
 		return -errno;
 	if (ftruncate(fd, (off_t)size) < 0 ||
-	    fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) < 0)
+	    syscall(SYS_fcntl, fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) < 0)
 		goto fail;
 	p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
 	if (p == MAP_FAILED)
@@ -423,7 +423,7 @@ static void map_received(const struct sbp_inbox_rx *rx)
 
 	if (received(rx->pid, rx->msg.region_id) || nregions >= MAX_REGIONS)
 		return;
-	seals = fcntl(rx->fd, F_GET_SEALS);
+	seals = (int)syscall(SYS_fcntl, rx->fd, F_GET_SEALS);
 	if (seals < 0 || (seals & (F_SEAL_SHRINK | F_SEAL_GROW)) != (F_SEAL_SHRINK | F_SEAL_GROW) ||
 	    fstat(rx->fd, &st) < 0 || (uint64_t)st.st_size != rx->msg.region_size ||
 	    rx->msg.region_size > sbp_pair_region_size(SBP_PAIR_MAX_BLOCKS))
