@@ -136,3 +136,40 @@ def test_10k_concurrent_held_connections():
                 p.wait()
         manager.down(inst, drain_timeout=1, force=True)
     assert_gone(inst)
+
+
+GONE = """
+import os, socket, sys, time
+socks = [socket.create_connection(("127.0.0.1", int(sys.argv[1]))) for _ in range(60)]
+time.sleep(0.5)     # the server takes and offers them; this process reads no offer
+os._exit(0)
+"""
+
+
+def test_peer_gone_before_its_offers_leaves_no_memory():
+    """A client that opens 60 connections and exits without one call on
+    them: its inbox fills (10) and the rest of the server's offers wait,
+    then find it gone. The server closes them all and holds no fd more than
+    before: the regions none of whose offers reached the client are
+    unmapped once no connection uses them (their memfds stayed among the
+    server's fds before)."""
+    if os.geteuid() != 0:
+        pytest.fail("the test suite must run as root")
+    inst = new_instance("gone")
+    manager.up(inst)
+    srv = None
+    try:
+        srv = run_peer(inst, ["manyserver", "60", "60"])
+        port = line(srv, "PORT ")[0]
+        env = dict(os.environ, SHMBYPASS_INSTANCE=inst.name)
+        subprocess.run([PY, "-m", "shmbypass", "run", "--tier", "shm", "--", PY, "-c", GONE, port],
+                       env=env, timeout=120, check=True)
+        res = result(srv, 120)
+        assert res["accepted"] == 60 and res["tiers"] == {"2": 60}, res
+        assert res["fds_after"] == res["fds_before"], res
+    finally:
+        if srv and srv.poll() is None:
+            os.killpg(srv.pid, 9)
+            srv.wait()
+        manager.down(inst, drain_timeout=1, force=True)
+    assert_gone(inst)

@@ -45,6 +45,7 @@ struct region {
 	uint8_t token[SBP_INBOX_LEN];   /* made for this peer (ours), or 0 */
 	pid_t from;                     /* received from this pid (theirs), or 0 */
 	uint32_t cursor;                /* next block to look at (ours) */
+	uint32_t users;                 /* ours: connections holding one of its blocks */
 	int memfd;                      /* ours, until the peer has it; else -1 */
 };
 
@@ -169,6 +170,7 @@ static int make_region(const uint8_t token[SBP_INBOX_LEN], uint32_t nblocks, str
 	memcpy(r->token, token, SBP_INBOX_LEN);
 	r->from = 0;
 	r->cursor = 0;
+	r->users = 0;
 	r->memfd = sbp_internal_fd(fd);
 	*out = r;
 	return 0;
@@ -242,6 +244,8 @@ static int send_offer(struct region *r, uint32_t block, uint32_t gen)
 	return rc;
 }
 
+static void retire_locked(struct region *r);
+
 int mem_offer(int fd, const struct sbp_info *in, struct mem_ref *out)
 {
 	struct sbp_block_hdr *h;
@@ -281,9 +285,13 @@ int mem_offer(int fd, const struct sbp_info *in, struct mem_ref *out)
 	h->active_cookie = in->peer_cookie;
 	h->passive_cookie = in->cookie;
 	rc = send_offer(r, block, gen);
-	pthread_mutex_unlock(&lock);
-	if (rc < 0 && rc != -EAGAIN)
+	if (rc < 0 && rc != -EAGAIN) {
+		retire_locked(r);       /* (a new region nothing reached) */
+		pthread_mutex_unlock(&lock);
 		return rc;
+	}
+	r->users++;
+	pthread_mutex_unlock(&lock);
 	out->base = r->base;
 	out->pi = r->pi;
 	out->block = block;
@@ -294,6 +302,8 @@ int mem_offer(int fd, const struct sbp_info *in, struct mem_ref *out)
 	return 0;
 }
 
+#define UNSENT_NEVER 2      /* mem_ref.unsent: withdrawn, never sent */
+
 int mem_deliver(struct mem_ref *ref)
 {
 	struct region *r;
@@ -301,15 +311,19 @@ int mem_deliver(struct mem_ref *ref)
 
 	if (!ref->unsent)
 		return 1;
+	if (ref->unsent == UNSENT_NEVER)
+		return -EPIPE;
 	pthread_mutex_lock(&lock);
 	r = ref->region < nregions ? &regions[ref->region] : NULL;
 	rc = r && r->base == ref->base ? send_offer(r, ref->block, ref->gen) : -ESTALE;
 	pthread_mutex_unlock(&lock);
 	if (rc == -EAGAIN)
 		return 0;
-	ref->unsent = 0;
-	if (rc < 0)
-		ref->base = NULL;       /* withdrawn (send_offer) */
+	/* < 0: withdrawn (send_offer), the peer is gone; the reference
+	 * stays (the channel still points into the block) for mem_done,
+	 * which unmaps the region if no offer of it ever reached the peer
+	 * (else its memfd would stay among our fds for good) */
+	ref->unsent = rc < 0 ? UNSENT_NEVER : 0;
 	return rc < 0 ? rc : 1;
 }
 
@@ -544,31 +558,36 @@ int mem_taken(const struct mem_ref *ref)
 		    SBP_BLOCK_STATE(ref->gen, SBP_BLOCK_ATTACHED);
 }
 
-/* A region none of whose offers reached the peer (its inbox stayed full)
- * and none of whose blocks is offered any more: nobody else maps it, and
- * its memfd is still ours (a descriptor the app would see). Unmap it; the
- * next connection with that peer makes a new one. */
-static void retire_undelivered(const struct mem_ref *ref)
+/* A region none of whose offers reached the peer (its inbox stayed full,
+ * or it is gone) and no connection of ours uses any more: nobody else maps
+ * it, and its memfd is still ours (a descriptor the app would see). Unmap
+ * it; the next connection with that peer makes a new one. A region some
+ * connection still uses stays: its channel points into its block. lock
+ * held. */
+static void retire_locked(struct region *r)
+{
+	if (r->memfd < 0 || r->users)
+		return;
+	fdt_store(r->memfd, K_UNKNOWN);
+	syscall(SYS_close, r->memfd);
+	munmap(r->base, r->size);
+	memset(r, 0, sizeof(*r));
+	memset(r->token, 0xff, SBP_INBOX_LEN);  /* matches no peer */
+	r->memfd = -1;
+}
+
+/* The passive end's connection no longer uses its block's region. */
+static void region_release(const struct mem_ref *ref)
 {
 	struct region *r;
 
 	pthread_mutex_lock(&lock);
 	r = ref->region < nregions ? &regions[ref->region] : NULL;
-	if (r && r->base == ref->base && r->memfd >= 0) {
-		for (uint32_t b = 0; b < r->pi.block_count; b++) {
-			struct sbp_block_hdr *h = sbp_pair_block(&r->pi, r->base, b);
-
-			if ((uint32_t)__atomic_load_n(&h->state, __ATOMIC_ACQUIRE) == SBP_BLOCK_OFFERED)
-				goto busy;
-		}
-		fdt_store(r->memfd, K_UNKNOWN);
-		syscall(SYS_close, r->memfd);
-		munmap(r->base, r->size);
-		memset(r, 0, sizeof(*r));
-		memset(r->token, 0xff, SBP_INBOX_LEN);  /* matches no peer */
-		r->memfd = -1;
+	if (r && r->base == ref->base) {
+		if (r->users)
+			r->users--;
+		retire_locked(r);
 	}
-busy:
 	pthread_mutex_unlock(&lock);
 }
 
@@ -590,17 +609,19 @@ void mem_done(const struct mem_ref *ref)
 
 	if (!h)
 		return;
-	if (!ref->active &&
-	    __atomic_compare_exchange_n(&h->state, &offered,
-					SBP_BLOCK_STATE(ref->gen, SBP_BLOCK_WITHDRAWN), 0,
-					__ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
-		if (ref->unsent)
-			retire_undelivered(ref);
-		return;         /* never taken: free again */
+	if (ref->active) {
+		if ((uint32_t)(__atomic_load_n(&h->state, __ATOMIC_ACQUIRE) >> 32) == ref->gen)
+			__atomic_fetch_or(&h->done, SBP_DONE_ACTIVE, __ATOMIC_RELEASE);
+		return;
 	}
-	if ((uint32_t)(__atomic_load_n(&h->state, __ATOMIC_ACQUIRE) >> 32) == ref->gen)
-		__atomic_fetch_or(&h->done, ref->active ? SBP_DONE_ACTIVE : SBP_DONE_PASSIVE,
-				  __ATOMIC_RELEASE);
+	/* never taken (or withdrawn by mem_deliver): free again; else done */
+	if (!__atomic_compare_exchange_n(&h->state, &offered,
+					 SBP_BLOCK_STATE(ref->gen, SBP_BLOCK_WITHDRAWN), 0,
+					 __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE) &&
+	    ref->unsent != UNSENT_NEVER &&
+	    (uint32_t)(__atomic_load_n(&h->state, __ATOMIC_ACQUIRE) >> 32) == ref->gen)
+		__atomic_fetch_or(&h->done, SBP_DONE_PASSIVE, __ATOMIC_RELEASE);
+	region_release(ref);
 }
 
 /* A forked child keeps the mappings (connections made before the fork go

@@ -18,7 +18,8 @@ struct mem_ref {
 	uint32_t block;
 	uint32_t gen;
 	uint8_t active;                 /* we are the active end */
-	uint8_t unsent;                 /* passive: the offer waits for room in the peer's inbox */
+	uint8_t unsent;                 /* passive: the offer waits for room in the peer's
+					 * inbox (1), or could never be sent (2) */
 	uint16_t region;                /* passive: the region's index here */
 };
 
