@@ -27,7 +27,7 @@
 /* backend ids kept in the header (informational) */
 #define SBP_BACKEND_ANON        0u
 #define SBP_BACKEND_POSIX       1u      /* POSIX shm */
-#define SBP_BACKEND_ARENA       2u
+/* 2 was the BPF arena backend (removed; the number is not reused) */
 #define SBP_BACKEND_IVSHMEM     3u
 
 /* A part: a range of slots owned by one allocator (e.g. one VM). */

@@ -87,7 +87,8 @@ def functions(text):
             yield (name[0] if name else "?"), start + 1, j - start + 1
 
 
-@pytest.mark.parametrize("path", sorted(sources(NATIVE)), ids=lambda p: os.path.relpath(p, NATIVE))
+@pytest.mark.parametrize("path", sorted(sources(NATIVE)) + sorted(sources(os.path.join(ROOT, "bpf"))),
+                         ids=lambda p: os.path.relpath(p, ROOT))
 def test_no_long_file_or_function(path):
     with open(path) as f:
         text = f.read()

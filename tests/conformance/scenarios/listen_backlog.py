@@ -13,7 +13,6 @@ rule, docs/ARCHITECTURE.md; the server end's row then says
 peer-not-capable), or, in the shm tier, the retransmitted SYNs' slot
 reservations used up the pool for a while (pool-exhausted). A control
 connection, accepted at once, must take the tier."""
-import socket
 import threading
 import time
 
