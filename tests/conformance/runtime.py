@@ -134,6 +134,13 @@ def recv_woken_by(sock, action, after):
     return box[0] if box else "hangs"
 
 
+def serve_and_close(srv, size):
+    """A server that sends `size` bytes of the pattern and closes."""
+    c = srv.conn()
+    obs("send", call(c.sendall, pattern(size, 1)))
+    c.close()
+
+
 def send_in_two(s, first, second, pause):
     """A writer that keeps the reader waiting: first, `pause` s later
     second, then close (0.2 s on, so both are in before the FIN)."""

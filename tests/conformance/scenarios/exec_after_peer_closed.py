@@ -16,9 +16,7 @@ SIZE = 60_000
 
 
 def server(srv):
-    c = srv.conn()
-    rt.obs("send", rt.call(c.sendall, rt.pattern(SIZE, 1)))
-    c.close()
+    rt.serve_and_close(srv, SIZE)
 
 
 def wait_peer_closed(s):

@@ -16,13 +16,21 @@ FALLBACK_OK = {"not-live"}
 
 
 def client(cli):
+    give_away(cli, __name__)
+
+
+def give_away(cli, scenario, before=None):
+    """Connect, run before(sock) if given, then pass the socket to a process
+    without the interposer (scenario's `receiver`) and wait for it."""
     a, b = socket.socketpair()
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
     # started before the connection exists (subprocess.run's vfork is case 2)
-    child = subprocess.Popen([sys.executable, rt.PEER, __name__.split(".")[-1], "receiver",
+    child = subprocess.Popen([sys.executable, rt.PEER, scenario.split(".")[-1], "receiver",
                               str(b.fileno())], env=env, pass_fds=[b.fileno()])
     b.close()
     s = cli.conn()
+    if before:
+        before(s)
     socket.send_fds(a, [b"fd"], [s.fileno()])
     s.close()
     try:

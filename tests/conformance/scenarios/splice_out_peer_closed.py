@@ -6,9 +6,7 @@ SIZE = 1 << 20
 
 
 def server(srv):
-    c = srv.conn()
-    rt.obs("send", rt.call(c.sendall, rt.pattern(SIZE, 1)))
-    c.close()
+    rt.serve_and_close(srv, SIZE)
 
 
 def client(cli):
