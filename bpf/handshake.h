@@ -451,6 +451,20 @@ static __always_inline int listener_marked(struct bpf_sock_ops *skops)
 	return bpf_map_lookup_elem(&listeners, &k) != NULL;
 }
 
+/* A SYN-ACK carries an answer only toward a peer VM, from a marked
+ * listener, to a SYN that carried the option (loaded into *o). */
+static __always_inline int synack_answers(struct bpf_sock_ops *skops, struct sbp_opt *o)
+{
+	long err;
+
+	if (!listener_marked(skops) || !remote_is_vm_peer(skops))
+		return 0;
+	err = opt_load(skops, 1, o);
+	if (err && !opt_missing(err))
+		REPORT(err);
+	return !err;
+}
+
 /* SYN-ACK, first pass: room for an answer only if the SYN asked (so an
  * unmarked peer never sees the option) and the listener is marked. */
 static __always_inline void synack_opt_len(struct bpf_sock_ops *skops)
@@ -458,14 +472,8 @@ static __always_inline void synack_opt_len(struct bpf_sock_ops *skops)
 	struct sbp_opt o;
 	long err;
 
-	if (!listener_marked(skops) || !remote_is_vm_peer(skops))
+	if (!synack_answers(skops, &o))
 		return;
-	err = opt_load(skops, 1, &o);
-	if (err) {
-		if (!opt_missing(err))
-			REPORT(err);
-		return;
-	}
 	err = bpf_reserve_hdr_opt(skops, SBP_OPT_LEN, 0);
 	if (err && err != -ENOSPC)	/* no room: no answer, both ends fall back */
 		REPORT(err);
@@ -496,14 +504,8 @@ static __always_inline void synack_opt_write(struct bpf_sock_ops *skops)
 	__u32 status, slot, gen;
 	long err;
 
-	if (!listener_marked(skops) || !remote_is_vm_peer(skops))
+	if (!synack_answers(skops, &o))
 		return;
-	err = opt_load(skops, 1, &o);
-	if (err) {
-		if (!opt_missing(err))
-			REPORT(err);
-		return;
-	}
 	th = (struct tcphdr *)(long)skops->skb_data;
 	if ((void *)(th + 1) > (void *)(long)skops->skb_data_end) {
 		REPORT(-EINVAL);
