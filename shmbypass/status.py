@@ -116,14 +116,14 @@ def connections(inst: paths.Instance) -> list[dict]:
             if tier == "shm" and c.tx_gen:  # a VM pair's slots
                 rows[-1]["rings"] = (c.tx_slot, c.tx_gen, c.rx_slot, c.rx_gen)
             elif tier == "shm":
-                rows[-1]["pair"] = True
+                rows[-1]["pair"] = c.owner.tgid  # (who asked: BPF's word)
     sent = {r["cookie"]: r["bytes_tx"] for r in rows}
     for r in rows:
         if r["tier"] == "kernel":
             r["bytes_rx"] = sent.get(r["peer"], 0)
     rows.sort(key=lambda r: (r["local"], r["remote"]))
     _ring_bytes(inst, [r for r in rows if "rings" in r])
-    _pair_bytes(inst, [r for r in rows if r.pop("pair", False)])
+    _pair_bytes(inst, {r["cookie"]: r.pop("pair") for r in rows if "pair" in r}, rows)
     return rows
 
 
@@ -143,15 +143,17 @@ def _cgroup_pids(inst: paths.Instance) -> list[int]:
     return pids
 
 
-def _pair_bytes(inst: paths.Instance, rows: list[dict]) -> None:
-    """Byte counts of one-host shm-tier connections, read from the pair
-    regions their processes map (region/pair.py); 0 when not readable."""
-    if not rows:
+def _pair_bytes(inst: paths.Instance, owners: dict[int, int], rows: list[dict]) -> None:
+    """Byte counts of one-host shm-tier connections (owners: cookie -> the
+    pid that asked for its socket), read from the pair regions their
+    processes map (region/pair.py); 0 when not readable."""
+    if not owners:
         return
     from shmbypass.region import pair
-    counts = pair.ring_counts(_cgroup_pids(inst))
+    counts = pair.ring_counts(_cgroup_pids(inst), owners)
     for row in rows:
-        row.update(counts.get(row["cookie"], {}))
+        if row["cookie"] in owners:
+            row.update(counts.get(row["cookie"], {}))
 
 
 def _ring_bytes(inst: paths.Instance, rows: list[dict]) -> None:

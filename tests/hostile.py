@@ -9,7 +9,8 @@ the system's python3).
 CONFIG_JSON: {"port": a server to connect to, "instance": name,
 "victims": {pid: [[address, length], ...]} (where each victim maps its pair
 regions, as root read it from /proc/PID/maps), "inboxes": [paths],
-"magic": SBP_INBOX_MSG_MAGIC, "sol": SOL_SHMBYPASS}.
+"magic": SBP_INBOX_MSG_MAGIC, "sol": SOL_SHMBYPASS, optionally "forge":
+[active cookie, passive cookie] of another pair's connection}.
 
 It prints "CONNECTED <tier> <rings>" once its own connection uses its rings,
 then "PROBED <json>": {"tries": [[what, path, outcome], ...] where outcome is
@@ -34,6 +35,7 @@ SYS_BPF, SYS_SETSOCKOPT, SYS_PROCESS_VM_READV = 321, 54, 310     # x86_64
 BPF_OBJ_GET, BPF_F_RDONLY = 7, 1 << 3
 MEMFD = "/memfd:shmbypass"
 TRIES = []
+HEADERS = {}        # address of each own region -> its header page as it was
 
 
 def outcome(fn):
@@ -275,9 +277,21 @@ def flood_inboxes(inboxes):
     return sent, refused
 
 
+def forge(regions, active, passive):
+    """A block that claims to carry another pair's connection (the region's
+    header put back, so that a reader believes the region): attached, both
+    cookies, 7 bytes read each way. `status` must not show it for them."""
+    for addr, _ in regions:
+        ctypes.memmove(addr, HEADERS[addr], 4096)
+        block = addr + 4096
+        ctypes.memmove(block, struct.pack("=QII4Q", 1 << 32 | 2, 0, 0, active, passive, 7, 7), 48)
+
+
 def garbage(sock):
     junk = os.urandom(1 << 20)
     regions = own_regions()
+    for addr, _ in regions:
+        HEADERS[addr] = ctypes.string_at(addr, 4096)
     wrote = 0
     said = {}
     for _ in range(3):              # while its peer works on the connection
@@ -288,6 +302,8 @@ def garbage(sock):
             sock.recv(65536)
         except OSError:
             pass
+    if CONFIG.get("forge"):
+        forge(regions, *CONFIG["forge"])
     sent, refused = flood_inboxes(CONFIG["inboxes"])
     return {"regions": len(regions), "bytes_scribbled": wrote, "options": said,
             "datagrams_sent": sent, "datagrams_refused": refused}

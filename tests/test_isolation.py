@@ -20,7 +20,10 @@ writes garbage to everything it can: every page of its own pair region
 option of its own socket, and random datagrams and forged offers (with a
 memfd of garbage) into every inbox. Both pairs then echo another MiB:
 sha256 equal, both directions still in their rings, every row in the shm
-tier in `shmbypass status --json`, S1 still serving.
+tier in `shmbypass status --json` with its true byte counts (the hostile
+also wrote, in its own region, a block that names pair 1's connection:
+status believes a block only for a connection between the processes that
+map it), S1 still serving.
 
 Anyone may connect to the join broker (the socket is 0666): a caller that
 connects and says nothing, several times over, holds up no other caller
@@ -197,6 +200,9 @@ def test_another_user_reaches_no_other_pair(iso):
               for _, _, dev, ino in pair_regions(victims[name])}
     assert len(theirs) == 2, theirs
     cfg = hostile_config(su, found, found["S1"][2])
+    v1_rows = pair_rows(status_rows(su), found["V1"][2], found["S1"][2])
+    cookies = {r["local"].rsplit(":", 1)[1]: r["cookie"] for r in v1_rows}
+    cfg["forge"] = [cookies[str(found["V1"][2])], cookies[str(found["S1"][2])]]
     h = su.start(su.hostile, [SYS_PY, HOSTILE, json.dumps(cfg)])
     tier, rings = map(int, h.wait_for("CONNECTED ").split())
     assert (tier, rings) == (2, 3), (h.lines, h.stderr())
@@ -232,6 +238,11 @@ def test_another_user_reaches_no_other_pair(iso):
     assert did["regions"] >= 1 and did["bytes_scribbled"] > 0, did
     assert did["datagrams_sent"] > 0, did
 
+    # Its forged block is there, and not believed: as status reads the
+    # hostile's own region, it carries no connection of pair 1.
+    from shmbypass.region import pair
+    owners = dict(zip(cfg["forge"], (found["V1"][1], found["S1"][1])))
+    assert not pair.ring_counts([su.pid_of(h, su.hostile)], owners), "a forged block believed"
     # No other connection noticed.
     again = echo_again(found)
     assert again == {"V1": (2, 3, 1), "V2": (2, 3, 1)}, (again, found["V1"][0].stderr())

@@ -66,7 +66,7 @@ def _ring_view(pi, base, block: int, direction: int, gen: int):
     return head, read, max(0, min(head - read, sum(c for _, _, c in rings))), cap
 
 
-def _blocks(path: str, size: int, out: dict) -> None:
+def _blocks(path: str, size: int, out: dict, owners: dict, mappers: set) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -94,6 +94,12 @@ def _blocks(path: str, size: int, out: dict) -> None:
             state = h.state
             if state & 0xffffffff != lib.SBP_BLOCK_ATTACHED:
                 continue
+            # A block names the connection it carries, and either process
+            # can write any name there: it is believed only for a
+            # connection between processes that map this region (the pid
+            # that asked for each socket, as BPF recorded it).
+            if not {owners.get(h.active_cookie), owners.get(h.passive_cookie)} <= mappers:
+                continue
             gen = state >> 32
             a2p = _ring_view(pi, base, b, lib.SBP_DIR_A2P, gen)
             p2a = _ring_view(pi, base, b, lib.SBP_DIR_P2A, gen)
@@ -116,22 +122,23 @@ def _blocks(path: str, size: int, out: dict) -> None:
         m.close()
 
 
-def ring_counts(pids) -> dict[int, dict]:
+def ring_counts(pids, owners: dict[int, int]) -> dict[int, dict]:
     """cookie -> bytes_tx, bytes_rx, tx_queued, rx_queued, ring_size,
     ring_full, doorbells of the attached blocks in the pair regions these
-    processes map. Byte counts are stream offsets: they include what went
-    over TCP before the ring; ring_full is how often this end's writer found
-    its ring full, doorbells how many it sent."""
-    out: dict[int, dict] = {}
-    done = set()
+    processes map, for connections whose two sockets belong to (owners:
+    cookie -> pid) processes that map the block's region. Byte counts are
+    stream offsets: they include what went over TCP before the ring;
+    ring_full is how often this end's writer found its ring full,
+    doorbells how many it sent."""
+    regions: dict[int, tuple[str, int, set]] = {}  # inode -> (path, size, pids mapping it)
     for pid in pids:
         for path, size in _mapped_regions(pid):
             try:
                 key = os.stat(path).st_ino
             except OSError:
                 continue
-            if key in done:
-                continue
-            done.add(key)
-            _blocks(path, size, out)
+            regions.setdefault(key, (path, size, set()))[2].add(pid)
+    out: dict[int, dict] = {}
+    for path, size, mappers in regions.values():
+        _blocks(path, size, out, owners, mappers)
     return out
