@@ -76,7 +76,7 @@ static __always_inline int do_upgraded(struct bpf_sockopt *ctx)
 	st = bpf_sk_storage_get(&sk_state, ctx->sk, NULL, 0);
 	row = st && st->cookie ? bpf_map_lookup_elem(&conns, &st->cookie) : NULL;
 	if (row)
-		row->upgraded = *bits & (SBP_UP_TX | SBP_UP_RX);
+		row->upgraded = *bits & (SBP_UP_TX | SBP_UP_RX | (0xffffu << SBP_UP_REASON_SHIFT));
 	return 1;
 }
 

@@ -48,7 +48,8 @@ enum sbp_tier {
 	X(SBP_REASON_POLICY_EXCLUDED, "policy")			\
 	X(SBP_REASON_DIFFERENT_REGION, "different-region") /* shm: the ends map different regions */ \
 	X(SBP_REASON_POOL_EXHAUSTED, "pool-exhausted")	/* shm: no free slot (or SYN cookies) */ \
-	X(SBP_REASON_NO_OPTION_SPACE, "no-option-space") /* shm: no room for our SYN option */
+	X(SBP_REASON_NO_OPTION_SPACE, "no-option-space") /* shm: no room for our SYN option */ \
+	X(SBP_REASON_MEMORY_CAP, "memory-cap")	/* shm: the process reached up --memory-max */
 
 enum sbp_reason {
 #define SBP_REASON_ENUM(e, name) e,
@@ -113,9 +114,11 @@ struct sbp_ident {
 #define SBP_ROLE_ACTIVE 1	/* it connected */
 #define SBP_ROLE_PASSIVE 2	/* it was accepted */
 
-/* SBP_SO_UPGRADED bits: which directions the interposer moved to rings. */
+/* SBP_SO_UPGRADED bits: which directions the interposer moved to rings,
+ * and (bits 16..31) the reason it kept a shm-tier connection on TCP. */
 #define SBP_UP_TX 1u
 #define SBP_UP_RX 2u
+#define SBP_UP_REASON_SHIFT 16
 
 struct sbp_info {
 	__u32 version;		/* SBP_ASK_VERSION */

@@ -22,7 +22,8 @@ def cmd_up(args) -> int:
         exclude_ports=[policy.port_of(p) for p in args.exclude_port],
         include_ports=[policy.port_of(p) for p in args.include_port],
         exclude_nets=[policy.checked_net(n) for n in args.exclude_net],
-        include_nets=[policy.checked_net(n) for n in args.include_net])
+        include_nets=[policy.checked_net(n) for n in args.include_net],
+        memory_max=policy.size_of(args.memory_max) if args.memory_max else 0)
     if manager.up(inst, cgroup=args.cgroup, slot_count=args.slots, backend=args.backend,
                   part=args.part, allow=allow, vm_peers=tuple(args.vm_peer)):
         state = inst.load_state()
@@ -127,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="connections to these server addresses stay on TCP (repeat)")
     p.add_argument("--include-net", action="append", default=[], metavar="ADDR[/LEN]",
                    help="bypass only connections to these server addresses (repeat)")
+    p.add_argument("--memory-max", metavar="SIZE",
+                   help="ring memory one process's shm-tier connections may hold (e.g. 2G); "
+                        "past it new connections stay on TCP (reason memory-cap). Default: "
+                        "no cap")
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("down", help="detach and unpin everything; live connections go on over TCP")

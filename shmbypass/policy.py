@@ -9,9 +9,13 @@ Two kinds of rules, both enforced in BPF from what the kernel reports:
   (`--exclude-port 22`, `--include-port 6379`, `--exclude-net 10.0.0.0/8`,
   `--include-net ...`): an excluded connection stays on TCP with reason
   policy. Any include rule of a kind means "only these".
+And one limit, enforced by the interposer in each process: the ring memory
+its connections may hold (`--memory-max 2G`); past it, new connections stay
+on TCP with reason memory-cap.
 """
 import grp
 import ipaddress
+import os
 import pwd
 from dataclasses import asdict, dataclass, field
 
@@ -31,6 +35,7 @@ class Policy:
     include_ports: list[int] = field(default_factory=list)
     exclude_nets: list[str] = field(default_factory=list)
     include_nets: list[str] = field(default_factory=list)
+    memory_max: int = 0     # bytes of ring memory per process (0: no cap)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -60,6 +65,16 @@ def port_of(text: str) -> int:
     return int(text)
 
 
+def size_of(text: str) -> int:
+    """A byte count: 512K, 64M, 2G (powers of 1024) or plain bytes."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    num, unit = (t[:-1], t[-1]) if t[-1:] in units and t[-1:] else (t, "")
+    if not num.isdigit() or int(num) <= 0:
+        raise ShmbypassError(f"--memory-max: not a size: {text} (e.g. 512M, 2G)")
+    return int(num) * units[unit]
+
+
 def net_of(text: str) -> ipaddress.IPv6Network:
     """A network as the BPF trie holds it: IPv6, IPv4 as ::ffff:a.b.c.d/96+n."""
     try:
@@ -78,7 +93,13 @@ def checked_net(text: str) -> str:
 
 
 def apply(inst: paths.Instance, p: Policy) -> None:
-    """Write the policy into the instance's maps (pinned by `up`)."""
+    """Write the policy into the instance's maps (pinned by `up`), and the
+    memory cap where every interposer reads it (/run/<instance>/memory-max)."""
+    cap = os.path.join(inst.run_dir, "memory-max")
+    with open(cap + ".tmp", "w") as f:
+        f.write(f"{p.memory_max}\n")
+    os.chmod(cap + ".tmp", 0o644)
+    os.replace(cap + ".tmp", cap)
     flags = ((lib.SBP_POLICY_ANY_USER if p.any_user else 0) |
              (lib.SBP_POLICY_PORTS_ONLY if p.include_ports else 0) |
              (lib.SBP_POLICY_NETS_ONLY if p.include_nets else 0))
@@ -121,4 +142,6 @@ def describe(p: Policy) -> list[str]:
                         ("excluded networks", p.exclude_nets), ("only networks", p.include_nets)):
         if items:
             out.append(f"{what}: {', '.join(str(i) for i in items)}")
+    if p.memory_max:
+        out.append(f"ring memory per process: at most {p.memory_max} bytes")
     return out

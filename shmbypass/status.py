@@ -25,6 +25,7 @@ REASON_CODES = {
     "table-full": 0x03010000,
     "pool-exhausted": 0x03020000,
     "no-option-space": 0x03030000,
+    "memory-cap": 0x03040000,
     "shutting-down": 0x04010000,
     "policy": 0x04020000,
     "different-region": 0x05010000,
@@ -88,6 +89,10 @@ def connections(inst: paths.Instance) -> list[dict]:
             b = _addr(k.b_ip, k.b_port, c.family)
             tier = TIERS.get(c.tier, "tcp")
             reason = REASONS.get(c.reason, f"reason-{c.reason}")
+            kept = c.upgraded >> lib.SBP_UP_REASON_SHIFT
+            if tier == "shm" and kept:
+                # the interposer kept it on TCP (memory-cap): both rows say so
+                tier, reason = "tcp", REASONS.get(kept, f"reason-{kept}")
             if tier != "shm" and c.shm_reason:
                 # It asked for the shm tier: why it did not get it says more
                 # (e.g. pool-exhausted) than the kernel tier's own reason.
@@ -117,6 +122,13 @@ def connections(inst: paths.Instance) -> list[dict]:
                 rows[-1]["rings"] = (c.tx_slot, c.tx_gen, c.rx_slot, c.rx_gen)
             elif tier == "shm":
                 rows[-1]["pair"] = c.owner.tgid  # (who asked: BPF's word)
+            if kept:
+                rows[-1]["kept"] = True
+    kept = {r["cookie"]: r["reason"] for r in rows if r.pop("kept", False)}
+    for r in rows:
+        if r["tier"] == "shm" and r["peer"] in kept:
+            r.update(tier="tcp", reason=kept[r["peer"]], reason_code=reason_code(kept[r["peer"]]))
+            r.pop("pair", None)
     sent = {r["cookie"]: r["bytes_tx"] for r in rows}
     for r in rows:
         if r["tier"] == "kernel":

@@ -388,10 +388,23 @@ static struct chan *setup_slots(int fd, struct chan *ch, const struct sbp_info *
 	return ch;
 }
 
+/* The passive end may not make memory for one more connection (up
+ * --memory-max): it stays on TCP, and status says why (both rows). */
+static void memory_cap_reached(int fd)
+{
+	static _Atomic int told;
+
+	ask_upgraded(fd, (uint32_t)SBP_REASON_MEMORY_CAP << SBP_UP_REASON_SHIFT);
+	if (!atomic_exchange(&told, 1))
+		sbp_log("shm tier: this process reached its memory cap (up --memory-max): "
+			"new connections stay on TCP until some close");
+}
+
 struct chan *chan_setup(int fd, const struct sbp_info *in)
 {
 	struct chan *ch = chan_alloc();
 	struct chan_sh *sh;
+	int rc;
 
 	if (!ch)
 		return NULL;
@@ -404,7 +417,10 @@ struct chan *chan_setup(int fd, const struct sbp_info *in)
 		mem_expect(in->cookie);
 		return ch;              /* the offer comes to our inbox */
 	}
-	if (mem_offer(fd, in, &sh->mem) < 0) {
+	rc = mem_offer(fd, in, &sh->mem);
+	if (rc == -EDQUOT)
+		memory_cap_reached(fd);
+	if (rc < 0) {
 		chan_put(ch);
 		return NULL;            /* nothing offered: plain TCP at both ends */
 	}
@@ -500,7 +516,11 @@ int rx_progress(int fd, struct chan *ch)
 
 void chan_done(struct chan *ch)
 {
-	if ((atomic_load(&ch->sh->flags) & CH_ACTIVE) && !ch->sh->mem.base)
-		mem_forget(ch->sh->cookie);     /* it will not claim its offer now */
-	mem_done(&ch->sh->mem);
+	struct chan_sh *sh = ch->sh;
+
+	if ((atomic_load(&sh->flags) & CH_ACTIVE) && !sh->mem.base)
+		mem_forget(sh->cookie);         /* it will not claim its offer now */
+	if (sh->mem.base && sh->tx.area > 0)    /* what our writer grew into */
+		mem_uncharge(sbp_area_cap(sh->tx.area) - sbp_area_cap(0));
+	mem_done(&sh->mem);
 }

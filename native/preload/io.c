@@ -295,10 +295,18 @@ void rx_bell(int fd, struct chan *ch)
  * would buffer megabytes before either blocks). */
 int tx_grow(struct chan_sh *sh, int nonblock)
 {
+	uint64_t was = sbp_area_cap(sh->tx.area), next = sbp_area_cap(sh->tx.area + 1);
+
 	if (nonblock && sh->tx.area >= 2)
 		return 0;
-	if (sbp_stream_grow(&sh->tx) != 1)
+	if (!next || mem_charge(next - was, 0))
+		return 0;       /* the largest already, or up --memory-max: wait instead */
+	if (sbp_stream_grow(&sh->tx) != 1) {
+		mem_uncharge(next - was);
 		return 0;
+	}
+	if (sbp_area_cap(sh->tx.area) > next)   /* it went past a busy area */
+		mem_charge(sbp_area_cap(sh->tx.area) - next, 1);
 	sh->tx_grown_ns = now_ns();
 	return 1;
 }
@@ -307,8 +315,10 @@ int tx_grow(struct chan_sh *sh, int nonblock)
  * back to the smallest (its memory goes back to the system). */
 static void tx_shrink(struct chan_sh *sh)
 {
-	if (sh->tx.area && now_ns() - sh->tx_grown_ns > NS_PER_S)
-		sbp_stream_shrink(&sh->tx);
+	uint64_t was = sbp_area_cap(sh->tx.area);
+
+	if (sh->tx.area && now_ns() - sh->tx_grown_ns > NS_PER_S && sbp_stream_shrink(&sh->tx) == 1)
+		mem_uncharge(was - sbp_area_cap(0));
 }
 
 ssize_t shm_send(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, int flags)

@@ -18,6 +18,7 @@
 #include <fcntl.h>
 #include <pthread.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/random.h>
@@ -86,10 +87,56 @@ static void inbox_dir(char *out, size_t n)
 	snprintf(out, n, "/run/%s/inbox", g.instance);
 }
 
+/* A block's base: its header and both directions' first areas. */
+#define BLOCK_BASE (SBP_BLOCK_HDR_SIZE + 2 * sbp_area_cap(0))
+
+static uint64_t mem_max;                /* up --memory-max (0: none), read once */
+static _Atomic uint64_t mem_used;
+
+/* /run/<instance>/memory-max: bytes, in decimal, written by `up`. */
+static void read_cap(void)
+{
+	char path[200], buf[32];
+	long n;
+	int fd;
+
+	snprintf(path, sizeof(path), "/run/%s/memory-max", g.instance);
+	fd = (int)syscall(SYS_openat, AT_FDCWD, path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return;
+	n = syscall(SYS_read, fd, buf, sizeof(buf) - 1);
+	syscall(SYS_close, fd);
+	if (n > 0) {
+		buf[n] = 0;
+		mem_max = strtoull(buf, NULL, 10);
+	}
+}
+
+int mem_charge(uint64_t n, int force)
+{
+	uint64_t u = atomic_load(&mem_used);
+
+	do {
+		if (mem_max && u + n > mem_max && !force)
+			return -EDQUOT;
+	} while (!atomic_compare_exchange_weak(&mem_used, &u, u + n));
+	return 0;
+}
+
+void mem_uncharge(uint64_t n)
+{
+	uint64_t u = atomic_load(&mem_used);
+
+	while (!atomic_compare_exchange_weak(&mem_used, &u, u > n ? u - n : 0))
+		;
+}
+
 static int tables(void)
 {
-	if (!regions)
+	if (!regions) {
+		read_cap();
 		regions = anon_alloc(MAX_REGIONS * sizeof(*regions));
+	}
 	if (!pend)
 		pend = anon_alloc(PENDING_MAX * sizeof(*pend));
 	return regions && pend ? 0 : -ENOMEM;
@@ -261,6 +308,10 @@ int mem_offer(int fd, const struct sbp_info *in, struct mem_ref *out)
 		pthread_mutex_unlock(&lock);
 		return -EIO;
 	}
+	if (mem_charge(BLOCK_BASE, 0)) {
+		pthread_mutex_unlock(&lock);
+		return -EDQUOT;
+	}
 	for (int i = 0; i < nregions && rc; i++) {
 		if (memcmp(regions[i].token, in->peer_inbox, SBP_INBOX_LEN))
 			continue;
@@ -278,6 +329,7 @@ int mem_offer(int fd, const struct sbp_info *in, struct mem_ref *out)
 			rc = take_block(r, &block, &gen);
 	}
 	if (rc) {
+		mem_uncharge(BLOCK_BASE);
 		pthread_mutex_unlock(&lock);
 		return rc;
 	}
@@ -287,6 +339,7 @@ int mem_offer(int fd, const struct sbp_info *in, struct mem_ref *out)
 	rc = send_offer(r, block, gen);
 	if (rc < 0 && rc != -EAGAIN) {
 		retire_locked(r);       /* (a new region nothing reached) */
+		mem_uncharge(BLOCK_BASE);
 		pthread_mutex_unlock(&lock);
 		return rc;
 	}
@@ -299,6 +352,7 @@ int mem_offer(int fd, const struct sbp_info *in, struct mem_ref *out)
 	out->active = 0;
 	out->unsent = rc == -EAGAIN;
 	out->region = (uint16_t)(r - regions);
+	atomic_store(&out->charged, 1);
 	return 0;
 }
 
@@ -602,7 +656,7 @@ int mem_withdraw(const struct mem_ref *ref)
 					   __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
 }
 
-void mem_done(const struct mem_ref *ref)
+void mem_done(struct mem_ref *ref)
 {
 	struct sbp_block_hdr *h = mem_block(ref);
 	uint64_t offered = SBP_BLOCK_STATE(ref->gen, SBP_BLOCK_OFFERED);
@@ -614,6 +668,8 @@ void mem_done(const struct mem_ref *ref)
 			__atomic_fetch_or(&h->done, SBP_DONE_ACTIVE, __ATOMIC_RELEASE);
 		return;
 	}
+	if (atomic_exchange(&ref->charged, 0))
+		mem_uncharge(BLOCK_BASE);
 	/* never taken (or withdrawn by mem_deliver): free again; else done */
 	if (!__atomic_compare_exchange_n(&h->state, &offered,
 					 SBP_BLOCK_STATE(ref->gen, SBP_BLOCK_WITHDRAWN), 0,

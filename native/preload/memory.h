@@ -6,6 +6,7 @@
 #ifndef SBP_PRELOAD_MEMORY_H
 #define SBP_PRELOAD_MEMORY_H
 
+#include <stdatomic.h>
 #include <stdint.h>
 
 #include "pairmem.h"
@@ -21,14 +22,16 @@ struct mem_ref {
 	uint8_t unsent;                 /* passive: the offer waits for room in the peer's
 					 * inbox (1), or could never be sent (2) */
 	uint16_t region;                /* passive: the region's index here */
+	_Atomic uint8_t charged;        /* passive: its base is on our memory count */
 };
 
 /* The token of this process's inbox (opened on first use). 0 or -errno. */
 int mem_inbox_token(uint8_t out[SBP_INBOX_LEN]);
 /* Passive end: take a block for the connection of fd (in: its SBP_SO_INFO)
  * and send the peer its message (and the region, the first time). 0 (the
- * offer may wait for room in the peer's inbox: out->unsent), -ENOSPC
- * (memory cap), -errno (nothing offered). */
+ * offer may wait for room in the peer's inbox: out->unsent), -EDQUOT (the
+ * memory cap, up --memory-max), -ENOSPC (no more regions), -errno
+ * (nothing offered). */
 int mem_offer(int fd, const struct sbp_info *in, struct mem_ref *out);
 /* Passive end: send an offer that waited (the peer had not read its inbox:
  * it holds a few datagrams, net.unix.max_dgram_qlen). 1 sent, 0 not yet,
@@ -52,9 +55,16 @@ int mem_taken(const struct mem_ref *ref);
 int mem_withdraw(const struct mem_ref *ref);
 /* This end is done with the block (last close). The passive end withdraws
  * an offer never taken. */
-void mem_done(const struct mem_ref *ref);
+void mem_done(struct mem_ref *ref);
 /* The block's header (NULL if the reference is empty). */
 struct sbp_block_hdr *mem_block(const struct mem_ref *ref);
+
+/* The ring memory this process's connections hold: a block's header and
+ * first areas (charged by its passive end) and the larger areas a writer
+ * grew into (charged by it). 0, or -EDQUOT if that would pass the cap
+ * (`up --memory-max`; nothing charged then); force: charge anyway. */
+int mem_charge(uint64_t n, int force);
+void mem_uncharge(uint64_t n);
 
 void mem_atfork_child(void);
 

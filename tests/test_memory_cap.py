@@ -1,0 +1,94 @@
+"""The memory cap (issue 12: memory is refused only at a configurable cap,
+with a reason). `up --memory-max` bounds the ring memory one process's
+connections may hold: each connection's block (its header and both first
+areas, charged by the passive end that makes it) and the larger areas a
+writer grows into. A server capped at CAP_BLOCKS blocks, with 3 x
+CAP_BLOCKS connections held: the first CAP_BLOCKS take the shm tier, the
+rest stay on TCP with reason memory-cap in `status --json` (both rows), a
+one-line note on the server's stderr, and every connection still carries
+its bytes (a sample echoes 32 KiB). Closing them gives the memory back: the
+next connections take the shm tier again."""
+import json
+import os
+import subprocess
+
+import pytest
+
+from shmbypass import manager, policy
+from conftest import assert_gone, new_instance
+from test_scale import PY, line, result, run_peer, tell
+
+CAP_BLOCKS = 4
+BLOCK = 4096 + 2 * (16 << 10)       # a block's header and its two first areas
+N = 3 * CAP_BLOCKS
+
+
+def tiers_of(inst, port):
+    st = subprocess.run([PY, "-m", "shmbypass", "status", "--json"], capture_output=True, text=True,
+                        timeout=60, env=dict(os.environ, SHMBYPASS_INSTANCE=inst.name))
+    assert st.returncode == 0, st.stderr[-2000:]
+    rows = [r for r in json.loads(st.stdout)["connections"]
+            if port in (r["local"].rsplit(":", 1)[1], r["remote"].rsplit(":", 1)[1])]
+    out = {}
+    for r in rows:
+        out[(r["tier"], r["reason"], r["reason_code"])] = out.get((r["tier"], r["reason"],
+                                                                   r["reason_code"]), 0) + 1
+    return out
+
+
+def hold(inst, n):
+    """A server and a client holding n connections; (server, client, port)."""
+    srv = run_peer(inst, ["manyserver", str(n), str(n)])
+    port = line(srv, "PORT ")[0]
+    cli = run_peer(inst, ["holdclient", port, str(n), str(n)])
+    line(cli, "HELD ")
+    return srv, cli, port
+
+
+def test_memory_cap_keeps_the_rest_on_tcp_with_its_reason():
+    if os.geteuid() != 0:
+        pytest.fail("the test suite must run as root")
+    inst = new_instance("memcap")
+    manager.up(inst, allow=policy.Policy(memory_max=CAP_BLOCKS * BLOCK))
+    procs = []
+    try:
+        srv, cli, port = hold(inst, N)
+        procs += [srv, cli]
+        tell(cli)                       # one byte each way, then every one echoes 32 KiB
+        line(cli, "SAMPLED")
+        assert tiers_of(inst, port) == {("shm", "", 0): 2 * CAP_BLOCKS,
+                                        ("tcp", "memory-cap", 0x03040000): 2 * (N - CAP_BLOCKS)}
+        tell(cli)
+        cres = result(cli, 120)
+        assert cres["echo_ok"] == N and cres["both_rings"] == CAP_BLOCKS, cres
+        out, err = srv.communicate(timeout=60)
+        assert srv.returncode == 0 and '"accepted": %d' % N in out, (out[-2000:], err[-2000:])
+        assert err.count("reached its memory cap (up --memory-max)") == 1, err[-2000:]
+
+        # Closed, they gave their memory back: a new server process is
+        # capped afresh, and an old one would be too (per process).
+        srv, cli, port = hold(inst, CAP_BLOCKS)
+        procs += [srv, cli]
+        tell(cli)
+        line(cli, "SAMPLED")
+        assert tiers_of(inst, port) == {("shm", "", 0): 2 * CAP_BLOCKS}
+        tell(cli)
+        assert result(cli, 60)["both_rings"] == CAP_BLOCKS
+        result(srv, 60)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, 9)
+                p.wait()
+        manager.down(inst, drain_timeout=1, force=True)
+    assert_gone(inst)
+
+
+def test_memory_max_sizes():
+    assert policy.size_of("512K") == 512 << 10
+    assert policy.size_of("2G") == 2 << 30
+    assert policy.size_of("64MiB") == 64 << 20
+    assert policy.size_of("4096") == 4096
+    for bad in ("", "-1", "2X", "G", "0"):
+        with pytest.raises(Exception, match="not a size"):
+            policy.size_of(bad)
