@@ -84,6 +84,8 @@ struct chan_sh {
 	uint64_t rx_tcp_end;            /* where the peer's TCP payload ends (CH_RX_OPEN) */
 	int tx_bell_due;                /* ring a doorbell with the first ring write */
 	int64_t tx_grown_ns;            /* when the ring we write last grew */
+	uint64_t tx_full_tail;          /* the reader's position when we last found it full */
+	int64_t tx_full_ns;             /* ... and since when it has not moved */
 	uint32_t tx_part, rx_part;      /* VM pairs: the slot numbers (tests, VM linger) */
 	uint64_t rx_consumed;           /* bytes we took from rx (epoll edge detection) */
 	uint64_t tx_written;            /* bytes we put in tx */
