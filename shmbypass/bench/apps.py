@@ -85,10 +85,28 @@ class Watch:
             time.sleep(0.1)
 
 
+# The BPF counter that counts a connection's sockets as they pair in a tier
+# (the run's instance holds nothing but the app's connections).
+PAIRED = {"shm": "shm", "kernel": "paired"}
+
+
+def paired_since(runner, transport, before):
+    """The tiers the BPF counters saw pairing since `before` (one per socket
+    for shm, per pair for kernel), for a client that ended before status
+    could see its connections; None if nothing paired, or something fell
+    back (handshake race, table full, shm fallback)."""
+    after = runner.status().get("counters", {})
+    n = after.get(PAIRED[transport], 0) - before.get(PAIRED[transport], 0)
+    fell = sum(after.get(k, 0) - before.get(k, 0) for k in ("handshake_race", "table_full", "shm_fallback"))
+    return [BYPASS_TIERS[transport]] * n if n > 0 and not fell else None
+
+
 def run_client(runner, transport, argv, name, port, seconds, settle=0.3):
     """Run an app's client to its end under transport, watching the tiers of
-    the connections on port meanwhile: (its stdout, the tiers seen or None,
-    why the window was noisy or None, other processes' CPU in cores)."""
+    the connections on port meanwhile (or, if it ended first, what the BPF
+    counters saw pair): (its stdout, the tiers seen or None, why the window
+    was noisy or None, other processes' CPU in cores)."""
+    before = runner.status().get("counters", {}) if transport in BYPASS_TIERS else {}
     client = Child(runner, runner.wrap(transport, argv), f"{name} [{transport}]")
     watch = Watch(runner, [port])
     win = runner.window()
@@ -96,6 +114,8 @@ def run_client(runner, transport, argv, name, port, seconds, settle=0.3):
         watch.poll(client, settle=settle)
     text = read_all(client, 60 + 10 * seconds)
     why, other = win.noise()
+    if transport in BYPASS_TIERS and watch.tiers is None:
+        watch.tiers = paired_since(runner, transport, before)
     return text, watch.tiers, why, other
 
 
@@ -107,7 +127,8 @@ def judge(runner, entry, transport, tiers):
     if tiers is None:
         # It finished before status could see a connection: unknown, so no ratio.
         entry["engaged"] = None
-        entry["error"] = "tier not verified: it finished before `shmbypass status` saw its connections"
+        entry["error"] = ("tier not verified: it finished before `shmbypass status` saw its "
+                          "connections, and the BPF counters saw none pair")
         runner.loud(f"{entry['name']} under {TRANSPORT_LABELS[transport]}: {entry['error']}; no ratio for it")
         return
     entry["engaged"] = engaged(transport, tiers)
