@@ -14,7 +14,7 @@ import time
 import pytest
 
 from shmbypass import paths
-from shmbypass._native import lib
+from shmbypass._native import ffi, lib
 from shmbypass.errors import GuestDied
 from shmbypass.region import ivshmem
 from shmbypass.vm import qemu
@@ -97,10 +97,11 @@ def test_status_reads_a_formatted_region(tmp_path):
     import struct
     slot = 4096 + (1 << 20)
     buf = bytearray(4096 + 3 * slot)
-    struct.pack_into("<8sIIIIQQQIIII", buf, 0, b"SHMBYPRG", 1, 4096, 3, slot, len(buf),
-                     0x1234ABCD, 0, 3, 0, 0, 2)
-    struct.pack_into("<IIQ", buf, 64, 0, 2, 0xA)
-    struct.pack_into("<IIQ", buf, 80, 2, 1, 0xB)
+    struct.pack_into("<8sIIIIQQIIII", buf, 0, b"SHMBYPRG", lib.SBP_REGION_VERSION, 4096, 3, slot,
+                     len(buf), 0x1234ABCD, 3, 0, 0, 2)
+    parts = ffi.offsetof("struct sbp_region_hdr", "parts")
+    struct.pack_into("<IIQ", buf, parts, 0, 2, 0xA)
+    struct.pack_into("<IIQ", buf, parts + 16, 2, 1, 0xB)
     off = 4096 + 2 * slot
     struct.pack_into("<QQQIII", buf, off, lib.SBP_RING_MAGIC, 7, 1 << 20, 1, 0x1, 0)
     struct.pack_into("<Q", buf, off + 64, 5000)
