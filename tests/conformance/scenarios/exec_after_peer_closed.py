@@ -29,6 +29,11 @@ def wait_peer_closed(s):
 def client(cli):
     s = cli.conn()
     wait_peer_closed(s)
+    cat_into_file(s)
+
+
+def cat_into_file(s):
+    """busybox cat, started on the socket as a shell would: what it wrote."""
     with tempfile.TemporaryFile() as f:
         pid = os.fork()             # fork + exec, as a shell does
         if pid == 0:
