@@ -124,11 +124,10 @@ static int redirected_into(int fd)
 {
 	struct sbp_info info;
 	socklen_t len = sizeof(int);
-	struct stat st;
 	int proto = 0;
 
-	if (fstat(fd, &st) || !S_ISSOCK(st.st_mode) ||
-	    getsockopt(fd, SOL_SOCKET, SO_PROTOCOL, &proto, &len) || proto != IPPROTO_TCP)
+	/* (ENOTSOCK for anything but a socket) */
+	if (getsockopt(fd, SOL_SOCKET, SO_PROTOCOL, &proto, &len) || proto != IPPROTO_TCP)
 		return 0;
 	len = sizeof(info);
 	if (getsockopt(fd, SOL_SHMBYPASS, SBP_SO_INFO, &info, &len))
