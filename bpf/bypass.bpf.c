@@ -337,21 +337,36 @@ static __always_inline void shm_pair(struct sbp_conn *c, __u64 cookie, struct sb
 	count(SBP_CNT_SHM, 2);
 }
 
+/* This socket's row in conns (a new one); counted if the table is full.
+ * 0 or -1. */
+static __always_inline int record(__u64 *cookie, struct sbp_conn *c)
+{
+	if (!bpf_map_update_elem(&conns, cookie, c, BPF_NOEXIST))
+		return 0;
+	count(SBP_CNT_TABLE_FULL, 1);
+	return -1;
+}
+
+/* This socket into the sockhash (sk_msg redirects to it from now on). */
+static __always_inline long enter_sockhash(struct bpf_sock_ops *skops, __u64 *cookie)
+{
+	long err = bpf_sock_hash_update(skops, &sock_hash, cookie, BPF_NOEXIST);
+
+	if (err)
+		REPORT(err);
+	return err;
+}
+
 /* The active end establishes first (it sends the final ACK): it enters
  * the sockhash now and waits in `pending` for its peer. */
 static __always_inline void await_peer(struct bpf_sock_ops *skops, struct sbp_conn *c, __u64 cookie)
 {
 	struct sbp_conn *row;
-	long err;
 
 	c->reason = SBP_REASON_AWAITING_PEER;
-	if (bpf_map_update_elem(&conns, &cookie, c, BPF_NOEXIST)) {
-		count(SBP_CNT_TABLE_FULL, 1);
+	if (record(&cookie, c))
 		return;
-	}
-	err = bpf_sock_hash_update(skops, &sock_hash, &cookie, BPF_NOEXIST);
-	if (err) {
-		REPORT(err);
+	if (enter_sockhash(skops, &cookie)) {
 		row = bpf_map_lookup_elem(&conns, &cookie);
 		if (row)
 			row->reason = SBP_REASON_TABLE_FULL;
@@ -367,19 +382,14 @@ static __always_inline void pair_kernel(struct bpf_sock_ops *skops, struct sbp_c
 					__u64 cookie, struct sbp_conn *pc, __u64 *peer)
 {
 	struct sbp_conn *mine;
-	long err;
 
 	c->peer = *peer;
 	c->tier = SBP_TIER_KERNEL;
 	c->reason = c->shm_reason;	/* kernel tier; why not shm, if asked */
-	if (bpf_map_update_elem(&conns, &cookie, c, BPF_NOEXIST)) {
-		count(SBP_CNT_TABLE_FULL, 1);
+	if (record(&cookie, c))
 		return;
-	}
 	/* Enter the sockhash before the active end can see us as its peer. */
-	err = bpf_sock_hash_update(skops, &sock_hash, &cookie, BPF_NOEXIST);
-	if (err) {
-		REPORT(err);
+	if (enter_sockhash(skops, &cookie)) {
 		bpf_map_delete_elem(&conns, &cookie);
 		return;
 	}
@@ -436,8 +446,7 @@ static __always_inline void handle_established(struct bpf_sock_ops *skops, int a
 
 	if (policy_excluded(&c.key)) {
 		c.reason = SBP_REASON_POLICY_EXCLUDED;
-		if (bpf_map_update_elem(&conns, &cookie, &c, BPF_NOEXIST))
-			count(SBP_CNT_TABLE_FULL, 1);
+		record(&cookie, &c);
 		return;
 	}
 
@@ -450,8 +459,7 @@ static __always_inline void handle_established(struct bpf_sock_ops *skops, int a
 		c.tx_gen = st->tx_gen;
 		c.rx_gen = st->rx_gen;
 		count(SBP_CNT_SHM, 1);
-		if (bpf_map_update_elem(&conns, &cookie, &c, BPF_NOEXIST))
-			count(SBP_CNT_TABLE_FULL, 1);
+		record(&cookie, &c);
 		return;
 	}
 	if (st->vm) {
@@ -468,8 +476,7 @@ static __always_inline void handle_established(struct bpf_sock_ops *skops, int a
 	if (active && !peer_in_group(&c.key)) {
 		/* Remote, or a local listener outside the group: plain TCP. */
 		c.reason = SBP_REASON_PEER_NOT_CAPABLE;
-		if (bpf_map_update_elem(&conns, &cookie, &c, BPF_NOEXIST))
-			count(SBP_CNT_TABLE_FULL, 1);
+		record(&cookie, &c);
 		return;
 	}
 	if (active) {
@@ -483,8 +490,7 @@ static __always_inline void handle_established(struct bpf_sock_ops *skops, int a
 		/* The connecting end is not in the group (or is remote). */
 		c.reason = SBP_REASON_PEER_NOT_CAPABLE;
 		count(SBP_CNT_UNPAIRED_PASSIVE, 1);
-		if (bpf_map_update_elem(&conns, &cookie, &c, BPF_NOEXIST))
-			count(SBP_CNT_TABLE_FULL, 1);
+		record(&cookie, &c);
 		return;
 	}
 
@@ -494,8 +500,7 @@ static __always_inline void handle_established(struct bpf_sock_ops *skops, int a
 		 * none, and the reason for both rows. */
 		if (ident_allowed(&c.owner) && ident_allowed(&pc->owner)) {
 			shm_pair(&c, cookie, pc, *peer);
-			if (bpf_map_update_elem(&conns, &cookie, &c, BPF_NOEXIST))
-				count(SBP_CNT_TABLE_FULL, 1);
+			record(&cookie, &c);
 			return;
 		}
 		c.shm_reason = SBP_REASON_POLICY_EXCLUDED;
