@@ -3,9 +3,12 @@ test process (or a child) inside the bypass cgroup.
 
 Every instance is named sbt-<pid>-<n>; a run that was killed leaves such
 names behind, and the next run removes them first."""
+import contextlib
 import glob
 import itertools
 import os
+import pwd
+import subprocess
 import time
 
 import pytest
@@ -41,6 +44,27 @@ _counter = itertools.count()
 def pytest_sessionstart(session):
     if os.geteuid() == 0:
         manager.sweep_dead("sbt-")
+
+
+@contextlib.contextmanager
+def system_users(names, user_group=False):
+    """The users of `names` that do not exist yet, made as system users
+    without a login (and a group of their own if user_group), removed at the
+    end whatever happens; the ones that existed are left alone."""
+    created = []
+    try:
+        for u in names:
+            try:
+                pwd.getpwnam(u)
+            except KeyError:
+                subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin"]
+                               + (["--user-group"] if user_group else []) + [u],
+                               check=True, capture_output=True)
+                created.append(u)
+        yield
+    finally:
+        for u in created:
+            subprocess.run(["userdel", u], capture_output=True)
 
 
 def new_instance(tag: str = "") -> paths.Instance:

@@ -30,7 +30,7 @@ import pytest
 
 from shmbypass import manager, policy, status
 from apps import free_port, need
-from conftest import assert_gone, new_instance
+from conftest import assert_gone, new_instance, system_users
 from interposer_env import PY, RUN, WRK_CHECK, Proc, Server, listening
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -76,29 +76,12 @@ def users_su():
     if os.geteuid() != 0:
         pytest.fail("the test suite must run as root")
     need("runuser", "setpriv")
-    created = [u for u in USERS if not _exists(u)]
-    for u in created:     # redis comes with redis-server; the others with Debian
-        subprocess.run(["useradd", "--system", "--no-create-home", "--shell",
-                        "/usr/sbin/nologin", u], check=True, capture_output=True)
-    su = None
-    try:
+    with system_users(USERS):     # redis comes with redis-server; the others with Debian
         su = UsersSetup()
-        yield su
-    finally:
         try:
-            if su:
-                su.close()
+            yield su
         finally:
-            for u in created:
-                subprocess.run(["userdel", u], capture_output=True)
-
-
-def _exists(user):
-    try:
-        pwd.getpwnam(user)
-        return True
-    except KeyError:
-        return False
+            su.close()
 
 
 @pytest.fixture(scope="module")

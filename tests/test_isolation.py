@@ -48,7 +48,7 @@ import pytest
 from shmbypass import manager, policy, status
 from shmbypass._native import lib
 from apps import need
-from conftest import assert_gone, new_instance
+from conftest import assert_gone, new_instance, system_users
 from interposer_env import PY, RUN, Proc
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -113,18 +113,12 @@ def iso():
         pytest.fail("the test suite must run as root")
     need("runuser")
     name = f"sbt-hos-{os.getpid()}"
-    subprocess.run(["useradd", "--system", "--no-create-home", "--user-group", "--shell",
-                    "/usr/sbin/nologin", name], check=True, capture_output=True)
-    su = None
-    try:
+    with system_users([name], user_group=True):
         su = Isolation(name)
-        yield su
-    finally:
         try:
-            if su:
-                su.close()
+            yield su
         finally:
-            subprocess.run(["userdel", name], capture_output=True)
+            su.close()
 
 
 def pair_regions(pid):

@@ -8,15 +8,13 @@ rest stay on TCP with reason memory-cap in `status --json` (both rows), a
 one-line note on the server's stderr, and every connection still carries
 its bytes (a sample echoes 32 KiB). Closing them gives the memory back: the
 next connections take the shm tier again."""
-import json
 import os
-import subprocess
 
 import pytest
 
 from shmbypass import manager, policy
 from conftest import assert_gone, new_instance
-from test_scale import PY, line, result, run_peer, tell
+from test_scale import line, result, rows_on_port, run_peer, stop, tell
 
 CAP_BLOCKS = 4
 BLOCK = 4096 + 2 * (16 << 10)       # a block's header and its two first areas
@@ -24,15 +22,11 @@ N = 3 * CAP_BLOCKS
 
 
 def tiers_of(inst, port):
-    st = subprocess.run([PY, "-m", "shmbypass", "status", "--json"], capture_output=True, text=True,
-                        timeout=60, env=dict(os.environ, SHMBYPASS_INSTANCE=inst.name))
-    assert st.returncode == 0, st.stderr[-2000:]
-    rows = [r for r in json.loads(st.stdout)["connections"]
-            if port in (r["local"].rsplit(":", 1)[1], r["remote"].rsplit(":", 1)[1])]
+    """(tier, reason, code) -> how many rows of status show it."""
     out = {}
-    for r in rows:
-        out[(r["tier"], r["reason"], r["reason_code"])] = out.get((r["tier"], r["reason"],
-                                                                   r["reason_code"]), 0) + 1
+    for r in rows_on_port(inst, port):
+        k = (r["tier"], r["reason"], r["reason_code"])
+        out[k] = out.get(k, 0) + 1
     return out
 
 
@@ -76,11 +70,7 @@ def test_memory_cap_keeps_the_rest_on_tcp_with_its_reason():
         assert result(cli, 60)["both_rings"] == CAP_BLOCKS
         result(srv, 60)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, 9)
-                p.wait()
-        manager.down(inst, drain_timeout=1, force=True)
+        stop(inst, procs)
     assert_gone(inst)
 
 

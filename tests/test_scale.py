@@ -76,6 +76,24 @@ def tell(p):
     p.stdin.flush()
 
 
+def rows_on_port(inst, port):
+    """`shmbypass status --json`'s rows of the connections on port."""
+    st = subprocess.run([PY, "-m", "shmbypass", "status", "--json"], capture_output=True,
+                        text=True, timeout=300, env=dict(os.environ, SHMBYPASS_INSTANCE=inst.name))
+    assert st.returncode == 0, st.stderr[-3000:]
+    return [r for r in json.loads(st.stdout)["connections"]
+            if port in (r["local"].rsplit(":", 1)[1], r["remote"].rsplit(":", 1)[1])]
+
+
+def stop(inst, procs):
+    """Whatever peer is left killed (its process group), the instance down."""
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, 9)
+            p.wait()
+    manager.down(inst, drain_timeout=1, force=True)
+
+
 def result(p, timeout):
     out, err = p.communicate(timeout=timeout)
     lines = [ln[len("RESULT "):] for ln in out.splitlines() if ln.startswith("RESULT {")]
@@ -103,11 +121,7 @@ def test_10k_concurrent_held_connections():
         t_held = time.monotonic()
 
         # All held and idle: every one in the shm tier at both ends.
-        st = subprocess.run([PY, "-m", "shmbypass", "status", "--json"], capture_output=True,
-                            text=True, timeout=300, env=dict(os.environ, SHMBYPASS_INSTANCE=inst.name))
-        assert st.returncode == 0, st.stderr[-3000:]
-        rows = [r for r in json.loads(st.stdout)["connections"]
-                if port in (r["local"].rsplit(":", 1)[1], r["remote"].rsplit(":", 1)[1])]
+        rows = rows_on_port(inst, port)
         tiers = {(r["tier"], r["reason"]) for r in rows}
         assert len(rows) == 2 * N and tiers == {("shm", "")}, (len(rows), tiers)
         shmem = rss_shmem_kib(srv_pid) - srv_before + rss_shmem_kib(cli_pid) - cli_before
@@ -130,11 +144,7 @@ def test_10k_concurrent_held_connections():
         assert cres["max_pings"] < 100, cres
         assert not status.errors(inst), status.errors(inst)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, 9)
-                p.wait()
-        manager.down(inst, drain_timeout=1, force=True)
+        stop(inst, procs)
     assert_gone(inst)
 
 
@@ -168,8 +178,5 @@ def test_peer_gone_before_its_offers_leaves_no_memory():
         assert res["accepted"] == 60 and res["tiers"] == {"2": 60}, res
         assert res["fds_after"] == res["fds_before"], res
     finally:
-        if srv and srv.poll() is None:
-            os.killpg(srv.pid, 9)
-            srv.wait()
-        manager.down(inst, drain_timeout=1, force=True)
+        stop(inst, [srv] if srv else [])
     assert_gone(inst)
