@@ -218,7 +218,14 @@ def test_redis_benchmark_matches_plain_tcp(inst, tmp_path, tier):
     assert len(want) >= 6
     # The Server's readiness probe connected too (no bytes either way).
     assert [d for d in digests(path) if d[:2] != (0, 0)] == want
-    assert expert_problems(path) == []
+    problems = expert_problems(path)
+    if tier == "shm":
+        # A known limit (docs/ARCHITECTURE.md, the interposer's known limits):
+        # a client that closes as soon as it has read its last reply from
+        # the ring may get the peer's doorbell byte after its close, and
+        # the kernel answers that byte with RST. The bytes above are whole.
+        problems = [p for p in problems if p != "Connection reset (RST)"]
+    assert problems == []
     tcpdump(path)
 
 
