@@ -122,7 +122,8 @@ def test_same_four_tuple_in_two_namespace_pairs(inst):
                                 v.ips[0], 41000, seed)))
         # the four ends while they talk (pairing happens at establishment:
         # look until all four have it, not once after a fixed delay)
-        deadline = time.monotonic() + 10
+        # (past the clients' 10 s of connect retries while the servers start)
+        deadline = time.monotonic() + 30
         while True:
             same = [r for r in status.connections(inst)
                     if r["local"] in ("10.213.0.1:41000", "10.213.0.2:6000")]
