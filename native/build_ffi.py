@@ -13,7 +13,7 @@ import re
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PARTS = ["libbpf", "bypass", "capture", "ring", "region", "pairmem", "stream", "inbox"]  # each: <part>.cdef, optional <part>.h, <part>.c, <part>_*.c
+PARTS = ["libbpf", "bypass", "capture", "ring", "region", "pairmem", "stream", "inbox", "words"]  # each: <part>.cdef, optional <part>.h, <part>.c, <part>_*.c
 BPF_DIR = os.path.join(HERE, "..", "bpf")  # bypass.h lives with the BPF programs
 
 CFLAGS = ["-O2", "-g", "-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter",

@@ -312,8 +312,10 @@ void capture_data(uint64_t cookie, int dir, uint64_t offset, const struct iovec 
 
 	if (!c || !n || !c->on)
 		return;
-	if ((uint64_t)now_ns() > c->lease_ns)
-		goto out;		/* the capture stopped renewing: it died */
+	if ((uint64_t)now_ns() > __atomic_load_n(&c->lease_ns, __ATOMIC_ACQUIRE)) {
+		drop(n);	/* the capture stopped renewing: it died, or it stalls */
+		goto out;
+	}
 	r = ring_get(c->generation);
 	if (!r) {
 		drop(n);

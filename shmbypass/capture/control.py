@@ -6,7 +6,7 @@ import mmap
 import os
 import struct
 
-from shmbypass import bpf, paths
+from shmbypass import bpf, memword, paths
 from shmbypass._native import ffi, lib
 
 CTL_FILE = "capture"        # /run/<instance>/capture: struct sbp_cap_ctl
@@ -14,6 +14,8 @@ RING_DIR = "capture.d"      # the interposers' rings
 CTL = struct.Struct("<IIIIQQ")  # struct sbp_cap_ctl
 RING_BYTES = 4 << 20        # each process's ring (shm tier), at most
 assert CTL.size == ffi.sizeof("struct sbp_cap_ctl")
+OFF_ON, OFF_GENERATION, OFF_RING_BYTES, OFF_LEASE = (
+    ffi.offsetof("struct sbp_cap_ctl", f) for f in ("on", "generation", "ring_bytes", "lease_ns"))
 
 
 def ctl_path(inst: paths.Instance) -> str:
@@ -61,7 +63,7 @@ def reset(inst: paths.Instance, ctl_fd: int) -> bool:
     """Both flags off (the caller holds the lock); True if one was on."""
     with mmap.mmap(ctl_fd, CTL.size) as m:
         stale = CTL.unpack_from(m)[2] != 0
-        struct.pack_into("<I", m, 8, 0)
+        memword.store_u32(m, OFF_ON, 0)
     if os.path.exists(inst.pin("settings")):
         with bpf.Map.pinned(inst.pin("settings"), "uint32_t", "struct sbp_config") as s:
             cfg = s.lookup(0)

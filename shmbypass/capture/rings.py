@@ -5,7 +5,7 @@ import os
 import re
 import struct
 
-from shmbypass import paths
+from shmbypass import memword, paths
 from shmbypass._native import ffi, lib
 from shmbypass.capture.control import RING_DIR
 
@@ -40,7 +40,7 @@ class KernelRing:
             if not n & RINGBUF_DISCARD:
                 out.append(self.prod[at + RINGBUF_HDR:at + RINGBUF_HDR + (n & 0x3FFFFFFF)])
             cons += (RINGBUF_HDR + (n & 0x3FFFFFFF) + 7) & ~7
-        struct.pack_into("<Q", self.cons, 0, cons)
+        memword.store_u64(self.cons, 0, cons)  # the kernel reads it meanwhile
 
     def close(self) -> None:
         self.cons.close()
@@ -48,6 +48,8 @@ class KernelRing:
 
 
 SLOT = struct.Struct("<IIQ")   # struct sbp_cap_slot
+assert SLOT.size == ffi.sizeof("struct sbp_cap_slot")
+SLOT_POS = ffi.offsetof("struct sbp_cap_slot", "pos")
 OFF_HEAD = ffi.offsetof("struct sbp_cap_ring", "head")
 OFF_TAIL = ffi.offsetof("struct sbp_cap_ring", "tail")
 RING_HDR = struct.Struct("<IIIIQQQ")  # magic, version, generation, pid, size, dropped, dropped_bytes
@@ -94,7 +96,9 @@ class ProcRing:
             self._skip(head, "its head moved backwards or past its tail")
             return
         while pos < head:
-            n, _, spos = SLOT.unpack(self._get(pos, SLOT.size))
+            # The position word first: its writer stores it last (a
+            # length read before it could be the previous lap's).
+            spos = struct.unpack("<Q", self._get(pos + SLOT_POS, 8))[0]
             if spos != pos:  # not written yet
                 if not self.stuck_since:
                     self.stuck_since = now
@@ -104,6 +108,7 @@ class ProcRing:
                     return
                 break
             self.stuck_since = 0
+            n = struct.unpack("<I", self._get(pos, 4))[0]
             if n < REC.size or SLOT.size + n > head - pos:
                 self.pos = pos
                 self._skip(head, "a record longer than what was written")
@@ -111,7 +116,7 @@ class ProcRing:
             out.append(self._get(pos + SLOT.size, n))
             pos += (SLOT.size + n + 7) & ~7
         self.pos = pos
-        struct.pack_into("<Q", self.mm, OFF_TAIL, pos)  # room for the writers
+        memword.store_u64(self.mm, OFF_TAIL, pos)  # room for the writers
 
     def _skip(self, head: int, why: str) -> None:
         if head > self.pos and head - self.pos <= self.size:
@@ -120,7 +125,7 @@ class ProcRing:
         else:
             self.lost += 1
         self.pos = max(head, self.pos)
-        struct.pack_into("<Q", self.mm, OFF_TAIL, self.pos)
+        memword.store_u64(self.mm, OFF_TAIL, self.pos)
 
     def dropped(self) -> tuple[int, int]:
         """(records, bytes) its writers found no room for, as they say."""

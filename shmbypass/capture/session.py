@@ -10,7 +10,7 @@ import struct
 import sys
 import time
 
-from shmbypass import bpf, paths, pcap, programs
+from shmbypass import bpf, memword, paths, pcap, programs
 from shmbypass._native import lib
 from shmbypass.capture import control
 from shmbypass.capture.flows import Conn, Filter, Flow, Flows, Stats
@@ -113,9 +113,12 @@ class Session:
         # Each process's ring: a quarter of the kernel tier's buffer, at
         # most control.RING_BYTES (there may be many processes).
         per_proc = max(lib.SBP_CAPRING_MIN, min(control.RING_BYTES, size // 4))
-        struct.pack_into("<IQQ", self.ctl, 12, gen, per_proc, time.monotonic_ns() + LEASE_NS)
-        struct.pack_into("<I", self.ctl, 8, 1)
-        self.undo.append(lambda: struct.pack_into("<I", self.ctl, 8, 0))
+        # One store per word: interposers read them while we write.
+        memword.store_u32(self.ctl, control.OFF_GENERATION, gen)
+        memword.store_u64(self.ctl, control.OFF_RING_BYTES, per_proc)
+        memword.store_u64(self.ctl, control.OFF_LEASE, time.monotonic_ns() + LEASE_NS)
+        memword.store_u32(self.ctl, control.OFF_ON, 1)
+        self.undo.append(lambda: memword.store_u32(self.ctl, control.OFF_ON, 0))
 
         # Handshakes, FINs and RSTs: next to the core's sockops, for as
         # long as our link fd lives.
@@ -138,7 +141,7 @@ class Session:
         self.undo.append(lambda: control.set_kernel_flag(inst, False))
 
     def renew(self) -> None:
-        struct.pack_into("<Q", self.ctl, 24, time.monotonic_ns() + LEASE_NS)
+        memword.store_u64(self.ctl, control.OFF_LEASE, time.monotonic_ns() + LEASE_NS)
 
     def _counters(self) -> tuple[int, int]:
         m = self.counters
