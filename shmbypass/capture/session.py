@@ -6,7 +6,6 @@ import mmap
 import os
 import select
 import signal
-import struct
 import sys
 import time
 
