@@ -7,6 +7,7 @@
  * process-shared lock. A blocking call keeps its lock while it waits (other
  * blocking callers queue behind it, as they would on the socket); a
  * non-blocking caller that finds the holder asleep gets EAGAIN at once.
+ * A call that nothing can overlap (chan_solo) takes no lock.
  *
  * TCP semantics kept: blocking send() moves everything (or stops at a signal
  * or SO_SNDTIMEO with a partial count); recv() returns what is there;
@@ -350,7 +351,7 @@ ssize_t shm_send(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, i
 	struct iovec v[UIO_MAXIOV];
 	struct blocking b = { .fd = fd, .dir = 1 };
 	size_t total, done = 0;
-	int err = 0, first = 0, rc;
+	int err = 0, first = 0, rc, solo;
 
 	rc = iov_total(iov, iovcnt, &total);
 	if (rc < 0)
@@ -358,7 +359,8 @@ ssize_t shm_send(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, i
 	if (flags & MSG_OOB)
 		return fail(EOPNOTSUPP, MSG_NOSIGNAL);  /* urgent data has no ring equivalent */
 	b.nonblock = (flags & MSG_DONTWAIT) || (atomic_load(&sh->flags) & CH_NONBLOCK);
-	if (dir_lock(&sh->tx_lock, &sh->tx_sleeping, b.nonblock))
+	solo = chan_solo(ch);
+	if (!solo && dir_lock(&sh->tx_lock, &sh->tx_sleeping, b.nonblock))
 		return fail(EAGAIN, flags);
 	memcpy(v, iov, (size_t)iovcnt * sizeof(*v));
 	iov_advance(v, &first, iovcnt, 0);
@@ -423,7 +425,8 @@ ssize_t shm_send(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, i
 			done = total;
 		break;
 	}
-	pthread_mutex_unlock(&sh->tx_lock);
+	if (!solo)
+		pthread_mutex_unlock(&sh->tx_lock);
 	if (done || !err)
 		return (ssize_t)done;
 	return fail(reset_once(sh, err, 1), flags);
@@ -492,7 +495,7 @@ ssize_t shm_recv(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, i
 	struct iovec v[UIO_MAXIOV];
 	struct blocking b = { .fd = fd, .dir = 0 };
 	size_t total, target, done = 0;
-	int peek, err = 0, first = 0, rc;
+	int peek, err = 0, first = 0, rc, solo;
 
 	rc = iov_total(iov, iovcnt, &total);
 	if (rc < 0)
@@ -510,7 +513,8 @@ ssize_t shm_recv(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, i
 	}
 	if (total == 0)
 		return 0;
-	if (dir_lock(&sh->rx_lock, &sh->rx_sleeping, b.nonblock))
+	solo = chan_solo(ch);
+	if (!solo && dir_lock(&sh->rx_lock, &sh->rx_sleeping, b.nonblock))
 		return fail(EAGAIN, 0);
 	memcpy(v, iov, (size_t)iovcnt * sizeof(*v));
 	iov_advance(v, &first, iovcnt, 0);
@@ -584,7 +588,8 @@ ssize_t shm_recv(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, i
 			err = rc;
 		break;
 	}
-	pthread_mutex_unlock(&sh->rx_lock);
+	if (!solo)
+		pthread_mutex_unlock(&sh->rx_lock);
 	if (!done && err)
 		err = reset_once(sh, err, 0);
 	if (done || !err)
