@@ -390,8 +390,8 @@ ssize_t shm_send(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, i
 			done = total;
 		if (err || done == total)
 			break;
-		if (done == 0 && sbp_ring_readable(&sh->tx.ring) == 0)
-			tx_shrink(sh);
+		if (done == 0 && sh->tx.area && sbp_ring_readable(&sh->tx.ring) == 0)
+			tx_shrink(sh);  /* (the area first: readable() reads the reader's line) */
 		n = sbp_ring_writev(&sh->tx.ring, v + first, iovcnt - first);
 		if (n > 0) {
 			if (capture_on())
