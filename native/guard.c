@@ -254,34 +254,29 @@ static ssize_t pipe_room(int pipe, int nonblock)
 	}
 }
 
-/* All of buf into the pipe. The bytes already left the socket, so a
- * non-blocking pipe that fills meanwhile (another writer) is waited for
- * rather than lose them. */
-static int pipe_put(int pipe, const char *buf, size_t len)
+/* Take the n bytes that a peek saw queued. (Only a second reader of the
+ * socket, racing with this splice, could have taken some meanwhile: those
+ * went to both, as nothing can undo a pipe write.) */
+static void consume(int sock, char *buf, size_t n)
 {
-	while (len) {
-		ssize_t n = write(pipe, buf, len);
-		struct pollfd p = { .fd = pipe, .events = POLLOUT };
+	while (n) {
+		ssize_t k = guarded_recv(sock, buf, n, MSG_DONTWAIT);
 
-		if (n > 0) {
-			buf += n;
-			len -= (size_t)n;
-		} else if (n < 0 && errno != EAGAIN && errno != EINTR) {
-			return -1;
-		} else if (n < 0 && errno == EAGAIN) {
-			poll(&p, 1, -1);
-		}
+		if (k <= 0)
+			return;
+		n -= (size_t)k;
 	}
-	return 0;
 }
 
-/* splice(sock -> pipe) as recv() then write(): at most the pipe's room, so
- * the write does not block; blocking and EOF are recv()'s, as splice's are. */
+/* splice(sock -> pipe) as a peek, a write() of at most the pipe's room,
+ * then a recv() of what the write took: like splice, the socket loses no
+ * byte if the pipe's reader is gone (EPIPE) or the pipe filled meanwhile
+ * (EAGAIN). Blocking and EOF are the peek's, as splice's are recv()'s. */
 static ssize_t splice_out(int sock, int pipe, size_t len, unsigned int flags)
 {
 	int sfl = fcntl(sock, F_GETFL), pfl = fcntl(pipe, F_GETFL);
 	int nonblock = (flags & SPLICE_F_NONBLOCK) || (pfl >= 0 && (pfl & O_NONBLOCK));
-	ssize_t room = pipe_room(pipe, nonblock), n;
+	ssize_t room = pipe_room(pipe, nonblock), n, w;
 	char *buf;
 
 	if (room < 0)
@@ -295,9 +290,15 @@ static ssize_t splice_out(int sock, int pipe, size_t len, unsigned int flags)
 	}
 	/* SPLICE_F_NONBLOCK is about the pipe; the socket's own flag decides
 	 * whether the read waits, as in tcp_splice_read(). */
-	n = guarded_recv(sock, buf, len, (sfl >= 0 && (sfl & O_NONBLOCK)) ? MSG_DONTWAIT : 0);
-	if (n > 0 && pipe_put(pipe, buf, (size_t)n))
-		n = -1;		/* the pipe's reader is gone: EPIPE, as splice */
+	n = guarded_recv(sock, buf, len, MSG_PEEK | ((sfl >= 0 && (sfl & O_NONBLOCK)) ? MSG_DONTWAIT : 0));
+	if (n > 0) {
+		do
+			w = write(pipe, buf, (size_t)n);
+		while (w < 0 && errno == EINTR);
+		if (w > 0)
+			consume(sock, buf, (size_t)w);
+		n = w;
+	}
 	free(buf);
 	return n;
 }
