@@ -89,6 +89,9 @@ struct sbp_ring {
 	uint64_t seen_tail;     /* highest tail seen */
 	uint32_t spin_max_ns;   /* 0 = never spin */
 	uint32_t spin_ns;       /* current adaptive spin budget */
+	uint32_t hit_ewma_ns;   /* how long waits that spinning satisfied took */
+	uint32_t iter_ns;       /* what one round of the spin costs (0: not measured) */
+	uint32_t misses;        /* waits in a row that spinning did not satisfy */
 	uint32_t *reader_waiting; /* the futex words in the header */
 	uint32_t *writer_waiting;
 	int doorbell;           /* cross-VM: never futex-wake, never futex-wait */
@@ -245,6 +248,9 @@ struct sbp_ring_next {
 /* 0 and *out if linked and drained; -EAGAIN not (yet); -EPROTO a link that
  * does not fit (start is not where this ring ended). */
 int  sbp_ring_next(struct sbp_ring *r, struct sbp_ring_next *out);
+/* The same before the reader took the ring's last bytes (a peek looks
+ * ahead): the link is final once set, as is the head it names. */
+int  sbp_ring_link_ahead(struct sbp_ring *r, struct sbp_ring_next *out);
 /* The reader moved on: the writer may format this ring again. */
 void sbp_ring_moved(struct sbp_ring *r);
 /* The writer's view of a ring it linked earlier: may it be formatted again? */

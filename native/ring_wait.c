@@ -84,22 +84,41 @@ static bool write_ready(const struct sbp_ring *r, uint64_t min)
 	return !positions_sane(r, head, tail) || head - tail < r->cap;
 }
 
-/* Adaptive spin: a wait satisfied while spinning keeps (doubles back to) the
- * full budget; one that had to sleep halves it, down to 1/32 of the maximum.
- * Ping-pong traffic keeps spinning, an idle or slow peer costs almost nothing. */
-static void spin_hit(struct sbp_ring *r)
+/* Adaptive spin: a wait satisfied while spinning doubles the budget (at
+ * least to twice what it took), up to the maximum; one that had to sleep
+ * halves it, down to 1/32 of the maximum but not below twice what the
+ * satisfied waits took. Every 16th sleep in a row, the next wait spins the
+ * full budget once: a budget that fell below the peer's answer time (a
+ * peer that started late, a few hiccups) would otherwise never see a hit
+ * again (a 16 KiB ping-pong across cores, 5 us a round trip, then took
+ * 64 us, two futex wake-ups, in 4 runs of 6). Ping-pong traffic keeps
+ * spinning, an idle or slow peer costs little. */
+static void spin_hit(struct sbp_ring *r, uint32_t took_ns)
 {
-	uint32_t s = r->spin_ns * 2;
+	uint64_t s = (uint64_t)r->spin_ns * 2;
 
-	r->spin_ns = (s > r->spin_max_ns || s < r->spin_ns) ? r->spin_max_ns : s;
+	r->misses = 0;
+	r->hit_ewma_ns = r->hit_ewma_ns ? r->hit_ewma_ns - r->hit_ewma_ns / 8 + took_ns / 8 : took_ns;
+	if (s < 2 * (uint64_t)took_ns)
+		s = 2 * (uint64_t)took_ns;
+	r->spin_ns = s > r->spin_max_ns ? r->spin_max_ns : (uint32_t)s;
 }
 
 static void spin_miss(struct sbp_ring *r)
 {
-	uint32_t floor = r->spin_max_ns / 32;
+	uint32_t floor = r->spin_max_ns / 32, hits = r->hit_ewma_ns * 2;
 
+	if (++r->misses % 16 == 0) {
+		r->spin_ns = r->spin_max_ns;    /* the probe */
+		return;
+	}
+	if (hits > floor)
+		floor = hits < r->spin_max_ns ? hits : r->spin_max_ns;
 	r->spin_ns = r->spin_ns / 2 > floor ? r->spin_ns / 2 : floor;
 }
+
+#define SPIN_ROUNDS 64		/* ready checks between two looks at the clock */
+#define ITER_NS_GUESS 50	/* a round's cost until one was measured */
 
 /* Peer's CPU unknown: how long to spin before mixing in sched_yield(). */
 #define SBP_RING_PURE_SPIN_NS 2000
@@ -198,15 +217,19 @@ static int spin_until(struct sbp_ring *r, bool (*ready)(const struct sbp_ring *,
 	 * nothing else runnable a yield returns at once). In doorbell mode the
 	 * peer may run in another kernel, whose CPU numbers say nothing about
 	 * ours (two one-vCPU guests are both on CPU 0): unknown. */
-	for (;;) {
+	for (int64_t last = start;;) {
 		uint32_t peer = r->doorbell ? 0 : LOAD(peer_cpu);
 		int me = sched_getcpu();
 		bool same = peer && me >= 0 && peer == (uint32_t)me + 1;
+		int rounds = same ? 1 : SPIN_ROUNDS;
 		int64_t t;
 
-		for (int i = 0; i < (same ? 1 : 64); i++) {
+		for (int i = 0; i < rounds; i++) {
 			if (ready(r, min)) {
-				spin_hit(r);
+				/* no clock read on this path: the rounds since the
+				 * last look, at their measured cost */
+				spin_hit(r, (uint32_t)(last - start) +
+					 (uint32_t)i * (r->iter_ns ? r->iter_ns : ITER_NS_GUESS));
 				if (r->doorbell)
 					bell_wait_done(r, now_ns());
 				return 0;
@@ -214,10 +237,15 @@ static int spin_until(struct sbp_ring *r, bool (*ready)(const struct sbp_ring *,
 			cpu_relax();
 		}
 		t = now_ns();
+		if (rounds == SPIN_ROUNDS && t - last < 1000 * SPIN_ROUNDS)
+			r->iter_ns = (uint32_t)((t - last) / SPIN_ROUNDS);	/* (not preempted meanwhile) */
+		last = t;
 		if (t >= spin_end)
 			break;
-		if (same || (!peer && t >= start + SBP_RING_PURE_SPIN_NS))
+		if (same || (!peer && t >= start + SBP_RING_PURE_SPIN_NS)) {
 			sched_yield();
+			last = now_ns();
+		}
 	}
 	spin_miss(r);
 	return -EAGAIN;
