@@ -432,7 +432,7 @@ void sbp_ring_link(struct sbp_ring *r, uint32_t kind, uint32_t area, uint64_t be
 	set_flag(r, SBP_RING_LINKED, 0);
 }
 
-int sbp_ring_next(struct sbp_ring *r, struct sbp_ring_next *out)
+static int read_link(struct sbp_ring *r, struct sbp_ring_next *out, bool drained)
 {
 	uint64_t head, tail;
 	uint32_t flags;
@@ -441,7 +441,7 @@ int sbp_ring_next(struct sbp_ring *r, struct sbp_ring_next *out)
 	rc = reader_view(r, &head, &tail, &flags);
 	if (rc < 0)
 		return rc;
-	if (!(flags & SBP_RING_LINKED) || head != tail)
+	if (!(flags & SBP_RING_LINKED) || (drained && head != tail))
 		return -EAGAIN;
 	out->kind = LOAD(&H(r)->next_kind);
 	out->area = LOAD(&H(r)->next_area);
@@ -450,6 +450,16 @@ int sbp_ring_next(struct sbp_ring *r, struct sbp_ring_next *out)
 	if (out->start != head || (out->kind != SBP_NEXT_RING && out->kind != SBP_NEXT_TCP))
 		return -EPROTO;
 	return 0;
+}
+
+int sbp_ring_next(struct sbp_ring *r, struct sbp_ring_next *out)
+{
+	return read_link(r, out, true);
+}
+
+int sbp_ring_link_ahead(struct sbp_ring *r, struct sbp_ring_next *out)
+{
+	return read_link(r, out, false);
 }
 
 void sbp_ring_moved(struct sbp_ring *r)

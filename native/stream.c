@@ -177,12 +177,102 @@ int sbp_stream_follow(struct sbp_stream *s)
 	return 1;
 }
 
+/* The ring the area after r's holds (r is linked to it): 0 with it in
+ * *next, or -1 (not linked to a ring, or not one the writer made). */
+static int next_ring(const struct sbp_stream *s, struct sbp_ring *r, struct sbp_ring *next,
+		     int *area)
+{
+	struct sbp_ring_next nx;
+
+	if (sbp_ring_link_ahead(r, &nx) < 0 || nx.kind != SBP_NEXT_RING || nx.area >= (uint32_t)s->a.n)
+		return -1;
+	if (sbp_ring_attach(next, s->a.slot[nx.area], s->a.size[nx.area], s->gen) < 0 ||
+	    sbp_ring_tail_pos(next) != nx.start)
+		return -1;
+	*area = (int)nx.area;
+	return 0;
+}
+
+/* n bytes from src into the iovecs, from byte `at` of them on. */
+static void copy_into(const struct iovec *iov, int iovcnt, size_t at, const char *src, size_t n)
+{
+	for (int i = 0; i < iovcnt && n; i++) {
+		size_t k;
+
+		if (at >= iov[i].iov_len) {
+			at -= iov[i].iov_len;
+			continue;
+		}
+		k = iov[i].iov_len - at < n ? iov[i].iov_len - at : n;
+		memcpy((char *)iov[i].iov_base + at, src, k);
+		src += k;
+		n -= k;
+		at = 0;
+	}
+}
+
+/* A peek that took all of the ring being read, which links to a later
+ * area: the bytes there too, into the iovecs from byte `at` on, at most
+ * room (MSG_PEEK|MSG_WAITALL past a fresh 16 KiB area waits for them as
+ * TCP does). A peek moves nothing: it looks through views of its own. */
+static size_t peek_on(const struct sbp_stream *s, const struct iovec *iov, int iovcnt,
+		      size_t at, size_t room)
+{
+	struct sbp_ring cur = s->ring, next;
+	size_t got = 0;
+	int area;
+
+	for (int hop = 0; hop < SBP_AREAS && got < room; hop++) {
+		struct iovec v[2];
+		ssize_t k;
+
+		if (next_ring(s, &cur, &next, &area) < 0)
+			break;
+		k = sbp_ring_peek_iov(&next, v, room - got);
+		if (k <= 0)
+			break;
+		copy_into(iov, iovcnt, at + got, v[0].iov_base, v[0].iov_len);
+		copy_into(iov, iovcnt, at + got + v[0].iov_len, v[1].iov_base, v[1].iov_len);
+		got += (size_t)k;
+		if (sbp_ring_readable(&next) != (size_t)k)
+			break;          /* the iovecs are full, or more is coming here */
+		cur = next;
+	}
+	return got;
+}
+
+int sbp_stream_peek_may_grow(const struct sbp_stream *s)
+{
+	struct sbp_ring cur = s->ring, next;
+	int area = s->area;
+	uint32_t f;
+
+	for (int hop = 0; hop < SBP_AREAS; hop++) {
+		if (next_ring(s, &cur, &next, &area) < 0)
+			break;
+		cur = next;
+	}
+	f = sbp_ring_flags(&cur);
+	if (sbp_ring_corrupt(&cur) || (f & (SBP_RING_WRITER_CLOSED | SBP_RING_RESET | SBP_RING_LINKED)))
+		return 0;
+	/* a full ring: its writer goes on in a larger area, if there is one */
+	return sbp_ring_readable(&cur) < cur.cap || area + 1 < s->a.n;
+}
+
 ssize_t sbp_stream_readv(struct sbp_stream *s, const struct iovec *iov, int iovcnt, int flags)
 {
 	for (;;) {
 		ssize_t n = sbp_ring_readv(&s->ring, iov, iovcnt, flags);
 		int rc;
 
+		if (n > 0 && (flags & SBP_PEEK) && (size_t)n == sbp_ring_readable(&s->ring) &&
+		    (sbp_ring_flags(&s->ring) & SBP_RING_LINKED)) {
+			size_t total = 0;
+
+			for (int i = 0; i < iovcnt; i++)
+				total += iov[i].iov_len;
+			return n + (ssize_t)peek_on(s, iov, iovcnt, (size_t)n, total - (size_t)n);
+		}
 		if (n != SBP_RING_GO_NEXT)
 			return n;
 		rc = sbp_stream_follow(s);

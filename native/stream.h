@@ -80,6 +80,10 @@ int sbp_stream_peer_waiting(struct sbp_stream *s);
  * SBP_RING_GO_NEXT when the stream went on to TCP (sbp_stream_tcp_bells
  * then says after how many doorbells). */
 ssize_t sbp_stream_readv(struct sbp_stream *s, const struct iovec *iov, int iovcnt, int flags);
+/* Reader: may more bytes come where the stream is written now (the last
+ * area of the links from the ring being read: not closed, reset, linked
+ * to TCP, corrupt or full)? For a peek that waits. */
+int sbp_stream_peek_may_grow(const struct sbp_stream *s);
 /* After SBP_RING_GO_NEXT: the writer's doorbell count; -EAGAIN/-EPROTO. */
 /* The writer, going back to TCP: what its reader has not taken from
  * stream position `from` on (it stopped there), across the areas still

@@ -450,14 +450,10 @@ static ssize_t ring_discard(struct sbp_stream *s, size_t len)
 	return got;
 }
 
-/* More may come into the ring we read (a peek that waits for it ends). */
+/* More may come where the peer writes now (a peek that waits for it ends). */
 static int peek_may_grow(struct chan_sh *sh, uint32_t f)
 {
-	uint32_t rf = sbp_ring_flags(&sh->rx.ring);
-
-	return rx_over(f) < 0 && !sbp_ring_corrupt(&sh->rx.ring) &&
-	       !(rf & (SBP_RING_WRITER_CLOSED | SBP_RING_RESET | SBP_RING_LINKED)) &&
-	       sbp_ring_readable(&sh->rx.ring) < sh->rx.ring.cap;
+	return rx_over(f) < 0 && sbp_stream_peek_may_grow(&sh->rx);
 }
 
 /* Like tcp_recvmsg's target: a blocking call returns once it has this
@@ -558,7 +554,14 @@ ssize_t shm_recv(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, i
 			/* MSG_PEEK with a target: wait until it is all there,
 			 * then peek again from the start */
 			b.min = target;
-			rc = chan_block(ch, &b, 0);
+			/* the rest comes in a later area, whose wake-ups only
+			 * its reader can arm, or will once the writer finds
+			 * this one full: look again after a nap */
+			if ((sbp_ring_flags(&sh->rx.ring) & SBP_RING_LINKED) ||
+			    sbp_ring_readable(&sh->rx.ring) == sh->rx.ring.cap)
+				rc = chan_nap(&b);
+			else
+				rc = chan_block(ch, &b, 0);
 			if (!rc)
 				continue;
 		}

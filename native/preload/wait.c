@@ -214,6 +214,21 @@ static int64_t deadline_for(int fd, int opt)
 	return t < 0 ? DL_NONE : now_ns() + t;
 }
 
+int chan_nap(struct blocking *b)
+{
+	struct timespec nap = { 0, 50000 };
+
+	if (b->nonblock)
+		return EAGAIN;
+	if (!b->deadline)
+		b->deadline = deadline_for(b->fd, b->dir ? SO_SNDTIMEO : SO_RCVTIMEO);
+	if (now_ns() >= b->deadline)
+		return EAGAIN;
+	if (syscall(SYS_nanosleep, &nap, NULL) < 0 && errno == EINTR && !restart_ok(b->deadline))
+		return EINTR;
+	return 0;
+}
+
 /* The spin before the first sleep, no syscall: a peer that answers within
  * microseconds (a request/response loop) is caught here; the TCP look and
  * the timeout look-up below cost more than the whole round trip on the

@@ -19,6 +19,11 @@ struct blocking {
 	int64_t deadline;       /* 0: SO_RCVTIMEO/SO_SNDTIMEO not looked up yet */
 };
 
+/* A blocking call that cannot arm a wake-up (a peek whose bytes go on in
+ * a later area): a 50 us nap; 0 to look again, else the errno chan_block
+ * would give (EAGAIN: non-blocking or SO_RCVTIMEO passed; EINTR). */
+int chan_nap(struct blocking *b);
+
 /* The spin of a blocking call before its first sleep (no syscall): 0 if
  * the ring became ready. chan_block does it too, once per call. */
 int chan_spin(struct chan *ch, struct blocking *b);
