@@ -90,11 +90,15 @@ struct sbp_block_hdr {
 	uint64_t revert_pos[2];
 	uint64_t revert_bells[2];
 	uint32_t revert[2];
-	/* Per direction, counted by its writer for status and metrics only
-	 * (shown, never acted on): how often it found the ring full, and the
-	 * doorbells it sent. */
+	/* Per direction, counted by its writer for this connection: how
+	 * often it found the ring full (status and metrics only), and the
+	 * doorbells it sent to the other end, each counted before it is sent
+	 * (the other end's close waits for them, bounded: control.c). */
 	uint64_t full[2];
 	uint64_t bells[2];
+	/* SBP_DONE_* bits: that end has begun its last close; a doorbell to
+	 * it is no longer sent. */
+	uint32_t closing;
 };
 
 #define SBP_REVERT_ASKED 1u

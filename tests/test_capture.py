@@ -220,10 +220,13 @@ def test_redis_benchmark_matches_plain_tcp(inst, tmp_path, tier):
     assert [d for d in digests(path) if d[:2] != (0, 0)] == want
     problems = expert_problems(path)
     if tier == "shm":
-        # A known limit (docs/ARCHITECTURE.md, the interposer's known limits):
-        # a client that closes as soon as it has read its last reply from
-        # the ring may get the peer's doorbell byte after its close, and
-        # the kernel answers that byte with RST. The bytes above are whole.
+        # A client that closed as soon as it had read its last reply from
+        # the ring could get the peer's doorbell byte after its close, and
+        # the kernel answered that byte with RST (1 CI run in 4). The close
+        # now waits for every doorbell the peer counted (control.c,
+        # ctl_close_bells); never seen here since, in 14 runs or before it
+        # in 16, so it stays tolerated until CI has not shown it for a while.
+        # The bytes above are whole either way.
         problems = [p for p in problems if p != "Connection reset (RST)"]
     assert problems == []
     tcpdump(path)

@@ -191,15 +191,18 @@ static inline int revert_asked(const struct chan_sh *sh)
 				  SBP_REVERT_ASKED;
 }
 
-/* Count for status/metrics, in the block header both ends share (one
- * relaxed add; nothing reads it back). */
-static inline void chan_count(struct chan_sh *sh, int bells)
+/* The ring we write was full: counted for status/metrics, in the block
+ * header both ends share (one relaxed add; nothing reads it back). */
+static inline void chan_count_full(struct chan_sh *sh)
 {
-	if (sh->blk) {
-		uint64_t *c = bells ? &sh->blk->bells[chan_tx_dir(sh)] : &sh->blk->full[chan_tx_dir(sh)];
+	if (sh->blk)
+		__atomic_fetch_add(&sh->blk->full[chan_tx_dir(sh)], 1, __ATOMIC_RELAXED);
+}
 
-		__atomic_fetch_add(c, 1, __ATOMIC_RELAXED);
-	}
+/* This end's and the peer's bit in the block's done and closing words. */
+static inline uint32_t chan_end_bit(const struct chan_sh *sh, int peer)
+{
+	return (sh->mem.active ^ !!peer) ? SBP_DONE_ACTIVE : SBP_DONE_PASSIVE;
 }
 
 /* Start writing our ring at the byte count we sent over TCP (tx_lock held). */

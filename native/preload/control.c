@@ -24,6 +24,32 @@ int ctl_doorbell(int fd)
 	return rc;
 }
 
+/* A doorbell is counted where the peer sees it (block bells[]) before it
+ * is sent, and sent only if the peer has not begun its last close; the
+ * closer marks that, then eats as many as were counted (ctl_close_bells).
+ * Either the sender sees the mark or the closer sees the count: a doorbell
+ * never arrives after close(), which would make the kernel answer RST
+ * where TCP closes with FIN. 0 or -errno. bell_lock held. */
+static int send_bell(int fd, struct chan_sh *sh)
+{
+	struct sbp_block_hdr *b = sh->blk;
+	uint64_t *count = b ? &b->bells[chan_tx_dir(sh)] : NULL;
+	int rc;
+
+	if (count) {
+		__atomic_fetch_add(count, 1, __ATOMIC_SEQ_CST);
+		/* SYNC POINT: count, then look (the closer: mark, then count). */
+		if (__atomic_load_n(&b->closing, __ATOMIC_SEQ_CST) & chan_end_bit(sh, 1)) {
+			__atomic_fetch_sub(count, 1, __ATOMIC_SEQ_CST);
+			return -EPIPE;
+		}
+	}
+	rc = ctl_doorbell(fd);
+	if (rc && count)
+		__atomic_fetch_sub(count, 1, __ATOMIC_SEQ_CST);
+	return rc;
+}
+
 int ctl_bell(int fd, struct chan *ch)
 {
 	struct chan_sh *sh = ch->sh;
@@ -35,12 +61,39 @@ int ctl_bell(int fd, struct chan *ch)
 	lock_take(&sh->bell_lock);
 	if (atomic_load(&sh->flags) & CH_BELLS_CLOSED)
 		rc = -EPIPE;
-	else if ((rc = ctl_doorbell(fd)) == 0) {
+	else if ((rc = send_bell(fd, sh)) == 0)
 		sh->bells_sent++;
-		chan_count(sh, 1);
-	}
 	pthread_mutex_unlock(&sh->bell_lock);
 	return rc;
+}
+
+#define CLOSE_BELLS_NS 20000000 /* the count is the peer's (untrusted): the wait is bounded */
+
+void ctl_close_bells(int fd, struct chan *ch)
+{
+	struct chan_sh *sh = ch->sh;
+	struct sbp_block_hdr *b = sh->blk;
+	int64_t deadline;
+
+	if (!b || !(atomic_load(&sh->flags) & CH_RX_ATTACHED))
+		return;
+	__atomic_fetch_or(&b->closing, chan_end_bit(sh, 0), __ATOMIC_SEQ_CST);
+	/* SYNC POINT: mark, then count (the sender: count, then look). */
+	deadline = now_ns() + CLOSE_BELLS_NS;
+	while (atomic_load(&sh->bells_eaten) <
+	       __atomic_load_n(&b->bells[chan_rx_dir(sh)], __ATOMIC_SEQ_CST)) {
+		struct pollfd p = { fd, POLLIN, 0 };
+
+		if (now_ns() >= deadline) {
+			DBG("fd %d: closing without %llu doorbells the peer counted", fd,
+			    (unsigned long long)(__atomic_load_n(&b->bells[chan_rx_dir(sh)], __ATOMIC_SEQ_CST) -
+						 atomic_load(&sh->bells_eaten)));
+			break;
+		}
+		sys_ppoll(&p, 1, 1000000, NULL);        /* 1 ms */
+		if (ctl_drain(fd, ch))
+			break;          /* FIN or RST: the peer sends nothing more */
+	}
 }
 
 uint64_t ctl_bells_close(struct chan *ch)

@@ -19,6 +19,9 @@ int ctl_bell(int fd, struct chan *ch);
 uint64_t ctl_bells_close(struct chan *ch);
 /* Consume doorbell bytes; notes FIN/RST. Returns CH_TCP_EOF/RST bits seen. */
 uint32_t ctl_drain(int fd, struct chan *ch);
+/* The last close, before the rings close: no doorbell is sent to us from
+ * now on, and those the peer counted as sent are eaten (bounded wait). */
+void ctl_close_bells(int fd, struct chan *ch);
 /* Look at the TCP side without waiting: FIN/RST (and doorbells) noted. */
 void ctl_check(int fd, struct chan *ch);
 /* The peer can no longer send us doorbells (its write side is shut). */

@@ -410,7 +410,7 @@ ssize_t shm_send(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, i
 				continue;
 			if (tx_grow(sh, b.nonblock))
 				continue;
-			chan_count(sh, 0);      /* the ring is full */
+			chan_count_full(sh);      /* the ring is full */
 			tx_switch_bell(fd, ch);
 			rc = chan_block(ch, &b, done);
 			if (rc) {

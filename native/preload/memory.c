@@ -252,6 +252,9 @@ static int take_block(struct region *r, uint32_t *block, uint32_t *gen)
 		memset(h->revert_pos, 0, sizeof(h->revert_pos));
 		memset(h->revert_bells, 0, sizeof(h->revert_bells));
 		memset(h->revert, 0, sizeof(h->revert));
+		memset(h->full, 0, sizeof(h->full));
+		memset(h->bells, 0, sizeof(h->bells));
+		__atomic_store_n(&h->closing, 0, __ATOMIC_RELEASE);
 		r->cursor = b + 1;
 		*block = b;
 		*gen = g2;

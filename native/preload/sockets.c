@@ -79,6 +79,7 @@ static void last_close(int fd, struct chan *ch, unsigned o)
 		errno = saved;
 		return;
 	}
+	ctl_close_bells(fd, ch);
 	if (live && lock_try(&sh->tx_lock)) {
 		close_tx(fd, ch);
 		pthread_mutex_unlock(&sh->tx_lock);

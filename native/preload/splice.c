@@ -99,7 +99,7 @@ static ssize_t into_ring(int out, struct chan *ch, int in, off_t *pos, size_t co
 				break;          /* splice returns what it moved */
 			if (tx_grow(sh, b.nonblock))
 				continue;
-			chan_count(sh, 0);      /* the ring is full */
+			chan_count_full(sh);      /* the ring is full */
 			tx_switch_bell(out, ch);
 			err = chan_block(ch, &b, done);
 			if (err)
