@@ -178,14 +178,18 @@ int sbp_stream_follow(struct sbp_stream *s)
 }
 
 /* The ring the area after r's holds (r is linked to it): 0 with it in
- * *next, or -1 (not linked to a ring, or not one the writer made). */
+ * *next and its area in *area, or -1 (not linked to a ring, not one the
+ * writer made, or an area already in the chain: *seen, a bit per area,
+ * as the writer cannot format again an area whose bytes are unread). */
 static int next_ring(const struct sbp_stream *s, struct sbp_ring *r, struct sbp_ring *next,
-		     int *area)
+		     int *area, unsigned *seen)
 {
 	struct sbp_ring_next nx;
 
-	if (sbp_ring_link_ahead(r, &nx) < 0 || nx.kind != SBP_NEXT_RING || nx.area >= (uint32_t)s->a.n)
+	if (sbp_ring_link_ahead(r, &nx) < 0 || nx.kind != SBP_NEXT_RING ||
+	    nx.area >= (uint32_t)s->a.n || (*seen & (1u << nx.area)))
 		return -1;
+	*seen |= 1u << nx.area;
 	if (sbp_ring_attach(next, s->a.slot[nx.area], s->a.size[nx.area], s->gen) < 0 ||
 	    sbp_ring_tail_pos(next) != nx.start)
 		return -1;
@@ -220,13 +224,14 @@ static size_t peek_on(const struct sbp_stream *s, const struct iovec *iov, int i
 {
 	struct sbp_ring cur = s->ring, next;
 	size_t got = 0;
+	unsigned seen = 1u << s->area;
 	int area;
 
-	for (int hop = 0; hop < SBP_AREAS && got < room; hop++) {
+	while (got < room) {
 		struct iovec v[2];
 		ssize_t k;
 
-		if (next_ring(s, &cur, &next, &area) < 0)
+		if (next_ring(s, &cur, &next, &area, &seen) < 0)
 			break;
 		k = sbp_ring_peek_iov(&next, v, room - got);
 		if (k <= 0)
@@ -244,14 +249,12 @@ static size_t peek_on(const struct sbp_stream *s, const struct iovec *iov, int i
 int sbp_stream_peek_may_grow(const struct sbp_stream *s)
 {
 	struct sbp_ring cur = s->ring, next;
+	unsigned seen = 1u << s->area;
 	int area = s->area;
 	uint32_t f;
 
-	for (int hop = 0; hop < SBP_AREAS; hop++) {
-		if (next_ring(s, &cur, &next, &area) < 0)
-			break;
+	while (next_ring(s, &cur, &next, &area, &seen) == 0)
 		cur = next;
-	}
 	f = sbp_ring_flags(&cur);
 	if (sbp_ring_corrupt(&cur) || (f & (SBP_RING_WRITER_CLOSED | SBP_RING_RESET | SBP_RING_LINKED)))
 		return 0;
@@ -270,7 +273,7 @@ ssize_t sbp_stream_readv(struct sbp_stream *s, const struct iovec *iov, int iovc
 			size_t total = 0;
 
 			for (int i = 0; i < iovcnt; i++)
-				total += iov[i].iov_len;
+				total = iov[i].iov_len < SIZE_MAX - total ? total + iov[i].iov_len : SIZE_MAX;
 			return n + (ssize_t)peek_on(s, iov, iovcnt, (size_t)n, total - (size_t)n);
 		}
 		if (n != SBP_RING_GO_NEXT)
