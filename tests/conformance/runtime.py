@@ -141,6 +141,16 @@ def serve_and_close(srv, size):
     c.close()
 
 
+def serve_until_done(srv, size, seed):
+    """A server that sends `size` bytes of the pattern (seed), waits up to
+    15 s for the client's word that it is done with them, and closes."""
+    c = srv.conn()
+    obs("send", call(c.sendall, pattern(size, seed)))
+    c.settimeout(15)
+    obs("ack", call(c.recv, 10))
+    c.close()
+
+
 def send_in_two(s, first, second, pause):
     """A writer that keeps the reader waiting: first, `pause` s later
     second, then close (0.2 s on, so both are in before the FIN)."""

@@ -8,11 +8,7 @@ SIZE = 64 << 10
 
 
 def server(srv):
-    c = srv.conn()
-    rt.obs("send", rt.call(c.sendall, rt.pattern(SIZE, 5)))
-    c.settimeout(15)
-    rt.obs("ack", rt.call(c.recv, 10))
-    c.close()
+    rt.serve_until_done(srv, SIZE, 5)
 
 
 def client(cli):

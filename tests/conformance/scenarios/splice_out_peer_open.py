@@ -5,11 +5,7 @@ from scenarios.splice_out_peer_closed import SIZE
 
 
 def server(srv):
-    c = srv.conn()
-    rt.obs("send", rt.call(c.sendall, rt.pattern(SIZE, 1)))
-    c.settimeout(15)
-    rt.obs("ack", rt.call(c.recv, 10))
-    c.close()
+    rt.serve_until_done(srv, SIZE, 1)
 
 
 def client(cli):
