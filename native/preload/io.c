@@ -15,6 +15,7 @@
  * MSG_NOSIGNAL; after the peer is gone, what it wrote is still delivered. */
 #include <fcntl.h>
 #include <limits.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/sendfile.h>
 #include <sys/syscall.h>
@@ -56,6 +57,49 @@ int dir_lock(pthread_mutex_t *m, _Atomic uint32_t *sleeping, int nonblock)
 		rc = 0;
 	}
 	return -rc;
+}
+
+/* A call's own copy of the caller's iovec array, which it advances as
+ * bytes move: on the stack up to IOV_FAST pieces, else on the heap, as the
+ * kernel does (UIO_FASTIOV). A frame of UIO_MAXIOV pieces (16 KiB) would
+ * overflow a small thread stack or a signal handler's sigaltstack, where
+ * send() on TCP takes no user stack at all. */
+#define IOV_FAST 32
+
+struct iov_copy {
+	struct iovec *v;
+	struct iovec fast[IOV_FAST];
+};
+
+static int iov_copy(struct iov_copy *c, const struct iovec *iov, int cnt)
+{
+	c->v = cnt <= IOV_FAST ? c->fast : malloc((size_t)cnt * sizeof(*iov));
+	if (!c->v)
+		return -ENOMEM;
+	memcpy(c->v, iov, (size_t)cnt * sizeof(*iov));
+	return 0;
+}
+
+static void iov_copy_free(struct iov_copy *c)
+{
+	if (c->v != c->fast)
+		free(c->v);
+}
+
+/* Shorten our copy v[0..cnt) to at most max bytes: the pieces that are
+ * left; *was: the length of the last one before (put it back after). */
+static int iov_limit(struct iovec *v, int cnt, size_t max, size_t *was)
+{
+	size_t got = 0;
+	int i;
+
+	for (i = 0; i < cnt && got < max; i++) {
+		*was = v[i].iov_len;
+		if (v[i].iov_len > max - got)
+			v[i].iov_len = max - got;
+		got += v[i].iov_len;
+	}
+	return i;
 }
 
 /* Skip n bytes of an iovec array (in place). */
@@ -187,25 +231,18 @@ static ssize_t tcp_io(int fd, struct chan *ch, struct iovec *v, int cnt, int fla
 
 static ssize_t tcp_send(int fd, struct chan *ch, struct iovec *v, int cnt, int flags, size_t max)
 {
-	struct iovec lim[UIO_MAXIOV];
-	size_t got = 0;
-	int n_iov = 0;
-	ssize_t n;
-
-	for (int i = 0; i < cnt && got < max; i++) {
-		lim[n_iov] = v[i];
-		if (lim[n_iov].iov_len > max - got)
-			lim[n_iov].iov_len = max - got;
-		got += lim[n_iov++].iov_len;
-	}
-	n = tcp_io(fd, ch, lim, n_iov, flags | MSG_NOSIGNAL, 1);
+	size_t was = 0;
+	int n_iov = iov_limit(v, cnt, max, &was);
+	ssize_t n = tcp_io(fd, ch, v, n_iov, flags | MSG_NOSIGNAL, 1);
 
 	if (n > 0) {
 		/* the TCP part belongs to the captured stream too */
 		if (capture_on())
-			capture_data(ch->sh->cookie, SBP_CAP_TX, ch->sh->tx_tcp, lim, n_iov, (size_t)n);
+			capture_data(ch->sh->cookie, SBP_CAP_TX, ch->sh->tx_tcp, v, n_iov, (size_t)n);
 		ch->sh->tx_tcp += (uint64_t)n;
 	}
+	if (n_iov)
+		v[n_iov - 1].iov_len = was;
 	return n;
 }
 
@@ -214,24 +251,21 @@ static ssize_t tcp_send(int fd, struct chan *ch, struct iovec *v, int cnt, int f
  * was formatted at the byte count the peer sent over TCP); until then any
  * TCP byte is payload, except those that came after the peer switched,
  * which are doorbells: so look for the ring again after reading. */
-static ssize_t tcp_part(int fd, struct chan *ch, const struct iovec *iov, int cnt, int flags)
+static ssize_t tcp_part(int fd, struct chan *ch, struct iovec *v, int cnt, int flags)
 {
 	struct chan_sh *sh = ch->sh;
-	struct iovec lim[UIO_MAXIOV];
-	uint64_t left = UINT64_MAX, got = 0;
-	int n_iov = 0, opened;
+	uint64_t left = UINT64_MAX;
+	size_t was = 0;
+	int n_iov, opened;
 	ssize_t n;
 
 	opened = !!(atomic_load(&sh->flags) & CH_RX_OPEN);
 	if (opened)
 		left = sh->rx_tcp_end - sh->rx_tcp;
-	for (int i = 0; i < cnt && got < left; i++) {
-		lim[n_iov] = iov[i];
-		if (lim[n_iov].iov_len > left - got)
-			lim[n_iov].iov_len = left - got;
-		got += lim[n_iov++].iov_len;
-	}
-	n = tcp_io(fd, ch, lim, n_iov, flags & ~MSG_WAITALL, 0);
+	n_iov = iov_limit(v, cnt, left, &was);
+	n = tcp_io(fd, ch, v, n_iov, flags & ~MSG_WAITALL, 0);
+	if (n_iov)
+		v[n_iov - 1].iov_len = was;
 	if (n <= 0)
 		return n;
 	if (!opened) {
@@ -348,7 +382,8 @@ static void tx_shrink(struct chan_sh *sh)
 ssize_t shm_send(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, int flags)
 {
 	struct chan_sh *sh = ch->sh;
-	struct iovec v[UIO_MAXIOV];
+	struct iov_copy c;
+	struct iovec *v;
 	struct blocking b = { .fd = fd, .dir = 1 };
 	size_t total, done = 0;
 	int err = 0, first = 0, rc, solo;
@@ -359,10 +394,14 @@ ssize_t shm_send(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, i
 	if (flags & MSG_OOB)
 		return fail(EOPNOTSUPP, MSG_NOSIGNAL);  /* urgent data has no ring equivalent */
 	b.nonblock = (flags & MSG_DONTWAIT) || (atomic_load(&sh->flags) & CH_NONBLOCK);
+	if (iov_copy(&c, iov, iovcnt))
+		return fail(ENOMEM, MSG_NOSIGNAL);
+	v = c.v;
 	solo = chan_solo(ch);
-	if (!solo && dir_lock(&sh->tx_lock, &sh->tx_sleeping, b.nonblock))
+	if (!solo && dir_lock(&sh->tx_lock, &sh->tx_sleeping, b.nonblock)) {
+		iov_copy_free(&c);
 		return fail(EAGAIN, flags);
-	memcpy(v, iov, (size_t)iovcnt * sizeof(*v));
+	}
 	iov_advance(v, &first, iovcnt, 0);
 	for (;;) {
 		uint32_t f = atomic_load_explicit(&sh->flags, memory_order_acquire);
@@ -427,6 +466,7 @@ ssize_t shm_send(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, i
 	}
 	if (!solo)
 		pthread_mutex_unlock(&sh->tx_lock);
+	iov_copy_free(&c);
 	if (done || !err)
 		return (ssize_t)done;
 	return fail(reset_once(sh, err, 1), flags);
@@ -435,7 +475,7 @@ ssize_t shm_send(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, i
 /* MSG_TRUNC on TCP: drop up to len bytes without copying them out. */
 static ssize_t ring_discard(struct sbp_stream *s, size_t len)
 {
-	char scratch[4096];
+	char scratch[1024];      /* small: a send() may run on a small stack */
 	ssize_t got = 0;
 
 	while ((size_t)got < len) {
@@ -488,7 +528,8 @@ static void rx_took(int fd, struct chan *ch, ssize_t n, uint32_t f, int peek)
 ssize_t shm_recv(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, int flags)
 {
 	struct chan_sh *sh = ch->sh;
-	struct iovec v[UIO_MAXIOV];
+	struct iov_copy c;
+	struct iovec *v;
 	struct blocking b = { .fd = fd, .dir = 0 };
 	size_t total, target, done = 0;
 	int peek, err = 0, first = 0, rc, solo;
@@ -509,10 +550,14 @@ ssize_t shm_recv(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, i
 	}
 	if (total == 0)
 		return 0;
+	if (iov_copy(&c, iov, iovcnt))
+		return fail(ENOMEM, 0);
+	v = c.v;
 	solo = chan_solo(ch);
-	if (!solo && dir_lock(&sh->rx_lock, &sh->rx_sleeping, b.nonblock))
+	if (!solo && dir_lock(&sh->rx_lock, &sh->rx_sleeping, b.nonblock)) {
+		iov_copy_free(&c);
 		return fail(EAGAIN, 0);
-	memcpy(v, iov, (size_t)iovcnt * sizeof(*v));
+	}
 	iov_advance(v, &first, iovcnt, 0);
 	for (;;) {
 		uint32_t f = atomic_load_explicit(&sh->flags, memory_order_acquire);
@@ -593,6 +638,7 @@ ssize_t shm_recv(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, i
 	}
 	if (!solo)
 		pthread_mutex_unlock(&sh->rx_lock);
+	iov_copy_free(&c);
 	if (!done && err)
 		err = reset_once(sh, err, 0);
 	if (done || !err)

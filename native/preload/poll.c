@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: GPL-2.0
 /* poll.c: poll, ppoll, select and pselect over sets that hold shm-tier
  * sockets (select goes through poll, as in Linux). */
+#include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -202,12 +203,10 @@ int sets_have_shm(int nfds, fd_set *r, fd_set *w, fd_set *e)
 	return 0;
 }
 
-/* select through our poll (Linux's own POLLIN_SET/POLLOUT_SET/POLLEX_SET). */
-int select_via_poll(int nfds, fd_set *r, fd_set *w, fd_set *e, int64_t tmo,
-		    const sigset_t *mask)
+/* The pollfds a select() asks about (pf NULL: only count them). */
+static int select_fds(int nfds, fd_set *r, fd_set *w, fd_set *e, struct pollfd *pf)
 {
-	struct pollfd pf[FD_SETSIZE];
-	int n = 0, handled, rc, count = 0;
+	int n = 0;
 
 	for (int fd = 0; fd < nfds && fd < FD_SETSIZE; fd++) {
 		short ev = 0;
@@ -220,11 +219,21 @@ int select_via_poll(int nfds, fd_set *r, fd_set *w, fd_set *e, int64_t tmo,
 			ev |= POLLPRI;
 		if (!ev)
 			continue;
-		pf[n].fd = fd;
-		pf[n].events = ev;
-		pf[n].revents = 0;
+		if (pf)
+			pf[n] = (struct pollfd){ .fd = fd, .events = ev };
 		n++;
 	}
+	return n;
+}
+
+#define SELECT_FAST 64  /* pollfds on the stack; more on the heap (a small stack may call select) */
+
+/* select over pf[0..n): poll it, then write the sets back. */
+static int select_pf(fd_set *r, fd_set *w, fd_set *e, int64_t tmo, const sigset_t *mask,
+		     struct pollfd *pf, int n)
+{
+	int handled, rc, count = 0;
+
 	rc = do_poll(pf, (nfds_t)n, tmo, mask, &handled);
 	if (!handled)
 		rc = sys_ppoll(pf, (nfds_t)n, tmo, mask);
@@ -259,6 +268,24 @@ int select_via_poll(int nfds, fd_set *r, fd_set *w, fd_set *e, int64_t tmo,
 		}
 	}
 	return count;
+}
+
+/* select through our poll (Linux's own POLLIN_SET/POLLOUT_SET/POLLEX_SET). */
+int select_via_poll(int nfds, fd_set *r, fd_set *w, fd_set *e, int64_t tmo,
+		    const sigset_t *mask)
+{
+	struct pollfd fast[SELECT_FAST], *pf = fast;
+	int n = select_fds(nfds, r, w, e, NULL), rc;
+
+	if (n > SELECT_FAST && !(pf = malloc((size_t)n * sizeof(*pf)))) {
+		errno = ENOMEM;
+		return -1;
+	}
+	select_fds(nfds, r, w, e, pf);
+	rc = select_pf(r, w, e, tmo, mask, pf, n);
+	if (pf != fast)
+		free(pf);
+	return rc;
 }
 
 int poll_select(int nfds, fd_set *r, fd_set *w, fd_set *e, struct timeval *tv)

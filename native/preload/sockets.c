@@ -197,7 +197,7 @@ void sock_created(int fd, int domain, int type, int proto)
 /* Ask for the shm tier on fd, naming our inbox (opened on first use). */
 static int ask_for_shm(int fd)
 {
-	uint8_t token[SBP_INBOX_LEN];
+	uint8_t token[SBP_INBOX_LEN] = { 0 };
 	int rc = mem_inbox_token(token);
 
 	return rc < 0 ? rc : ask_socket(fd, token);

@@ -132,7 +132,7 @@ static ssize_t into_ring(int out, struct chan *ch, int in, off_t *pos, size_t co
  * stream at tx_at, read back from the file. */
 static void capture_tcp_part(struct chan_sh *sh, int in, off_t start, size_t n, uint64_t tx_at)
 {
-	char buf[16384];
+	char buf[4096];         /* (the caller may run on a small stack) */
 	size_t done = 0;
 
 	while (start >= 0 && done < n) {
