@@ -28,6 +28,7 @@ class Cell:
     engaged: bool | None = None     # None: not a bypass transport
     tiers_seen: list = field(default_factory=list)
     error: str | None = None
+    pace: float | None = None       # raw ring: ns per round trip or per byte, last repetition
 
     def to_json(self, base):
         s = summarize(self.test, self.reps)
@@ -87,11 +88,21 @@ def run(runner, the_plan):
         runner.note_command("the client's test lines on its stdin (one per repetition)",
                             sorted({pingpong_line(t, runner.cfg).strip()
                                     for _, _, tests in the_plan for t in tests}))
+    ring = {placement: [Cell("ring", placement, t) for t in tests]
+            for transport, placement, tests in the_plan if transport == "ring"}
+    shm_placements = {placement for transport, placement, _ in the_plan if transport == "shm"}
     for transport, placement, tests in the_plan:
         if transport == "ring":
-            run_cell_ring(runner, placement, tests)
+            if placement not in shm_placements:
+                run_cell_ring(runner, placement, ring[placement])
         else:
-            run_cell_pingpong(runner, transport, placement, tests)
+            paired = ring.get(placement, []) if transport == "shm" else []
+            run_cell_pingpong(runner, transport, placement, tests, paired)
+            if paired:
+                run_cell_ring(runner, placement, paired)   # what the pairing left undone
+    order = {(tr, pl, t.name): i for i, (tr, pl, t) in
+             enumerate((tr, pl, t) for tr in TRANSPORTS for pl in PLACEMENTS for t in TESTS)}
+    runner.cells.sort(key=lambda c: order[(c.transport, c.placement, c.test.name)])
 
 
 def base(runner, placement, test):
@@ -105,7 +116,9 @@ def base(runner, placement, test):
 # -- sbp-pingpong cells
 
 
-def run_cell_pingpong(runner, transport, placement, tests):
+def run_cell_pingpong(runner, transport, placement, tests, paired=()):
+    """paired: raw-ring cells of this placement, whose repetitions alternate
+    with this cell's (bench/README.md, "Method")."""
     scpu, ccpu = PLACEMENTS[placement]
     listen = f"unix:{runner.tmp}/pp.sock" if transport == "unix" else "127.0.0.1:0"
     label = f"{transport}/{placement}"
@@ -127,7 +140,8 @@ def run_cell_pingpong(runner, transport, placement, tests):
                 # look at one long-lived connection instead.
                 engagement_probe(runner, transport, addr, cells)
                 checked = True
-            run_reps(runner, client, cell, f"{label} {cell.test.name}")
+            ring = next((r for r in paired if r.test == cell.test), None)
+            run_reps(runner, client, cell, f"{label} {cell.test.name}", ring)
             if expected and not checked:
                 tiers = runner.tiers_for_port(port)
                 checked = True
@@ -185,7 +199,8 @@ def _keep(runner, cell, r, attempt, label):
     return True
 
 
-def run_reps(runner, client, cell, label):
+def run_reps(runner, client, cell, label, ring=None):
+    """The cell's repetitions; after each, one of the ring cell's."""
     test = cell.test
     timeout = 60 + 20 * runner.cfg[f"{test.kind}_seconds"]
     for rep in range(runner.cfg["reps"]):
@@ -198,39 +213,43 @@ def run_reps(runner, client, cell, label):
                 break
         cell.reps.append(r)
         runner.progress.step()
+        if ring is not None and not ring.error:
+            run_ring_rep(runner, ring)
 
 
 # -- the raw ring
 
 
-def run_cell_ring(runner, placement, tests):
+def run_cell_ring(runner, placement, cells):
     """The raw ring (no sockets): sbp-ringbench forks its two sides and
-    prints one JSON line like sbp-pingpong's client. It takes counts, not
-    durations: each repetition is sized from the previous one's pace."""
-    scpu, ccpu = PLACEMENTS[placement]  # A measures, like the client
-    cells = [Cell("ring", placement, t) for t in tests]
+    prints one JSON line like sbp-pingpong's client. The cells' missing
+    repetitions (all of them, unless they alternated with the shm tier's)."""
     for cell in cells:
-        t = cell.test
-        pace = None  # ns per round trip, or per byte
-        for rep in range(runner.cfg["reps"]):
-            runner.progress.set(f"ring/{placement} {t.name} rep {rep + 1}/{runner.cfg['reps']}")
-            for attempt in range(NOISE_RETRIES + 1):
-                argv = _ringbench_argv(runner, t, scpu, ccpu, pace)
-                try:
-                    r = run_ringbench(runner, argv, f"raw ring {t.name}", log=(rep == 0 and attempt == 0))
-                except BenchError as e:
-                    cell.error = str(e)
-                    runner.loud(f"raw ring {placement} {t.name}: {e}")
-                    break
-                pace = (r["wall_s"] * 1e9 / r["iters"]) if t.kind == "rtt" else (r["wall_s"] * 1e9 / r["bytes"])
-                r["noisy"] = noise_of(r)
-                if _keep(runner, cell, r, attempt, f"ring/{placement} {t.name} rep {rep + 1}"):
-                    break
-            if cell.error:
-                break
-            cell.reps.append(r)
-            runner.progress.step()
+        while len(cell.reps) < runner.cfg["reps"] and not cell.error:
+            run_ring_rep(runner, cell)
     runner.cells.extend(cells)
+
+
+def run_ring_rep(runner, cell):
+    """One repetition of a raw-ring cell. It takes counts, not durations:
+    each is sized from the previous one's pace."""
+    scpu, ccpu = PLACEMENTS[cell.placement]  # A measures, like the client
+    t, rep = cell.test, len(cell.reps)
+    runner.progress.set(f"ring/{cell.placement} {t.name} rep {rep + 1}/{runner.cfg['reps']}")
+    for attempt in range(NOISE_RETRIES + 1):
+        argv = _ringbench_argv(runner, t, scpu, ccpu, cell.pace)
+        try:
+            r = run_ringbench(runner, argv, f"raw ring {t.name}", log=(rep == 0 and attempt == 0))
+        except BenchError as e:
+            cell.error = str(e)
+            runner.loud(f"raw ring {cell.placement} {t.name}: {e}")
+            return
+        cell.pace = (r["wall_s"] * 1e9 / r["iters"]) if t.kind == "rtt" else (r["wall_s"] * 1e9 / r["bytes"])
+        r["noisy"] = noise_of(r)
+        if _keep(runner, cell, r, attempt, f"ring/{cell.placement} {t.name} rep {rep + 1}"):
+            break
+    cell.reps.append(r)
+    runner.progress.step()
 
 
 def _ringbench_argv(runner, test, scpu, ccpu, pace):
