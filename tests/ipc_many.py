@@ -226,6 +226,54 @@ def hold_client(args):
         max_pings=max(pings), pings=sum(pings))
 
 
+def fork_server(args):
+    """`total` connections, one child each: the parent closes its copy at
+    once; the child echoes until EOF and exits without a close (the kernel
+    closes the socket)."""
+    import signal
+    total = int(args[0])
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)   # children reaped for us
+    ls = socket.socket(FAMILY, socket.SOCK_STREAM)
+    ls.bind((HOST, 0))
+    ls.listen(16)
+    print(f"PORT {ls.getsockname()[1]}", flush=True)
+    for _ in range(total):
+        c, _ = ls.accept()
+        if os.fork() == 0:
+            ls.close()
+            while data := c.recv(65536):
+                c.sendall(data)
+            os._exit(0)
+        c.close()
+    out(accepted=total)
+
+
+def seq_client(args):
+    """`n` connections one after the other: each pings until both
+    directions use rings, echoes 16 KiB of random bytes in 4 KiB exchanges
+    and closes."""
+    port, n = int(args[0]), int(args[1])
+    tiers, ok, both = {}, 0, 0
+    for _ in range(n):
+        s = socket.create_connection((HOST, port))
+        k = 0
+        while live_rings(s) != 3 and k < 100:
+            s.sendall(b"p")
+            assert s.recv(1) == b"p"
+            k += 1
+        data, got = os.urandom(16384), bytearray()
+        for off in range(0, len(data), 4096):
+            s.sendall(data[off:off + 4096])
+            while len(got) < off + 4096:
+                got += s.recv(off + 4096 - len(got))
+        ok += got == data
+        both += live_rings(s) == 3
+        t = tier(s)
+        tiers[t] = tiers.get(t, 0) + 1
+        s.close()
+    out(tiers={str(k): v for k, v in tiers.items()}, echo_ok=ok, both_rings=both)
+
+
 def aio(role, args):
     import asyncio
     if role == "aioserver":

@@ -30,7 +30,7 @@ from sockets import (check_records, recv_all, recv_exact, send_records, sha,  # 
 
 from ipc_common import (FAMILY, FIONREAD, HOST, RESULT, SIOCOUTQ, fill_until_eagain,  # noqa: F401
                         out, pattern, rings, settle, tier, wait_readable)
-from ipc_many import aio, hold_client, many_client, many_server
+from ipc_many import aio, fork_server, hold_client, many_client, many_server, seq_client
 
 # ---------------------------------------------------------------------------
 # scenarios: server part and client part
@@ -626,6 +626,10 @@ def main():
             many_client(sys.argv[2:])
         elif role == "holdclient":
             hold_client(sys.argv[2:])
+        elif role == "forkserver":
+            fork_server(sys.argv[2:])
+        elif role == "seqclient":
+            seq_client(sys.argv[2:])
         elif role == "local":
             globals()["l_" + scen](sys.argv[3:])
         elif role == "server":

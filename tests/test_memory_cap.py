@@ -19,6 +19,7 @@ from test_scale import line, result, rows_on_port, run_peer, stop, tell
 CAP_BLOCKS = 4
 BLOCK = 4096 + 2 * (16 << 10)       # a block's header and its two first areas
 N = 3 * CAP_BLOCKS
+FORKED = 10 * CAP_BLOCKS
 
 
 def tiers_of(inst, port):
@@ -69,6 +70,31 @@ def test_memory_cap_keeps_the_rest_on_tcp_with_its_reason():
         tell(cli)
         assert result(cli, 60)["both_rings"] == CAP_BLOCKS
         result(srv, 60)
+    finally:
+        stop(inst, procs)
+    assert_gone(inst)
+
+
+def test_fork_per_connection_server_gives_its_memory_back():
+    """A fork-per-connection server: the parent closes its copy after fork,
+    the child echoes and exits without a close. Each connection's block is
+    given back once no process holds the socket any more (the kernel says
+    so: native/preload/orphan.c), so under a cap of CAP_BLOCKS blocks,
+    FORKED connections one after the other all take the shm tier with both
+    rings, bytes compared. (Before, the parent never gave a shared socket's
+    block back: past the cap every connection stayed on TCP, memory-cap.)"""
+    inst = new_instance("memfork")
+    manager.up(inst, allow=policy.Policy(memory_max=CAP_BLOCKS * BLOCK))
+    procs = []
+    try:
+        srv = run_peer(inst, ["forkserver", str(FORKED)])
+        procs.append(srv)
+        port = line(srv, "PORT ")[0]
+        cli = run_peer(inst, ["seqclient", port, str(FORKED)])
+        procs.append(cli)
+        cres = result(cli, 120)
+        assert cres == {"tiers": {"2": FORKED}, "echo_ok": FORKED, "both_rings": FORKED}, cres
+        assert result(srv, 60)["accepted"] == FORKED
     finally:
         stop(inst, procs)
     assert_gone(inst)

@@ -28,6 +28,7 @@ LEVELS = {
     "control": 4,
     "testhooks": 3.5,
     "channel": 3,
+    "orphan": 2.8,  # a shared socket's block, given up once nobody holds the socket
     "memory": 2.6,  # where a connection's memory comes from: checks offers with ask_info
     "ask": 2.3,     # the SOL_SHMBYPASS socket options
     "setup": 2,

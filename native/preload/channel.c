@@ -15,6 +15,7 @@
 #include "ask.h"
 #include "channel.h"
 #include "fdtable.h"
+#include "orphan.h"
 #include "setup.h"
 
 void lock_take(pthread_mutex_t *m)
@@ -420,10 +421,12 @@ static void memory_cap_reached(int fd)
 
 struct chan *chan_setup(int fd, const struct sbp_info *in)
 {
-	struct chan *ch = chan_alloc();
+	struct chan *ch;
 	struct chan_sh *sh;
 	int rc;
 
+	orphan_check(4);        /* blocks of shared sockets closed here before */
+	ch = chan_alloc();
 	if (!ch)
 		return NULL;
 	sh = ch->sh;

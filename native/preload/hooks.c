@@ -26,6 +26,7 @@
 #include "fdclass.h"
 #include "fdtable.h"
 #include "io.h"
+#include "orphan.h"
 #include "memory.h"
 #include "poll.h"
 #include "setup.h"
@@ -51,6 +52,7 @@ static void atfork_child(void)
 	chan_atfork_child();
 	mark_all_shared();
 	mem_atfork_child();
+	orphan_atfork_child();
 	ep_atfork_child();
 }
 

@@ -34,6 +34,7 @@
 #include "epset.h"
 #include "fdclass.h"
 #include "fdtable.h"
+#include "orphan.h"
 #include "memory.h"
 #include "ready.h"
 #include "revert.h"
@@ -56,6 +57,20 @@ static void chan_flag(struct chan *ch, uint32_t bit, int on)
 		atomic_fetch_or(&ch->sh->flags, bit);
 	else
 		atomic_fetch_and(&ch->sh->flags, ~bit);
+}
+
+/* The last fd here of a socket another process may hold (fork): its block
+ * waits until no process holds the socket (orphan.c); without a block
+ * nothing waits. */
+static void shared_close(int fd, struct chan *ch)
+{
+	struct chan_sh *sh = ch->sh;
+
+	if (!sh->mem.base)
+		chan_done(ch);
+	else
+		orphan_add(fd, &sh->mem, sh->cookie,
+			   sh->tx.area > 0 ? sbp_area_cap(sh->tx.area) - sbp_area_cap(0) : 0);
 }
 
 /* The last holder of a shm socket closes it: the peer gets everything we
@@ -120,8 +135,12 @@ static void fd_forget(int fd, int closing)
 	} else if ((k == K_SHM || k == K_PENDING) && FD_PTR(v)) {
 		struct chan *ch = FD_PTR(v);
 
-		if (atomic_fetch_sub(&ch->nfds, 1) == 1 && closing && !atomic_load(&ch->shared))
-			last_close(fd, ch, o);
+		if (atomic_fetch_sub(&ch->nfds, 1) == 1 && closing) {
+			if (!atomic_load(&ch->shared))
+				last_close(fd, ch, o);
+			else
+				shared_close(fd, ch);
+		}
 		chan_put(ch);
 	}
 }
@@ -526,7 +545,9 @@ static void forget_received(int fd)
 
 /* fd was a socket of ch's and is a stand-in now: forget the old entry
  * without closing anything more (the socket is gone from fd already; its
- * peer has finished: the block is done at our end when no fd is left). */
+ * peer has finished: the block is done at our end when no fd is left,
+ * unless another process holds the socket: then its last close does, or
+ * its orphan wait, orphan.c). */
 static void standin_took(int fd, struct chan *ch)
 {
 	uint64_t v = fdt_xchg(fd, K_UNKNOWN);
@@ -535,7 +556,7 @@ static void standin_took(int fd, struct chan *ch)
 	if (entry_chan(v) != ch)
 		return;         /* not in our table (a vfork child's numbering) */
 	ep_forget_fd(fd);
-	if (atomic_fetch_sub(&ch->nfds, 1) == 1)
+	if (atomic_fetch_sub(&ch->nfds, 1) == 1 && !atomic_load(&ch->shared))
 		chan_done(ch);
 	chan_put(ch);
 }
@@ -605,9 +626,13 @@ void sock_before_exec(void)
 			/* A VM pair's slots cannot go back to TCP: the new
 			 * program would read doorbells as data. Reset. */
 			chan_break(fd, ch, SBP_RESET_APP, "a VM pair's connection cannot follow exec");
-		if (rc == -ESHUTDOWN && standin_put(fd, ch) < 0)
-			chan_reset_for_successor(fd, ch, "the peer closed and the rest of its stream "
-						 "could not be read for the program exec starts");
+		if (rc == -ESHUTDOWN) {
+			if (standin_put(fd, ch) < 0)
+				chan_reset_for_successor(fd, ch, "the peer closed and the rest of its stream "
+							 "could not be read for the program exec starts");
+			else if (!in_vfork_child())
+				standin_took(fd, ch);   /* (a vfork child's memory is its parent's) */
+		}
 		chan_put(ch);
 	}
 	errno = saved;
