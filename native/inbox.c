@@ -117,6 +117,25 @@ int sbp_inbox_send(struct sbp_inbox *in, const char *dir, const uint8_t token[SB
 	return syscall(SYS_sendmsg, in->tx, &mh, MSG_DONTWAIT | MSG_NOSIGNAL) == (long)sizeof(*msg) ? 0 : -errno;
 }
 
+int sbp_inbox_alive(const char *dir, const uint8_t token[SBP_INBOX_TOKEN_LEN])
+{
+	char path[256];
+	struct sockaddr_un sa;
+	int s, rc;
+
+	sbp_inbox_path(path, sizeof(path), dir, token);
+	rc = to_sockaddr(&sa, path);
+	if (rc)
+		return rc;
+	s = (int)syscall(SYS_socket, AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	if (s < 0)
+		return -errno;
+	/* connect() sends nothing: it only finds the bound socket */
+	rc = syscall(SYS_connect, s, (struct sockaddr *)&sa, sizeof(sa)) == 0 ? 1 : -errno;
+	raw_close(s);
+	return rc == -ECONNREFUSED || rc == -ENOENT ? 0 : rc;
+}
+
 int sbp_inbox_recv(struct sbp_inbox *in, struct sbp_inbox_rx *out)
 {
 	union {

@@ -69,6 +69,9 @@ void sbp_inbox_path(char *out, size_t n, const char *dir, const uint8_t token[SB
  * -ENOENT when there is no such inbox. 0 on success. */
 int sbp_inbox_send(struct sbp_inbox *in, const char *dir, const uint8_t token[SBP_INBOX_TOKEN_LEN],
 		   const struct sbp_inbox_msg *msg, int fd);
+/* Is a process's inbox still there (its process neither exited nor
+ * exec'd)? 1 yes, 0 no, -errno (cannot tell). Sends nothing. */
+int sbp_inbox_alive(const char *dir, const uint8_t token[SBP_INBOX_TOKEN_LEN]);
 /* Take one message. 1 got one, 0 none waiting, -errno. Messages that are
  * not well formed are dropped (and their fds closed) without a word: any
  * process may write to an inbox. */

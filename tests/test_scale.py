@@ -180,3 +180,55 @@ def test_peer_gone_before_its_offers_leaves_no_memory():
     finally:
         stop(inst, [srv] if srv else [])
     assert_gone(inst)
+
+
+ONE = """
+import socket, sys
+sys.path.insert(0, sys.argv[2])
+from ipc_common import rings, tier
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+for _ in range(100):                 # until both directions use rings
+    s.sendall(b"p")
+    assert s.recv(1) == b"p"
+    if rings(s) == 3:
+        break
+assert tier(s) == 2 and rings(s) == 3, (tier(s), rings(s))
+"""
+
+
+def region_mappings(pid):
+    """How many pair regions (memfd:shmbypass) the process has mapped."""
+    with open(f"/proc/{pid}/maps") as f:
+        return sum(1 for ln in f if "/memfd:shmbypass" in ln)
+
+
+def test_regions_of_gone_peers_are_unmapped():
+    """A server that served CLIENTS client processes, one after the other,
+    each through its own pair region: once a client is gone and no
+    connection uses its region, the server unmaps it (memory.c,
+    reap_gone_locked). Before, the server kept a mapping (and the pages its
+    blocks touched) for every client process it ever served, and made no
+    region past 4,096 of them."""
+    if os.geteuid() != 0:
+        pytest.fail("the test suite must run as root")
+    clients = 12
+    inst = new_instance("reap")
+    manager.up(inst)
+    srv = None
+    try:
+        srv = run_peer(inst, ["manyserver", str(clients + 1)])
+        port = line(srv, "PORT ")[0]
+        env = dict(os.environ, SHMBYPASS_INSTANCE=inst.name)
+        for _ in range(clients):
+            subprocess.run([PY, "-m", "shmbypass", "run", "--tier", "shm", "--", PY, "-c", ONE, port,
+                            HERE], env=env, timeout=60, check=True)
+        mapped = region_mappings(program_pid(srv))
+        subprocess.run([PY, "-m", "shmbypass", "run", "--tier", "shm", "--", PY, "-c", ONE, port, HERE],
+                       env=env, timeout=60, check=True)
+        res = result(srv, 60)
+        assert res["accepted"] == clients + 1 and res["tiers"] == {"2": clients + 1}, res
+        assert mapped <= 3, f"{mapped} regions mapped after {clients} clients came and went"
+    finally:
+        stop(inst, [srv] if srv else [])
+    assert_gone(inst)
+

@@ -184,6 +184,45 @@ static int zero_token(const uint8_t t[SBP_INBOX_LEN])
 	return 1;
 }
 
+/* A free entry of the region table: one a retired region left, or a new
+ * one. NULL when all MAX_REGIONS are in use. lock held. */
+static struct region *region_slot(void)
+{
+	for (int i = 0; i < nregions; i++)
+		if (!regions[i].base)
+			return &regions[i];
+	return nregions < MAX_REGIONS ? &regions[nregions++] : NULL;
+}
+
+/* Unmap a region and free its entry (matching no peer and no sender). */
+static void drop_region(struct region *r)
+{
+	munmap(r->base, r->size);
+	memset(r, 0, sizeof(*r));
+	memset(r->token, 0xff, SBP_INBOX_LEN);
+	r->memfd = -1;
+}
+
+/* Regions of ours that no connection uses and whose peer is gone (its
+ * inbox refuses: it exited or exec'd): unmapped. Else a server kept one
+ * mapping (and the pages its blocks touched) for every client process it
+ * ever served, and made no region past MAX_REGIONS of them. A few looked
+ * at per offer. lock held. */
+static void reap_gone_locked(int max)
+{
+	static int next;
+	char dir[200];
+
+	inbox_dir(dir, sizeof(dir));
+	for (int k = 0; k < max && k < nregions; k++) {
+		struct region *r = &regions[next++ % nregions];
+
+		if (r->base && !r->from && !r->users && r->memfd < 0 &&
+		    sbp_inbox_alive(dir, r->token) == 0)
+			drop_region(r);
+	}
+}
+
 /* ---- the passive end: regions made for a peer ------------------------------ */
 
 static int make_region(const uint8_t token[SBP_INBOX_LEN], uint32_t nblocks, struct region **out)
@@ -194,7 +233,8 @@ static int make_region(const uint8_t token[SBP_INBOX_LEN], uint32_t nblocks, str
 	void *p;
 	int fd;
 
-	if (nregions >= MAX_REGIONS)
+	r = region_slot();
+	if (!r)
 		return -ENOSPC;
 	fd = (int)syscall(SYS_memfd_create, "shmbypass", MFD_CLOEXEC | MFD_ALLOW_SEALING);
 	if (fd < 0)
@@ -206,12 +246,11 @@ static int make_region(const uint8_t token[SBP_INBOX_LEN], uint32_t nblocks, str
 	if (p == MAP_FAILED)
 		goto fail;
 	if (getrandom(&id, sizeof(id), 0) != sizeof(id) || sbp_pair_format(p, size, id, nblocks) ||
-	    sbp_pair_check(p, size, &regions[nregions].pi)) {
+	    sbp_pair_check(p, size, &r->pi)) {
 		munmap(p, size);
 		errno = EIO;
 		goto fail;
 	}
-	r = &regions[nregions++];
 	r->base = p;
 	r->size = size;
 	memcpy(r->token, token, SBP_INBOX_LEN);
@@ -315,8 +354,9 @@ int mem_offer(int fd, const struct sbp_info *in, struct mem_ref *out)
 		pthread_mutex_unlock(&lock);
 		return -EDQUOT;
 	}
+	reap_gone_locked(2);
 	for (int i = 0; i < nregions && rc; i++) {
-		if (memcmp(regions[i].token, in->peer_inbox, SBP_INBOX_LEN))
+		if (!regions[i].base || memcmp(regions[i].token, in->peer_inbox, SBP_INBOX_LEN))
 			continue;
 		rc = take_block(&regions[i], &block, &gen);
 		if (rc == 0)
@@ -492,7 +532,9 @@ static void map_received(const struct sbp_inbox_rx *rx)
 	void *p;
 	int seals;
 
-	if (received(rx->pid, rx->msg.region_id) || nregions >= MAX_REGIONS)
+	struct region *r;
+
+	if (received(rx->pid, rx->msg.region_id))
 		return;
 	seals = (int)syscall(SYS_fcntl, rx->fd, F_GET_SEALS);
 	if (seals < 0 || (seals & (F_SEAL_SHRINK | F_SEAL_GROW)) != (F_SEAL_SHRINK | F_SEAL_GROW) ||
@@ -502,17 +544,17 @@ static void map_received(const struct sbp_inbox_rx *rx)
 	p = mmap(NULL, st.st_size, PROT_READ | PROT_WRITE, MAP_SHARED, rx->fd, 0);
 	if (p == MAP_FAILED)
 		return;
-	if (sbp_pair_check(p, st.st_size, &pi) || pi.region_id != rx->msg.region_id) {
+	if (sbp_pair_check(p, st.st_size, &pi) || pi.region_id != rx->msg.region_id ||
+	    !(r = region_slot())) {
 		munmap(p, st.st_size);
 		return;
 	}
-	regions[nregions].base = p;
-	regions[nregions].size = st.st_size;
-	regions[nregions].pi = pi;
-	memset(regions[nregions].token, 0, SBP_INBOX_LEN);
-	regions[nregions].from = rx->pid;
-	regions[nregions].memfd = -1;
-	nregions++;
+	r->base = p;
+	r->size = st.st_size;
+	r->pi = pi;
+	memset(r->token, 0, SBP_INBOX_LEN);
+	r->from = rx->pid;
+	r->memfd = -1;
 }
 
 static void read_inbox_locked(void)
@@ -627,10 +669,7 @@ static void retire_locked(struct region *r)
 		return;
 	fdt_store(r->memfd, K_UNKNOWN);
 	syscall(SYS_close, r->memfd);
-	munmap(r->base, r->size);
-	memset(r, 0, sizeof(*r));
-	memset(r->token, 0xff, SBP_INBOX_LEN);  /* matches no peer */
-	r->memfd = -1;
+	drop_region(r);
 }
 
 /* The passive end's connection no longer uses its block's region. */
