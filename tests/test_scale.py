@@ -232,3 +232,64 @@ def test_regions_of_gone_peers_are_unmapped():
         stop(inst, [srv] if srv else [])
     assert_gone(inst)
 
+
+SERVER = """
+import socket
+ls = socket.socket()
+ls.bind(("127.0.0.1", 0))
+ls.listen(1)
+print("PORT", ls.getsockname()[1], flush=True)
+c, _ = ls.accept()
+while data := c.recv(65536):
+    c.sendall(data)
+"""
+
+CLIENT = """
+import socket, sys
+sys.path.insert(0, sys.argv[1])
+from ipc_common import rings, tier
+for port in sys.stdin:
+    s = socket.create_connection(("127.0.0.1", int(port)))
+    for _ in range(100):             # until both directions use rings
+        s.sendall(b"p")
+        assert s.recv(1) == b"p"
+        if rings(s) == 3:
+            break
+    live = tier(s) == 2 and rings(s) == 3
+    s.close()
+    with open("/proc/self/maps") as f:
+        print("DONE", int(live), sum(1 for ln in f if "/memfd:shmbypass" in ln), flush=True)
+"""
+
+
+def test_regions_of_gone_servers_are_unmapped():
+    """The same at the active end: a client that talks to SERVERS server
+    processes, one after the other (each exits after its connection), maps
+    each one's region; once its maker has exited and no connection uses it,
+    the client unmaps it."""
+    if os.geteuid() != 0:
+        pytest.fail("the test suite must run as root")
+    servers = 8
+    inst = new_instance("reapc")
+    manager.up(inst)
+    env = dict(os.environ, SHMBYPASS_INSTANCE=inst.name)
+    run = [PY, "-m", "shmbypass", "run", "--tier", "shm", "--", PY, "-c"]
+    cli = subprocess.Popen(run + [CLIENT, HERE], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, start_new_session=True)
+    procs = [cli]
+    try:
+        done = []
+        for _ in range(servers):
+            srv = subprocess.Popen(run + [SERVER], env=env, stdout=subprocess.PIPE, text=True,
+                                   start_new_session=True)
+            procs.append(srv)
+            cli.stdin.write(line(srv, "PORT ")[0] + "\n")
+            cli.stdin.flush()
+            done.append(line(cli, "DONE "))
+            assert srv.wait(30) == 0
+        assert all(live == "1" for live, _ in done), done
+        assert int(done[-1][1]) <= 3, f"{done[-1][1]} regions mapped after {servers} servers came and went"
+    finally:
+        stop(inst, procs)
+    assert_gone(inst)
+

@@ -203,24 +203,31 @@ static void drop_region(struct region *r)
 	r->memfd = -1;
 }
 
-/* Regions of ours that no connection uses and whose peer is gone (its
- * inbox refuses: it exited or exec'd): unmapped. Else a server kept one
+/* Regions that no connection here uses and whose other process is gone:
+ * unmapped. Ours (made for a peer): its inbox refuses (it exited or
+ * exec'd). Received: its maker exited (it may still offer blocks of it
+ * while it lives, and sends its memfd only once). Else a server kept a
  * mapping (and the pages its blocks touched) for every client process it
- * ever served, and made no region past MAX_REGIONS of them. A few looked
- * at per offer. lock held. */
+ * ever served, a client one for every server, and neither made or took a
+ * region past MAX_REGIONS of them. A few looked at per connection. lock
+ * held. */
 static void reap_gone_locked(int max)
 {
 	static int next;
+	int saved = errno;
 	char dir[200];
 
 	inbox_dir(dir, sizeof(dir));
 	for (int k = 0; k < max && k < nregions; k++) {
 		struct region *r = &regions[next++ % nregions];
 
-		if (r->base && !r->from && !r->users && r->memfd < 0 &&
-		    sbp_inbox_alive(dir, r->token) == 0)
+		if (!r->base || r->users)
+			continue;
+		if (r->from ? syscall(SYS_kill, r->from, 0) < 0 && errno == ESRCH
+			    : r->memfd < 0 && sbp_inbox_alive(dir, r->token) == 0)
 			drop_region(r);
 	}
+	errno = saved;
 }
 
 /* ---- the passive end: regions made for a peer ------------------------------ */
@@ -479,6 +486,8 @@ void mem_expect(uint64_t cookie)
 	struct waiting *w;
 
 	pthread_mutex_lock(&lock);
+	if (regions)
+		reap_gone_locked(2);
 	if (!cookie || wait_find(cookie) || wait_room() < 0) {
 		pthread_mutex_unlock(&lock);
 		return;
@@ -638,6 +647,8 @@ int mem_claim(int fd, uint64_t cookie, int now, struct mem_ref *out)
 	out->block = p->msg.block;
 	out->gen = p->msg.gen;
 	out->active = 1;
+	out->region = (uint16_t)(r - regions);
+	r->users++;
 	if (w)
 		wait_remove_locked(w);
 	pthread_mutex_unlock(&lock);
@@ -708,6 +719,7 @@ void mem_done(struct mem_ref *ref)
 	if (ref->active) {
 		if ((uint32_t)(__atomic_load_n(&h->state, __ATOMIC_ACQUIRE) >> 32) == ref->gen)
 			__atomic_fetch_or(&h->done, SBP_DONE_ACTIVE, __ATOMIC_RELEASE);
+		region_release(ref);
 		return;
 	}
 	if (atomic_exchange(&ref->charged, 0))
