@@ -9,6 +9,8 @@ one-line note on the server's stderr, and every connection still carries
 its bytes (a sample echoes 32 KiB). Closing them gives the memory back: the
 next connections take the shm tier again."""
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -95,6 +97,86 @@ def test_fork_per_connection_server_gives_its_memory_back():
         cres = result(cli, 120)
         assert cres == {"tiers": {"2": FORKED}, "echo_ok": FORKED, "both_rings": FORKED}, cres
         assert result(srv, 60)["accepted"] == FORKED
+    finally:
+        stop(inst, procs)
+    assert_gone(inst)
+
+
+FORK_SERVER = """
+import os, socket, sys
+sys.path.insert(0, sys.argv[1])
+from ipc_common import tier
+n = int(sys.argv[2])
+
+def serve(ls):
+    held = [ls.accept()[0] for _ in range(n)]
+    for c in held:                   # echo pings until the client's "d"
+        while (b := c.recv(1)) != b"d":
+            c.sendall(b)
+    return held
+
+la = socket.socket()
+la.bind(("127.0.0.1", 0))
+la.listen(n)
+print("PORT", la.getsockname()[1], flush=True)
+held = serve(la)                     # the cap reached: n blocks held
+if os.fork() == 0:                   # the child serves n more
+    la.close()
+    lb = socket.socket()
+    lb.bind(("127.0.0.1", 0))
+    lb.listen(n)
+    print("PORT", lb.getsockname()[1], flush=True)
+    print("CHILD", [tier(c) for c in serve(lb)], flush=True)
+    os._exit(0)
+os.wait()
+"""
+
+FORK_CLIENT = """
+import socket, sys
+sys.path.insert(0, sys.argv[1])
+from ipc_common import rings, tier
+n = int(sys.argv[2])
+for port in sys.stdin:
+    socks = [socket.create_connection(("127.0.0.1", int(port))) for _ in range(n)]
+    for s in socks:
+        for _ in range(100):         # until both directions use rings
+            s.sendall(b"p")
+            assert s.recv(1) == b"p"
+            if rings(s) == 3:
+                break
+        s.sendall(b"d")
+    print("LIVE", [tier(s) * 10 + rings(s) for s in socks], flush=True)
+"""
+
+
+def test_a_forked_child_is_capped_for_its_own_memory():
+    """A server at its cap (CAP_BLOCKS connections held) forks a child that
+    serves CAP_BLOCKS connections of its own: they take the shm tier with
+    both rings, since the cap counts what each process charges (memory.c
+    mem_atfork_child). Before, the child started with its parent's count
+    and put all of its connections on TCP, memory-cap."""
+    inst = new_instance("memforkcap")
+    manager.up(inst, allow=policy.Policy(memory_max=CAP_BLOCKS * BLOCK))
+    env = dict(os.environ, SHMBYPASS_INSTANCE=inst.name)
+    run = [sys.executable, "-m", "shmbypass", "run", "--tier", "shm", "--", sys.executable, "-c"]
+    here = os.path.dirname(os.path.abspath(__file__))
+    procs = []
+    try:
+        srv = subprocess.Popen(run + [FORK_SERVER, here, str(CAP_BLOCKS)], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+        procs.append(srv)
+        cli = subprocess.Popen(run + [FORK_CLIENT, here, str(CAP_BLOCKS)], env=env, stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+        procs.append(cli)
+        both = [23] * CAP_BLOCKS        # tier 2 (shm) * 10 + rings 3 (both directions)
+        for what in ("parent", "child"):
+            cli.stdin.write(line(srv, "PORT ")[0] + "\n")
+            cli.stdin.flush()
+            assert " ".join(line(cli, "LIVE ")) == str(both), what
+        assert " ".join(line(srv, "CHILD ")) == str([2] * CAP_BLOCKS)
+        cli.stdin.close()
+        assert srv.wait(30) == 0 and cli.wait(30) == 0
     finally:
         stop(inst, procs)
     assert_gone(inst)

@@ -740,6 +740,9 @@ void mem_done(struct mem_ref *ref)
 void mem_atfork_child(void)
 {
 	pthread_mutex_init(&lock, NULL);
+	/* the memory cap counts what this process charges from now on: the
+	 * parent's connections stay charged to the parent */
+	atomic_store(&mem_used, 0);
 	if (inbox_state > 0) {
 		fdt_store(inbox.fd, K_UNKNOWN);
 		fdt_store(inbox.tx, K_UNKNOWN);
