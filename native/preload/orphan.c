@@ -12,6 +12,7 @@
  * fork-per-connection server (the parent closes its copy after fork, the
  * child answers and exits) gets its blocks back one connection later;
  * before, every connection kept one for good. */
+#include <errno.h>
 #include <linux/inet_diag.h>
 #include <linux/netlink.h>
 #include <linux/sock_diag.h>
@@ -43,12 +44,15 @@ static int next;
 void orphan_add(int fd, const struct mem_ref *ref, uint64_t cookie, uint64_t grown)
 {
 	socklen_t ll = sizeof(struct sockaddr_storage), rl = ll;
+	int saved = errno;
 	struct waiter e;
 
 	memset(&e, 0, sizeof(e));
 	if (syscall(SYS_getsockname, fd, &e.local, &ll) < 0 ||
-	    syscall(SYS_getpeername, fd, &e.remote, &rl) < 0)
+	    syscall(SYS_getpeername, fd, &e.remote, &rl) < 0) {
+		errno = saved;
 		return;                 /* no way to ask: the block stays taken */
+	}
 	e.ref = *ref;
 	atomic_store(&e.ref.charged, atomic_load(&ref->charged));
 	e.cookie = cookie;
@@ -129,6 +133,8 @@ static int sock_held(const struct waiter *e)
 
 void orphan_check(int max)
 {
+	int saved = errno;
+
 	if (!atomic_load_explicit(&count, memory_order_relaxed))
 		return;
 	pthread_mutex_lock(&lock);
@@ -147,6 +153,7 @@ void orphan_check(int max)
 		*e = tab[atomic_fetch_sub(&count, 1) - 1];
 	}
 	pthread_mutex_unlock(&lock);
+	errno = saved;
 }
 
 void orphan_atfork_child(void)
