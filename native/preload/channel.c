@@ -122,40 +122,13 @@ static struct chan *chan_alloc(void)
 	return ch;
 }
 
-/* With one thread, no other call can touch refs while this one does: a
- * plain load and store (an atomic read-modify-write costs 13 ns a call
- * pair here). A signal handler that closes the socket between the two
- * would make the count one too high: the channel then leaks, it is never
- * freed early. */
-int chan_tryget(struct chan *ch)
+/* The last reference went (chan_put): the channel's pages back to the
+ * pool. errno kept: a data call's result may be on its way out. */
+void chan_free(struct chan *ch)
 {
-	int r = atomic_load_explicit(&ch->refs, memory_order_relaxed);
-
-	if (__libc_single_threaded) {
-		if (r <= 0)
-			return 0;
-		atomic_store_explicit(&ch->refs, r + 1, memory_order_relaxed);
-		return 1;
-	}
-	while (r > 0)
-		if (atomic_compare_exchange_weak(&ch->refs, &r, r + 1))
-			return 1;
-	return 0;
-}
-
-void chan_put(struct chan *ch)
-{
+	int saved = errno;
 	void *sh;
 
-	if (__libc_single_threaded) {
-		int r = atomic_load_explicit(&ch->refs, memory_order_relaxed);
-
-		atomic_store_explicit(&ch->refs, r - 1, memory_order_relaxed);
-		if (r != 1)
-			return;
-	} else if (atomic_fetch_sub_explicit(&ch->refs, 1, memory_order_acq_rel) != 1) {
-		return;
-	}
 	/* Our view only: the rings live on in the region for the peer. */
 	sh = ch->sh;
 	ch->sh = NULL;
@@ -178,6 +151,7 @@ void chan_put(struct chan *ch)
 	slab_release();
 	if (sh)
 		munmap(sh, SH_BYTES);
+	errno = saved;
 }
 
 /* fork: pooled pages are now mapped in two processes; neither may reuse them. */

@@ -109,7 +109,7 @@ int fd_class(int fd, struct chan **chp)
 	return k;
 }
 
-int fd_io_class(int fd, struct chan **chp)
+int fd_io_class_slow(int fd, struct chan **chp)
 {
 	uint64_t v;
 
@@ -128,7 +128,8 @@ int fd_io_class(int fd, struct chan **chp)
 					chan_put(ch);
 					continue;
 				}
-				if (fdt_load(fd) == v) {
+				/* (another thread may have closed fd meanwhile) */
+				if (__libc_single_threaded || fdt_load(fd) == v) {
 					*chp = ch;
 					return K_SHM;
 				}

@@ -11,12 +11,7 @@
 
 #include "fdtable.h"
 
-#define FDT_SHIFT 12
-#define FDT_CHUNK (1u << FDT_SHIFT)
-#define FDT_NCHUNKS 1024u                       /* 4 Mi fds */
-#define FDT_LIMIT ((int)(FDT_CHUNK * FDT_NCHUNKS))
-
-static _Atomic(_Atomic uint64_t *) fdt_chunks[FDT_NCHUNKS];
+_Atomic(_Atomic uint64_t *) fdt_chunks[FDT_NCHUNKS];
 static _Atomic int fdt_hi;
 
 static _Atomic uint64_t *fdt_slot(int fd, int create)
@@ -48,15 +43,6 @@ static _Atomic uint64_t *fdt_slot(int fd, int create)
 			;
 	}
 	return &c[fd & (FDT_CHUNK - 1)];
-}
-
-uint64_t fdt_load(int fd)
-{
-	_Atomic uint64_t *s = fdt_slot(fd, 0);
-
-	if (s)
-		return atomic_load_explicit(s, memory_order_acquire);
-	return fd >= FDT_LIMIT ? K_PLAIN : K_UNKNOWN;
 }
 
 void fdt_store(int fd, uint64_t v)

@@ -4,6 +4,7 @@
 #ifndef SBP_PRELOAD_FDTABLE_H
 #define SBP_PRELOAD_FDTABLE_H
 
+#include <stdatomic.h>
 #include <stdint.h>
 
 /* An entry is a pointer (8-aligned) with the kind in the low 3 bits. */
@@ -22,7 +23,24 @@ enum fd_kind {
 /* An fd of ours (the map, the arena, epoll shadows): the app may not close it. */
 #define FD_INTERNAL ((uint64_t)8 | K_PLAIN)
 
-uint64_t fdt_load(int fd);
+/* Two levels: chunks of FDT_CHUNK entries, mapped on first use. */
+#define FDT_SHIFT 12
+#define FDT_CHUNK (1u << FDT_SHIFT)
+#define FDT_NCHUNKS 1024u                       /* 4 Mi fds */
+#define FDT_LIMIT ((int)(FDT_CHUNK * FDT_NCHUNKS))
+extern _Atomic(_Atomic uint64_t *) fdt_chunks[FDT_NCHUNKS];
+
+/* Inline: every data call looks its fd up. */
+static inline uint64_t fdt_load(int fd)
+{
+	_Atomic uint64_t *c;
+
+	if (fd < 0 || fd >= FDT_LIMIT)
+		return fd < 0 ? K_UNKNOWN : K_PLAIN;
+	c = atomic_load_explicit(&fdt_chunks[(unsigned)fd >> FDT_SHIFT], memory_order_acquire);
+	return c ? atomic_load_explicit(&c[fd & (FDT_CHUNK - 1)], memory_order_acquire) : K_UNKNOWN;
+}
+
 void fdt_store(int fd, uint64_t v);
 uint64_t fdt_xchg(int fd, uint64_t v);
 int fdt_cas(int fd, uint64_t old, uint64_t v);

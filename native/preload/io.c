@@ -76,7 +76,8 @@ static int iov_copy(struct iov_copy *c, const struct iovec *iov, int cnt)
 	c->v = cnt <= IOV_FAST ? c->fast : malloc((size_t)cnt * sizeof(*iov));
 	if (!c->v)
 		return -ENOMEM;
-	memcpy(c->v, iov, (size_t)cnt * sizeof(*iov));
+	for (int i = 0; i < cnt; i++)   /* (one or two, mostly: no memcpy call) */
+		c->v[i] = iov[i];
 	return 0;
 }
 
@@ -402,7 +403,8 @@ ssize_t shm_send(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, i
 		iov_copy_free(&c);
 		return fail(EAGAIN, flags);
 	}
-	iov_advance(v, &first, iovcnt, 0);
+	while (first < iovcnt && !v[first].iov_len)
+		first++;                /* (iov_advance by 0, without a call) */
 	for (;;) {
 		uint32_t f = atomic_load_explicit(&sh->flags, memory_order_acquire);
 		ssize_t n;
@@ -441,6 +443,8 @@ ssize_t shm_send(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, i
 			tx_bells(fd, ch);
 			if (!(f & CH_DATA))
 				atomic_fetch_or(&sh->flags, CH_DATA);
+			if (done == total)
+				break;
 			iov_advance(v, &first, iovcnt, n);
 			continue;
 		}
@@ -558,7 +562,8 @@ ssize_t shm_recv(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, i
 		iov_copy_free(&c);
 		return fail(EAGAIN, 0);
 	}
-	iov_advance(v, &first, iovcnt, 0);
+	while (first < iovcnt && !v[first].iov_len)
+		first++;                /* (iov_advance by 0, without a call) */
 	for (;;) {
 		uint32_t f = atomic_load_explicit(&sh->flags, memory_order_acquire);
 		ssize_t n;
