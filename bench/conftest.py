@@ -47,3 +47,12 @@ def kernel_tier(runner):
     if os.geteuid() != 0:
         pytest.skip("the kernel tier needs root (it loads BPF programs)")
     return _require(runner, "kernel")
+
+
+@pytest.fixture
+def shm_tier(runner):
+    """The runner, with its instance up and the interposer built (the shm tier)."""
+    if os.geteuid() != 0:
+        pytest.skip("the shm tier needs root here (it loads BPF programs)")
+    return _require(runner, "shm")
+

@@ -1,16 +1,27 @@
-"""The LD_PRELOAD interposer's per-call overhead on sockets it does not
-bypass: the same ping-pong (sbp-pingpong) with and without the library, over
-a Unix socket (never TCP: pure pass-through) and over loopback TCP with an
-unshimmed server (the connection falls back to plain TCP). extra_info holds
-the mean round trip and the overhead per socket call (4 calls per round trip
-on the critical path). Each round runs both, so the timing covers two runs.
+"""The LD_PRELOAD interposer's per-call cost.
+
+On sockets it does not bypass: the same ping-pong (sbp-pingpong) with and
+without the library, over a Unix socket (never TCP: pure pass-through) and
+over loopback TCP with an unshimmed server (the connection falls back to
+plain TCP). extra_info holds the mean round trip and the overhead per socket
+call (4 calls per round trip on the critical path). Each round runs both, so
+the timing covers two runs.
+
+On the shm tier's own sockets: a send and a recv of 64 B with both ends in
+one process (`sbp-pingpong self`), nothing to wait for, against the raw
+ring's write and read (`sbp-ringbench --mode self`, the tier's first ring
+size): what the interposer adds to each pair of data calls, the part of the
+64 B round trip's gap to the raw ring that is the tier's own (two pairs per
+round trip, one at each end). No core-to-core traffic, so it does not move
+with where the host runs the two vCPUs, as the round trip does.
+
 The programs run as `shmbypass bench` runs them (its Runner, its argv)."""
 import os
 
 import pytest
 
 from shmbypass import shmtier
-from shmbypass.bench.measure import pingpong_argv
+from shmbypass.bench.measure import PINGPONG, engaged, pingpong_argv, ringbench_argv
 from shmbypass.bench.runner import Child
 
 PRELOAD = shmtier.library_path()
@@ -54,3 +65,40 @@ def test_interposer_overhead(benchmark, pingpong, tmp_path, transport):
                                     overhead_ns_per_call=(shimmed - plain) / 4)
     finally:
         server.stop()
+
+
+SELF_ITERS = 1_000_000
+AREA0_SLOT = 4096 + (16 << 10)  # the ring a 64 B ping-pong uses in the shm tier (pairmem.h)
+
+
+def _ring_self(runner):
+    argv = ringbench_argv("self", 64, iters=SELF_ITERS, warmup=2000, cpu_a=0, slot_size=AREA0_SLOT)
+    return runner.run_once(argv, "raw ring, one process")["ns_per_pair"]
+
+
+def _shm_self(runner):
+    """One process, both ends, under the shm tier; its tier checked while held."""
+    argv = runner.wrap("shm", [PINGPONG, "self", "127.0.0.1:0", "--cpu", "0", "--iters", str(SELF_ITERS),
+                               "--hold"])
+    child = Child(runner, argv, "shm tier, one process", stdin=True)
+    try:
+        r = child.read_json(timeout=120)
+        tiers = runner.tiers_for_port(r["port"])
+        assert engaged("shm", tiers), f"the connection took {tiers}, not the shm tier"
+        return r["ns_per_pair"]
+    finally:
+        child.finish()
+        runner.children.remove(child)
+
+
+def test_shm_tier_call_cost(benchmark, shm_tier):
+    ring, shm = [], []
+
+    def one_round():
+        ring.append(_ring_self(shm_tier))
+        shm.append(_shm_self(shm_tier))
+
+    benchmark.pedantic(one_round, rounds=3, iterations=1)
+    benchmark.extra_info.update(ring_ns_per_pair=min(ring), shm_ns_per_pair=min(shm),
+                                added_ns_per_pair=round(min(shm) - min(ring), 1))
+

@@ -9,7 +9,7 @@
  * adaptive spin, then a futex sleep).
  *
  * Usage
- *   sbp-ringbench [--mode rtt|stream] [--size BYTES] [--iters N] [--warmup N]
+ *   sbp-ringbench [--mode rtt|stream|self] [--size BYTES] [--iters N] [--warmup N]
  *                 [--bytes N] [--warmup-bytes N] [--cpu-a N] [--cpu-b M]
  *                 [--region anon|posix] [--slot-size BYTES] [--spin-ns NS]
  *
@@ -22,6 +22,11 @@
  *                     B reads with a --size buffer and acknowledges the end.
  *                     Reports GB/s (1e9 bytes/s, key "gbps", as sbp-pingpong)
  *                     and Gbit/s.
+ *   --mode self       one process, one ring: --iters times (default 100000)
+ *                     a write and a read of --size bytes after --warmup;
+ *                     reports "ns_per_pair": the ring calls' cost with
+ *                     nothing to wait for (sbp-pingpong self is the same
+ *                     through sockets).
  *   --size BYTES      message size (default 64 for rtt, 65536 for stream);
  *                     rtt needs size <= ring capacity.
  *   --cpu-a N         pin A (the measuring side) to CPU N (default: unpinned)
@@ -66,7 +71,7 @@
 #include "tool.h"
 
 struct opts {
-	int stream;
+	int stream, self;
 	uint64_t size, iters, warmup, bytes, warmup_bytes;
 	int cpu_a, cpu_b;
 	int posix;              /* --region posix */
@@ -242,9 +247,10 @@ static void parse_opts(int argc, char **argv, struct opts *o)
 	while ((c = getopt_long(argc, argv, "h", longopts, NULL)) != -1) {
 		switch (c) {
 		case 'm':
-			if (strcmp(optarg, "rtt") && strcmp(optarg, "stream"))
-				fail("--mode is rtt or stream, not %s", optarg);
+			if (strcmp(optarg, "rtt") && strcmp(optarg, "stream") && strcmp(optarg, "self"))
+				fail("--mode is rtt, stream or self, not %s", optarg);
 			o->stream = !strcmp(optarg, "stream");
+			o->self = !strcmp(optarg, "self");
 			break;
 		case 's': o->size = num(optarg, "--size"); have_size = 1; break;
 		case 'i': o->iters = num(optarg, "--iters"); break;
@@ -381,6 +387,33 @@ static void run_a(struct sbp_ring *out, struct sbp_ring *in, const struct opts *
 	res->ops = (o->bytes + o->size - 1) / o->size;
 }
 
+/* --mode self: a writer's and a reader's view of slot 0, in this process. */
+static int run_self(void *base, const struct sbp_region_info *info, const struct opts *o)
+{
+	struct sbp_ring w, r;
+	char *buf = calloc(1, o->size);
+	uint64_t t0;
+
+	if (!buf)
+		fail("%s", "out of memory");
+	pin(o->cpu_a);
+	attach(&w, base, info, 0, o);
+	attach(&r, base, info, 0, o);
+	for (uint64_t i = 0; i < o->warmup; i++) {
+		send_all(&w, buf, o->size);
+		recv_all(&r, buf, o->size);
+	}
+	t0 = now_ns();
+	for (uint64_t i = 0; i < o->iters; i++) {
+		send_all(&w, buf, o->size);
+		recv_all(&r, buf, o->size);
+	}
+	printf("{\"tool\": \"sbp-ringbench\", \"op\": \"self\", \"size\": %" PRIu64 ", \"iters\": %" PRIu64
+	       ", \"ns_per_pair\": %.1f}\n", o->size, o->iters, (double)(now_ns() - t0) / (double)o->iters);
+	free(buf);
+	return 0;
+}
+
 /* One JSON line on stdout. */
 static void report(const struct opts *o, struct result *res, uint64_t b_cpu_ns, uint64_t capacity)
 {
@@ -431,6 +464,8 @@ int main(int argc, char **argv)
 	size = SBP_REGION_HDR_SIZE + 2 * o.slot_size;
 	snprintf(name, sizeof(name), "/sbp-ringbench-%d", (int)getpid());
 	base = make_region(&o, size, name, &info);
+	if (o.self)
+		return run_self(base, &info, &o);
 	struct control *ctl = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
 	if (ctl == MAP_FAILED)
 		fail("mmap: %s", strerror(errno));

@@ -87,12 +87,14 @@ def ringbench_argv(kind, size, *, iters=None, nbytes=None, warmup=2000, cpu_a=No
     often on one core, and the comparison is of the tier's overhead, not of
     ring sizes."""
     argv = [RINGBENCH, "--mode", kind, "--size", str(size), "--slot-size", str(slot_size)]
-    if kind == "rtt":
+    if kind in ("rtt", "self"):
         argv += ["--iters", str(iters), "--warmup", str(warmup)]
     else:
         argv += ["--bytes", str(nbytes), "--warmup-bytes", str(16 << 20)]
     if cpu_a is not None:
-        argv += ["--cpu-a", str(cpu_a), "--cpu-b", str(cpu_b)]
+        argv += ["--cpu-a", str(cpu_a)]
+    if cpu_b is not None:
+        argv += ["--cpu-b", str(cpu_b)]
     return argv
 
 

@@ -16,6 +16,8 @@
  *                            [--mode rtt|stream|connrate] [--size BYTES]
  *                            [--iters N | --duration SEC] [--warmup N]
  *                            [--bytes N] [--reps N]
+ *   sbp-pingpong self   ADDR [--cpu N] [--size BYTES] [--iters N] [--warmup N]
+ *                            [--hold]
  *
  * ADDR is HOST:PORT (IPv4 or a name), [V6ADDR]:PORT, unix:/path or unix:@abstract.
  * A server on port 0 picks a free port. Every server prints one JSON line on
@@ -49,6 +51,9 @@
  *                      quit
  *   --hold           after the last measurement, keep the connection open until
  *                    stdin reaches EOF (lets a caller inspect the live connection)
+ *
+ * Self (self.c): both ends in this process, a send and a recv --iters
+ * times; prints ns per pair: the data calls' cost with nothing to wait for.
  *
  * Common
  *   --cpu N          pin this process to CPU N (sched_setaffinity)
@@ -84,6 +89,7 @@ static void usage(void)
 		"       sbp-pingpong client ADDR [--cpu N] [--poll[=US]] [--mode rtt|stream|connrate]\n"
 		"                    [--size B] [--iters N | --duration S] [--warmup N] [--bytes N]\n"
 		"                    [--reps N] [--stdin] [--hold]\n"
+		"       sbp-pingpong self ADDR [--cpu N] [--size B] [--iters N] [--warmup N] [--hold]\n"
 		"ADDR: HOST:PORT, [V6]:PORT, unix:/path, unix:@abstract (see the top of native/tools/sbp-pingpong/main.c)\n");
 	exit(2);
 }
@@ -166,6 +172,8 @@ int main(int argc, char **argv)
 		echo_mode = 1;
 		return run_server(addr);
 	}
+	if (strcmp(role, "self") == 0)
+		return run_self(addr, size ? size : 64, iters, warmup, hold);
 	if (strcmp(role, "client") != 0)
 		usage();
 	if (strcmp(mode, "rtt") && strcmp(mode, "stream") && strcmp(mode, "connrate"))

@@ -77,6 +77,7 @@ int try_recv_all(int fd, void *buf, size_t len);
 int recv_all(int fd, void *buf, size_t len);
 
 /* server.c, client.c */
+int run_self(const char *addr_text, uint32_t size, uint64_t iters, long long warmup, int hold);
 int run_server(const char *addr_text);
 int run_client(const char *addr_text, const char *mode, uint32_t size, uint64_t iters,
 	       double duration, long long warmup, uint64_t bytes, int reps, int use_stdin, int hold);
