@@ -380,7 +380,48 @@ static void tx_shrink(struct chan_sh *sh)
 		mem_uncharge(was - sbp_area_cap(0));
 }
 
+/* n bytes went into our ring: counted, and the doorbell it may owe. */
+static inline void tx_wrote(int fd, struct chan *ch, uint32_t f, ssize_t n)
+{
+	struct chan_sh *sh = ch->sh;
+
+	sh->tx_written += n;
+	tx_bells(fd, ch);
+	if (!(f & CH_DATA))
+		atomic_fetch_or(&sh->flags, CH_DATA);
+}
+
+static ssize_t send_long(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, int flags);
+
+/* The common send in one step: one piece into a live ring with room,
+ * no other call possible on the channel (chan_solo), nothing in the way
+ * (a state to report, a revert asked, a capture, a larger area to
+ * shrink). Anything else, or what did not fit, goes the long way. */
 ssize_t shm_send(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, int flags)
+{
+	struct chan_sh *sh = ch->sh;
+	uint32_t f = atomic_load_explicit(&sh->flags, memory_order_acquire);
+	struct iovec rest;
+	ssize_t n, r;
+
+	if (iovcnt != 1 || (flags & ~(MSG_NOSIGNAL | MSG_DONTWAIT)) || !chan_solo(ch) ||
+	    (f & (CH_BROKEN | CH_SHUT_WR | CH_PEER_GONE)) || sh->tx.area || capture_on() ||
+	    atomic_load_explicit(&sh->phase, memory_order_acquire) != CH_LIVE || revert_asked(sh))
+		return send_long(fd, ch, iov, iovcnt, flags);
+	n = sbp_ring_write(&sh->tx.ring, iov[0].iov_base, iov[0].iov_len);
+	if (n <= 0)
+		return send_long(fd, ch, iov, iovcnt, flags);   /* nothing moved: as if from the start */
+	tx_wrote(fd, ch, f, n);
+	if ((size_t)n == iov[0].iov_len)
+		return n;
+	/* the rest: a failure now is no failure of this call (TCP's partial
+	 * send), so no SIGPIPE either */
+	rest = (struct iovec){ (char *)iov[0].iov_base + n, iov[0].iov_len - (size_t)n };
+	r = send_long(fd, ch, &rest, 1, flags | MSG_NOSIGNAL);
+	return r < 0 ? n : n + r;
+}
+
+static ssize_t send_long(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, int flags)
 {
 	struct chan_sh *sh = ch->sh;
 	struct iov_copy c;
@@ -439,10 +480,7 @@ ssize_t shm_send(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, i
 				capture_data(sh->cookie, SBP_CAP_TX, sbp_ring_head_pos(&sh->tx.ring) - (uint64_t)n,
 					     v + first, iovcnt - first, (size_t)n);
 			done += n;
-			sh->tx_written += n;
-			tx_bells(fd, ch);
-			if (!(f & CH_DATA))
-				atomic_fetch_or(&sh->flags, CH_DATA);
+			tx_wrote(fd, ch, f, n);
 			if (done == total)
 				break;
 			iov_advance(v, &first, iovcnt, n);
@@ -526,10 +564,33 @@ static void rx_took(int fd, struct chan *ch, ssize_t n, uint32_t f, int peek)
 		atomic_fetch_or(&sh->flags, CH_DATA);
 }
 
+static ssize_t recv_long(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, int flags);
+
+/* The common recv in one step: one piece from a live ring that has bytes,
+ * for a call that returns whatever is there (no MSG_* but DONTWAIT, a low
+ * water mark of 1 or a non-blocking call), no other call possible on the
+ * channel. Anything else, or an empty ring, goes the long way. */
+ssize_t shm_recv(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, int flags)
+{
+	struct chan_sh *sh = ch->sh;
+	uint32_t f = atomic_load_explicit(&sh->flags, memory_order_acquire);
+	ssize_t n;
+
+	if (iovcnt != 1 || !iov[0].iov_len || (flags & ~MSG_DONTWAIT) || !chan_solo(ch) ||
+	    (f & (CH_BROKEN | CH_RX_ATTACHED)) != CH_RX_ATTACHED ||
+	    (chan_rcvlowat(sh) > 1 && !(flags & MSG_DONTWAIT) && !(f & CH_NONBLOCK)))
+		return recv_long(fd, ch, iov, iovcnt, flags);
+	n = sbp_stream_readv(&sh->rx, iov, 1, 0);
+	if (n <= 0)
+		return recv_long(fd, ch, iov, iovcnt, flags);   /* nothing taken: as if from the start */
+	rx_took(fd, ch, n, f, 0);
+	return n;
+}
+
 /* long: one loop over where the peer's bytes are (its TCP part, its ring,
  * the link to its next area or back to TCP), as tcp_recvmsg is one loop:
  * every exit reports what was moved, or the one errno TCP would give. */
-ssize_t shm_recv(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, int flags)
+static ssize_t recv_long(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, int flags)
 {
 	struct chan_sh *sh = ch->sh;
 	struct iov_copy c;
