@@ -182,6 +182,23 @@ def many_client(args):
         rss_seq_kib=rss_seq, rss_end_kib=rss_kib(), rings=rings)
 
 
+def ping_and_echo(s, nbytes):
+    """Ping until both directions use rings (a connection is not live until
+    used), then echo nbytes of random bytes in 4 KiB exchanges: (pings,
+    whether every byte came back)."""
+    k = 0
+    while live_rings(s) != 3 and k < 100:
+        s.sendall(b"p")
+        assert s.recv(1) == b"p"
+        k += 1
+    data, got = os.urandom(nbytes), bytearray()
+    for off in range(0, len(data), 4096):
+        s.sendall(data[off:off + 4096])
+        while len(got) < off + 4096:
+            got += s.recv(off + 4096 - len(got))
+    return k, got == data
+
+
 def hold_client(args):
     """`n` connections to `port`, held: prints "HELD <n> <RssShmem KiB before
     them>" and waits for a line on stdin (the test looks at them idle);
@@ -205,18 +222,9 @@ def hold_client(args):
         assert s.recv(1) == b"t"
     pings, ok, both = [], 0, 0
     for s in (socks[i * n // nsample] for i in range(nsample)):
-        k = 0
-        while live_rings(s) != 3 and k < 100:   # not live until used
-            s.sendall(b"p")
-            assert s.recv(1) == b"p"
-            k += 1
+        k, same = ping_and_echo(s, 32768)
         pings.append(k)
-        data, got = os.urandom(32768), bytearray()
-        for off in range(0, len(data), 4096):
-            s.sendall(data[off:off + 4096])
-            while len(got) < off + 4096:
-                got += s.recv(off + 4096 - len(got))
-        ok += got == data
+        ok += same
         both += live_rings(s) == 3
     print("SAMPLED", flush=True)
     sys.stdin.readline()
@@ -256,17 +264,7 @@ def seq_client(args):
     tiers, ok, both = {}, 0, 0
     for _ in range(n):
         s = socket.create_connection((HOST, port))
-        k = 0
-        while live_rings(s) != 3 and k < 100:
-            s.sendall(b"p")
-            assert s.recv(1) == b"p"
-            k += 1
-        data, got = os.urandom(16384), bytearray()
-        for off in range(0, len(data), 4096):
-            s.sendall(data[off:off + 4096])
-            while len(got) < off + 4096:
-                got += s.recv(off + 4096 - len(got))
-        ok += got == data
+        ok += ping_and_echo(s, 16384)[1]
         both += live_rings(s) == 3
         t = tier(s)
         tiers[t] = tiers.get(t, 0) + 1
