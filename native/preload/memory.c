@@ -46,7 +46,8 @@ struct region {
 	uint8_t token[SBP_INBOX_LEN];   /* made for this peer (ours), or 0 */
 	pid_t from;                     /* received from this pid (theirs), or 0 */
 	uint32_t cursor;                /* next block to look at (ours) */
-	uint32_t users;                 /* ours: connections holding one of its blocks */
+	uint32_t users;                 /* connections here holding one of its blocks */
+	int64_t looked_ns;              /* when reap_gone_locked last asked about its peer */
 	int memfd;                      /* ours, until the peer has it; else -1 */
 };
 
@@ -209,20 +210,26 @@ static void drop_region(struct region *r)
  * while it lives, and sends its memfd only once). Else a server kept a
  * mapping (and the pages its blocks touched) for every client process it
  * ever served, a client one for every server, and neither made or took a
- * region past MAX_REGIONS of them. A few looked at per connection. lock
+ * region past MAX_REGIONS of them. A few looked at per connection, each
+ * at most every REAP_EVERY_NS (a live peer's region, unused between two
+ * connections, would cost each connection a few system calls). lock
  * held. */
+#define REAP_EVERY_NS 100000000
+
 static void reap_gone_locked(int max)
 {
 	static int next;
 	int saved = errno;
+	int64_t now = now_ns();
 	char dir[200];
 
 	inbox_dir(dir, sizeof(dir));
 	for (int k = 0; k < max && k < nregions; k++) {
 		struct region *r = &regions[next++ % nregions];
 
-		if (!r->base || r->users)
+		if (!r->base || r->users || now - r->looked_ns < REAP_EVERY_NS)
 			continue;
+		r->looked_ns = now;
 		if (r->from ? syscall(SYS_kill, r->from, 0) < 0 && errno == ESRCH
 			    : r->memfd < 0 && sbp_inbox_alive(dir, r->token) == 0)
 			drop_region(r);

@@ -131,12 +131,20 @@ static int sock_held(const struct waiter *e)
 	return m->idiag_inode != 0;
 }
 
+#define CHECK_EVERY_NS 1000000  /* a fork-per-connection server: a few asks per ms at most */
+
 void orphan_check(int max)
 {
+	static _Atomic int64_t last_ns;
+	int64_t now;
 	int saved = errno;
 
 	if (!atomic_load_explicit(&count, memory_order_relaxed))
 		return;
+	now = now_ns();
+	if (now - atomic_load(&last_ns) < CHECK_EVERY_NS)
+		return;
+	atomic_store(&last_ns, now);
 	pthread_mutex_lock(&lock);
 	for (int i = 0; i < max && count; i++) {
 		struct waiter *e;
