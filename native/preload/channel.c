@@ -256,7 +256,8 @@ static void keep_app_opts(int fd, struct chan_sh *sh)
 		len = sizeof(int);
 		syscall(SYS_getsockopt, fd, IPPROTO_TCP, TCP_CORK, &cork, &len);
 	}
-	chan_note_rcvlowat(fd, sh);
+	if (!(o & FDO_KNOWN) || (o & FDO_RCVLOWAT))
+		chan_note_rcvlowat(fd, sh);     /* (else it is 1, sh's default) */
 	if (nonblock)
 		atomic_fetch_or(&sh->flags, CH_NONBLOCK);
 	if (nodelay)

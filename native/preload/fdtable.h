@@ -53,6 +53,7 @@ int fdt_max(void);
 #define FDO_NODELAY     0x04u
 #define FDO_CORK        0x08u
 #define FDO_LINGER0     0x10u   /* SO_LINGER {1, 0}: close is an abort */
+#define FDO_RCVLOWAT    0x20u   /* SO_RCVLOWAT was set (else it is 1) */
 unsigned fdo_get(int fd);
 void fdo_set(int fd, unsigned bits);
 void fdo_update(int fd, unsigned bit, int on);

@@ -269,7 +269,7 @@ int sock_accepted(int lfd, int nfd, int flags)
 	/* an accepted socket inherits the listener's options, not O_NONBLOCK */
 	lo = fdo_get(lfd);
 	if (lo & FDO_KNOWN)
-		fdo_set(nfd, FDO_KNOWN | (lo & (FDO_NODELAY | FDO_CORK | FDO_LINGER0)) |
+		fdo_set(nfd, FDO_KNOWN | (lo & (FDO_NODELAY | FDO_CORK | FDO_LINGER0 | FDO_RCVLOWAT)) |
 			     ((flags & SOCK_NONBLOCK) ? FDO_NONBLOCK : 0));
 	/* We, not the listener's owner, will use it: say so (BPF records
 	 * who; the peer learns our inbox). */
@@ -487,11 +487,14 @@ int sock_setsockopt(int fd, int level, int name, const void *val, socklen_t len)
 
 		if (bit && len >= sizeof(int))
 			fdo_update(fd, bit == CH_APP_NODELAY ? FDO_NODELAY : FDO_CORK, *(const int *)val);
-		else if (level == SOL_SOCKET && name == SO_RCVLOWAT && FD_PTR(fdt_load(fd))) {
-			fd_io_class(fd, &ch);   /* a channel live or still on TCP */
-			if (ch) {
-				chan_note_rcvlowat(fd, ch->sh);
-				chan_put(ch);
+		else if (level == SOL_SOCKET && name == SO_RCVLOWAT) {
+			fdo_update(fd, FDO_RCVLOWAT, 1);
+			if (FD_PTR(fdt_load(fd))) {
+				fd_io_class(fd, &ch);   /* a channel live or still on TCP */
+				if (ch) {
+					chan_note_rcvlowat(fd, ch->sh);
+					chan_put(ch);
+				}
 			}
 		} else if (level == SOL_SOCKET && name == SO_LINGER && len >= sizeof(struct linger))
 			fdo_update(fd, FDO_LINGER0, ((const struct linger *)val)->l_onoff &&

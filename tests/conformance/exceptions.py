@@ -36,6 +36,9 @@ KNOWN: dict[tuple[str, str], Known] = {
     ("rcvlowat", "kernel"): _limit(
         "SO_RCVLOWAT ignored: poll/epoll say readable and recv() returns at 50 of 100 bytes "
         "(tcp_bpf's readiness and recvmsg look at the redirect queue, not the low-water mark)"),
+    ("rcvlowat_before_connect", "kernel"): _limit(
+        "SO_RCVLOWAT ignored, as in rcvlowat: poll says readable and recv() returns at 50 of "
+        "100 bytes"),
     ("kill9_reader", "kernel"): _limit(
         "a reader killed with unread redirected bytes closes with FIN, not RST (tcp_close() "
         "counts only the receive queue as unread): the writer gets EPIPE, TCP gives ECONNRESET"),
