@@ -410,6 +410,7 @@ int mem_offer(int fd, const struct sbp_info *in, struct mem_ref *out)
 	out->unsent = rc == -EAGAIN;
 	out->region = (uint16_t)(r - regions);
 	atomic_store(&out->charged, 1);
+	atomic_store(&out->held, 1);
 	return 0;
 }
 
@@ -545,10 +546,9 @@ static void map_received(const struct sbp_inbox_rx *rx)
 {
 	struct sbp_pair_info pi;
 	struct stat st;
+	struct region *r;
 	void *p;
 	int seals;
-
-	struct region *r;
 
 	if (received(rx->pid, rx->msg.region_id))
 		return;
@@ -656,6 +656,7 @@ int mem_claim(int fd, uint64_t cookie, int now, struct mem_ref *out)
 	out->active = 1;
 	out->region = (uint16_t)(r - regions);
 	r->users++;
+	atomic_store(&out->held, 1);
 	if (w)
 		wait_remove_locked(w);
 	pthread_mutex_unlock(&lock);
@@ -691,10 +692,12 @@ static void retire_locked(struct region *r)
 }
 
 /* The passive end's connection no longer uses its block's region. */
-static void region_release(const struct mem_ref *ref)
+static void region_release(struct mem_ref *ref)
 {
 	struct region *r;
 
+	if (!atomic_exchange(&ref->held, 0))
+		return;         /* released already: a second done must not count twice */
 	pthread_mutex_lock(&lock);
 	r = ref->region < nregions ? &regions[ref->region] : NULL;
 	if (r && r->base == ref->base) {

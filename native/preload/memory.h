@@ -23,6 +23,7 @@ struct mem_ref {
 					 * inbox (1), or could never be sent (2) */
 	uint16_t region;                /* passive: the region's index here */
 	_Atomic uint8_t charged;        /* passive: its base is on our memory count */
+	_Atomic uint8_t held;           /* it counts in its region's users (released once) */
 };
 
 /* The token of this process's inbox (opened on first use). 0 or -errno. */

@@ -55,6 +55,7 @@ void orphan_add(int fd, const struct mem_ref *ref, uint64_t cookie, uint64_t gro
 	}
 	e.ref = *ref;
 	atomic_store(&e.ref.charged, atomic_load(&ref->charged));
+	atomic_store(&e.ref.held, atomic_load(&ref->held));
 	e.cookie = cookie;
 	e.grown = grown;
 	pthread_mutex_lock(&lock);
