@@ -2,6 +2,7 @@
 import hashlib
 import json
 import os
+import select
 import socket
 import time
 
@@ -66,7 +67,11 @@ def server(inst, ns, ip, port, family, seed):
     return hashlib.sha256(got).hexdigest()
 
 
-def client(inst, ns, ip, port, family, src, sport, seed):
+def client(inst, ns, ip, port, family, src, sport, seed, hold=None):
+    """hold: a pipe (read end, write end) whose EOF says the test has seen
+    the connection in `status` (else a short pause)."""
+    if hold:
+        os.close(hold[1])
     manager.join_cgroup(inst)
     enter(ns)
     for _ in range(200):
@@ -83,7 +88,10 @@ def client(inst, ns, ip, port, family, src, sport, seed):
     c.sendall(data)
     digest = recv_exact(c, 32)
     assert digest == hashlib.sha256(data).digest(), "got the other namespace's data"
-    time.sleep(0.3)  # let the test read status while the connection is open
+    if hold:                # the test reads status while the connection is open
+        select.select([hold[0]], [], [], 60)
+    else:
+        time.sleep(0.3)
     # Read the server's tail up to its FIN: closing with unread bytes would
     # send an RST (as plain TCP does), and the server expects our FIN.
     tail = b""
@@ -115,11 +123,12 @@ def test_same_four_tuple_in_two_namespace_pairs(inst):
     """Two connections with the very same 4-tuple, in two namespace pairs, at
     once: each end is paired with its own peer, never the other pair's."""
     with VethPair() as v1, VethPair() as v2:
-        procs = []
-        for seed, v in ((11, v1), (22, v2)):
-            procs.append((child(server, inst, v.ns[1], v.ips[1], 6000, socket.AF_INET, seed),
-                          child(client, inst, v.ns[0], v.ips[1], 6000, socket.AF_INET,
-                                v.ips[0], 41000, seed)))
+        pairs = ((11, v1), (22, v2))
+        servers = [child(server, inst, v.ns[1], v.ips[1], 6000, socket.AF_INET, seed)
+                   for seed, v in pairs]
+        hold = os.pipe()    # the clients keep their connections until we close it
+        procs = [(srv, child(client, inst, v.ns[0], v.ips[1], 6000, socket.AF_INET, v.ips[0], 41000,
+                             seed, hold)) for srv, (seed, v) in zip(servers, pairs)]
         # the four ends while they talk (pairing happens at establishment:
         # look until all four have it, not once after a fixed delay)
         # (past the clients' 10 s of connect retries while the servers start)
@@ -131,6 +140,8 @@ def test_same_four_tuple_in_two_namespace_pairs(inst):
                     time.monotonic() > deadline:
                 break
             time.sleep(0.01)
+        os.close(hold[1])
+        os.close(hold[0])
         for srv, cli in procs:
             assert result(srv) == result(cli)
         assert len(same) == 4 and {r["tier"] for r in same} == {"kernel"}, same
