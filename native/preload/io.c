@@ -391,7 +391,8 @@ static inline void tx_wrote(int fd, struct chan *ch, uint32_t f, ssize_t n)
 		atomic_fetch_or(&sh->flags, CH_DATA);
 }
 
-static ssize_t send_long(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, int flags);
+static ssize_t send_long(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, int flags,
+			 size_t moved);
 
 /* The common send in one step: one piece into a live ring with room,
  * no other call possible on the channel (chan_solo), nothing in the way
@@ -401,33 +402,32 @@ ssize_t shm_send(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, i
 {
 	struct chan_sh *sh = ch->sh;
 	uint32_t f = atomic_load_explicit(&sh->flags, memory_order_acquire);
-	struct iovec rest;
-	ssize_t n, r;
+	ssize_t n;
 
 	if (iovcnt != 1 || (flags & ~(MSG_NOSIGNAL | MSG_DONTWAIT)) || !chan_solo(ch) ||
 	    (f & (CH_BROKEN | CH_SHUT_WR | CH_PEER_GONE)) || sh->tx.area || capture_on() ||
 	    atomic_load_explicit(&sh->phase, memory_order_acquire) != CH_LIVE || revert_asked(sh))
-		return send_long(fd, ch, iov, iovcnt, flags);
+		return send_long(fd, ch, iov, iovcnt, flags, 0);
 	n = sbp_ring_write(&sh->tx.ring, iov[0].iov_base, iov[0].iov_len);
 	if (n <= 0)
-		return send_long(fd, ch, iov, iovcnt, flags);   /* nothing moved: as if from the start */
+		return send_long(fd, ch, iov, iovcnt, flags, 0);        /* nothing moved */
 	tx_wrote(fd, ch, f, n);
 	if ((size_t)n == iov[0].iov_len)
 		return n;
-	/* the rest: a failure now is no failure of this call (TCP's partial
-	 * send), so no SIGPIPE either */
-	rest = (struct iovec){ (char *)iov[0].iov_base + n, iov[0].iov_len - (size_t)n };
-	r = send_long(fd, ch, &rest, 1, flags | MSG_NOSIGNAL);
-	return r < 0 ? n : n + r;
+	return send_long(fd, ch, iov, iovcnt, flags, (size_t)n);        /* the rest */
 }
 
-static ssize_t send_long(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, int flags)
+/* moved: bytes of iov the one step already wrote (the call's count goes
+ * on from there, as TCP's does: a failure after them is none of this
+ * call's, and the reset is told to the next). */
+static ssize_t send_long(int fd, struct chan *ch, const struct iovec *iov, int iovcnt, int flags,
+			 size_t moved)
 {
 	struct chan_sh *sh = ch->sh;
 	struct iov_copy c;
 	struct iovec *v;
 	struct blocking b = { .fd = fd, .dir = 1 };
-	size_t total, done = 0;
+	size_t total, done = moved;
 	int err = 0, first = 0, rc, solo;
 
 	rc = iov_total(iov, iovcnt, &total);
@@ -444,8 +444,11 @@ static ssize_t send_long(int fd, struct chan *ch, const struct iovec *iov, int i
 		iov_copy_free(&c);
 		return fail(EAGAIN, flags);
 	}
-	while (first < iovcnt && !v[first].iov_len)
-		first++;                /* (iov_advance by 0, without a call) */
+	if (done)
+		iov_advance(v, &first, iovcnt, done);
+	else
+		while (first < iovcnt && !v[first].iov_len)
+			first++;        /* (iov_advance by 0, without a call) */
 	for (;;) {
 		uint32_t f = atomic_load_explicit(&sh->flags, memory_order_acquire);
 		ssize_t n;
