@@ -33,6 +33,7 @@ struct waiter {
 	struct mem_ref ref;
 	uint64_t cookie;
 	uint64_t grown;         /* what its writer grew into, charged here */
+	uint64_t netns;         /* SO_NETNS_COOKIE of its namespace (0: not known) */
 	struct sockaddr_storage local, remote;
 };
 
@@ -40,6 +41,21 @@ static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static struct waiter *tab;      /* ORPHAN_MAX entries, anon_alloc'd */
 static _Atomic int count;
 static int next;
+
+#ifndef SO_NETNS_COOKIE
+#define SO_NETNS_COOKIE 71
+#endif
+
+/* The network namespace of socket fd, 0 if the kernel does not say. */
+static uint64_t netns_cookie(int fd)
+{
+	uint64_t c = 0;
+	socklen_t len = sizeof(c);
+
+	if (syscall(SYS_getsockopt, fd, SOL_SOCKET, SO_NETNS_COOKIE, &c, &len) < 0)
+		return 0;
+	return c;
+}
 
 void orphan_add(int fd, const struct mem_ref *ref, uint64_t cookie, uint64_t grown)
 {
@@ -58,6 +74,7 @@ void orphan_add(int fd, const struct mem_ref *ref, uint64_t cookie, uint64_t gro
 	atomic_store(&e.ref.held, atomic_load(&ref->held));
 	e.cookie = cookie;
 	e.grown = grown;
+	e.netns = netns_cookie(fd);
 	pthread_mutex_lock(&lock);
 	if (!tab)
 		tab = anon_alloc(ORPHAN_MAX * sizeof(*tab));
@@ -112,6 +129,12 @@ static int sock_held(const struct waiter *e)
 	s = (int)syscall(SYS_socket, AF_NETLINK, SOCK_DGRAM | SOCK_CLOEXEC, NETLINK_SOCK_DIAG);
 	if (s < 0)
 		return -1;
+	/* sock_diag looks in our namespace now: "no such socket" says
+	 * nothing if the socket lives in another (a setns since) */
+	if (netns_cookie(s) != e->netns) {
+		syscall(SYS_close, s);
+		return -1;
+	}
 	n = syscall(SYS_sendto, s, &req, sizeof(req), 0, &kernel, sizeof(kernel));
 	if (n == (long)sizeof(req))
 		n = syscall(SYS_recvfrom, s, &ans, sizeof(ans), 0, NULL, NULL);
