@@ -230,9 +230,10 @@ static void reap_gone_locked(int max)
 		if (!r->base || r->users || now - r->looked_ns < REAP_EVERY_NS)
 			continue;
 		r->looked_ns = now;
-		if (r->from ? syscall(SYS_kill, r->from, 0) < 0 && errno == ESRCH
-			    : r->memfd < 0 && sbp_inbox_alive(dir, r->token) == 0)
-			drop_region(r);
+		if (zero_token(r->token) ? r->from > 0 && syscall(SYS_kill, r->from, 0) < 0 &&
+					   errno == ESRCH
+					 : r->memfd < 0 && sbp_inbox_alive(dir, r->token) == 0)
+			drop_region(r);         /* (a maker whose pid we cannot see stays) */
 	}
 	errno = saved;
 }
