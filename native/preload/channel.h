@@ -119,11 +119,11 @@ struct chan {
 	struct chan *next_free;
 };
 
-/* A call's reference (fd table entries hold one each): 1 if taken. */
 void chan_note_rcvlowat(int fd, struct chan_sh *sh);
 void chan_free(struct chan *ch);
 
-/* Inline: every data call takes and puts one. With one thread, no other
+/* A call's reference (fd table entries hold one each): 1 if taken.
+ * Inline: every data call takes and puts one. With one thread, no other
  * call can touch refs while this one does: a plain load and store (an
  * atomic read-modify-write costs 13 ns a call pair here). A signal handler
  * that closes the socket between the two would make the count one too
