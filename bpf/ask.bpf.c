@@ -12,8 +12,8 @@
  * - SBP_SO_INFO (getsockopt): tier, reason, role, both identities, the
  *   peer's inbox token. The shm tier is reported only if the policy allows
  *   both the caller (now) and whoever asked for the peer socket.
- * - SBP_SO_UPGRADED (setsockopt): which directions the interposer moved to
- *   its rings; kept for `status`, never acted upon.
+ * - SBP_SO_KEPT (setsockopt): the reason the interposer kept a shm-tier
+ *   connection on TCP (memory-cap); kept for `status`, never acted upon.
  *
  * The kernel never sees this level (optlen -1 / retval 0). Outside the
  * bypass cgroup nothing answers and the kernel says ENOPROTOOPT, which
@@ -65,18 +65,18 @@ static __always_inline int do_ask(struct bpf_sockopt *ctx)
 	return 1;
 }
 
-static __always_inline int do_upgraded(struct bpf_sockopt *ctx)
+static __always_inline int do_kept(struct bpf_sockopt *ctx)
 {
-	__u32 *bits = ctx->optval;
+	__u32 *reason = ctx->optval;
 	struct sbp_conn *row;
 	struct sbp_sk *st;
 
-	if ((void *)(bits + 1) > ctx->optval_end)
+	if ((void *)(reason + 1) > ctx->optval_end)
 		return 0;
 	st = bpf_sk_storage_get(&sk_state, ctx->sk, NULL, 0);
 	row = st && st->cookie ? bpf_map_lookup_elem(&conns, &st->cookie) : NULL;
 	if (row)
-		row->upgraded = *bits & (SBP_UP_TX | SBP_UP_RX | (0xffffu << SBP_UP_REASON_SHIFT));
+		row->kept = *reason & 0xffff;
 	return 1;
 }
 
@@ -91,8 +91,8 @@ int sbp_setsockopt(struct bpf_sockopt *ctx)
 		return 0;
 	if (ctx->optname == SBP_SO_ASK)
 		ok = do_ask(ctx);
-	else if (ctx->optname == SBP_SO_UPGRADED)
-		ok = do_upgraded(ctx);
+	else if (ctx->optname == SBP_SO_KEPT)
+		ok = do_kept(ctx);
 	else
 		return 0;
 	ctx->optlen = -1;				/* the kernel does nothing more */

@@ -90,7 +90,7 @@ enum sbp_dir {
 #define SOL_SHMBYPASS 0x5342	/* "SB": a level no protocol uses */
 #define SBP_SO_ASK 1		/* set: struct sbp_ask */
 #define SBP_SO_INFO 2		/* get: struct sbp_info */
-#define SBP_SO_UPGRADED 3	/* set: __u32 SBP_UP_* bits, shown by status only */
+#define SBP_SO_KEPT 3		/* set: __u32 reason a shm-tier pair stays on TCP (status) */
 #define SBP_ASK_VERSION 1
 #define SBP_INBOX_LEN 16	/* random token: names the asker's inbox socket */
 
@@ -113,12 +113,6 @@ struct sbp_ident {
 
 #define SBP_ROLE_ACTIVE 1	/* it connected */
 #define SBP_ROLE_PASSIVE 2	/* it was accepted */
-
-/* SBP_SO_UPGRADED bits: which directions the interposer moved to rings,
- * and (bits 16..31) the reason it kept a shm-tier connection on TCP. */
-#define SBP_UP_TX 1u
-#define SBP_UP_RX 2u
-#define SBP_UP_REASON_SHIFT 16
 
 struct sbp_info {
 	__u32 version;		/* SBP_ASK_VERSION */
@@ -161,7 +155,7 @@ struct sbp_conn {
 	__u64 tx_gen;
 	__u64 rx_gen;
 	__u32 asked;		/* SBP_ASK_* of its owner */
-	__u32 upgraded;		/* SBP_UP_*: as the interposer reported (status) */
+	__u32 kept;		/* SBP_SO_KEPT: why the interposer kept it on TCP (status) */
 	struct sbp_ident owner;
 	__u8 inbox[SBP_INBOX_LEN];
 };

@@ -26,10 +26,15 @@ static void raw_close(int fd)
 
 void sbp_inbox_path(char *out, size_t n, const char *dir, const uint8_t token[SBP_INBOX_TOKEN_LEN])
 {
+	static const char digits[] = "0123456789abcdef";
 	char hex[2 * SBP_INBOX_TOKEN_LEN + 1];
 
-	for (int i = 0; i < SBP_INBOX_TOKEN_LEN; i++)
-		snprintf(hex + 2 * i, 3, "%02x", token[i]);
+	/* By hand: a server formats one per connection it offers memory to. */
+	for (int i = 0; i < SBP_INBOX_TOKEN_LEN; i++) {
+		hex[2 * i] = digits[token[i] >> 4];
+		hex[2 * i + 1] = digits[token[i] & 15];
+	}
+	hex[2 * SBP_INBOX_TOKEN_LEN] = 0;
 	snprintf(out, n, "%s/%s", dir, hex);
 }
 

@@ -89,7 +89,7 @@ def connections(inst: paths.Instance) -> list[dict]:
             b = _addr(k.b_ip, k.b_port, c.family)
             tier = TIERS.get(c.tier, "tcp")
             reason = REASONS.get(c.reason, f"reason-{c.reason}")
-            kept = c.upgraded >> lib.SBP_UP_REASON_SHIFT
+            kept = c.kept
             if tier == "shm" and kept:
                 # the interposer kept it on TCP (memory-cap): both rows say so
                 tier, reason = "tcp", REASONS.get(kept, f"reason-{kept}")

@@ -42,10 +42,10 @@ int ask_info(int fd, struct sbp_info *out)
 	return rc;
 }
 
-void ask_upgraded(int fd, uint32_t bits)
+void ask_kept(int fd, uint32_t reason)
 {
 	int saved = errno;
 
-	syscall(SYS_setsockopt, fd, SOL_SHMBYPASS, SBP_SO_UPGRADED, &bits, sizeof(bits));
+	syscall(SYS_setsockopt, fd, SOL_SHMBYPASS, SBP_SO_KEPT, &reason, sizeof(reason));
 	errno = saved;
 }

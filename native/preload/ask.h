@@ -16,7 +16,7 @@
 int ask_socket(int fd, const uint8_t inbox[SBP_INBOX_LEN]);
 /* What BPF decided for fd: 0 and *out, or -errno. */
 int ask_info(int fd, struct sbp_info *out);
-/* Tell BPF (for `status`) which directions use rings now. */
-void ask_upgraded(int fd, uint32_t bits);
+/* Tell BPF (for `status`) why fd's shm-tier pair stays on TCP. */
+void ask_kept(int fd, uint32_t reason);
 
 #endif

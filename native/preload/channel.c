@@ -328,14 +328,6 @@ int tx_go_live(int fd, struct chan_sh *sh)
 	return 0;
 }
 
-static void upgraded(int fd, struct chan_sh *sh)
-{
-	uint32_t f = atomic_load(&sh->flags);
-
-	ask_upgraded(fd, (atomic_load(&sh->phase) == CH_LIVE ? SBP_UP_TX : 0) |
-			 ((f & CH_RX_ATTACHED) ? SBP_UP_RX : 0));
-}
-
 /* One host: the block's two directions, ours to write and the peer's. */
 static void block_streams(struct chan_sh *sh, int active)
 {
@@ -388,7 +380,7 @@ static void memory_cap_reached(int fd)
 {
 	static _Atomic int told;
 
-	ask_upgraded(fd, (uint32_t)SBP_REASON_MEMORY_CAP << SBP_UP_REASON_SHIFT);
+	ask_kept(fd, SBP_REASON_MEMORY_CAP);
 	if (!atomic_exchange(&told, 1))
 		sbp_log("shm tier: this process reached its memory cap (up --memory-max): "
 			"new connections stay on TCP until some close");
@@ -410,7 +402,7 @@ struct chan *chan_setup(int fd, const struct sbp_info *in)
 		return setup_slots(fd, ch, in);
 	if (in->role == SBP_ROLE_ACTIVE) {
 		atomic_fetch_or(&sh->flags, CH_ACTIVE);
-		mem_expect(in->cookie);
+		mem_expect(in);
 		return ch;              /* the offer comes to our inbox */
 	}
 	rc = mem_offer(fd, in, &sh->mem);
@@ -457,7 +449,6 @@ int chan_live_locked(int fd, struct chan *ch, int now)
 		chan_break(fd, ch, SBP_RESET_CORRUPT, "cannot format the ring we write");
 		return 0;
 	}
-	upgraded(fd, sh);
 	DBG("fd %d: writes through its ring from byte %llu", fd, (unsigned long long)sh->tx_tcp);
 	return 1;
 }
@@ -506,7 +497,6 @@ int rx_progress(int fd, struct chan *ch)
 		return 0;
 	/* SYNC POINT: the view is complete before the flag says so. */
 	atomic_fetch_or_explicit(&sh->flags, CH_RX_ATTACHED, memory_order_release);
-	upgraded(fd, sh);
 	return 1;
 }
 

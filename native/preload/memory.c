@@ -60,12 +60,15 @@ struct pending {
 /* An active socket of ours waiting for its offer (mem_expect), and the
  * offer once it came. Offers for sockets that wait are kept here, never
  * evicted, however many connections wait; only offers read before their
- * socket asked go to the ring `pend` (which forgets the oldest). */
+ * socket asked go to `pend`, two places per cookie (a third forgets the
+ * older: such offers are rare, a connection's own race with its accept). */
 struct waiting {
 	uint64_t cookie;                /* 0: empty slot */
 	struct sbp_inbox_msg msg;
 	pid_t pid;
 	uint32_t state;                 /* WAIT_* */
+	uint64_t peer_cookie;           /* as SBP_SO_INFO said at connect */
+	pid_t peer_tgid;
 };
 
 #define WAIT_GONE  1u   /* a removed entry: lookups go on past it */
@@ -78,15 +81,11 @@ static int inbox_state;                 /* 0 not tried, 1 open, -1 failed */
 static struct region *regions;          /* MAX_REGIONS entries, anon_alloc'd */
 static int nregions;
 static struct pending *pend;            /* PENDING_MAX entries */
-static unsigned pend_next;
 static _Atomic int64_t last_claim_ns;
 static struct waiting *waiting;         /* open addressing, wait_cap slots */
 static uint32_t wait_cap, wait_used, wait_live;  /* used: live + WAIT_GONE */
 
-static void inbox_dir(char *out, size_t n)
-{
-	snprintf(out, n, "/run/%s/inbox", g.instance);
-}
+static char inbox_dir[200];              /* /run/<instance>/inbox: made once */
 
 /* A block's base: its header and both directions' first areas. */
 #define BLOCK_BASE (SBP_BLOCK_HDR_SIZE + 2 * sbp_area_cap(0))
@@ -145,17 +144,16 @@ static int tables(void)
 
 static int open_inbox_locked(void)
 {
-	char dir[200];
 	int rc;
 
 	if (inbox_state)
 		return inbox_state > 0 ? 0 : -EIO;
-	inbox_dir(dir, sizeof(dir));
+	snprintf(inbox_dir, sizeof(inbox_dir), "/run/%s/inbox", g.instance);
 	rc = tables();
 	if (rc == 0)
-		rc = sbp_inbox_open(&inbox, dir);
+		rc = sbp_inbox_open(&inbox, inbox_dir);
 	if (rc < 0) {
-		WARN("shm tier off: cannot open an inbox in %s: %s", dir, strerror(-rc));
+		WARN("shm tier off: cannot open an inbox in %s: %s", inbox_dir, strerror(-rc));
 		inbox_state = -1;
 		return rc;
 	}
@@ -221,9 +219,7 @@ static void reap_gone_locked(int max)
 	static int next;
 	int saved = errno;
 	int64_t now = now_ns();
-	char dir[200];
 
-	inbox_dir(dir, sizeof(dir));
 	for (int k = 0; k < max && k < nregions; k++) {
 		struct region *r = &regions[next++ % nregions];
 
@@ -232,7 +228,7 @@ static void reap_gone_locked(int max)
 		r->looked_ns = now;
 		if (zero_token(r->token) ? r->from > 0 && syscall(SYS_kill, r->from, 0) < 0 &&
 					   errno == ESRCH
-					 : r->memfd < 0 && sbp_inbox_alive(dir, r->token) == 0)
+					 : r->memfd < 0 && sbp_inbox_alive(inbox_dir, r->token) == 0)
 			drop_region(r);         /* (a maker whose pid we cannot see stays) */
 	}
 	errno = saved;
@@ -323,7 +319,6 @@ static int send_offer(struct region *r, uint32_t block, uint32_t gen)
 {
 	struct sbp_block_hdr *h = sbp_pair_block(&r->pi, r->base, block);
 	struct sbp_inbox_msg msg;
-	char dir[200];
 	int rc;
 
 	memset(&msg, 0, sizeof(msg));
@@ -335,8 +330,7 @@ static int send_offer(struct region *r, uint32_t block, uint32_t gen)
 	msg.region_size = r->size;
 	msg.block = block;
 	msg.gen = gen;
-	inbox_dir(dir, sizeof(dir));
-	rc = sbp_inbox_send(&inbox, dir, r->token, &msg, r->memfd);
+	rc = sbp_inbox_send(&inbox, inbox_dir, r->token, &msg, r->memfd);
 	if (rc == 0 && r->memfd >= 0) {
 		/* the peer has it now (its inbox holds the fd): ours can go */
 		fdt_store(r->memfd, K_UNKNOWN);
@@ -442,6 +436,39 @@ int mem_deliver(struct mem_ref *ref)
 
 /* ---- the active end: offers and the regions they name ----------------------- */
 
+/* The two places an offer for this active cookie may be kept. */
+static struct pending *pend_pair(uint64_t cookie)
+{
+	return &pend[(uint32_t)(cookie * 0x9E3779B97F4A7C15ull >> 32) & (PENDING_MAX - 2)];
+}
+
+/* The offer read before its socket asked, if any: taken out. */
+static int pend_take(uint64_t cookie, struct pending *out)
+{
+	struct pending *p = pend ? pend_pair(cookie) : NULL;
+	int found = 0;
+
+	for (int i = 1; p && i >= 0; i--)       /* [0] is the newer */
+		if (p[i].used && p[i].msg.active_cookie == cookie) {
+			*out = p[i];
+			p[i].used = 0;
+			found = 1;
+		}
+	return found;
+}
+
+static void pend_put(const struct sbp_inbox_rx *rx)
+{
+	struct pending *p = pend_pair(rx->msg.active_cookie);
+
+	/* a newer offer for the same socket wins; else the older of two goes */
+	if (p[0].used && p[0].msg.active_cookie != rx->msg.active_cookie)
+		p[1] = p[0];
+	p[0].msg = rx->msg;
+	p[0].pid = rx->pid;
+	p[0].used = 1;
+}
+
 /* The waiting table (lock held): linear probing on the cookie. */
 static struct waiting *wait_find(uint64_t cookie)
 {
@@ -490,8 +517,10 @@ static int wait_room(void)
 	return 0;
 }
 
-void mem_expect(uint64_t cookie)
+void mem_expect(const struct sbp_info *in)
 {
+	uint64_t cookie = in->cookie;
+	struct pending early;
 	struct waiting *w;
 
 	pthread_mutex_lock(&lock);
@@ -504,16 +533,16 @@ void mem_expect(uint64_t cookie)
 	w = wait_slot(waiting, wait_cap, cookie);
 	w->cookie = cookie;
 	w->state = WAIT_EMPTY;
+	w->peer_cookie = in->peer_cookie;
+	w->peer_tgid = (pid_t)in->peer.tgid;
 	wait_used++;
 	wait_live++;
-	/* an offer read before we asked (the newest, as mem_claim would) */
-	for (int i = 0; pend && i < PENDING_MAX; i++)
-		if (pend[i].used && pend[i].msg.active_cookie == cookie) {
-			w->msg = pend[i].msg;
-			w->pid = pend[i].pid;
-			w->state = WAIT_OFFER;
-			pend[i].used = 0;
-		}
+	/* an offer read before we asked */
+	if (pend_take(cookie, &early)) {
+		w->msg = early.msg;
+		w->pid = early.pid;
+		w->state = WAIT_OFFER;
+	}
 	pthread_mutex_unlock(&lock);
 }
 
@@ -582,7 +611,6 @@ static void read_inbox_locked(void)
 		return;
 	while (sbp_inbox_recv(&inbox, &rx) == 1) {
 		struct waiting *w;
-		struct pending *p;
 
 		if (rx.fd >= 0) {
 			map_received(&rx);
@@ -594,10 +622,7 @@ static void read_inbox_locked(void)
 			w->state = WAIT_OFFER;
 			continue;
 		}
-		p = &pend[pend_next++ % PENDING_MAX];
-		p->msg = rx.msg;
-		p->pid = rx.pid;
-		p->used = 1;
+		pend_put(&rx);
 	}
 }
 
@@ -610,6 +635,7 @@ int mem_claim(int fd, uint64_t cookie, int now, struct mem_ref *out)
 	struct region *r;
 	uint64_t st;
 	int64_t t = now_ns();
+	int known = 0;
 
 	if (!now && t - atomic_load_explicit(&last_claim_ns, memory_order_relaxed) < CLAIM_EVERY_NS)
 		return 0;
@@ -621,21 +647,22 @@ int mem_claim(int fd, uint64_t cookie, int now, struct mem_ref *out)
 			one.msg = w->msg;
 			one.pid = w->pid;
 			p = &one;
+			known = w->peer_tgid > 0 && w->peer_tgid == one.pid &&
+				w->peer_cookie == one.msg.passive_cookie;
 			w->state = WAIT_EMPTY;  /* taken or refused below; a new one may come */
 		}
-	} else {
-		for (int i = 0; pend && i < PENDING_MAX; i++)
-			if (pend[i].used && pend[i].msg.active_cookie == cookie)
-				p = &pend[i];
+	} else if (pend_take(cookie, &one)) {
+		p = &one;
 	}
 	if (!p) {
 		pthread_mutex_unlock(&lock);
 		return 0;
 	}
-	p->used = 0;
-	/* Believe it only if BPF says the sender is who asked for our peer. */
-	if (ask_info(fd, &in) < 0 || in.tier != SBP_TIER_SHM || in.cookie != cookie ||
-	    in.peer_cookie != p->msg.passive_cookie || (pid_t)in.peer.tgid != p->pid ||
+	/* Believe it only if BPF says the sender is who asked for our peer:
+	 * as it said at connect (the listener's owner, whose child the peer
+	 * is until another process accepts it and asks), or as it says now. */
+	if ((!known && (ask_info(fd, &in) < 0 || in.tier != SBP_TIER_SHM || in.cookie != cookie ||
+			in.peer_cookie != p->msg.passive_cookie || (pid_t)in.peer.tgid != p->pid)) ||
 	    !(r = received(p->pid, p->msg.region_id)) || p->msg.block >= r->pi.block_count) {
 		pthread_mutex_unlock(&lock);
 		DBG("fd %d: an offer from pid %d did not check out: tcp", fd, (int)p->pid);

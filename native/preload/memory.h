@@ -40,14 +40,15 @@ int mem_offer(int fd, const struct sbp_info *in, struct mem_ref *out);
 int mem_deliver(struct mem_ref *ref);
 /* Active end: has the peer offered memory for this socket? Reads the
  * inbox (at most every few microseconds unless `now`), checks the offer
- * against fd's SBP_SO_INFO and takes the block. 1 taken, 0 not (yet),
- * -errno: an offer that failed the checks (ignored; stay on TCP). */
+ * against fd's SBP_SO_INFO (as mem_expect saw it, else asked again) and
+ * takes the block. 1 taken, 0 not (yet), -errno: an offer that failed the
+ * checks (ignored; stay on TCP). */
 int mem_claim(int fd, uint64_t cookie, int now, struct mem_ref *out);
 /* Active end: this socket waits for an offer (its channel was set up):
  * offers for it are kept until it claims them or mem_forget, however many
- * sockets wait (offers for a socket not known yet go to a small ring that
- * forgets the oldest). */
-void mem_expect(uint64_t cookie);
+ * sockets wait (offers for a socket not known yet go to a small table that
+ * forgets the older of two in one place). in: its SBP_SO_INFO at setup. */
+void mem_expect(const struct sbp_info *in);
 void mem_forget(uint64_t cookie);
 /* Passive end: did the active end take the block? */
 int mem_taken(const struct mem_ref *ref);
