@@ -149,6 +149,14 @@ struct {
 	__type(value, __u64);
 } listeners SEC(".maps");
 
+/* Listeners of the group per (netns, port): see shm_expected(). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct sbp_listen_key);
+	__type(value, struct sbp_port_count);
+} ports SEC(".maps");
+
 /* SYN-ACK answers waiting for their child socket. Bounded: a flood of
  * SYNs carrying our option fills it (then answers say pool-exhausted)
  * and the sweeper empties it again. */
@@ -332,7 +340,8 @@ static __always_inline void shm_pair(struct sbp_conn *c, __u64 cookie, struct sb
 	/* Its sk_msg may have claimed the handshake race meanwhile: that
 	 * only sent its bytes over TCP, where the shm tier starts anyway. */
 	pc->peer = cookie;
-	bpf_map_delete_elem(&sock_hash, &peer_cookie);
+	if (!pc->unhashed)
+		bpf_map_delete_elem(&sock_hash, &peer_cookie);
 	bpf_map_delete_elem(&pending, &c->key);
 	count(SBP_CNT_SHM, 2);
 }
@@ -357,16 +366,38 @@ static __always_inline long enter_sockhash(struct bpf_sock_ops *skops, __u64 *co
 	return err;
 }
 
+/* Will this active end's pair be in the shm tier? Yes if it asked, the
+ * policy allows its owner, and every listener of the group on its peer's
+ * port (in its netns) asked too with an owner the policy allowed: its
+ * peer is a child of one of them. Then it stays out of the sockhash: a
+ * psock made at every connect and torn down at the pairing cost more
+ * than the rest of the pairing. Wrong only if the policy or a listener's
+ * request changed since it listened: that pair stays on TCP. */
+static __always_inline int shm_expected(const struct sbp_conn *c)
+{
+	struct sbp_listen_key k = {};
+	struct sbp_port_count *n;
+
+	if (!(c->asked & SBP_ASK_SHM) || !ident_allowed(&c->owner))
+		return 0;
+	k.netns = c->netns;
+	k.port = c->key.b_port;
+	n = bpf_map_lookup_elem(&ports, &k);
+	return n && n->shm && n->shm == n->all;
+}
+
 /* The active end establishes first (it sends the final ACK): it enters
- * the sockhash now and waits in `pending` for its peer. */
+ * the sockhash now, unless shm_expected, and waits in `pending` for its
+ * peer. */
 static __always_inline void await_peer(struct bpf_sock_ops *skops, struct sbp_conn *c, __u64 cookie)
 {
 	struct sbp_conn *row;
 
 	c->reason = SBP_REASON_AWAITING_PEER;
+	c->unhashed = shm_expected(c);
 	if (record(&cookie, c))
 		return;
-	if (enter_sockhash(skops, &cookie)) {
+	if (!c->unhashed && enter_sockhash(skops, &cookie)) {
 		row = bpf_map_lookup_elem(&conns, &cookie);
 		if (row)
 			row->reason = SBP_REASON_TABLE_FULL;
@@ -506,7 +537,15 @@ static __always_inline void handle_established(struct bpf_sock_ops *skops, int a
 		c.shm_reason = SBP_REASON_POLICY_EXCLUDED;
 		pc->shm_reason = SBP_REASON_POLICY_EXCLUDED;
 	}
-
+	if (pc->unhashed) {
+		/* shm_expected was wrong, and the kernel tier needs the
+		 * active end in the sockhash: plain TCP for both */
+		c.reason = c.shm_reason ? c.shm_reason : SBP_REASON_PEER_NOT_CAPABLE;
+		pc->reason = c.reason;
+		bpf_map_delete_elem(&pending, &c.key);
+		record(&cookie, &c);
+		return;
+	}
 	pair_kernel(skops, &c, cookie, pc, peer);
 }
 
@@ -525,8 +564,8 @@ static __always_inline void handle_close(struct bpf_sock_ops *skops)
 			park_tx_slot(skops, st);
 			release_slots(st);
 		}
-		if (skops->args[0] == BPF_TCP_LISTEN && (st->asked & SBP_ASK_SHM))
-			forget_listener(skops);
+		if (skops->args[0] == BPF_TCP_LISTEN && st->listed)
+			forget_listener(skops, st);
 	}
 
 	c = bpf_map_lookup_elem(&conns, &cookie);

@@ -158,6 +158,8 @@ struct sbp_conn {
 	__u32 kept;		/* SBP_SO_KEPT: why the interposer kept it on TCP (status) */
 	struct sbp_ident owner;
 	__u8 inbox[SBP_INBOX_LEN];
+	__u32 unhashed;		/* active end kept out of the sockhash (shm_expected) */
+	__u32 pad;
 };
 
 /* Per-socket state in a SK_STORAGE map (sk_state), written by BPF only:
@@ -165,6 +167,12 @@ struct sbp_conn {
  * accepted socket starts with a copy of its listener's value (BPF_F_CLONE).
  * `tier` is SBP_TIER_SHM once a VM pair's handshake put the connection in
  * the shm tier (one-host pairs are in the `conns` rows). */
+
+/* sbp_sk.listed: a listener counted in `ports` (ANY), there as asking for
+ * shm with an allowed owner (SHM), and in `listeners` (MARKED: it asked). */
+#define SBP_LISTED_ANY 1u
+#define SBP_LISTED_SHM 2u
+#define SBP_LISTED_MARKED 4u
 
 /* sbp_sk.held: which slot references this socket owns (BPF only). */
 #define SBP_HELD_TX 1u
@@ -183,7 +191,7 @@ struct sbp_sk {
 	__u64 cookie;		/* own socket cookie: sk_msg cannot ask for it */
 	/* Written by bpf/ask.bpf.c only (the kernel's identity of the caller): */
 	__u32 asked;		/* SBP_ASK_* of the last SBP_SO_ASK */
-	__u32 pad;
+	__u32 listed;		/* a listener: SBP_LISTED_*, what it counts in `ports` */
 	struct sbp_ident owner;	/* who asked (a child starts with its listener's) */
 	__u8 inbox[SBP_INBOX_LEN];
 };
@@ -237,6 +245,13 @@ struct sbp_listen_key {
 	__u64 netns;
 	__u16 port;		/* host byte order */
 	__u16 pad[3];
+};
+
+/* All listeners of the group on one (netns, port) (HASH `ports`), and
+ * those that asked for the shm tier with an owner the policy allowed. */
+struct sbp_port_count {
+	__u64 all;
+	__u64 shm;
 };
 
 /* A slot the passive side put in a SYN-ACK (HASH `reservations`), keyed

@@ -326,9 +326,30 @@ static __always_inline void listen_key(struct bpf_sock_ops *skops, struct sbp_li
 	k->port = (__u16)skops->local_port;
 }
 
-/* A marked socket starts listening: remember it, and ask for the SYN-ACK
- * header callbacks (its children inherit the flags; they are cleared at
- * PASSIVE_ESTABLISHED). */
+/* A listener of the group on (netns, port) in `ports` (shm_expected):
+ * counted in `all`, and in `shm` if it asked with an owner the policy
+ * allows. d: 1 or -1. */
+static __always_inline void count_port(struct sbp_listen_key *k, int d, int shm)
+{
+	struct sbp_port_count first = { 1, shm ? 1 : 0 }, *n;
+
+	n = bpf_map_lookup_elem(&ports, k);
+	if (!n && d > 0 && !bpf_map_update_elem(&ports, k, &first, BPF_NOEXIST))
+		return;
+	if (!n)
+		n = bpf_map_lookup_elem(&ports, k);     /* another listener made it */
+	if (!n)
+		return;                                  /* full: shm_expected says no */
+	if (shm)
+		__sync_fetch_and_add(&n->shm, d);
+	if (__sync_fetch_and_add(&n->all, d) == 1 && d < 0)
+		bpf_map_delete_elem(&ports, k);
+}
+
+/* A socket of the group starts listening: counted in `ports`, and its
+ * close watched. A marked one (it asked for the shm tier) is remembered
+ * in `listeners` too and asks for the SYN-ACK header callbacks (its
+ * children inherit the flags; they are cleared at PASSIVE_ESTABLISHED). */
 static __always_inline void handle_listen(struct bpf_sock_ops *skops)
 {
 	struct sbp_listen_key k;
@@ -338,10 +359,18 @@ static __always_inline void handle_listen(struct bpf_sock_ops *skops)
 	int one_int = 1;
 	long err;
 
-	st = sk ? bpf_sk_storage_get(&sk_state, sk, NULL, 0) : NULL;
-	if (!st || !(st->asked & SBP_ASK_SHM))
+	st = sk ? bpf_sk_storage_get(&sk_state, sk, NULL, BPF_SK_STORAGE_GET_F_CREATE) : NULL;
+	if (!st)
 		return;
 	listen_key(skops, &k);
+	st->listed = SBP_LISTED_ANY;
+	if ((st->asked & SBP_ASK_SHM) && ident_allowed(&st->owner))
+		st->listed |= SBP_LISTED_SHM;
+	count_port(&k, 1, st->listed & SBP_LISTED_SHM);
+	set_cb_flags(skops, BPF_SOCK_OPS_STATE_CB_FLAG, 0);
+	if (!(st->asked & SBP_ASK_SHM))
+		return;
+	st->listed |= SBP_LISTED_MARKED;
 	n = bpf_map_lookup_elem(&listeners, &k);
 	if (n)
 		__sync_fetch_and_add(n, 1);
@@ -352,19 +381,24 @@ static __always_inline void handle_listen(struct bpf_sock_ops *skops)
 	err = bpf_setsockopt(skops, SOL_TCP, TCP_SAVE_SYN, &one_int, sizeof(one_int));
 	if (err)
 		REPORT(err);
-	set_cb_flags(skops, BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG | BPF_SOCK_OPS_STATE_CB_FLAG, 0);
+	set_cb_flags(skops, BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG, 0);
 	sweeper_ready();	/* allocate the expiry timer now, not at a SYN-ACK */
 }
 
-static __always_inline void forget_listener(struct bpf_sock_ops *skops)
+/* A listener closes: what handle_listen counted goes. */
+static __always_inline void forget_listener(struct bpf_sock_ops *skops, struct sbp_sk *st)
 {
 	struct sbp_listen_key k;
 	__u64 *n;
 
 	listen_key(skops, &k);
-	n = bpf_map_lookup_elem(&listeners, &k);
-	if (n && __sync_fetch_and_add(n, -1) == 1)
-		bpf_map_delete_elem(&listeners, &k);
+	count_port(&k, -1, st->listed & SBP_LISTED_SHM);
+	if (st->listed & SBP_LISTED_MARKED) {
+		n = bpf_map_lookup_elem(&listeners, &k);
+		if (n && __sync_fetch_and_add(n, -1) == 1)
+			bpf_map_delete_elem(&listeners, &k);
+	}
+	st->listed = 0;
 }
 
 /* A marked socket connects: take the slot it will write, before its SYN

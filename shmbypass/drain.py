@@ -43,10 +43,13 @@ def _own_netns_cookie() -> int:
 
 def _sockhash_members(inst: paths.Instance) -> dict[int, int]:
     """Cookie -> netns cookie of every socket in the kernel tier's sockhash
-    (their `conns` rows: the sockhash itself cannot be read from user space)."""
+    (their `conns` rows: the sockhash itself cannot be listed from user
+    space). An active end awaiting its peer is in it unless BPF expects the
+    shm tier for it (`unhashed`)."""
     with bpf.Map.pinned(inst.pin("conns"), "uint64_t", "struct sbp_conn") as conns:
         return {cookie: c.netns for cookie, c in conns.items()
-                if c.tier == lib.SBP_TIER_KERNEL or c.reason == lib.SBP_REASON_AWAITING_PEER}
+                if c.tier == lib.SBP_TIER_KERNEL
+                or (c.reason == lib.SBP_REASON_AWAITING_PEER and not c.unhashed)}
 
 
 def queues(inst: paths.Instance) -> Queues:

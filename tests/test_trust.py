@@ -17,7 +17,7 @@ import time
 import pytest
 
 from shmbypass import ask as asking
-from shmbypass import manager, policy, status
+from shmbypass import bpf, manager, policy, status
 from shmbypass.ask import info
 from shmbypass._native import lib
 from conftest import InGroup, assert_gone, new_instance
@@ -313,3 +313,68 @@ def test_connects_that_never_complete_hold_nothing(instance):
         for c in stuck:
             c.close()
         full.close()
+
+
+def _in_sockhash(inst, cookie):
+    with bpf.Map.pinned(inst.pin("sock_hash"), "uint64_t", "uint64_t") as m:
+        return m.lookup(cookie) is not None
+
+
+def test_shm_pair_never_enters_the_sockhash(instance):
+    """An active end that will be paired in the shm tier stays out of the
+    kernel tier's sockhash (no psock made at connect and torn down at the
+    pairing); toward a port whose listener did not ask it enters it, as
+    the kernel tier needs."""
+    inst = instance()
+    for ask_listener, want, hashed in ((True, SHM, False), (False, KERNEL, True)):
+        c, s = connected(inst, ask_listener=ask_listener)
+        try:
+            ci, si = info(c), info(s)
+            assert (ci.tier, si.tier) == (want, want)
+            assert _in_sockhash(inst, ci.cookie) == hashed and _in_sockhash(inst, si.cookie) == hashed
+            c.sendall(b"bytes")
+            assert s.recv(10) == b"bytes"
+        finally:
+            c.close()
+            s.close()
+
+
+def test_listener_no_longer_allowed_gives_tcp(instance):
+    """The policy changed after a listener listened (its owner is no longer
+    allowed): the active end expected the shm tier and stayed out of the
+    sockhash, so the pair cannot take the kernel tier either: plain TCP,
+    both rows saying `policy`, and the bytes flow."""
+    nobody = 65534
+    inst = instance(policy.Policy(users=[nobody]))
+    with InGroup(inst):
+        ls = socket.socket()
+        pid = os.fork()
+        if pid == 0:            # the listener's request, made by nobody
+            try:
+                os.setuid(nobody)
+                ask(ls)
+                os._exit(0)
+            except BaseException:
+                os._exit(1)
+        assert os.waitpid(pid, 0)[1] == 0
+        ls.bind(("127.0.0.1", 0))
+        ls.listen(4)
+    try:
+        policy.apply(inst, policy.Policy())         # nobody no longer allowed
+        with InGroup(inst):
+            c = socket.socket()
+            ask(c)
+            c.connect(ls.getsockname())
+        s, _ = ls.accept()
+        ci, si = info(c), info(s)
+        assert (ci.tier, ci.reason) == (TCP, lib.SBP_REASON_POLICY_EXCLUDED)
+        assert (si.tier, si.reason) == (TCP, lib.SBP_REASON_POLICY_EXCLUDED)
+        assert not _in_sockhash(inst, ci.cookie) and not _in_sockhash(inst, si.cookie)
+        c.sendall(b"bytes")
+        assert s.recv(10) == b"bytes"
+        s.sendall(b"back")
+        assert c.recv(10) == b"back"
+        c.close()
+        s.close()
+    finally:
+        ls.close()
