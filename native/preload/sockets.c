@@ -95,13 +95,13 @@ static void last_close(int fd, struct chan *ch, unsigned o)
 		return;
 	}
 	ctl_close_bells(fd, ch);
-	if (live && lock_try(&sh->tx_lock)) {
-		close_tx(fd, ch);
-		pthread_mutex_unlock(&sh->tx_lock);
-	}
+	/* Nobody reads any more, as TCP's RST would tell the peer (it may
+	 * write into its ring while we still read its TCP part); said before
+	 * our EOF is seen, as TCP's close does both at once: a peer that read
+	 * our EOF then writes finds our reader closed (its first send is
+	 * taken, the next fails with EPIPE), not its bytes left unread, which
+	 * would be a reset (ECONNRESET). */
 	if (lock_try(&sh->rx_lock)) {
-		/* The peer may write into its ring while we still read its TCP
-		 * part: tell it nobody reads any more, as TCP's RST would. */
 		rx_progress(fd, ch);
 		if (atomic_load(&sh->flags) & CH_RX_OPEN) {
 			sbp_ring_close_reader(&sh->rx.ring);
@@ -109,6 +109,10 @@ static void last_close(int fd, struct chan *ch, unsigned o)
 				ctl_bell(fd, ch);
 		}
 		pthread_mutex_unlock(&sh->rx_lock);
+	}
+	if (live && lock_try(&sh->tx_lock)) {
+		close_tx(fd, ch);
+		pthread_mutex_unlock(&sh->tx_lock);
 	}
 	/* Unread doorbells would make close() send RST. */
 	if (atomic_load(&sh->flags) & CH_RX_ATTACHED)
