@@ -285,6 +285,26 @@ static __always_inline void make_key(struct bpf_sock_ops *skops, int active,
 }
 
 /* The shm tier's handshake: listeners, and a VM pair's TCP option. */
+/* A listener of the group on (netns, port) in `ports` (shm_expected):
+ * counted in `all`, and in `shm` if it asked with an owner the policy
+ * allows. d: 1 or -1. */
+static __always_inline void count_port(struct sbp_listen_key *k, int d, int shm)
+{
+	struct sbp_port_count first = { 1, shm ? 1 : 0 }, *n;
+
+	n = bpf_map_lookup_elem(&ports, k);
+	if (!n && d > 0 && !bpf_map_update_elem(&ports, k, &first, BPF_NOEXIST))
+		return;
+	if (!n)
+		n = bpf_map_lookup_elem(&ports, k);     /* another listener made it */
+	if (!n)
+		return;                                  /* full: shm_expected says no */
+	if (shm)
+		__sync_fetch_and_add(&n->shm, d);
+	if (__sync_fetch_and_add(&n->all, d) == 1 && d < 0)
+		bpf_map_delete_elem(&ports, k);
+}
+
 #include "handshake.h"
 
 /* Was this active socket's SYN answered by a listener of the group? */
@@ -446,6 +466,16 @@ static __always_inline void pair_kernel(struct bpf_sock_ops *skops, struct sbp_c
 	count(SBP_CNT_PAIRED, 1);
 }
 
+/* shm_expected was wrong (pc stayed out of the sockhash), and the kernel
+ * tier needs both ends in it: plain TCP for both, with the reason. */
+static __always_inline void pair_tcp(struct sbp_conn *c, __u64 cookie, struct sbp_conn *pc)
+{
+	c->reason = c->shm_reason ? c->shm_reason : SBP_REASON_PEER_NOT_CAPABLE;
+	pc->reason = c->reason;
+	bpf_map_delete_elem(&pending, &c->key);
+	record(&cookie, c);
+}
+
 static __always_inline void handle_established(struct bpf_sock_ops *skops, int active)
 {
 	struct sbp_conn c = {}, *pc;
@@ -537,16 +567,10 @@ static __always_inline void handle_established(struct bpf_sock_ops *skops, int a
 		c.shm_reason = SBP_REASON_POLICY_EXCLUDED;
 		pc->shm_reason = SBP_REASON_POLICY_EXCLUDED;
 	}
-	if (pc->unhashed) {
-		/* shm_expected was wrong, and the kernel tier needs the
-		 * active end in the sockhash: plain TCP for both */
-		c.reason = c.shm_reason ? c.shm_reason : SBP_REASON_PEER_NOT_CAPABLE;
-		pc->reason = c.reason;
-		bpf_map_delete_elem(&pending, &c.key);
-		record(&cookie, &c);
-		return;
-	}
-	pair_kernel(skops, &c, cookie, pc, peer);
+	if (pc->unhashed)
+		pair_tcp(&c, cookie, pc);
+	else
+		pair_kernel(skops, &c, cookie, pc, peer);
 }
 
 static __always_inline void handle_close(struct bpf_sock_ops *skops)

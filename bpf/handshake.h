@@ -326,30 +326,9 @@ static __always_inline void listen_key(struct bpf_sock_ops *skops, struct sbp_li
 	k->port = (__u16)skops->local_port;
 }
 
-/* A listener of the group on (netns, port) in `ports` (shm_expected):
- * counted in `all`, and in `shm` if it asked with an owner the policy
- * allows. d: 1 or -1. */
-static __always_inline void count_port(struct sbp_listen_key *k, int d, int shm)
-{
-	struct sbp_port_count first = { 1, shm ? 1 : 0 }, *n;
-
-	n = bpf_map_lookup_elem(&ports, k);
-	if (!n && d > 0 && !bpf_map_update_elem(&ports, k, &first, BPF_NOEXIST))
-		return;
-	if (!n)
-		n = bpf_map_lookup_elem(&ports, k);     /* another listener made it */
-	if (!n)
-		return;                                  /* full: shm_expected says no */
-	if (shm)
-		__sync_fetch_and_add(&n->shm, d);
-	if (__sync_fetch_and_add(&n->all, d) == 1 && d < 0)
-		bpf_map_delete_elem(&ports, k);
-}
-
-/* A socket of the group starts listening: counted in `ports`, and its
- * close watched. A marked one (it asked for the shm tier) is remembered
- * in `listeners` too and asks for the SYN-ACK header callbacks (its
- * children inherit the flags; they are cleared at PASSIVE_ESTABLISHED). */
+/* A socket of the group starts listening: counted in `ports`, its close
+ * watched. A marked one (it asked) is in `listeners` too and asks for the
+ * SYN-ACK header callbacks (children inherit them, cleared when established). */
 static __always_inline void handle_listen(struct bpf_sock_ops *skops)
 {
 	struct sbp_listen_key k;
@@ -363,9 +342,8 @@ static __always_inline void handle_listen(struct bpf_sock_ops *skops)
 	if (!st)
 		return;
 	listen_key(skops, &k);
-	st->listed = SBP_LISTED_ANY;
-	if ((st->asked & SBP_ASK_SHM) && ident_allowed(&st->owner))
-		st->listed |= SBP_LISTED_SHM;
+	st->listed = SBP_LISTED_ANY |
+		     ((st->asked & SBP_ASK_SHM) && ident_allowed(&st->owner) ? SBP_LISTED_SHM : 0);
 	count_port(&k, 1, st->listed & SBP_LISTED_SHM);
 	set_cb_flags(skops, BPF_SOCK_OPS_STATE_CB_FLAG, 0);
 	if (!(st->asked & SBP_ASK_SHM))
