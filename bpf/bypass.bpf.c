@@ -141,15 +141,8 @@ struct {
 	__type(value, __u8);
 } vm_peers SEC(".maps");
 
-/* Marked listeners: (netns, port) -> number of marked listening sockets. */
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 4096);
-	__type(key, struct sbp_listen_key);
-	__type(value, __u64);
-} listeners SEC(".maps");
-
-/* Listeners of the group per (netns, port): see shm_expected(). */
+/* Listeners of the group per (netns, port): marked ones for a VM pair's
+ * SYN-ACK, all and shm-allowed ones for shm_expected(). */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 4096);
@@ -284,13 +277,12 @@ static __always_inline void make_key(struct bpf_sock_ops *skops, int active,
 	}
 }
 
-/* The shm tier's handshake: listeners, and a VM pair's TCP option. */
-/* A listener of the group on (netns, port) in `ports` (shm_expected):
- * counted in `all`, and in `shm` if it asked with an owner the policy
- * allows. d: 1 or -1. */
-static __always_inline void count_port(struct sbp_listen_key *k, int d, int shm)
+/* A listener of the group on (netns, port) in `ports`: counted in `all`,
+ * and in the counters its SBP_LISTED_* bits name. d: 1 or -1. */
+static __always_inline void count_port(struct sbp_listen_key *k, int d, __u32 listed)
 {
-	struct sbp_port_count first = { 1, shm ? 1 : 0 }, *n;
+	struct sbp_port_count first = { 1, !!(listed & SBP_LISTED_SHM), !!(listed & SBP_LISTED_MARKED) };
+	struct sbp_port_count *n;
 
 	n = bpf_map_lookup_elem(&ports, k);
 	if (!n && d > 0 && !bpf_map_update_elem(&ports, k, &first, BPF_NOEXIST))
@@ -298,13 +290,16 @@ static __always_inline void count_port(struct sbp_listen_key *k, int d, int shm)
 	if (!n)
 		n = bpf_map_lookup_elem(&ports, k);     /* another listener made it */
 	if (!n)
-		return;                                  /* full: shm_expected says no */
-	if (shm)
+		return;             /* full: shm_expected says no, a VM peer sees no mark */
+	if (listed & SBP_LISTED_SHM)
 		__sync_fetch_and_add(&n->shm, d);
+	if (listed & SBP_LISTED_MARKED)
+		__sync_fetch_and_add(&n->marked, d);
 	if (__sync_fetch_and_add(&n->all, d) == 1 && d < 0)
 		bpf_map_delete_elem(&ports, k);
 }
 
+/* The shm tier's handshake: listeners, and a VM pair's TCP option. */
 #include "handshake.h"
 
 /* Was this active socket's SYN answered by a listener of the group? */

@@ -169,7 +169,7 @@ struct sbp_conn {
  * the shm tier (one-host pairs are in the `conns` rows). */
 
 /* sbp_sk.listed: a listener counted in `ports` (ANY), there as asking for
- * shm with an allowed owner (SHM), and in `listeners` (MARKED: it asked). */
+ * shm with an allowed owner (SHM), and as asking (MARKED). */
 #define SBP_LISTED_ANY 1u
 #define SBP_LISTED_SHM 2u
 #define SBP_LISTED_MARKED 4u
@@ -239,19 +239,20 @@ struct sbp_region_cfg {
 #define SBP_SLOT_GEN(w) ((__u32)((w) >> 32))
 #define SBP_SLOT_REFS(w) ((__u32)(w))
 
-/* Marked listeners (HASH `listeners`): at the SYN-ACK the socket is a
- * request sock with no sk_storage, so the mark is looked up here. */
+/* Listeners by (netns, port) (HASH `ports`): at the SYN-ACK the socket is
+ * a request sock with no sk_storage, so the mark is looked up there. */
 struct sbp_listen_key {
 	__u64 netns;
 	__u16 port;		/* host byte order */
 	__u16 pad[3];
 };
 
-/* All listeners of the group on one (netns, port) (HASH `ports`), and
- * those that asked for the shm tier with an owner the policy allowed. */
+/* The listeners of the group on one (netns, port) (HASH `ports`): all,
+ * those that asked with an owner the policy allowed, those that asked. */
 struct sbp_port_count {
 	__u64 all;
 	__u64 shm;
+	__u64 marked;
 };
 
 /* A slot the passive side put in a SYN-ACK (HASH `reservations`), keyed

@@ -327,33 +327,27 @@ static __always_inline void listen_key(struct bpf_sock_ops *skops, struct sbp_li
 }
 
 /* A socket of the group starts listening: counted in `ports`, its close
- * watched. A marked one (it asked) is in `listeners` too and asks for the
- * SYN-ACK header callbacks (children inherit them, cleared when established). */
+ * watched. A marked one (it asked) asks for the SYN-ACK header callbacks
+ * too (children inherit them, cleared when established). */
 static __always_inline void handle_listen(struct bpf_sock_ops *skops)
 {
 	struct sbp_listen_key k;
 	struct bpf_sock *sk = skops->sk;
 	struct sbp_sk *st;
-	__u64 one = 1, *n;
 	int one_int = 1;
 	long err;
 
 	st = sk ? bpf_sk_storage_get(&sk_state, sk, NULL, BPF_SK_STORAGE_GET_F_CREATE) : NULL;
 	if (!st)
 		return;
+	st->listed = SBP_LISTED_ANY;
+	if (st->asked & SBP_ASK_SHM)
+		st->listed |= SBP_LISTED_MARKED | (ident_allowed(&st->owner) ? SBP_LISTED_SHM : 0);
 	listen_key(skops, &k);
-	st->listed = SBP_LISTED_ANY |
-		     ((st->asked & SBP_ASK_SHM) && ident_allowed(&st->owner) ? SBP_LISTED_SHM : 0);
-	count_port(&k, 1, st->listed & SBP_LISTED_SHM);
+	count_port(&k, 1, st->listed);
 	set_cb_flags(skops, BPF_SOCK_OPS_STATE_CB_FLAG, 0);
-	if (!(st->asked & SBP_ASK_SHM))
+	if (!(st->listed & SBP_LISTED_MARKED))
 		return;
-	st->listed |= SBP_LISTED_MARKED;
-	n = bpf_map_lookup_elem(&listeners, &k);
-	if (n)
-		__sync_fetch_and_add(n, 1);
-	else if (bpf_map_update_elem(&listeners, &k, &one, BPF_NOEXIST))
-		REPORT(-ENOMEM);
 	/* A retransmitted SYN-ACK is built without the SYN at hand: keep a
 	 * copy of it on each request sock so the answer can be rebuilt. */
 	err = bpf_setsockopt(skops, SOL_TCP, TCP_SAVE_SYN, &one_int, sizeof(one_int));
@@ -367,15 +361,9 @@ static __always_inline void handle_listen(struct bpf_sock_ops *skops)
 static __always_inline void forget_listener(struct bpf_sock_ops *skops, struct sbp_sk *st)
 {
 	struct sbp_listen_key k;
-	__u64 *n;
 
 	listen_key(skops, &k);
-	count_port(&k, -1, st->listed & SBP_LISTED_SHM);
-	if (st->listed & SBP_LISTED_MARKED) {
-		n = bpf_map_lookup_elem(&listeners, &k);
-		if (n && __sync_fetch_and_add(n, -1) == 1)
-			bpf_map_delete_elem(&listeners, &k);
-	}
+	count_port(&k, -1, st->listed);
 	st->listed = 0;
 }
 
@@ -458,9 +446,11 @@ static __always_inline void syn_opt_write(struct bpf_sock_ops *skops)
 static __always_inline int listener_marked(struct bpf_sock_ops *skops)
 {
 	struct sbp_listen_key k;
+	struct sbp_port_count *n;
 
 	listen_key(skops, &k);
-	return bpf_map_lookup_elem(&listeners, &k) != NULL;
+	n = bpf_map_lookup_elem(&ports, &k);
+	return n && n->marked;
 }
 
 /* A SYN-ACK carries an answer only toward a peer VM, from a marked

@@ -27,7 +27,7 @@ DEFAULT_RESV_TTL = 180.0
 
 # `sweeper` holds a bpf_timer: a map with timers must be pinned (a user
 # reference), or bpf_timer_init() fails with EPERM.
-MAPS = ("free_slots", "slot_state", "region", "listeners", "reservations", "declined", "sweeper",
+MAPS = ("free_slots", "slot_state", "region", "ports", "reservations", "declined", "sweeper",
         "vm_peers")
 
 
@@ -114,8 +114,8 @@ def reservations(inst: paths.Instance) -> list[dict]:
 
 def listeners(inst: paths.Instance) -> dict[tuple[int, int], int]:
     """(netns cookie, port) -> number of marked listening sockets."""
-    with bpf.Map.pinned(inst.pin("listeners"), "struct sbp_listen_key", "uint64_t") as m:
-        return {(k.netns, k.port): v for k, v in m.items()}
+    with bpf.Map.pinned(inst.pin("ports"), "struct sbp_listen_key", "struct sbp_port_count") as m:
+        return {(k.netns, k.port): v.marked for k, v in m.items() if v.marked}
 
 
 def set_vm_peers(inst: paths.Instance, addrs) -> list[str]:
