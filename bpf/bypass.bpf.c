@@ -58,8 +58,9 @@ struct {
  * sees it. The active end enters the sockhash only if its SYN was answered
  * by one of ours: a socket with a psock must not carry TCP data, so one
  * talking to a remote host or to a process outside the group stays out.
- * (No ISNs here: a request sock exposes none to sockops. A 4-tuple reused
- * in another namespace at the same instant only costs a wasted psock.) */
+ * (No ISNs here: a request sock exposes none to sockops.) Counted: the same
+ * 4-tuple in two namespaces at once is two SYNs, and each active end finds
+ * its own (an entry deleted at the first left the second on TCP). */
 struct syn_key {
 	__u32 a_ip[4];
 	__u32 b_ip[4];
@@ -71,7 +72,7 @@ struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, SBP_MAX_CONNS);
 	__type(key, struct syn_key);
-	__type(value, __u8);
+	__type(value, __u64);		/* SYNs answered, not yet established */
 } syn_seen SEC(".maps");
 
 /* Active sockets waiting for their passive peer to establish. */
@@ -306,14 +307,18 @@ static __always_inline void count_port(struct sbp_listen_key *k, int d, __u32 li
 static __always_inline int peer_in_group(struct sbp_conn_key *key)
 {
 	struct syn_key k = {};
+	__u64 *n;
 
 	__builtin_memcpy(k.a_ip, key->a_ip, sizeof(k.a_ip));
 	__builtin_memcpy(k.b_ip, key->b_ip, sizeof(k.b_ip));
 	k.a_port = key->a_port;
 	k.b_port = key->b_port;
-	if (!bpf_map_lookup_elem(&syn_seen, &k))
+	n = bpf_map_lookup_elem(&syn_seen, &k);
+	if (!n)
 		return 0;
-	bpf_map_delete_elem(&syn_seen, &k);
+	/* counted: the same 4-tuple in two namespaces at once is two SYNs */
+	if (__sync_fetch_and_add(n, -1) <= 1)
+		bpf_map_delete_elem(&syn_seen, &k);
 	return 1;
 }
 

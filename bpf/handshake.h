@@ -778,13 +778,17 @@ static __always_inline int shm_passive(struct bpf_sock_ops *skops, struct sbp_sk
 static __always_inline void handle_syn(struct bpf_sock_ops *skops)
 {
 	struct syn_key k = {};
-	__u8 one = 1;
+	__u64 one = 1, *n;
 
 	remote_ip(skops, k.a_ip);
 	local_ip(skops, k.b_ip);
 	k.a_port = (__u16)bpf_ntohl(skops->remote_port);
 	k.b_port = (__u16)skops->local_port;
-	bpf_map_update_elem(&syn_seen, &k, &one, BPF_ANY);
+	n = bpf_map_lookup_elem(&syn_seen, &k);
+	if (n)
+		__sync_fetch_and_add(n, 1);
+	else
+		bpf_map_update_elem(&syn_seen, &k, &one, BPF_ANY);
 }
 
 #endif
